@@ -1,0 +1,402 @@
+"""Structured configuration: the one source of truth for every key.
+
+Hydra only composes YAML values on top of these dataclasses (registered as the
+schema of ``configs/train.yaml``); the entry point converts the composed config
+once with ``OmegaConf.to_object`` and calls :func:`validate`, so nothing below
+the entry point ever sees a ``DictConfig``.
+
+Every field has its documentation next to its default. Cross-field rules live in
+:func:`validate`, which raises :class:`ConfigError` with one line naming the key,
+its value and the rule, before any model or data is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The decoder-only Transformer (everything except the MoE FFNs)."""
+
+    vocab_size: int | None = None
+    """Vocabulary size; ``None`` takes the tokenizer's size (rounded up to ``vocab_multiple``)."""
+    vocab_multiple: int = 64
+    """Round the tokenizer's vocabulary up to a multiple of this (GEMM-friendly shapes)."""
+    dim: int = 256
+    """Hidden size D of the residual stream."""
+    n_layers: int = 4
+    """Number of Transformer blocks."""
+    n_heads: int = 8
+    """Attention query heads; ``dim`` must be divisible by it."""
+    n_kv_heads: int | None = 4
+    """Key/value heads for grouped-query attention (``None`` = ``n_heads``, i.e. MHA)."""
+    ffn_hidden_size: int = 768
+    """Hidden size of the dense SwiGLU MLP used in the first ``first_k_dense`` layers."""
+    first_k_dense: int = 1
+    """The first k layers use a dense FFN (DeepSeek-V2 keeps layer 0 dense)."""
+    moe_every: int = 1
+    """After the first k dense layers, every ``moe_every``-th layer is MoE, the others dense."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the token embedding and LM head weights."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+
+
+@dataclass
+class RouterConfig:
+    """How tokens choose experts (scores, selection, weights)."""
+
+    score_fn: str = "softmax"
+    """``softmax`` (GShard, DeepSeek-V2) or ``sigmoid`` (DeepSeek-V3) affinities."""
+    strategy: str = "topk"
+    """Selection rule, a key of ``moetrain.moe.routing.STRATEGIES``."""
+    norm_topk_prob: bool = False
+    """Renormalise the K chosen weights to sum to 1 (Mixtral; always on for sigmoid)."""
+    scaling_factor: float = 1.0
+    """Routed scaling factor multiplying the combine weights (DeepSeek-V2/V3)."""
+    num_groups: int | None = None
+    """Device groups for device-limited routing; ``None`` = the EP ranks."""
+    topk_groups: int | None = None
+    """M, the number of groups a token may use (device-limited routing); ``None`` = no limit."""
+    group_score: str = "max"
+    """How a group is scored: ``max`` (DeepSeek-V2) or ``topk_sum`` (DeepSeek-V3, sum of its top K/M)."""
+    bias_update_rate: float = 0.0
+    """Loss-free balancing update speed u (Wang et al. 2024); 0 disables the bias."""
+    noise_std: float = 1.0
+    """Noisy top-K: scale of the N(0, 1) * softplus(x W_noise) noise (Shazeer et al. 2017)."""
+    capacity_factor: float | None = None
+    """Per-expert capacity factor in training; ``None`` = dropless. Expert choice uses it as c."""
+    eval_capacity_factor: float | None = None
+    """Capacity factor at evaluation; ``None`` = dropless."""
+    hash_seed: int = 0
+    """Seed of the fixed random token-id -> expert map of hash routing (Roller et al. 2021)."""
+
+
+@dataclass
+class BalanceConfig:
+    """Auxiliary balance losses; each is off at coefficient 0."""
+
+    expert_coef: float = 0.01
+    """alpha_1 of the expert-level loss L_ExpBal = a1 * sum_i f_i P_i (DeepSeek-V2 eq. 12; Switch)."""
+    device_coef: float = 0.0
+    """alpha_2 of the device-level loss L_DevBal (DeepSeek-V2 eq. 14)."""
+    comm_coef: float = 0.0
+    """alpha_3 of the communication balance loss L_CommBal (DeepSeek-V2 eq. 16)."""
+    seq_coef: float = 0.0
+    """alpha of the DeepSeek-V3 sequence-wise balance loss (eq. 17-20)."""
+    z_loss_coef: float = 0.0
+    """Router z-loss coefficient (ST-MoE, Zoph et al. 2022, eq. 5)."""
+    importance_coef: float = 0.0
+    """Importance loss w * CV(importance)^2 (Shazeer et al. 2017, eq. 6)."""
+    scope: str = "micro_batch"
+    """Statistics f_i over ``micro_batch`` (per rank) or ``global`` (all DP ranks, Qiu et al. 2025)."""
+
+
+@dataclass
+class MoEConfig:
+    """The routed-expert FFN."""
+
+    num_experts: int = 8
+    """N, routed experts per MoE layer."""
+    top_k: int = 2
+    """K, experts chosen per token (token-choice routing)."""
+    expert_hidden_size: int = 256
+    """Hidden size of one routed expert's SwiGLU (fine-grained experts are small)."""
+    num_shared_experts: int = 1
+    """Shared experts every token goes through (DeepSeekMoE); one fused SwiGLU of this many widths."""
+    shared_hidden_size: int | None = None
+    """Hidden size of one shared expert; ``None`` = ``expert_hidden_size``."""
+    max_recv_factor: float | None = None
+    """Rows a rank may receive per layer, relative to the balanced share (EP guardrail); ``None`` = off."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer, packing."""
+
+    source: str = "stdlib"
+    """``stdlib`` (the running Python's standard library source), ``files`` (``paths``), or a hub dataset name."""
+    paths: list[str] = field(default_factory=list)
+    """Local text / .jsonl / .parquet files or globs when ``source=files``."""
+    hub_config: str | None = None
+    """Hub dataset configuration name (e.g. ``wikitext-2-raw-v1``)."""
+    text_field: str = "text"
+    """Column holding the text in JSONL / Parquet / hub datasets."""
+    tokenizer: str = "byte"
+    """``byte`` (256 bytes + specials) or a Hugging Face tokenizer name or path."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    val_fraction: float = 0.02
+    """Fraction of documents (files, for the stdlib corpus) held out for validation."""
+    max_val_sequences: int | None = 256
+    """Cap on validation sequences (the first ones of the fixed val order); ``None`` = all."""
+    seed: int = 1234
+    """Seed of the split and of the per-epoch shuffle."""
+    cache_dir: str | None = None
+    """Where tokenised data is cached; ``None`` = ``$MOETRAIN_CACHE`` or ``~/.cache/moetrain``."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 2e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (never on norms, biases and embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    max_steps: int = 300
+    """Optimizer steps."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all ranks and micro-batches."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one rank; accumulation = global / (micro * world)."""
+    log_every: int = 10
+    """Log train metrics every n steps (and at the last step)."""
+    eval_every: int = 100
+    """Evaluate on the validation split every n steps (and at the end); 0 = only at the end."""
+    seed: int = 0
+    """Seed of the model init and of every random draw in training."""
+    deterministic: bool = False
+    """Use deterministic algorithms (bitwise-repeatable runs on the same topology)."""
+    device: str = "auto"
+    """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
+    peak_tflops: float | None = None
+    """Peak device TFLOP/s for MFU; ``None`` = a table for known GPUs, else a measured GEMM rate."""
+    progress: bool = True
+    """Show a console progress bar."""
+    num_threads: int | None = None
+    """CPU threads for torch (``None`` = torch's default)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"
+    """``auto`` (online if ``WANDB_API_KEY`` is set, else offline), ``online``, ``offline``, ``disabled``."""
+    project: str = "moetrain"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None
+    """Run name; ``None`` = the run directory's name."""
+    load_charts: bool = True
+    """Log the per-expert load of each MoE layer as a bar chart too."""
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1
+    """Expert-parallel size: experts are split over this many ranks."""
+    backend: str = "auto"
+    """``auto`` (nccl on GPU, gloo on CPU), ``nccl`` or ``gloo``."""
+
+
+@dataclass
+class TrainConfig:
+    """The root config of ``moetrain-train``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run_dir: str | None = None
+    """Where the run writes; ``None`` = Hydra's output directory (or ``runs/<time>`` without Hydra)."""
+
+
+SCORE_FNS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "topk_sum")
+BALANCE_SCOPES = ("micro_batch", "global")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def _fail(key: str, value: Any, rule: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if value is None or value <= 0:
+        _fail(key, value, "must be > 0")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, f"must be one of {', '.join(choices)}")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
+    """Check every value and cross-field rule; raise :class:`ConfigError` on the first break."""
+    m, moe, r, b = cfg.model, cfg.moe, cfg.moe.router, cfg.moe.balance
+    for key in ("dim", "n_layers", "n_heads", "ffn_hidden_size", "vocab_multiple"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.vocab_size is not None:
+        _positive("model.vocab_size", m.vocab_size)
+    if m.dim % m.n_heads:
+        _fail("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        _fail("model.dim", m.dim, "head dim (dim / n_heads) must be even for RoPE")
+    n_kv = m.n_kv_heads or m.n_heads
+    _positive("model.n_kv_heads", n_kv)
+    if m.n_heads % n_kv:
+        _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    if not 0 <= m.first_k_dense <= m.n_layers:
+        _fail("model.first_k_dense", m.first_k_dense, f"must be in [0, model.n_layers={m.n_layers}]")
+    _positive("model.moe_every", m.moe_every)
+    _positive("model.init_std", m.init_std)
+
+    for key in ("num_experts", "top_k", "expert_hidden_size"):
+        _positive(f"moe.{key}", getattr(moe, key))
+    if moe.top_k > moe.num_experts:
+        _fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}")
+    if moe.num_shared_experts < 0:
+        _fail("moe.num_shared_experts", moe.num_shared_experts, "must be >= 0")
+    if moe.shared_hidden_size is not None:
+        _positive("moe.shared_hidden_size", moe.shared_hidden_size)
+    if moe.max_recv_factor is not None and moe.max_recv_factor < 1.0:
+        _fail("moe.max_recv_factor", moe.max_recv_factor, "must be >= 1 (1 = the balanced share)")
+
+    from moetrain.moe.routing import STRATEGIES  # registry lives with the math
+
+    _choice("moe.router.strategy", r.strategy, tuple(STRATEGIES))
+    _choice("moe.router.score_fn", r.score_fn, SCORE_FNS)
+    _choice("moe.router.group_score", r.group_score, GROUP_SCORES)
+    _positive("moe.router.scaling_factor", r.scaling_factor)
+    if r.bias_update_rate < 0:
+        _fail("moe.router.bias_update_rate", r.bias_update_rate, "must be >= 0")
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(r, key)
+        if value is not None and value <= 0:
+            _fail(f"moe.router.{key}", value, "must be > 0 or null (dropless)")
+    groups = r.num_groups if r.num_groups is not None else cfg.parallel.ep
+    if r.num_groups is not None:
+        _positive("moe.router.num_groups", r.num_groups)
+    if moe.num_experts % groups:
+        _fail("moe.router.num_groups", groups, f"must divide moe.num_experts={moe.num_experts}")
+    if r.topk_groups is not None:
+        _positive("moe.router.topk_groups", r.topk_groups)
+        if r.topk_groups > groups:
+            _fail("moe.router.topk_groups", r.topk_groups, f"must be <= the number of groups ({groups})")
+        if r.topk_groups * (moe.num_experts // groups) < moe.top_k:
+            _fail(
+                "moe.router.topk_groups",
+                r.topk_groups,
+                f"M groups of {moe.num_experts // groups} experts cannot hold moe.top_k={moe.top_k}",
+            )
+    if r.group_score == "topk_sum" and r.topk_groups and moe.top_k % r.topk_groups:
+        _fail("moe.router.group_score", r.group_score, "topk_sum needs moe.top_k divisible by topk_groups")
+
+    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef"):
+        if getattr(b, key) < 0:
+            _fail(f"moe.balance.{key}", getattr(b, key), "must be >= 0")
+    _choice("moe.balance.scope", b.scope, BALANCE_SCOPES)
+
+    d = cfg.data
+    _positive("data.seq_len", d.seq_len)
+    if not 0.0 < d.val_fraction < 1.0:
+        _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    if d.max_val_sequences is not None:
+        _positive("data.max_val_sequences", d.max_val_sequences)
+    if d.source == "files" and not d.paths:
+        _fail("data.paths", d.paths, "must list at least one file when data.source=files")
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        _fail("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    if o.warmup_steps < 0:
+        _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            _fail(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
+    if o.grad_clip < 0:
+        _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+
+    t = cfg.trainer
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    if t.eval_every < 0:
+        _fail("trainer.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
+    if t.global_batch_size % (t.micro_batch_size * world_size):
+        _fail(
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be divisible by trainer.micro_batch_size={t.micro_batch_size} x world size={world_size}",
+        )
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    if t.peak_tflops is not None:
+        _positive("trainer.peak_tflops", t.peak_tflops)
+    if t.num_threads is not None:
+        _positive("trainer.num_threads", t.num_threads)
+
+    _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+
+    p = cfg.parallel
+    _positive("parallel.ep", p.ep)
+    _choice("parallel.backend", p.backend, BACKENDS)
+    if world_size % p.ep:
+        _fail("parallel.ep", p.ep, f"must divide the world size ({world_size})")
+    if moe.num_experts % p.ep:
+        _fail("parallel.ep", p.ep, f"must divide moe.num_experts={moe.num_experts}")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config dataclass (for saving and logging)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any], cls: type = TrainConfig) -> Any:
+    """Rebuild a (nested) config dataclass from :func:`to_dict` output; unknown keys fail."""
+    kwargs = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{cls.__name__}.{key}: unknown key")
+        sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = from_dict(value, sub)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

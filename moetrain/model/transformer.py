@@ -1,0 +1,161 @@
+"""The decoder-only MoE Transformer: a plain single-device ``nn.Module``.
+
+Parallelism is applied to it from outside (``moetrain.parallel``); the model
+never asks whether it is distributed.
+
+Shape suffixes: B batch, S sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetrain.config import ModelConfig, MoEConfig
+from moetrain.model.layers import Attention, RMSNorm, SwiGLU, rope_tables
+from moetrain.moe.layer import MoELayer, MoEStats
+
+
+def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
+    """Layers [0, first_k_dense) are dense; after them every ``moe_every``-th layer is MoE."""
+    return layer_idx >= cfg.first_k_dense and (layer_idx - cfg.first_k_dense) % cfg.moe_every == 0
+
+
+class Block(nn.Module):
+    """Pre-norm block: x = x + attn(norm(x)); x = x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, num_groups: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = is_moe_layer(cfg, layer_idx)
+        self.ffn: nn.Module = (
+            MoELayer(cfg.dim, moe_cfg, num_groups) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden_size)
+        )
+
+    def forward(
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_ids_BS: torch.Tensor
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        h = self.ffn_norm(x_BSD)
+        if self.is_moe:
+            y, stats = self.ffn(h, token_ids_BS)
+            return x_BSD + y, stats
+        return x_BSD + self.ffn(h), None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """[B, S, V] next-token logits."""
+    moe_stats: dict[int, MoEStats]
+    """Statistics of each MoE layer, by block index."""
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum over MoE layers of their weighted balance losses."""
+        return sum((s.aux_loss for s in self.moe_stats.values()), torch.zeros((), device=self.logits.device))
+
+
+class Transformer(nn.Module):
+    """Token embedding, N pre-norm blocks, final RMSNorm, LM head (optionally tied)."""
+
+    def __init__(
+        self, cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int, max_seq_len: int, num_groups: int = 1
+    ) -> None:
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.embed = nn.Embedding(vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i, num_groups) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) for every matrix; residual-output projections (attention out,
+        MLP/expert down) scaled by 1/sqrt(2 n_layers) (GPT-2, Radford et al. 2019);
+        norms at 1; loss-free biases at 0."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            elif name.endswith(("attn.wo.weight", "w2.weight", "experts.w2")):
+                p.normal_(0.0, out_std, generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for name, buf in self.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.zero_()
+
+    def moe_layers(self) -> dict[int, MoELayer]:
+        return {b.layer_idx: b.ffn for b in self.blocks if b.is_moe}  # type: ignore[misc]
+
+    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+        S = tokens_BS.shape[1]
+        if self.max_seq_len < S:
+            raise ValueError(f"sequence length {S} exceeds the model's max_seq_len {self.max_seq_len}")
+        x = self.embed(tokens_BS)
+        stats: dict[int, MoEStats] = {}
+        for block in self.blocks:
+            x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS)
+            if s is not None:
+                stats[block.layer_idx] = s
+        return ModelOutput(self.lm_head(self.norm(x)), stats)
+
+    def num_params(self, active: bool = False, embeddings: bool = True) -> int:
+        """Parameter count; ``active`` counts only K of N routed experts per MoE layer."""
+        total = 0
+        for name, p in self.named_parameters():
+            n = p.numel()
+            if not embeddings and name in ("embed.weight", "lm_head.weight"):
+                continue
+            if active and name.endswith(("experts.w13", "experts.w2")):
+                n = n * self.moe_cfg.top_k // self.moe_cfg.num_experts
+            total += n
+        return total
+
+
+def vocab_for(cfg: ModelConfig, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: ``cfg.vocab_size`` or the tokenizer's rounded up to ``vocab_multiple``."""
+    if cfg.vocab_size is not None:
+        if cfg.vocab_size < tokenizer_vocab:
+            from moetrain.config import ConfigError
+
+            raise ConfigError(f"model.vocab_size={cfg.vocab_size}: smaller than the tokenizer's {tokenizer_vocab}")
+        return cfg.vocab_size
+    m = cfg.vocab_multiple
+    return -(-tokenizer_vocab // m) * m
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    moe_cfg: MoEConfig,
+    vocab_size: int,
+    max_seq_len: int,
+    ep: int = 1,
+    seed: int | None = None,
+) -> Transformer:
+    """Build the plain model from config dataclasses (no Hydra needed).
+
+    ``vocab_size`` is the model's (see :func:`vocab_for`); device-limited routing
+    groups default to the EP ranks (``moe.router.num_groups`` overrides).
+    """
+    num_groups = moe_cfg.router.num_groups or ep
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups)
+    return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups)

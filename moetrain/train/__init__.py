@@ -1,0 +1,1 @@
+"""Trainer loop, optimizer and schedule, metric sinks, and the ``moetrain-train`` entry point."""

@@ -1,0 +1,133 @@
+"""Metric sinks: every logged event goes to ``metrics.jsonl``, W&B and the console alike.
+
+Only rank 0 builds sinks. Each sink gets the same flat dict of the DESIGN.md
+keys (``train/loss``, ``moe/layer_{i}/load``, ...); values are floats or lists.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any, Protocol
+
+from moetrain.config import WandbConfig
+
+
+class MetricSink(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def close(self, exit_code: int = 0) -> None: ...
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the line parseable
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class JSONLSink:
+    """Appends one JSON object per event to ``metrics.jsonl``, flushed at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self, exit_code: int = 0) -> None:
+        self._f.close()
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    """``auto`` is online when an API key is set in the environment, offline otherwise."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if cfg.mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return cfg.mode
+
+
+class WandbSink:
+    """Logs to Weights & Biases; offline runs land in ``RUN_DIR/wandb`` for ``wandb sync``.
+
+    Per-expert loads are logged as lists under their DESIGN.md keys and, for a
+    person to read at a glance, as a bar chart per layer (``moe/layer_{i}/load_chart``).
+    """
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any]) -> None:
+        import wandb
+
+        self._wandb = wandb
+        self.cfg = cfg
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            tags=list(cfg.tags) or None,
+            name=cfg.name or run_dir.name,
+            dir=str(run_dir),
+            mode=wandb_mode(cfg),
+            config=config,
+            settings=wandb.Settings(console="off", quiet=True),
+        )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        data: dict[str, Any] = dict(metrics)
+        if self.cfg.load_charts:
+            for key, value in metrics.items():
+                if key.startswith("moe/layer_") and key.endswith("/load") and isinstance(value, list):
+                    table = self._wandb.Table(data=[[e, c] for e, c in enumerate(value)], columns=["expert", "tokens"])
+                    title = f"{key.removesuffix('/load')} tokens per expert (step {step})"
+                    data[f"{key}_chart"] = self._wandb.plot.bar(table, "expert", "tokens", title=title)
+        self.run.log(data, step=step)
+
+    def close(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+def read_wandb_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The history rows of the W&B run under ``run_dir`` (offline or synced), read back
+    from its ``.wandb`` transaction log (LevelDB log format: 32 KiB blocks of records
+    with a 7-byte header: crc32, length, type). Values are decoded from JSON."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    paths = sorted(glob.glob(str(Path(run_dir) / "wandb" / "*run-*" / "*.wandb")))
+    if not paths:
+        raise FileNotFoundError(f"no W&B run under {run_dir}/wandb")
+    data = Path(paths[-1]).read_bytes()
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            break
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            records.append(pending + chunk)
+    rows = []
+    for raw in records:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
+    return rows

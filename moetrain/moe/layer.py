@@ -1,12 +1,14 @@
 """The MoE FFN layer: router -> capacity -> dispatch -> grouped experts -> combine (+ shared).
 
 Shape suffixes: B batch, S sequence, T = B*S tokens, D model dim, N routed
-experts, K chosen per token, A kept assignments, R rows at this rank's experts.
+experts, K chosen per token, A kept assignments, R rows at this rank's experts,
+G device groups.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +16,18 @@ from torch import nn
 
 from moetrain.config import MoEConfig
 from moetrain.model.layers import SwiGLU
-from moetrain.moe.balance import expert_balance_loss, router_z_loss
-from moetrain.moe.dispatch import Dispatcher, LocalDispatcher
+from moetrain.moe.balance import (
+    comm_balance_loss,
+    device_balance_loss,
+    expert_balance_loss,
+    importance_loss,
+    router_z_loss,
+    sequence_balance_loss,
+)
+from moetrain.moe.dispatch import CommStats, Dispatcher, LocalDispatcher, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.routing import STRATEGIES, RouteSpec, Routing, capacity, capacity_keep
+from moetrain.moe.routing import STRATEGIES, RouteSpec, Routing, capacity, capacity_keep, device_capacity_keep
+from moetrain.moe.stats import router_entropy
 
 
 @dataclass
@@ -29,24 +39,85 @@ class MoEStats:
     aux_loss: torch.Tensor
     """Sum of the enabled weighted balance losses (differentiable scalar)."""
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Each enabled weighted loss, detached, by name."""
+    """Each enabled weighted loss, detached, by name (expert, device, comm, seq, z, importance)."""
     num_selected: torch.Tensor | None = None
     """Assignments chosen by the router, before capacity dropping."""
     num_dropped: torch.Tensor | None = None
-    """Assignments dropped by capacity."""
+    """Assignments dropped by capacity (per-expert and device-level)."""
     devices_per_token: torch.Tensor | None = None
     """Mean number of distinct device groups a token's kept assignments reach."""
     num_tokens: int = 0
+    comm: CommStats | None = None
+    """All-to-all traffic of this forward under expert parallelism (``None`` on one process)."""
+    sel_counts_N: torch.Tensor | None = None
+    """Selections per expert before dropping (the numerator of f_i), float."""
+    sent_G: torch.Tensor | None = None
+    """Tokens with at least one selected expert in each device group (the numerator of f''_d); groups > 1 only."""
+    router_entropy: torch.Tensor | None = None
+    """Mean over tokens of the entropy of the (normalised) router scores."""
+    num_groups: int = 1
+
+
+def routing_counts(stats: MoEStats) -> dict[str, torch.Tensor]:
+    """The f-type statistics of one forward: ``expert`` [N], ``tokens`` [1] and, with groups, ``sent`` [G]."""
+    assert stats.sel_counts_N is not None
+    out = {"expert": stats.sel_counts_N, "tokens": stats.sel_counts_N.new_tensor([float(stats.num_tokens)])}
+    if stats.sent_G is not None:
+        out["sent"] = stats.sent_G
+    return out
+
+
+@torch.no_grad()
+def global_routing_counts(
+    forward: Callable[[torch.Tensor], dict[int, MoEStats]],
+    micro_batches: list[torch.Tensor],
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[int, dict[str, torch.Tensor]]:
+    """The step's f-type counts per MoE layer, summed over micro-batches and data-parallel ranks.
+
+    Global-batch balance (Qiu et al. 2025, arXiv 2501.11873): runs ``forward``
+    (the model's training forward, returning its MoE statistics) without grad
+    on each micro-batch, sums :func:`routing_counts` and all-reduces them in
+    one flat tensor. Costs one extra forward pass per micro-batch; the caller
+    restores the RNG state afterwards so the real pass routes identically.
+    """
+    totals: dict[int, dict[str, torch.Tensor]] = {}
+    for mb in micro_batches:
+        for i, s in forward(mb).items():
+            counts = routing_counts(s)
+            if i not in totals:
+                totals[i] = {k: v.detach().float().clone() for k, v in counts.items()}
+            else:
+                for k, v in counts.items():
+                    totals[i][k] += v.detach().float()
+    keys = [(i, k) for i in sorted(totals) for k in sorted(totals[i])]
+    if not keys:
+        return totals
+    flat = torch.cat([totals[i][k].reshape(-1) for i, k in keys])
+    all_reduce_sum(flat)
+    offset = 0
+    for i, k in keys:
+        n = totals[i][k].numel()
+        totals[i][k] = flat[offset : offset + n].view_as(totals[i][k])
+        offset += n
+    return totals
 
 
 class Router(nn.Module):
-    """fp32 linear router plus the loss-free balancing bias (a buffer, never trained)."""
+    """fp32 linear router, the loss-free balancing bias (a buffer, never trained) and,
+    for ``strategy=noisy_topk`` only, the trainable noise projection W_noise."""
 
     def __init__(self, dim: int, cfg: MoEConfig, num_groups: int) -> None:
         super().__init__()
         r = cfg.router
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        if r.strategy == "noisy_topk":
+            # Shazeer et al. 2017, eq. 4: zero-initialised there; the model's init_weights re-draws it.
+            self.noise_weight: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_experts, dim))
+        else:
+            self.register_parameter("noise_weight", None)
+        self.noise_std = r.noise_std
         self.bias_update_rate = r.bias_update_rate
         self.spec = RouteSpec(
             num_experts=cfg.num_experts,
@@ -57,14 +128,25 @@ class Router(nn.Module):
             num_groups=num_groups,
             topk_groups=r.topk_groups,
             group_score=r.group_score,
+            capacity_factor=r.capacity_factor,
+            hash_seed=r.hash_seed,
         )
+        eval_c = r.eval_capacity_factor if r.eval_capacity_factor is not None else r.capacity_factor
+        self.eval_spec = replace(self.spec, capacity_factor=eval_c)
         self.route_fn = STRATEGIES[r.strategy]
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TN = F.linear(x_TD.float(), self.weight.float())
+            x32_TD = x_TD.float()
+            logits_TN = F.linear(x32_TD, self.weight.float())
+            noise_TN = None
+            if self.noise_weight is not None and self.training:
+                # StandardNormal() * Softplus(x W_noise) (Shazeer et al. 2017, eq. 4), training only.
+                scale_TN = F.softplus(F.linear(x32_TD, self.noise_weight.float()))
+                noise_TN = torch.randn_like(logits_TN) * scale_TN * self.noise_std
         bias = self.expert_bias if self.bias_update_rate > 0 else None
-        return self.route_fn(logits_TN, self.spec, bias_N=bias, token_ids_T=token_ids_T)
+        spec = self.spec if self.training else self.eval_spec
+        return self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN)
 
     @torch.no_grad()
     def update_bias(self, load_N: torch.Tensor) -> None:
@@ -79,7 +161,13 @@ class Router(nn.Module):
 
 
 class MoELayer(nn.Module):
-    """Routed experts (sharded by the dispatcher under EP) plus optional shared experts."""
+    """Routed experts (sharded by the dispatcher under EP) plus optional shared experts.
+
+    ``global_counts`` (set by the trainer before a forward, ``None`` otherwise)
+    holds the step's f-type counts summed over micro-batches and ranks
+    (:func:`global_routing_counts`); while set, every f*P balance loss uses them
+    (global-batch balance, ``moe.balance.scope=global``).
+    """
 
     def __init__(self, dim: int, cfg: MoEConfig, num_groups: int = 1) -> None:
         super().__init__()
@@ -91,6 +179,7 @@ class MoELayer(nn.Module):
         shared_hidden = (cfg.shared_hidden_size or cfg.expert_hidden_size) * cfg.num_shared_experts
         self.shared = SwiGLU(dim, shared_hidden) if cfg.num_shared_experts > 0 else None
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
+        self.global_counts: dict[str, torch.Tensor] | None = None
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
@@ -98,15 +187,7 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         token_ids_T = token_ids_BS.reshape(-1) if token_ids_BS is not None else None
         r = self.router(x_TD, token_ids_T)
-
-        # Capacity: drop the lowest-affinity assignments of over-full experts.
-        cap_factor = self.cfg.router.capacity_factor if self.training else self.cfg.router.eval_capacity_factor
-        selected_TK = r.keep_TK
-        keep_TK = selected_TK
-        if cap_factor is not None:
-            cap = capacity(T, self.num_experts, self.top_k, cap_factor)
-            priority_TK = r.scores_TN.gather(1, r.expert_idx_TK)
-            keep_TK = capacity_keep(r.expert_idx_TK, priority_TK, selected_TK, self.num_experts, cap)
+        keep_TK = self._drop(r)
 
         # Flat kept assignments (token-major), dispatched, computed, combined.
         K = r.expert_idx_TK.shape[1]
@@ -115,44 +196,105 @@ class MoELayer(nn.Module):
         expert_idx_A = r.expert_idx_TK.reshape(-1)[keep_A]
         weight_A = r.weight_TK.reshape(-1)[keep_A]
         rows_RD, counts_E, handle = self.dispatcher.dispatch(x_TD, token_idx_A, expert_idx_A, weight_A)
+        comm: CommStats | None = getattr(self.dispatcher, "last", None)
+        if comm is not None and comm.keep_A is not None:  # the EP receive budget dropped some (max_recv_factor)
+            keep_TK, expert_idx_A = kept_after_dispatch(keep_TK, comm.keep_A), expert_idx_A[comm.keep_A]
         y_TD = self.dispatcher.combine(self.experts(rows_RD, counts_E), handle).to(x_TD.dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
 
-        stats = self._stats(r, selected_TK, keep_TK, expert_idx_A, T)
+        stats = self._stats(r, r.keep_TK, keep_TK, expert_idx_A, B, S)
+        stats.comm = comm
         return y_TD.view(B, S, D), stats
 
+    def _drop(self, r: Routing) -> torch.Tensor:
+        """Capacity: the kept slots after per-expert and (training only) device-level dropping.
+
+        Per expert: capacity ceil(factor T K / N), lowest-affinity assignments
+        dropped first (GShard; Switch eq. 3), with the training or evaluation
+        factor by mode; not for expert choice, whose capacity is exact by
+        construction. Per device: DeepSeek-V2 device-level dropping
+        (``router.device_capacity_factor``, see :func:`device_capacity_keep`).
+        """
+        rc = self.cfg.router
+        keep_TK = r.keep_TK
+        priority_TK = r.scores_TN.gather(1, r.expert_idx_TK)
+        cap_factor = rc.capacity_factor if self.training else rc.eval_capacity_factor
+        if cap_factor is not None and rc.strategy != "expert_choice":
+            cap = capacity(r.expert_idx_TK.shape[0], self.num_experts, self.top_k, cap_factor)
+            keep_TK = capacity_keep(r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, cap)
+        if self.training and rc.device_capacity_factor is not None and self.num_groups > 1:
+            keep_TK = device_capacity_keep(
+                r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, self.num_groups, rc.device_capacity_factor
+            )
+        return keep_TK
+
     def _stats(
-        self, r: Routing, selected_TK: torch.Tensor, keep_TK: torch.Tensor, expert_idx_A: torch.Tensor, T: int
+        self,
+        r: Routing,
+        selected_TK: torch.Tensor,
+        keep_TK: torch.Tensor,
+        expert_idx_A: torch.Tensor,
+        B: int,
+        S: int,
     ) -> MoEStats:
         b = self.cfg.balance
-        N = self.num_experts
+        N, G, K = self.num_experts, self.num_groups, self.top_k
+        T = B * S
+        idx_TK = r.expert_idx_TK
         load_N = torch.bincount(expert_idx_A, minlength=N).float()
-        sel_counts_N = torch.zeros(N, device=load_N.device).index_add_(
-            0, r.expert_idx_TK.reshape(-1), selected_TK.reshape(-1).float()
-        )
+        sel_TN = torch.zeros(T, N, device=load_N.device).scatter_add_(1, idx_TK, selected_TK.float())
+        sel_counts_N = sel_TN.sum(dim=0)
+        sent_G = None
+        devices_per_token = None
+        if G > 1:
+            group_TK = idx_TK // (N // G)
+            sel_hits_TG = torch.zeros(T, G, device=load_N.device).scatter_add_(1, group_TK, selected_TK.float())
+            sent_G = (sel_hits_TG > 0).float().sum(dim=0)
+            kept_hits_TG = torch.zeros(T, G, device=load_N.device).scatter_add_(1, group_TK, keep_TK.float())
+            devices_per_token = (kept_hits_TG > 0).float().sum(dim=1).mean()
+
+        # f-type statistics: this micro-batch's, or the step's global ones (Qiu et al. 2025).
+        g = self.global_counts
+        counts_f = g["expert"] if g is not None else sel_counts_N
+        tokens_f = g["tokens"].reshape(()) if g is not None else T
+        sent_f = g.get("sent", sent_G) if g is not None else sent_G
+
+        # P_i from affinities that sum to 1 per token (sigmoid ones renormalised, DeepSeek-V3 eq. 19).
+        s_TN = r.scores_TN
+        if self.cfg.router.score_fn == "sigmoid":
+            s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)
+        p_N = s_TN.mean(0)
         losses: dict[str, torch.Tensor] = {}
         if b.expert_coef > 0:
-            # P_i from affinities that sum to 1 per token (sigmoid ones renormalised, DeepSeek-V3 eq. 19).
-            s_TN = r.scores_TN
-            if self.cfg.router.score_fn == "sigmoid":
-                s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)
-            losses["expert"] = b.expert_coef * expert_balance_loss(sel_counts_N, s_TN.mean(0), T, self.top_k)
+            losses["expert"] = b.expert_coef * expert_balance_loss(counts_f, p_N, tokens_f, K)
+        if b.device_coef > 0 and G > 1:
+            losses["device"] = b.device_coef * device_balance_loss(counts_f, p_N, tokens_f, K, G)
+        if b.comm_coef > 0 and sent_f is not None:
+            m = self.cfg.router.topk_groups or min(K, G)
+            losses["comm"] = b.comm_coef * comm_balance_loss(sent_f, p_N, tokens_f, m)
+        if b.seq_coef > 0:
+            counts_BN = sel_TN.view(B, S, N).sum(dim=1)
+            losses["seq"] = b.seq_coef * sequence_balance_loss(counts_BN, s_TN.view(B, S, N), K)
         if b.z_loss_coef > 0:
             losses["z"] = b.z_loss_coef * router_z_loss(r.logits_TN)
+        if b.importance_coef > 0:
+            gates_TN = torch.zeros(T, N, device=load_N.device).scatter_add(
+                1, idx_TK, r.weight_TK * selected_TK.to(r.weight_TK.dtype)
+            )
+            losses["importance"] = b.importance_coef * importance_loss(gates_TN)
         aux = sum(losses.values(), torch.zeros((), device=load_N.device))
         num_selected = selected_TK.sum()
-        stats = MoEStats(
+        return MoEStats(
             load_N=load_N,
             aux_loss=aux,
             losses={k: v.detach() for k, v in losses.items()},
             num_selected=num_selected.float(),
             num_dropped=(num_selected - keep_TK.sum()).float(),
+            devices_per_token=devices_per_token,
             num_tokens=T,
+            sel_counts_N=sel_counts_N,
+            sent_G=sent_G,
+            router_entropy=router_entropy(r.scores_TN),
+            num_groups=G,
         )
-        if self.num_groups > 1:
-            group_TK = r.expert_idx_TK // (N // self.num_groups)
-            hits_TG = torch.zeros(T, self.num_groups, dtype=torch.long, device=group_TK.device)
-            hits_TG.scatter_add_(1, group_TK, keep_TK.long())
-            stats.devices_per_token = (hits_TG > 0).sum(dim=1).float().mean()
-        return stats

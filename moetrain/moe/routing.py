@@ -124,6 +124,28 @@ def capacity_keep(
     return keep_TK & (rank_A < cap).view_as(keep_TK)
 
 
+def device_capacity_keep(
+    expert_idx_TK: torch.Tensor,
+    priority_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+    num_experts: int,
+    num_groups: int,
+    factor: float,
+) -> torch.Tensor:
+    """DeepSeek-V2 device-level token dropping (arXiv 2405.04434, sec. 2.2.4).
+
+    Each device (group of ``num_experts / num_groups`` consecutive experts) gets
+    the budget of ``factor`` times its average share, ceil(factor * A / D) with A
+    the kept assignments entering this stage (the paper uses factor 1.0); on an
+    over-budget device the assignments with the lowest affinity are dropped
+    until it fits. Dropped assignments contribute nothing: the token keeps only
+    its residual (and shared experts) for that slot.
+    """
+    group_TK = expert_idx_TK // (num_experts // num_groups)
+    budget = int(-(-factor * int(keep_TK.sum()) // num_groups))
+    return capacity_keep(group_TK, priority_TK, keep_TK, num_groups, budget)
+
+
 @dataclass(frozen=True)
 class RouteSpec:
     """A router's resolved settings (from ``RouterConfig`` and the MoE/parallel sizes)."""
@@ -136,6 +158,10 @@ class RouteSpec:
     num_groups: int | None = None
     topk_groups: int | None = None
     group_score: str = "max"
+    capacity_factor: float | None = None
+    """Expert choice: the capacity factor c (``None`` = ``top_k``, the same compute as top-K)."""
+    hash_seed: int = 0
+    """Hash routing: seed of the fixed token-id -> expert map."""
 
 
 def route_topk(
@@ -143,14 +169,19 @@ def route_topk(
     spec: RouteSpec,
     bias_N: torch.Tensor | None = None,
     token_ids_T: torch.Tensor | None = None,
+    noise_TN: torch.Tensor | None = None,
 ) -> Routing:
-    """Token-choice top-K routing.
+    """Token-choice top-K routing (``strategy=topk``).
 
     s = score_fn(logits); choose TopK(s + b) (b = loss-free bias, Wang et al. 2024,
     eq. 3; DeepSeek-V3 eq. 16), restricted to the top-M groups when
-    ``spec.topk_groups`` is set (DeepSeek-V2 device-limited routing); weights come
-    from s only, so the bias never enters the weights or the gradient. Sigmoid
-    scores are always renormalised over the chosen experts (DeepSeek-V3 eq. 13).
+    ``spec.topk_groups`` is set (DeepSeek-V2 device-limited routing; DeepSeek-V3
+    node-limited with ``group_score=topk_sum``); g = s of the chosen experts
+    (GShard; DeepSeek-V2 eq. 8), optionally renormalised over the K chosen, times
+    the routed scaling factor. Weights come from s only, so the bias never enters
+    the weights or the gradient. Sigmoid scores are always renormalised over the
+    chosen experts (DeepSeek-V3 eq. 13). Switch Transformer routing (Fedus et al.
+    2021) is this rule with K = 1 plus a capacity factor (``moe=switch``).
     """
     scores_TN = affinities(logits_TN, spec.score_fn)
     sel_TN = scores_TN.detach()
@@ -163,9 +194,172 @@ def route_topk(
     return Routing(idx_TK, w_TK, keep_TK, scores_TN, logits_TN)
 
 
+def route_topk_softmax(
+    logits_TN: torch.Tensor,
+    spec: RouteSpec,
+    bias_N: torch.Tensor | None = None,
+    token_ids_T: torch.Tensor | None = None,
+    noise_TN: torch.Tensor | None = None,
+) -> Routing:
+    """Mixtral routing (Jiang et al. 2024, arXiv 2401.04088, sec. 2.1, ``strategy=topk_softmax``):
+    G(x) = Softmax(TopK(x W_g)), the softmax taken over the K chosen logits only.
+
+    Mathematically identical to softmax-then-top-K with renormalisation
+    (``route_topk`` with ``normalize=True``), since exp(l_i)/sum_{j in K} exp(l_j)
+    = s_i / sum_{j in K} s_j; implemented literally so a test can check the
+    identity. ``scores_TN`` (for P_i and the entropy) is the full softmax; the
+    group limit, the loss-free bias and the scaling factor apply as in top-K.
+    """
+    scores_TN = logits_TN.softmax(dim=-1)
+    sel_TN = scores_TN.detach()  # same order as the logits (softmax is monotone)
+    if bias_N is not None:
+        sel_TN = sel_TN + bias_N.detach().to(sel_TN.dtype)
+    idx_TK = topk_experts(sel_TN, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_score)
+    w_TK = logits_TN.gather(1, idx_TK).softmax(dim=-1) * spec.scaling_factor
+    keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
+    return Routing(idx_TK, w_TK, keep_TK, scores_TN, logits_TN)
+
+
+def route_noisy_topk(
+    logits_TN: torch.Tensor,
+    spec: RouteSpec,
+    bias_N: torch.Tensor | None = None,
+    token_ids_T: torch.Tensor | None = None,
+    noise_TN: torch.Tensor | None = None,
+) -> Routing:
+    """Noisy top-K gating (Shazeer et al. 2017, arXiv 1701.06538, eq. 3-5, ``strategy=noisy_topk``).
+
+    H(x)_i = (x W_g)_i + StandardNormal() * Softplus((x W_noise)_i)   (eq. 4)
+    G(x) = Softmax(KeepTopK(H(x), k))                                  (eq. 3, 5)
+
+    ``noise_TN`` is the already drawn noise term StandardNormal() *
+    Softplus(x W_noise) (the :class:`~moetrain.moe.layer.Router` draws it in
+    training only; ``None`` = no noise, as at evaluation). ``scores_TN`` is
+    Softmax(H) over all experts (for P_i and the entropy); ``logits_TN`` stays the
+    clean x W_g (for the z-loss).
+    """
+    h_TN = logits_TN if noise_TN is None else logits_TN + noise_TN
+    scores_TN = h_TN.softmax(dim=-1)
+    sel_TN = scores_TN.detach()
+    if bias_N is not None:
+        sel_TN = sel_TN + bias_N.detach().to(sel_TN.dtype)
+    idx_TK = topk_experts(sel_TN, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_score)
+    w_TK = h_TN.gather(1, idx_TK).softmax(dim=-1) * spec.scaling_factor
+    keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
+    return Routing(idx_TK, w_TK, keep_TK, scores_TN, logits_TN)
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, factor: float) -> int:
+    """Tokens each expert takes under expert choice: k = ceil(T * c / N) (Zhou et al. 2022, eq. 1), at most T."""
+    return min(num_tokens, capacity(num_tokens, num_experts, 1, factor))
+
+
+def route_expert_choice(
+    logits_TN: torch.Tensor,
+    spec: RouteSpec,
+    bias_N: torch.Tensor | None = None,
+    token_ids_T: torch.Tensor | None = None,
+    noise_TN: torch.Tensor | None = None,
+) -> Routing:
+    """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368, sec. 3.1, eq. 1, ``strategy=expert_choice``).
+
+    S = Softmax(X W_g) over experts; each expert i takes the k = ceil(T c / N)
+    tokens with the highest S[:, i] (G, I = TopK(S^T, k)); the combine weight is
+    S[t, i] (times the routed scaling factor). A token gets between 0 and N
+    experts; one with none keeps only its residual (and shared experts).
+    Returned with K = N slots (slot i = expert i) and ``keep_TK`` marking the
+    chosen (token, expert) pairs, so capacity is exact by construction.
+
+    Not causal at generation time: an expert's choice of token t depends on the
+    scores of every other token of the batch, later positions of t's own
+    sequence included, so autoregressive decoding cannot reproduce the routing
+    seen in training (Zhou et al. 2022, sec. 6, limitations). Use it for
+    training comparisons, not for models meant to generate token by token.
+    """
+    T, N = logits_TN.shape
+    scores_TN = logits_TN.softmax(dim=-1)
+    c = spec.capacity_factor if spec.capacity_factor is not None else float(spec.top_k)
+    k = expert_choice_capacity(T, N, c)
+    sel_TN = scores_TN.detach()
+    if bias_N is not None:
+        sel_TN = sel_TN + bias_N.detach().to(sel_TN.dtype)
+    keep_TN = torch.zeros(T, N, dtype=torch.bool, device=logits_TN.device)
+    if k > 0:
+        top_tokens_NK = sel_TN.t().topk(k, dim=-1).indices
+        keep_TN.t().scatter_(1, top_tokens_NK, True)  # t() is a view: writes land in keep_TN
+    idx_TN = torch.arange(N, device=logits_TN.device).expand(T, N).contiguous()
+    w_TN = scores_TN * spec.scaling_factor
+    return Routing(idx_TN, w_TN, keep_TN, scores_TN, logits_TN)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, constant 0x45d9f3b) on int64 holding values < 2^32.
+
+    Every product stays below 2^59, so nothing overflows int64.
+    """
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """Fixed random map token id -> K distinct experts [T, K] (Roller et al. 2021, arXiv 2106.04426, sec. 3).
+
+    Every (token id, expert i) pair gets a pseudo-random 32-bit key
+    mix(mix(id xor s1) xor mix(i + s2)) with an integer hash ``mix`` and
+    (s1, s2) drawn from ``seed``; a token id's experts are the K with the
+    smallest keys. With K = 1 this is a fixed random hash of the token id onto
+    the experts (the paper's "Random Hash"); it depends only on the id, never on
+    the hidden state or the batch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    s1, s2 = (int(v) for v in torch.randint(0, 2**31, (2,), generator=g))
+    ids_T1 = (token_ids_T.long().reshape(-1, 1) & _MASK32) ^ s1
+    experts_1N = torch.arange(num_experts, device=token_ids_T.device, dtype=torch.long).unsqueeze(0) + s2
+    key_TN = _mix32(_mix32(ids_T1) ^ _mix32(experts_1N & _MASK32))
+    return key_TN.topk(top_k, dim=-1, largest=False, sorted=True).indices
+
+
+def route_hash(
+    logits_TN: torch.Tensor,
+    spec: RouteSpec,
+    bias_N: torch.Tensor | None = None,
+    token_ids_T: torch.Tensor | None = None,
+    noise_TN: torch.Tensor | None = None,
+) -> Routing:
+    """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models", ``strategy=hash``).
+
+    Experts come from :func:`hash_experts` of the input token ids; the loss-free
+    bias and the router play no part in the choice. Weight: 1/K per chosen
+    expert (1 for the paper's K = 1), times the routed scaling factor: the paper's
+    hash layer outputs the hashed expert's FFN output directly (no gate), and a
+    softmax score would only add a learned scale the router cannot use to route.
+    ``scores_TN`` is still softmax(x W_r), for statistics only (no gradient flows
+    from the routing to the router).
+    """
+    if token_ids_T is None:
+        raise ValueError("hash routing needs the input token ids")
+    T = logits_TN.shape[0]
+    if token_ids_T.numel() != T:
+        raise ValueError(f"hash routing got {token_ids_T.numel()} token ids for {T} tokens")
+    idx_TK = hash_experts(token_ids_T, spec.num_experts, spec.top_k, spec.hash_seed)
+    w_TK = torch.full(idx_TK.shape, spec.scaling_factor / spec.top_k, device=logits_TN.device)
+    keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
+    return Routing(idx_TK, w_TK, keep_TK, logits_TN.softmax(dim=-1), logits_TN)
+
+
 RouteFn = Callable[..., Routing]
 
 STRATEGIES: dict[str, RouteFn] = {
     "topk": route_topk,
+    "topk_softmax": route_topk_softmax,
+    "noisy_topk": route_noisy_topk,
+    "expert_choice": route_expert_choice,
+    "hash": route_hash,
 }
-"""Selection rules by name (``moe.router.strategy``); the Router looks one up at build time."""
+"""Selection rules by name (``moe.router.strategy``); the Router looks one up at build time.
+
+Every rule takes ``(logits_TN, spec, bias_N=, token_ids_T=, noise_TN=)`` and returns a :class:`Routing`."""

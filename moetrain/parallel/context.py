@@ -1,28 +1,51 @@
-"""The process layout of a run: rank, world, device, and the collective helpers the trainer uses.
+"""The process layout of a run: rank, world, device, process groups, and the collective helpers.
 
 One process (``python``) gives a context of world size 1 whose collectives are
 no-ops; under ``torchrun`` the default process group is initialised from the
-environment (env:// rendezvous).
+environment (env:// rendezvous, one or many nodes).
+
+Layout (DESIGN.md, "Parallel layout"), W ranks and expert-parallel size ``ep``:
+
+- data parallel (DP): all W ranks (the default group); every rank reads its own
+  slice of the global batch.
+- expert parallel (EP): ``W / ep`` groups of ``ep`` *contiguous* ranks
+  ``[g * ep, (g + 1) * ep)``, so with ``ep <= ranks per node`` the all-to-all
+  traffic stays inside a node. EP rank ``k`` of a group holds experts
+  ``[k * N / ep, (k + 1) * N / ep)``.
+- expert data parallel (EDP): the ``W / ep`` ranks holding the same expert
+  shard, ``{k, k + ep, k + 2 ep, ...}``; expert gradients are summed over it.
+
+The groups live on the context object that is passed explicitly (no module
+globals), like torchtitan's ``ParallelDims``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from moetrain.config import ParallelConfig
+from moetrain.config import ConfigError, ParallelConfig
 
 
 @dataclass
 class ParallelContext:
+    """Rank, world, device and the DP / EP / EDP process groups of this process."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
+    ep_size: int = 1
+    """Ranks an MoE layer's experts are split over."""
+    ep_group: Any = None
+    """This rank's expert-parallel group (``None`` when ``ep_size == 1``)."""
+    edp_group: Any = None
+    """This rank's expert-data-parallel group (``None`` when it is this rank alone)."""
 
     @property
     def is_main(self) -> bool:
@@ -32,10 +55,26 @@ class ParallelContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over all ranks, in place (identity on one process)."""
+    @property
+    def ep_rank(self) -> int:
+        """Position of this rank in its EP group (which expert shard it holds)."""
+        return self.rank % self.ep_size
+
+    @property
+    def edp_size(self) -> int:
+        """Ranks holding the same expert shard (``W / ep``)."""
+        return self.world_size // self.ep_size
+
+    @property
+    def ep_ranks(self) -> list[int]:
+        """Global ranks of this rank's EP group, in EP-rank order."""
+        start = self.rank - self.ep_rank
+        return list(range(start, start + self.ep_size))
+
+    def all_reduce_sum(self, t: torch.Tensor, group: Any = None) -> torch.Tensor:
+        """Sum over all ranks (or ``group``), in place (identity on one process)."""
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t
 
     def barrier(self) -> None:
@@ -50,7 +89,11 @@ class ParallelContext:
         return box[0]
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Data-parallel gradient average over all ranks (one flat all-reduce)."""
+        """Data-parallel gradient average over all ranks (one flat all-reduce).
+
+        Correct only for replicated parameters; with sharded experts use
+        :func:`moetrain.parallel.grad_sync.sync_gradients`.
+        """
         if not self.distributed:
             return
         grads = [p.grad for p in params if p.grad is not None]
@@ -73,20 +116,106 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("trainer.device=cuda but no CUDA device is available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()  # several gloo ranks may share one GPU
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
-def init_parallel(cfg: ParallelConfig, device: str = "auto") -> ParallelContext:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group."""
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """``auto``: NCCL on GPUs, gloo on CPU. ``gloo`` on GPUs lets several ranks share one device (smoke runs);
+    the dispatcher then routes its all-to-alls through host memory."""
+    if requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def check_layout(world_size: int, ep: int, num_experts: int | None = None) -> None:
+    """Raise one :class:`ConfigError` line when W, ``parallel.ep`` and ``num_experts`` do not divide."""
+    if ep <= 0:
+        raise ConfigError(f"parallel.ep={ep}: must be > 0")
+    if world_size % ep:
+        raise ConfigError(f"parallel.ep={ep}: must divide the world size ({world_size} ranks)")
+    if num_experts is not None and num_experts % ep:
+        raise ConfigError(f"parallel.ep={ep}: must divide moe.num_experts={num_experts}")
+
+
+def build_groups(world_size: int, rank: int, ep: int) -> tuple[Any, Any]:
+    """Create every EP and EDP group (all ranks must call this, in the same order); return this rank's.
+
+    EP groups are contiguous rank blocks, EDP groups strided (see the module docstring).
+    """
+    check_layout(world_size, ep)
+    ep_group = edp_group = None
+    if ep > 1:
+        for start in range(0, world_size, ep):
+            g = dist.new_group(list(range(start, start + ep)))
+            if start <= rank < start + ep:
+                ep_group = g
+    edp = world_size // ep
+    if edp > 1:
+        for k in range(ep):
+            ranks = list(range(k, world_size, ep))
+            g = dist.new_group(ranks) if edp < world_size else dist.group.WORLD
+            if rank % ep == k:
+                edp_group = g
+    return ep_group, edp_group
+
+
+def elastic_store_needed() -> bool:
+    """True under ``torchrun``, whose workers share the agent's TCPStore."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def elastic_store(world_size: int) -> Any:
+    """Under ``torchrun`` (agent store), the store with its keys prefixed by the restart attempt.
+
+    A restarted job (``--max-restarts``) reuses the agent's TCPStore, whose keys
+    from the failed attempt are still there; sub-groups made with
+    ``dist.new_group`` (same names in every attempt) would read the dead ranks'
+    addresses and fail to connect. ``None`` (env:// as usual) outside torchrun.
+    """
+    if not elastic_store_needed():
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, use_libuv=True
+    )
+    return dist.PrefixStore(f"moetrain/attempt_{attempt}/", store)
+
+
+def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int | None = None) -> ParallelContext:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), start the process group, build the groups.
+
+    The backend is ``parallel.backend`` (``auto`` = NCCL on GPU, gloo on CPU); a
+    group that is already initialised (tests) is reused.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_layout(world, cfg.ep, num_experts)
     dev = resolve_device(device, local_rank)
     backend = None
+    ep_group = edp_group = None
     if world > 1:
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+        backend = resolve_backend(cfg.backend, dev)
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, device_id=dev if backend == "nccl" else None)
-    return ParallelContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
+            dist.init_process_group(
+                backend=backend,
+                device_id=dev if backend == "nccl" else None,
+                store=elastic_store(world),
+                rank=rank if elastic_store_needed() else -1,
+                world_size=world if elastic_store_needed() else -1,
+            )
+        backend = dist.get_backend()
+        ep_group, edp_group = build_groups(world, rank, cfg.ep)
+    return ParallelContext(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        device=dev,
+        backend=backend,
+        ep_size=cfg.ep,
+        ep_group=ep_group,
+        edp_group=edp_group,
+    )

@@ -1,0 +1,98 @@
+"""Gradient synchronisation and clipping for data x expert parallelism.
+
+Scaling (DESIGN.md, "Parallel layout"). Each rank r's loss L_r is the mean
+over its own tokens (its micro-batches' mean losses, averaged); the loss of
+the step is the mean over ranks, L = (1/W) sum_r L_r. So dL/dtheta =
+(1/W) sum_r dL_r/dtheta:
+
+- a replicated (non-expert) parameter has dL_r/dtheta on each rank r: all-reduce
+  sum over all W ranks, divide by W (the usual DP average);
+- an expert shard's local gradient on rank r already holds the contributions
+  of *every* rank of its EP group (the backward of the all-to-all brings back
+  the gradients of the tokens other ranks sent to it), i.e.
+  sum_{r' in EP group} dL_{r'}/dtheta. Summing that over the expert-data-parallel
+  group (the W/ep groups' copies of the shard) gives sum over all W ranks; divide
+  by W. Averaging over the EDP group alone would be wrong by a factor ep.
+
+With these scalings EP=N training equals EP=1 on the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.expert_parallel import expert_parameters
+
+
+def _flat_all_reduce(grads: list[torch.Tensor], group: object, scale: float) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if group is not None or dist.is_initialized():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)  # type: ignore[arg-type]
+    flat.mul_(scale)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(replicated, expert) trainable parameters."""
+    expert_ids = {id(p) for p in expert_parameters(model)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids]
+
+
+def sync_gradients(model: nn.Module, pc: ParallelContext) -> None:
+    """Non-expert grads: sum over all W ranks / W. Expert grads: sum over the EDP group / W (module docstring)."""
+    if not pc.distributed:
+        return
+    dense, experts = split_parameters(model)
+    if pc.ep_size == 1:  # experts are replicated too: one flat all-reduce of everything
+        dense, experts = dense + experts, []
+    _flat_all_reduce([p.grad for p in dense if p.grad is not None], None, 1.0 / pc.world_size)
+    expert_grads = [p.grad for p in experts if p.grad is not None]
+    if expert_grads:
+        if pc.edp_group is not None:
+            _flat_all_reduce(expert_grads, pc.edp_group, 1.0 / pc.world_size)
+        else:  # this rank alone holds its shard (ep == W)
+            for g in expert_grads:
+                g.div_(pc.world_size)
+
+
+def _sq_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for g in grads:
+        total += g.detach().float().pow(2).sum()
+    return total
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> torch.Tensor:
+    """Clip by the true global gradient norm (after :func:`sync_gradients`); return the norm before clipping.
+
+    ||g||^2 = ||g_dense||^2 (identical on every rank, counted once) + sum over
+    the EP group of ||g_shard||^2 (each expert shard counted once; the EDP copies
+    are identical after the sync). ``max_norm <= 0`` or ``inf`` only measures.
+    """
+    dense, experts = split_parameters(model)
+    if pc.ep_size == 1:
+        dense, experts = dense + experts, []
+    device = next(model.parameters()).device
+    sq_dense = _sq_norm([p.grad for p in dense if p.grad is not None], device)
+    sq_expert = _sq_norm([p.grad for p in experts if p.grad is not None], device)
+    if pc.ep_size > 1 and pc.ep_group is not None:
+        dist.all_reduce(sq_expert, op=dist.ReduceOp.SUM, group=pc.ep_group)
+    norm = (sq_dense + sq_expert).sqrt()
+    if max_norm > 0 and not math.isinf(max_norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # the same rule as torch.nn.utils.clip_grad_norm_
+        for p in dense + experts:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+    return norm

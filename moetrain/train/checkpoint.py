@@ -1,0 +1,705 @@
+"""Sharded, atomic, resharding checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout of ``checkpoint.dir`` (default ``RUN_DIR/checkpoints``)::
+
+    step_000100/            a complete checkpoint (published by a rename)
+        .metadata           DCP index (tensor shapes, which file holds which bytes)
+        __0_0.distcp ...    tensor data, one file per writing rank
+        meta.json           step, tokens, loader position, LR schedule, resolved config
+    step_000200.tmp/        a save in progress (or interrupted): never loaded
+
+What is saved, all as flat ``name -> tensor`` entries (DCP deduplicates the
+replicated ones, so every entry is written once):
+
+* ``model.<name>``: the model's ``state_dict()`` (loss-free biases included),
+  except that the stacked routed experts ``...experts.w13`` ``[E, D, 2F]`` and
+  ``...experts.w2`` ``[E, F, D]`` are split into one entry per expert under its
+  *global* index (``model.<prefix>.w13.<g>``). The rank holding experts
+  ``[expert_offset, expert_offset + E)`` writes exactly those, so the checkpoint
+  is the same whatever the expert-parallel size and any EP size can load it.
+* ``optim.<param>.<state>``: AdamW's ``step``, ``exp_avg``, ``exp_avg_sq`` of
+  every parameter, re-indexed per global expert the same way.
+* ``rng.rank<r>.*``: every rank's torch CPU (and CUDA) generator, Python
+  ``random`` and NumPy global states.
+
+Publishing is atomic: all ranks write into ``step_N.tmp``, meet at a barrier,
+then rank 0 writes ``meta.json`` and renames the directory to ``step_N``. A
+directory counts as a checkpoint only under the final name *and* with
+``meta.json``, so a save interrupted at any point is never picked up.
+
+Loading never unpickles arbitrary objects: tensor data is read by DCP with
+``torch.load(weights_only=True)``, and the DCP index (a pickle) is read with an
+unpickler that only admits DCP's metadata classes, torch dtypes and sizes. The
+checkpoint is checked against the model (architecture, every key, every shape,
+every data file's length) before anything is copied, and is read into fresh
+tensors first: a bad checkpoint raises :class:`CheckpointError` with one line
+naming the file and the mismatch, and leaves the model and optimizer untouched.
+
+Test hooks (fault injection; never set them in real runs):
+
+* ``MOETRAIN_FAULT_AT_STEP=N``: after step N (and its checkpoint, if any) is
+  done, rank ``MOETRAIN_FAULT_RANK`` (default: the last rank) dies with
+  ``os._exit(17)``.
+* ``MOETRAIN_FAULT_DURING_SAVE=N``: during the save of step N, that rank dies
+  after its tensor data is written but before the checkpoint is published.
+
+Both fire only in the first attempt of a ``torchrun`` job
+(``TORCHELASTIC_RESTART_COUNT`` unset or 0), so the restarted job can finish.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from moetrain.config import TrainConfig, to_dict
+
+if TYPE_CHECKING:
+    from moetrain.train.trainer import Trainer
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+CKPT_RE = re.compile(r"^step_(\d{6,})$")
+FAULT_EXIT_CODE = 17
+
+# DCP warns on every single-process save/load that it assumes one process; that is the intent here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+ARCH_KEYS = (
+    ("model", "dim"),
+    ("model", "n_layers"),
+    ("model", "n_heads"),
+    ("model", "n_kv_heads"),
+    ("model", "ffn_hidden_size"),
+    ("model", "first_k_dense"),
+    ("model", "moe_every"),
+    ("model", "tie_embeddings"),
+    ("moe", "num_experts"),
+    ("moe", "expert_hidden_size"),
+    ("moe", "num_shared_experts"),
+    ("moe", "shared_hidden_size"),
+)
+"""Config keys that fix the model's tensors: a checkpoint must agree on all of them."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, unreadable or does not fit the model (one-line message)."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Published checkpoints ``(step, path)`` in ``ckpt_dir``, oldest first (``.tmp`` ones never count)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = CKPT_RE.match(child.name)
+        if m and child.is_dir() and (child / META_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``ckpt_dir``, or ``None``."""
+    found = complete_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a directory of checkpoints (its newest complete one)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint")
+    if (p / META_FILE).is_file():
+        if p.name.endswith(".tmp"):
+            raise CheckpointError(f"{p}: an unpublished (interrupted) save, not a checkpoint")
+        return p
+    if p.is_dir() and (p / ".metadata").exists():
+        raise CheckpointError(f"{p / META_FILE}: missing; the save of this checkpoint did not complete")
+    latest = latest_checkpoint(p) or latest_checkpoint(p / "checkpoints")
+    if latest is None:
+        raise CheckpointError(f"{p}: no complete checkpoint (step_NNNNNN with {META_FILE}) in this directory")
+    return latest
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's ``meta.json`` (JSON only: nothing is executed)."""
+    path = ckpt / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the save of this checkpoint did not complete") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({_one_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a moetrain checkpoint of format {FORMAT_VERSION}")
+    return meta
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+# --------------------------------------------------------------- safe DCP index
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` index: only DCP metadata classes, torch dtypes/sizes and paths."""
+
+    _MODULES: ClassVar[tuple[str, ...]] = ("torch.distributed.checkpoint.metadata",)
+    _GLOBALS: ClassVar[set[tuple[str, str]]] = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._MODULES or (module, name) in self._GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.memory_format):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint index")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with a restricted unpickler for the index (tensors already load weights-only)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(str(self.path)) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _SafeUnpickler(io.BytesIO(f.read())).load()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing") from None
+        except Exception as e:  # truncated / corrupt / hostile pickle
+            raise CheckpointError(f"{path}: unreadable checkpoint index ({_one_line(e)})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not a DCP checkpoint index")
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ------------------------------------------------------------------ state maps
+@dataclass
+class ExpertLayout:
+    """Which global experts a stacked expert module holds on this rank."""
+
+    offset: int
+    num_local: int
+    num_global: int
+
+
+def expert_modules(model: nn.Module) -> dict[str, ExpertLayout]:
+    """Module prefix -> layout of every routed-expert module (stacked ``w13`` / ``w2`` on dim 0).
+
+    Under expert parallelism ``apply_expert_parallel`` keeps only the local experts
+    and sets ``expert_offset`` (global index of local expert 0) and
+    ``num_global_experts``; unsharded modules default to offset 0 and all experts.
+    """
+    from moetrain.moe.experts import GroupedExperts
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts):
+            local = mod.w13.shape[0]
+            out[name] = ExpertLayout(
+                int(getattr(mod, "expert_offset", 0)), local, int(getattr(mod, "num_global_experts", local))
+            )
+    return out
+
+
+def _expert_param_names(layouts: dict[str, ExpertLayout]) -> dict[str, ExpertLayout]:
+    return {f"{prefix}.{w}": lay for prefix, lay in layouts.items() for w in ("w13", "w2")}
+
+
+def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model state as checkpoint entries: experts split per global index (views, no copies)."""
+    experts = _expert_param_names(expert_modules(model))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        lay = experts.get(name)
+        if lay is None:
+            out[f"model.{name}"] = t
+        else:
+            for e in range(lay.num_local):
+                out[f"model.{name}.{lay.offset + e}"] = t[e]
+    return out
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def _fresh_adamw_state(p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """What ``torch.optim.AdamW`` creates on a parameter's first step (step 0, zero moments).
+
+    Saving this for a parameter that has no state yet is exact: AdamW's first
+    update of such a state equals its update of an absent one.
+    """
+    state = {
+        "step": torch.zeros((), dtype=torch.float32),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+    if group.get("amsgrad"):
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def _named_params(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
+    out: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        out.setdefault(id(p), (name, p))
+    return out
+
+
+def optimizer_entries(
+    model: nn.Module, optimizer: torch.optim.Optimizer, materialize: bool = True
+) -> dict[str, torch.Tensor]:
+    """Optimizer state per parameter name, expert tensors split per global expert.
+
+    ``materialize`` fills parameters without state with AdamW's initial state
+    (so every rank and every EP size sees the same set of keys).
+    """
+    experts = _expert_param_names(expert_modules(model))
+    names = _named_params(model)
+    out: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)][0]
+            state = optimizer.state.get(p) or (_fresh_adamw_state(p, group) if materialize else {})
+            lay = experts.get(name)
+            for key, val in state.items():
+                if not torch.is_tensor(val):
+                    continue
+                if lay is None:
+                    out[f"optim.{name}.{key}"] = val
+                else:
+                    for e in range(lay.num_local):
+                        per_expert = val[e] if val.dim() > 0 and val.shape[0] == lay.num_local else val
+                        out[f"optim.{name}.{lay.offset + e}.{key}"] = per_expert
+    return out
+
+
+def rng_entries(rank: int) -> dict[str, torch.Tensor]:
+    """This rank's generator states as tensors (no pickled objects)."""
+    p = f"rng.rank{rank}"
+    version, internal, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    out = {
+        f"{p}.torch": torch.get_rng_state(),
+        f"{p}.python": torch.tensor([version, *internal], dtype=torch.int64),
+        f"{p}.python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        f"{p}.numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        f"{p}.numpy_extra": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out[f"{p}.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng(entries: dict[str, torch.Tensor], rank: int) -> None:
+    p = f"rng.rank{rank}"
+    torch.set_rng_state(entries[f"{p}.torch"])
+    py = entries[f"{p}.python"].tolist()
+    has_gauss, gauss = entries[f"{p}.python_gauss"].tolist()
+    random.setstate((int(py[0]), tuple(int(v) for v in py[1:]), gauss if has_gauss else None))
+    pos, np_has_gauss, np_gauss = entries[f"{p}.numpy_extra"].tolist()
+    np.random.set_state(
+        ("MT19937", entries[f"{p}.numpy"].numpy().astype(np.uint32), int(pos), int(np_has_gauss), np_gauss)
+    )
+    if f"{p}.cuda" in entries and torch.cuda.is_available():
+        torch.cuda.set_rng_state(entries[f"{p}.cuda"])
+
+
+# ------------------------------------------------------------------ validation
+def arch_of(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
+    arch = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in ARCH_KEYS}
+    arch["vocab_size"] = vocab_size
+    return arch
+
+
+def check_arch(ckpt: Path, meta: dict[str, Any], arch: dict[str, Any]) -> None:
+    """Raise on the first architecture key where the checkpoint and this run differ."""
+    saved = meta.get("arch", {})
+    for key, value in arch.items():
+        if key in saved and saved[key] != value:
+            raise CheckpointError(
+                f"{ckpt / META_FILE}: {key}={saved[key]!r} in the checkpoint but {value!r} in this run"
+            )
+
+
+def check_entries(ckpt: Path, metadata: Metadata, wanted: dict[str, torch.Tensor]) -> None:
+    """Every wanted entry exists with the same shape, and every data file is long enough."""
+    index = metadata.state_dict_metadata
+    for key, t in wanted.items():
+        md = index.get(key)
+        if md is None:
+            raise CheckpointError(f"{ckpt / '.metadata'}: no entry {key!r} (the checkpoint was saved by another model)")
+        if not isinstance(md, TensorStorageMetadata):
+            raise CheckpointError(f"{ckpt / '.metadata'}: entry {key!r} is not a tensor")
+        if tuple(md.size) != tuple(t.shape):
+            raise CheckpointError(
+                f"{ckpt / '.metadata'}: {key} has shape {tuple(md.size)} in the checkpoint, "
+                f"{tuple(t.shape)} in this run"
+            )
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = str(info.relative_path)
+        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, length in sorted(need.items()):
+        f = ckpt / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing data file")
+        size = f.stat().st_size
+        if size < length:
+            raise CheckpointError(f"{f}: truncated ({size} bytes, the index needs {length})")
+
+
+def _agree(error: str | None, group: Any, distributed: bool) -> None:
+    """Raise the first rank's error on every rank (so no rank enters a collective alone)."""
+    if distributed:
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error, group=group)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise CheckpointError(error)
+
+
+def _empty_like(entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="cpu") for k, v in entries.items()}
+
+
+def read_entries(
+    ckpt: Path,
+    wanted: dict[str, torch.Tensor],
+    optional: tuple[str, ...] = (),
+    group: Any = None,
+    distributed: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Validate and read ``wanted`` (plus any ``optional`` keys present) into fresh CPU tensors.
+
+    Raises :class:`CheckpointError` on every rank if any rank finds a problem;
+    nothing of the caller's is touched.
+    """
+    reader = SafeFileSystemReader(str(ckpt))
+    error = None
+    buffers: dict[str, torch.Tensor] = {}
+    try:
+        metadata = reader.read_metadata()
+        check_entries(ckpt, metadata, wanted)
+        buffers = _empty_like(wanted)
+        for key in optional:
+            md = metadata.state_dict_metadata.get(key)
+            if isinstance(md, TensorStorageMetadata):
+                buffers[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    except CheckpointError as e:
+        error = str(e)
+    _agree(error, group, distributed)
+    try:
+        dcp.load(buffers, storage_reader=reader, process_group=group, no_dist=not distributed)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt}: cannot read tensor data ({_one_line(e)})") from None
+    return buffers
+
+
+# ---------------------------------------------------------- model-only loading
+def load_model_weights(model: nn.Module, ckpt: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's model weights into ``model`` (this process's experts); returns its meta.
+
+    Works in one process on any checkpoint (any EP / world size it was saved
+    with). Used by export and inference.
+    """
+    path = resolve_checkpoint(ckpt)
+    meta = read_meta(path)
+    wanted = model_entries(model)
+    buffers = read_entries(path, wanted)
+    _copy_into(wanted, buffers)
+    return meta
+
+
+@torch.no_grad()
+def _copy_into(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
+    for key, t in targets.items():
+        t.copy_(sources[key])
+
+
+# -------------------------------------------------------------------- manager
+def _fault_armed() -> bool:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0")
+
+
+def _fault_rank(world_size: int) -> int:
+    return int(os.environ.get("MOETRAIN_FAULT_RANK", world_size - 1))
+
+
+def _env_step(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+class Checkpointer:
+    """Saves and restores a :class:`~moetrain.train.trainer.Trainer`'s complete state."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        cfg = trainer.cfg.checkpoint
+        self.cfg = cfg
+        self.dir = Path(cfg.dir) if cfg.dir else trainer.run_dir / "checkpoints"
+        self.pc = trainer.pc
+        self.distributed = self.pc.distributed and dist.is_initialized()
+        # A dedicated gloo group: async saves run collectives from a background
+        # thread and must not interleave with the training collectives.
+        self.group = dist.new_group(backend="gloo") if self.distributed else None
+        self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
+        self.resumed_from: Path | None = None
+
+    # ----------------------------------------------------------------- save
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def state_entries(self) -> dict[str, torch.Tensor]:
+        """Everything to save; per-expert slices are copied (a view would write its whole storage)."""
+        tr = self.trainer
+        entries = {
+            **model_entries(tr.model),
+            **optimizer_entries(tr.model, tr.optimizer),
+            **rng_entries(self.pc.rank),
+        }
+        return {k: v if _owns_storage(v) else v.clone() for k, v in entries.items()}
+
+    def meta(self) -> dict[str, Any]:
+        tr = self.trainer
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in tr.optimizer.param_groups]
+        sched = {k: v for k, v in tr.scheduler.state_dict().items() if k != "lr_lambdas"}
+        return {
+            "format": FORMAT_VERSION,
+            "step": tr.step,
+            "tokens_seen": tr.tokens_seen,
+            "world_size": self.pc.world_size,
+            "ep": tr.cfg.parallel.ep,
+            "loader": tr.loader.state_dict(),
+            "scheduler": sched,
+            "param_groups": groups,
+            "arch": arch_of(tr.cfg, tr.model.vocab_size),
+            "config": to_dict(tr.cfg),
+            "time": time.time(),
+        }
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (asynchronously when ``checkpoint.async_save``)."""
+        self.wait()
+        step = self.trainer.step
+        final = self.dir / checkpoint_name(step)
+        tmp = self.dir / (final.name + ".tmp")
+        if self.pc.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            if final.exists():  # re-saving a step (e.g. a run that ended there is extended)
+                shutil.rmtree(final)
+        self._barrier()
+        meta = self.meta()
+        entries = self.state_entries()
+        writer = FileSystemWriter(str(tmp))
+        if self.cfg.async_save:  # tensors are staged (copied) now; the writing happens in a thread
+            future = dcp.async_save(
+                entries, storage_writer=writer, process_group=self.group, no_dist=not self.distributed
+            )
+            self._pending = (future, tmp, final, meta)  # type: ignore[assignment]
+            return final
+        dcp.save(entries, storage_writer=writer, process_group=self.group, no_dist=not self.distributed)
+        self._publish(tmp, final, meta)
+        return final
+
+    def wait(self) -> None:
+        """Finish (and publish) an asynchronous save in flight."""
+        if self._pending is None:
+            return
+        future, tmp, final, meta = self._pending
+        self._pending = None
+        result = future.result()
+        if hasattr(result, "upload_completion"):  # AsyncSaveResponse
+            result.upload_completion.result()
+        self._publish(tmp, final, meta)
+
+    def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        fault = _fault_armed() and _env_step("MOETRAIN_FAULT_DURING_SAVE") == meta["step"]
+        if fault and self.pc.rank == _fault_rank(self.pc.world_size):
+            os._exit(FAULT_EXIT_CODE)  # test hook: data written, checkpoint not yet published
+        self._barrier()  # every rank's data is on disk
+        if self.pc.is_main:
+            staged = tmp / (META_FILE + ".tmp")
+            with open(staged, "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            staged.replace(tmp / META_FILE)
+            tmp.replace(final)
+            self._prune()
+        self._barrier()
+
+    def _prune(self) -> None:
+        keep = self.cfg.keep_last
+        if keep <= 0:
+            return
+        for _, path in complete_checkpoints(self.dir)[:-keep]:
+            doomed = path.with_name(path.name + ".deleting")  # not a checkpoint name while it is removed
+            path.replace(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def after_step(self, is_last: bool) -> None:
+        """Save on schedule and at the end; then the fault-injection test hook."""
+        step = self.trainer.step
+        if self.cfg.enabled and ((self.cfg.every and step % self.cfg.every == 0) or is_last):
+            self.save()
+        if is_last:
+            self.wait()
+        if _fault_armed() and _env_step("MOETRAIN_FAULT_AT_STEP") == step:
+            self.wait()
+            if self.pc.rank == _fault_rank(self.pc.world_size):
+                os._exit(FAULT_EXIT_CODE)  # test hook: a rank lost after step N
+
+    # --------------------------------------------------------------- resume
+    def find_resume(self) -> Path | None:
+        """The checkpoint ``trainer.resume`` asks for (rank 0 decides; every rank gets the same)."""
+        choice = self.trainer.cfg.trainer.resume
+        found: str | None = None
+        error: str | None = None
+        if self.pc.is_main:
+            try:
+                if choice == "auto":
+                    latest = latest_checkpoint(self.dir)
+                    found = str(latest) if latest else None
+                elif choice != "none":
+                    found = str(resolve_checkpoint(choice))
+            except CheckpointError as e:
+                error = str(e)
+        box = self.pc.broadcast_object((found, error))
+        found, error = box  # type: ignore[misc]
+        if error:
+            raise CheckpointError(error)
+        return Path(found) if found else None
+
+    def resume(self) -> int | None:
+        """Restore the newest/requested checkpoint; returns its step (``None`` = fresh start)."""
+        if self.pc.is_main and self.dir.is_dir():
+            for stale in self.dir.glob("step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        path = self.find_resume()
+        if path is None:
+            return None
+        self.load(path)
+        self.resumed_from = path
+        if self.pc.is_main:
+            print(f"moetrain: resumed from {path} at step {self.trainer.step}", flush=True)
+            truncate_metrics(self.trainer.run_dir / "metrics.jsonl", self.trainer.step)
+        self.pc.barrier()
+        return self.trainer.step
+
+    def load(self, path: Path) -> None:
+        """Validate, read into fresh tensors, then copy into model, optimizer, scheduler, loader, RNG."""
+        tr = self.trainer
+        meta = read_meta(path)
+        check_arch(path, meta, arch_of(tr.cfg, tr.model.vocab_size))
+        model_t = model_entries(tr.model)
+        if meta.get("kind") == "weights":  # an imported model (moetrain-export --from-hf): weights, step 0
+            _copy_into(model_t, read_entries(path, model_t, (), self.group, self.distributed))
+            return
+        optim_t = optimizer_entries(tr.model, tr.optimizer)
+        rank = self.pc.rank
+        rng_keys = tuple(rng_entries(rank))
+        buffers = read_entries(path, {**model_t, **optim_t}, rng_keys, self.group, self.distributed)
+
+        _copy_into(model_t, buffers)
+        self._set_optimizer(buffers)
+        sched = dict(meta["scheduler"])
+        sched["lr_lambdas"] = [None] * len(tr.scheduler.lr_lambdas)
+        tr.scheduler.load_state_dict(sched)
+        for group, saved in zip(tr.optimizer.param_groups, meta["param_groups"]):
+            for key in ("lr", "initial_lr"):
+                if key in saved:
+                    group[key] = saved[key]
+        tr.loader.load_state_dict(meta["loader"])
+        tr.step = int(meta["step"])
+        tr.tokens_seen = int(meta["tokens_seen"])
+        if all(k in buffers for k in rng_keys if not k.endswith(".cuda")):
+            set_rng(buffers, rank)
+        else:  # a rank the saving job did not have: a fresh stream, still a function of (seed, step, rank)
+            seed = tr.cfg.trainer.seed * 1_000_003 + tr.step * 7919 + rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+
+    @torch.no_grad()
+    def _set_optimizer(self, buffers: dict[str, torch.Tensor]) -> None:
+        tr = self.trainer
+        experts = _expert_param_names(expert_modules(tr.model))
+        names = _named_params(tr.model)
+        for group in tr.optimizer.param_groups:
+            for p in group["params"]:
+                name = names[id(p)][0]
+                lay = experts.get(name)
+                state: dict[str, torch.Tensor] = {}
+                for key, fresh in _fresh_adamw_state(p, group).items():
+                    if lay is None:
+                        src = buffers[f"optim.{name}.{key}"]
+                    else:
+                        parts = [buffers[f"optim.{name}.{lay.offset + e}.{key}"] for e in range(lay.num_local)]
+                        src = torch.stack(parts) if fresh.dim() > 0 else parts[0]
+                    state[key] = src.to(device=fresh.device, dtype=fresh.dtype).clone()
+                tr.optimizer.state[p] = state
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` records after ``step`` (atomically), so a resumed run's file
+    equals an uninterrupted run's."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except ValueError:
+            continue  # a torn last line of a killed run
+        if record_step <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)

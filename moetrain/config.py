@@ -81,6 +81,8 @@ class RouterConfig:
     """Capacity factor at evaluation; ``None`` = dropless."""
     hash_seed: int = 0
     """Seed of the fixed random token-id -> expert map of hash routing (Roller et al. 2021)."""
+    device_capacity_factor: float | None = None
+    """DeepSeek-V2 device-level dropping in training: per-group budget = factor x the mean share (paper: 1.0)."""
 
 
 @dataclass
@@ -100,7 +102,9 @@ class BalanceConfig:
     importance_coef: float = 0.0
     """Importance loss w * CV(importance)^2 (Shazeer et al. 2017, eq. 6)."""
     scope: str = "micro_batch"
-    """Statistics f_i over ``micro_batch`` (per rank) or ``global`` (all DP ranks, Qiu et al. 2025)."""
+    """f-type statistics over the ``micro_batch`` (per rank) or ``global``: summed over all micro-batches and DP
+    ranks of the step (Qiu et al. 2025), at the cost of one extra no-grad forward per micro-batch. The
+    sequence-wise and z losses are per sequence / token and importance CV^2 per micro-batch in either scope."""
 
 
 @dataclass
@@ -119,6 +123,8 @@ class MoEConfig:
     """Hidden size of one shared expert; ``None`` = ``expert_hidden_size``."""
     max_recv_factor: float | None = None
     """Rows a rank may receive per layer, relative to the balanced share (EP guardrail); ``None`` = off."""
+    recv_overflow: str = "drop"
+    """Over the ``max_recv_factor`` budget: ``drop`` (lowest-weight assignments first) or ``error`` (stop, one line)."""
     router: RouterConfig = field(default_factory=RouterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
 
@@ -182,6 +188,8 @@ class TrainerConfig:
     """Log train metrics every n steps (and at the last step)."""
     eval_every: int = 100
     """Evaluate on the validation split every n steps (and at the end); 0 = only at the end."""
+    eval_at_start: bool = True
+    """Also evaluate before the first step (the starting validation loss, logged at step 0)."""
     seed: int = 0
     """Seed of the model init and of every random draw in training."""
     deterministic: bool = False
@@ -196,6 +204,12 @@ class TrainerConfig:
     """Show a console progress bar."""
     num_threads: int | None = None
     """CPU threads for torch (``None`` = torch's default)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward (less memory, about one more forward)."""
+    compile: bool = False
+    """``torch.compile`` each block (inductor)."""
+    resume: str = "auto"
+    """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
 
 
 @dataclass
@@ -226,6 +240,22 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded, atomic checkpoints (``moetrain.train.checkpoint``)."""
+
+    enabled: bool = True
+    """Write checkpoints at all."""
+    every: int = 100
+    """Save every n optimizer steps and at the last step; 0 = only at the last step."""
+    keep_last: int = 2
+    """Keep the newest n complete checkpoints; 0 = keep all."""
+    async_save: bool = False
+    """Write in a background thread (``torch.distributed.checkpoint.async_save``) while training goes on."""
+    dir: str | None = None
+    """Where checkpoints go; ``None`` = ``RUN_DIR/checkpoints``."""
+
+
+@dataclass
 class TrainConfig:
     """The root config of ``moetrain-train``."""
 
@@ -236,6 +266,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str | None = None
     """Where the run writes; ``None`` = Hydra's output directory (or ``runs/<time>`` without Hydra)."""
 
@@ -247,6 +278,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("auto", "nccl", "gloo")
+RECV_OVERFLOWS = ("drop", "error")
 
 
 def _fail(key: str, value: Any, rule: str) -> None:
@@ -293,6 +325,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _positive("moe.shared_hidden_size", moe.shared_hidden_size)
     if moe.max_recv_factor is not None and moe.max_recv_factor < 1.0:
         _fail("moe.max_recv_factor", moe.max_recv_factor, "must be >= 1 (1 = the balanced share)")
+    _choice("moe.recv_overflow", moe.recv_overflow, RECV_OVERFLOWS)
+
+    p = cfg.parallel
+    _positive("parallel.ep", p.ep)
+    _choice("parallel.backend", p.backend, BACKENDS)
+    if world_size % p.ep:
+        _fail("parallel.ep", p.ep, f"must divide the world size ({world_size})")
+    if moe.num_experts % p.ep:
+        _fail("parallel.ep", p.ep, f"must divide moe.num_experts={moe.num_experts}")
 
     from moetrain.moe.routing import STRATEGIES  # registry lives with the math
 
@@ -323,11 +364,25 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             )
     if r.group_score == "topk_sum" and r.topk_groups and moe.top_k % r.topk_groups:
         _fail("moe.router.group_score", r.group_score, "topk_sum needs moe.top_k divisible by topk_groups")
+    _positive("moe.router.noise_std", r.noise_std)
+    if r.device_capacity_factor is not None:
+        _positive("moe.router.device_capacity_factor", r.device_capacity_factor)
+        if groups < 2:
+            _fail("moe.router.device_capacity_factor", r.device_capacity_factor, "needs 2+ device groups")
+    if r.strategy == "expert_choice" and r.topk_groups is not None:
+        _fail("moe.router.topk_groups", r.topk_groups, "device-limited routing needs a token-choice strategy")
+    if r.strategy in ("topk_softmax", "noisy_topk", "expert_choice") and r.score_fn != "softmax":
+        _fail("moe.router.score_fn", r.score_fn, f"strategy {r.strategy} is defined with softmax scores")
+    if r.strategy == "hash" and r.bias_update_rate > 0:
+        _fail("moe.router.bias_update_rate", r.bias_update_rate, "hash routing ignores the bias; set 0")
 
     for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef"):
         if getattr(b, key) < 0:
             _fail(f"moe.balance.{key}", getattr(b, key), "must be >= 0")
     _choice("moe.balance.scope", b.scope, BALANCE_SCOPES)
+    for key in ("device_coef", "comm_coef"):
+        if getattr(b, key) > 0 and groups < 2:
+            _fail(f"moe.balance.{key}", getattr(b, key), "needs 2+ device groups (router.num_groups or parallel.ep)")
 
     d = cfg.data
     _positive("data.seq_len", d.seq_len)
@@ -370,15 +425,18 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if t.num_threads is not None:
         _positive("trainer.num_threads", t.num_threads)
 
+    if not t.resume:
+        _fail("trainer.resume", t.resume, "must be auto, none or a checkpoint path")
+    ck = cfg.checkpoint
+    if ck.every < 0:
+        _fail("checkpoint.every", ck.every, "must be >= 0 (0 = only at the last step)")
+    if ck.keep_last < 0:
+        _fail("checkpoint.keep_last", ck.keep_last, "must be >= 0 (0 = keep all)")
+    if ck.dir is not None and not ck.dir:
+        _fail("checkpoint.dir", ck.dir, "must be a path or null (RUN_DIR/checkpoints)")
+
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
 
-    p = cfg.parallel
-    _positive("parallel.ep", p.ep)
-    _choice("parallel.backend", p.backend, BACKENDS)
-    if world_size % p.ep:
-        _fail("parallel.ep", p.ep, f"must divide the world size ({world_size})")
-    if moe.num_experts % p.ep:
-        _fail("parallel.ep", p.ep, f"must divide moe.num_experts={moe.num_experts}")
     return cfg
 
 

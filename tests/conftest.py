@@ -14,3 +14,51 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+def write_corpus(root, n_docs: int = 8) -> list[str]:
+    """A small local text corpus (real Python source) for fast end-to-end tests."""
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = ["argparse.py", "textwrap.py", "string.py", "bisect.py", "heapq.py", "shlex.py", "glob.py", "fnmatch.py"]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names[:n_docs]:
+        dst = root / name.replace(".py", ".txt")
+        dst.write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+        paths.append(str(dst))
+    return paths
+
+
+def tiny_train_config(tmp_path, **trainer_kw):
+    """A seconds-long config on a local corpus, W&B off."""
+    from moetrain.config import DataConfig, ModelConfig, MoEConfig, TrainConfig, TrainerConfig
+
+    cfg = TrainConfig(
+        model=ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=64, first_k_dense=1),
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=16),
+        data=DataConfig(
+            source="files",
+            paths=write_corpus(tmp_path / "corpus"),
+            seq_len=32,
+            val_fraction=0.25,
+            max_val_sequences=16,
+            cache_dir=str(tmp_path / "cache"),
+        ),
+        trainer=TrainerConfig(
+            **{
+                "max_steps": 4,
+                "global_batch_size": 8,
+                "micro_batch_size": 8,
+                "log_every": 1,
+                "eval_every": 0,
+                "progress": False,
+                **trainer_kw,
+            }
+        ),
+    )
+    cfg.logger.wandb.mode = "disabled"
+    return cfg

@@ -63,3 +63,37 @@ def test_rope_is_a_rotation_that_preserves_relative_dot_products():
     d1 = (rq[0, 0, 5] * rk[0, 0, 3]).sum()  # offset 2
     d2 = (rq[0, 0, 20] * rk[0, 0, 18]).sum()
     torch.testing.assert_close(d1, d2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parity
+def test_activation_checkpointing_gives_identical_loss_and_gradients():
+    from moetrain.model.apply import apply_activation_checkpointing
+
+    m_cfg, moe_cfg = tiny()
+    moe_cfg.router.strategy = "topk"
+    x = torch.randint(0, 64, (2, 16))
+
+    def loss_and_grads(model):
+        out = model(x)
+        loss = out.logits.float().square().mean() + out.aux_loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref = loss_and_grads(build_model(m_cfg, moe_cfg, 64, 16, seed=0))
+    ckpt = apply_activation_checkpointing(build_model(m_cfg, moe_cfg, 64, 16, seed=0))
+    assert [n for n, _ in ckpt.named_parameters()] == list(ref)  # names (and checkpoints) unchanged
+    loss, grads = loss_and_grads(ckpt)
+    assert torch.equal(loss, ref_loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parity
+def test_compiled_blocks_match_eager():
+    from moetrain.model.apply import apply_compile
+
+    m_cfg, moe_cfg = tiny()
+    x = torch.randint(0, 64, (2, 16))
+    eager = build_model(m_cfg, moe_cfg, 64, 16, seed=0)
+    compiled = apply_compile(build_model(m_cfg, moe_cfg, 64, 16, seed=0), backend="aot_eager")
+    torch.testing.assert_close(compiled(x).logits, eager(x).logits, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,23 @@ def apply_rope(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor)
     return out.flatten(-2).type_as(x_BHSD)
 
 
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer for incremental decoding."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions [pos, pos + S) and return keys/values of [0, pos + S)."""
+        end = pos + k_BGSD.shape[2]
+        self.k[:, :, pos:end] = k_BGSD
+        self.v[:, :, pos:end] = v_BGSD
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class Attention(nn.Module):
     """Causal self-attention with RoPE and grouped-query attention (Ainslie et al. 2023)."""
 
@@ -52,13 +69,31 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        pos: int = 0,
+    ) -> torch.Tensor:
+        """Tokens at positions [pos, pos + S); with a cache, attend to every earlier position too."""
         B, S, _ = x_BSD.shape
         q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        cos, sin = cos[pos : pos + S], sin[pos : pos + S]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_heads != self.n_kv_heads
+        if cache is None or (pos == 0 and S > 1):
+            if cache is not None:
+                cache.update(pos, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.update(pos, k, v)  # [B, G, pos + S, Dh]
+            # query i (absolute position pos + i) sees keys 0 .. pos + i
+            mask = torch.ones(S, pos + S, dtype=torch.bool, device=x_BSD.device).tril(diagonal=pos)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig
-from moetrain.model.layers import Attention, RMSNorm, SwiGLU, rope_tables
+from moetrain.model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
 from moetrain.moe.layer import MoELayer, MoEStats
 
 
@@ -39,9 +39,15 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_ids_BS: torch.Tensor
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        token_ids_BS: torch.Tensor,
+        cache: KVCache | None = None,
+        pos: int = 0,
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, pos)
         h = self.ffn_norm(x_BSD)
         if self.is_moe:
             y, stats = self.ffn(h, token_ids_BS)
@@ -103,25 +109,46 @@ class Transformer(nn.Module):
     def moe_layers(self) -> dict[int, MoELayer]:
         return {b.layer_idx: b.ffn for b in self.blocks if b.is_moe}  # type: ignore[misc]
 
-    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+    def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One empty :class:`KVCache` per block for incremental decoding of up to ``max_len`` positions."""
+        max_len = max_len or self.max_seq_len
+        if max_len > self.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.max_seq_len}")
+        w = self.embed.weight
+        n_kv = self.cfg.n_kv_heads or self.cfg.n_heads
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        return [KVCache(batch, n_kv, max_len, head_dim, w.device, dtype or w.dtype) for _ in self.blocks]
+
+    def forward(self, tokens_BS: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> ModelOutput:
+        """Logits for tokens at positions [pos, pos + S); ``caches`` (from :meth:`new_kv_caches`)
+        hold the keys and values of the earlier positions for incremental decoding."""
         S = tokens_BS.shape[1]
-        if self.max_seq_len < S:
-            raise ValueError(f"sequence length {S} exceeds the model's max_seq_len {self.max_seq_len}")
+        if pos + S > self.max_seq_len:
+            raise ValueError(f"positions up to {pos + S} exceed the model's max_seq_len {self.max_seq_len}")
         x = self.embed(tokens_BS)
         stats: dict[int, MoEStats] = {}
-        for block in self.blocks:
-            x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS)
+        for i, block in enumerate(self.blocks):
+            if caches is None:
+                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS)
+            else:
+                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, caches[i], pos)
             if s is not None:
                 stats[block.layer_idx] = s
         return ModelOutput(self.lm_head(self.norm(x)), stats)
 
     def num_params(self, active: bool = False, embeddings: bool = True) -> int:
-        """Parameter count; ``active`` counts only K of N routed experts per MoE layer."""
+        """Parameter count of the whole model; ``active`` counts only K of N routed experts per MoE layer.
+
+        Under expert parallelism a rank holds N / ep experts; they are scaled up to N
+        (expert tensors are stacked on dim 0), so the count does not depend on ep.
+        """
         total = 0
         for name, p in self.named_parameters():
             n = p.numel()
             if not embeddings and name in ("embed.weight", "lm_head.weight"):
                 continue
+            if name.endswith(("experts.w13", "experts.w2")):
+                n = n // p.shape[0] * self.moe_cfg.num_experts
             if active and name.endswith(("experts.w13", "experts.w2")):
                 n = n * self.moe_cfg.top_k // self.moe_cfg.num_experts
             total += n

@@ -8,6 +8,7 @@ validated before any data or model is built. The run directory is rank 0's
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,16 +19,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from moetrain.config import ConfigError, TrainConfig, to_dict, validate
 from moetrain.data.corpus import DataError
+from moetrain.launch.slurm import export_slurm_env
+from moetrain.launch.torchrun import register as register_torchrun_launcher
+from moetrain.train.checkpoint import CheckpointError
 
 
 def config_dir() -> str:
-    """The composed config groups: the installed ``moetrain.configs`` package (repo ``configs/``)."""
+    """The Hydra config groups: the installed ``moetrain.configs`` package data, or, in a
+    source checkout installed in editable mode, the repository's ``configs/``."""
     from importlib import resources
+    from importlib.util import find_spec
 
-    return str(resources.files("moetrain.configs"))
+    if find_spec("moetrain.configs") is not None:
+        return str(resources.files("moetrain.configs"))
+    return str(Path(__file__).resolve().parents[2] / "configs")
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+register_torchrun_launcher()  # hydra/launcher=torchrun (the class itself lives in hydra_plugins/)
 
 
 def save_resolved_config(cfg: TrainConfig, run_dir: Path) -> None:
@@ -38,6 +47,35 @@ def save_resolved_config(cfg: TrainConfig, run_dir: Path) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
+def write_run_summary(run_dir: Path, final: dict) -> None:
+    """``summary.json``: the run finished, with its last metrics (sweep summaries and resumed
+    sweeps read it; its presence marks a completed run). Written atomically."""
+    import json
+
+    scalars = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps({"status": "completed", "metrics": scalars}, indent=1))
+    tmp.replace(run_dir / "summary.json")
+
+
+def remove_stray_run_dir(own: Path, agreed: Path) -> bool:
+    """Delete a non-zero rank's own Hydra output dir when it is not the agreed (rank 0's) one.
+
+    Under ``torchrun`` every rank's Hydra creates ``hydra.run.dir`` (``runs/<time>``)
+    before any code runs; ranks starting in different seconds get different
+    dirs. Only a dir holding nothing but Hydra's own files (``.hydra/``, ``*.log``)
+    is removed, so a real run dir is never touched. Returns whether it removed it.
+    """
+    import shutil
+
+    if not own.is_dir() or own.resolve() == agreed.resolve():
+        return False
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in own.iterdir()):
+        return False
+    shutil.rmtree(own, ignore_errors=True)
+    return True
+
+
 def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
     """Train with a validated config (the Python API; no Hydra needed)."""
     import os
@@ -45,15 +83,21 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
     from moetrain.parallel.context import init_parallel
     from moetrain.train.trainer import Trainer
 
+    export_slurm_env()  # srun / submitit tasks without torchrun: ranks from SLURM's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size=world)
     pc = init_parallel(cfg.parallel, cfg.trainer.device)
     try:
         chosen = run_dir or cfg.run_dir or f"runs/{__import__('time').strftime('%Y%m%d-%H%M%S')}"
         run_path = Path(str(pc.broadcast_object(str(chosen))))
+        if not pc.is_main and run_dir is not None:
+            remove_stray_run_dir(Path(run_dir), run_path)
         if pc.is_main:
             save_resolved_config(cfg, run_path)
-        return Trainer(cfg, run_path, pc).fit()
+        final = Trainer(cfg, run_path, pc).fit()
+        if pc.is_main:
+            write_run_summary(run_path, final)
+        return final
     finally:
         pc.close()
 
@@ -64,11 +108,10 @@ def _hydra_entry(dcfg: DictConfig) -> None:
         assert isinstance(cfg, TrainConfig)
         run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
         run(cfg, run_dir)
-    except ConfigError as e:
-        print(f"moetrain: config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except DataError as e:
-        print(f"moetrain: data error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError) as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank validates; one says why
+            kind = {ConfigError: "config", DataError: "data"}.get(type(e), "checkpoint")
+            print(f"moetrain: {kind} error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -68,6 +68,7 @@ class WandbSink:
 
         self._wandb = wandb
         self.cfg = cfg
+        self._load_history: list[dict[str, Any]] = []
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
@@ -88,23 +89,43 @@ class WandbSink:
                     table = self._wandb.Table(data=[[e, c] for e, c in enumerate(value)], columns=["expert", "tokens"])
                     title = f"{key.removesuffix('/load')} tokens per expert (step {step})"
                     data[f"{key}_chart"] = self._wandb.plot.bar(table, "expert", "tokens", title=title)
+        loads = {k: v for k, v in metrics.items() if k.startswith("moe/layer_") and k.endswith("/load")}
+        if loads:
+            self._load_history.append({"step": step, **loads})
+        if "val/loss" in metrics and self._load_history and self.cfg.load_charts:
+            heatmap = self._heatmap()
+            if heatmap is not None:
+                data["moe/load_heatmap"] = heatmap
         self.run.log(data, step=step)
+
+    def _heatmap(self) -> Any:
+        """The per-layer expert-load heatmap of the run so far (``moetrain-plot``'s), as an image."""
+        try:
+            import matplotlib.pyplot as plt
+
+            from moetrain.plot import load_heatmap_figure
+        except ImportError:
+            return None  # matplotlib is the optional `plot` extra
+        fig = load_heatmap_figure(self._load_history)
+        image = self._wandb.Image(fig)
+        plt.close(fig)
+        return image
 
     def close(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
 
 
-def read_wandb_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The history rows of the W&B run under ``run_dir`` (offline or synced), read back
-    from its ``.wandb`` transaction log (LevelDB log format: 32 KiB blocks of records
-    with a 7-byte header: crc32, length, type). Values are decoded from JSON."""
+def read_wandb_records(run_dir: str | Path) -> list[Any]:
+    """The protobuf records of the newest W&B run under ``run_dir/wandb`` (offline or synced),
+    read from its ``.wandb`` transaction log (LevelDB log format after a 7-byte header:
+    32 KiB blocks of chunks, each with a 7-byte header: crc32, length, type)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     paths = sorted(glob.glob(str(Path(run_dir) / "wandb" / "*run-*" / "*.wandb")))
     if not paths:
         raise FileNotFoundError(f"no W&B run under {run_dir}/wandb")
     data = Path(paths[-1]).read_bytes()
-    block, pos, pending, records = 32768, 7, b"", []
+    block, pos, pending, chunks = 32768, 7, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:
             pos += block - pos % block
@@ -115,19 +136,33 @@ def read_wandb_history(run_dir: str | Path) -> list[dict[str, Any]]:
         if kind == 0:
             break
         if kind == 1:
-            records.append(chunk)
+            chunks.append(chunk)
         elif kind == 2:
             pending = chunk
         elif kind == 3:
             pending += chunk
         elif kind == 4:
-            records.append(pending + chunk)
-    rows = []
-    for raw in records:
+            chunks.append(pending + chunk)
+    records = []
+    for raw in chunks:
         record = pb.Record()
         record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            )
-    return rows
+        records.append(record)
+    return records
+
+
+def read_wandb_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The history rows (one per ``log`` call) of the W&B run under ``run_dir``, values decoded from JSON."""
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+        for r in read_wandb_records(run_dir)
+        if r.WhichOneof("record_type") == "history"
+    ]
+
+
+def read_wandb_run(run_dir: str | Path) -> dict[str, Any]:
+    """Name, project and group of the W&B run under ``run_dir``."""
+    for r in read_wandb_records(run_dir):
+        if r.WhichOneof("record_type") == "run":
+            return {"name": r.run.display_name, "project": r.run.project, "group": r.run.run_group}
+    raise ValueError(f"no run record in the W&B run under {run_dir}")

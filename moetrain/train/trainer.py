@@ -20,10 +20,14 @@ import torch.nn.functional as F
 
 from moetrain.config import TrainConfig, to_dict
 from moetrain.data import GlobalBatchLoader, build_tokenizer, prepare_data, rank_slice, split_micro_batches, val_batches
+from moetrain.model.apply import apply_activation_checkpointing, apply_compile
 from moetrain.model.transformer import ModelOutput, Transformer, build_model, vocab_for
-from moetrain.moe.layer import MoEStats
-from moetrain.moe.stats import maxvio
+from moetrain.moe.layer import MoEStats, global_routing_counts
+from moetrain.moe.stats import device_load, maxvio
 from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.expert_parallel import apply_expert_parallel, comm_metrics, comm_scalars, zero_stats
+from moetrain.parallel.grad_sync import clip_grad_norm, sync_gradients
+from moetrain.train.checkpoint import Checkpointer
 from moetrain.train.flops import flops_per_token, peak_tflops
 from moetrain.train.optim import build_optimizer, build_scheduler
 from moetrain.train.sinks import JSONLSink, MetricSink, WandbSink
@@ -48,15 +52,22 @@ class MoEAccumulator:
     loads: dict[int, torch.Tensor] = field(default_factory=dict)
     scalars: dict[str, torch.Tensor] = field(default_factory=dict)
     count: int = 0
+    groups: dict[int, int] = field(default_factory=dict)
+    """Device groups of each layer (for ``device_load`` / ``device_maxvio``)."""
 
     def add(self, stats: dict[int, MoEStats]) -> None:
         self.count += 1
         for i, s in stats.items():
             self._add_load(i, s.load_N.detach())
+            self.groups[i] = s.num_groups
             self._add(f"moe/layer_{i}/selected", s.num_selected)
             self._add(f"moe/layer_{i}/dropped", s.num_dropped)
             if s.devices_per_token is not None:
                 self._add(f"moe/layer_{i}/devices_per_token", s.devices_per_token)
+            self._add(f"moe/layer_{i}/router_entropy", s.router_entropy)
+            if s.comm is not None:  # expert parallelism: all-to-all counters (recv_rows is a [W] vector)
+                for key, value in comm_scalars(i, s.comm).items():
+                    self._add(key, value)
             for name, value in s.losses.items():
                 self._add(f"moe/layer_{i}/loss/{name}", value)
 
@@ -74,13 +85,16 @@ class MoEAccumulator:
         if not pc.distributed or not self.loads:
             return
         keys = sorted(self.scalars)
-        flat = torch.cat([self.loads[i] for i in self.layers] + [self.scalars[k].reshape(1) for k in keys])
+        flat = torch.cat([self.loads[i] for i in self.layers] + [self.scalars[k].reshape(-1) for k in keys])
         pc.all_reduce_sum(flat)
         n = self.num_experts
         for j, i in enumerate(self.layers):
             self.loads[i] = flat[j * n : (j + 1) * n]
-        for j, k in enumerate(keys):
-            self.scalars[k] = flat[len(self.layers) * n + j]
+        offset = len(self.layers) * n
+        for k in keys:  # scalars stay 0-d, vectors (per-rank counts) keep their length
+            size = self.scalars[k].numel()
+            self.scalars[k] = flat[offset : offset + size].view_as(self.scalars[k])
+            offset += size
 
     def metrics(self, num_micro: int, prefix: str = "moe") -> dict[str, Any]:
         """DESIGN.md keys; per-micro-batch means divided by ``num_micro`` (micro-batches x ranks)."""
@@ -89,7 +103,7 @@ class MoEAccumulator:
             return out
         load_LN = torch.stack([self.loads[i] for i in self.layers])
         vio_L = maxvio(load_LN)
-        host = {k: v.item() for k, v in self.scalars.items()}
+        host = {k: v.item() if v.dim() == 0 else v.tolist() for k, v in self.scalars.items()}
         for j, i in enumerate(self.layers):
             out[f"{prefix}/layer_{i}/load"] = [round(c) for c in load_LN[j].tolist()]
             out[f"{prefix}/layer_{i}/maxvio"] = vio_L[j].item()
@@ -97,6 +111,13 @@ class MoEAccumulator:
             out[f"{prefix}/layer_{i}/drop_frac"] = host.get(f"moe/layer_{i}/dropped", 0.0) / max(selected, 1.0)
             if f"moe/layer_{i}/devices_per_token" in host:
                 out[f"{prefix}/layer_{i}/devices_per_token"] = host[f"moe/layer_{i}/devices_per_token"] / num_micro
+            if f"moe/layer_{i}/router_entropy" in host:
+                out[f"{prefix}/layer_{i}/router_entropy"] = host[f"moe/layer_{i}/router_entropy"] / num_micro
+            if self.groups.get(i, 1) > 1:
+                dev_load_G = device_load(load_LN[j], self.groups[i])
+                out[f"{prefix}/layer_{i}/device_load"] = [round(c) for c in dev_load_G.tolist()]
+                out[f"{prefix}/layer_{i}/device_maxvio"] = maxvio(dev_load_G).item()
+            out.update(comm_metrics(host, i, prefix))
             for key, value in host.items():
                 if key.startswith(f"moe/layer_{i}/loss/"):
                     out[key.replace("moe/", f"{prefix}/", 1)] = value / num_micro
@@ -135,9 +156,15 @@ class Trainer:
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.pc.world_size)
 
         vocab = vocab_for(cfg.model, self.tokenizer.vocab_size)
-        self.model: Transformer = build_model(
-            cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed
+        full = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed)
+        # Same seed on every rank, then keep the local expert shards: EP=N starts from EP=1's exact weights.
+        self.model: Transformer = apply_expert_parallel(  # type: ignore[assignment]
+            full, self.pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow
         ).to(self.device)
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if t.compile:
+            apply_compile(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
@@ -147,6 +174,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
         self.peak_tflops, self.peak_source = peak_tflops(self.device, t.peak_tflops)
         self.sinks: list[MetricSink] = []
+        self.checkpointer = Checkpointer(self)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> Any:
@@ -164,6 +192,15 @@ class Trainer:
         equal micro-batch sizes the accumulated gradient is that of the mean loss
         over the rank's sequences. Returns this rank's summed LM and aux losses,
         its MoE statistics and its micro-batch count.
+
+        With ``moe.balance.scope=global`` and more than one micro-batch or rank,
+        a no-grad routing pre-pass over this rank's micro-batches first collects
+        the f-type counts, all-reduced over ranks (Qiu et al. 2025), and sets
+        them on every MoE layer, so each balance loss's value and gradient are
+        those of the whole global batch whatever the accumulation or DP split.
+        The pre-pass costs one extra forward per micro-batch; it runs under a
+        forked RNG, so the real pass draws the same noise (noisy top-K) and
+        routes identically.
         """
         self.model.train()
         local = rank_slice(global_batch, self.pc.rank, self.pc.world_size)
@@ -171,24 +208,39 @@ class Trainer:
         acc = self._new_accumulator()
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
-        for mb in micro:
-            mb = mb.to(self.device, non_blocking=True)
-            with self._autocast():
-                out: ModelOutput = self.model(mb[:, :-1])
-                loss_lm = lm_loss(out.logits, mb[:, 1:])
-                aux = out.aux_loss
-            ((loss_lm + aux) / len(micro)).backward()
-            lm_sum += loss_lm.detach()
-            aux_sum += aux.detach()
-            acc.add(out.moe_stats)
+        if self.cfg.moe.balance.scope == "global" and (len(micro) > 1 or self.pc.distributed):
+
+            def routing_forward(mb: torch.Tensor) -> dict[int, MoEStats]:
+                with self._autocast():
+                    return self.model(mb.to(self.device, non_blocking=True)[:, :-1]).moe_stats
+
+            rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=rng_devices):
+                counts = global_routing_counts(routing_forward, micro, self.pc.all_reduce_sum)
+            for i, layer in self.moe_layers.items():
+                layer.global_counts = counts.get(i)
+        try:
+            for mb in micro:
+                mb = mb.to(self.device, non_blocking=True)
+                with self._autocast():
+                    out: ModelOutput = self.model(mb[:, :-1])
+                    loss_lm = lm_loss(out.logits, mb[:, 1:])
+                    aux = out.aux_loss
+                ((loss_lm + aux) / len(micro)).backward()
+                lm_sum += loss_lm.detach()
+                aux_sum += aux.detach()
+                acc.add(out.moe_stats)
+        finally:
+            for layer in self.moe_layers.values():
+                layer.global_counts = None
         return lm_sum, aux_sum, acc, len(micro)
 
     def train_step(self, global_batch: torch.Tensor) -> dict[str, Any]:
         """One optimizer step on the step's global batch; returns its (global) metrics tensors."""
         lm_sum, aux_sum, acc, num_micro = self.forward_backward(global_batch)
-        self.pc.average_gradients(self.params)
+        sync_gradients(self.model, self.pc)  # non-expert over all W ranks, experts over EDP (both / W)
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm(self.model, self.pc, clip)  # true global norm, each expert shard once
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -213,7 +265,10 @@ class Trainer:
         tokens = torch.zeros((), device=self.device, dtype=torch.float64)
         bs = self.cfg.trainer.micro_batch_size
         for batch in val_batches(self.data.val, bs * self.pc.world_size, self.pc.rank, self.pc.world_size):
-            if batch.shape[0] == 0:
+            if batch.shape[0] == 0:  # an empty share still joins the EP all-to-alls; its stats count zero
+                with self._autocast():
+                    out = self.model(torch.as_tensor(self.data.val[:1], dtype=torch.long, device=self.device)[:, :-1])
+                acc.add({i: zero_stats(s) for i, s in out.moe_stats.items()})
                 continue
             batch = batch.to(self.device)
             with self._autocast():
@@ -262,6 +317,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``trainer.max_steps``; return the last train and validation metrics."""
         t = self.cfg.trainer
+        self.checkpointer.resume()  # trainer.resume: restores step, weights, optimizer, loader, RNG
         self._open_sinks()
         last: dict[str, Any] = {}
         bar = None
@@ -280,6 +336,11 @@ class Trainer:
             )
         exit_code = 0
         try:
+            if t.eval_at_start and self.step == 0:
+                val = self.evaluate()
+                self._log(val)
+                if self.pc.is_main:
+                    say(f"eval step 0: val/loss {val['val/loss']:.4f}")
             window_t0, window_tokens = time.perf_counter(), 0
             while self.step < t.max_steps:
                 batch = self.loader.next_batch()
@@ -327,6 +388,7 @@ class Trainer:
                             + f"val/maxvio_global {val.get('val/maxvio_global', 0):.3f}"
                         )
                     window_t0 = time.perf_counter()  # evaluation time is not training throughput
+                self.checkpointer.after_step(is_last)
                 if bar is not None:
                     bar.update(1)
         except KeyboardInterrupt:

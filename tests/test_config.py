@@ -1,0 +1,96 @@
+"""Config validation: every bad value stops with one line naming the key, before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from moetrain.config import ConfigError, TrainConfig, from_dict, to_dict, validate
+from moetrain.train.cli import config_dir
+
+pytestmark = pytest.mark.unit
+
+
+def cfg_with(**changes) -> TrainConfig:
+    cfg = TrainConfig()
+    for dotted, value in changes.items():
+        obj = cfg
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, leaf, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model__dim": 250}, "model.dim=250: must be divisible by model.n_heads=8"),
+        ({"model__n_kv_heads": 3}, "model.n_kv_heads=3: must divide model.n_heads=8"),
+        ({"moe__top_k": 9}, "moe.top_k=9: must be <= moe.num_experts=8"),
+        ({"model__first_k_dense": 7}, "model.first_k_dense=7: must be in [0, model.n_layers=4]"),
+        (
+            {"trainer__global_batch_size": 12},
+            "trainer.global_batch_size=12: must be divisible by trainer.micro_batch_size=16",
+        ),
+        ({"moe__router__score_fn": "relu"}, "moe.router.score_fn='relu': must be one of softmax, sigmoid"),
+        (
+            {"moe__router__topk_groups": 5, "moe__router__num_groups": 4},
+            "moe.router.topk_groups=5: must be <= the number of groups (4)",
+        ),
+        ({"moe__router__num_groups": 3}, "moe.router.num_groups=3: must divide moe.num_experts=8"),
+        ({"optim__lr": -1.0}, "optim.lr=-1.0: must be > 0"),
+        ({"data__val_fraction": 1.5}, "data.val_fraction=1.5: must be in (0, 1)"),
+        ({"parallel__ep": 3}, "parallel.ep=3: must divide the world size (1)"),
+        ({"logger__wandb__mode": "sometimes"}, "logger.wandb.mode='sometimes': must be one of"),
+    ],
+)
+def test_bad_values_name_the_key_and_rule(changes, message):
+    with pytest.raises(ConfigError) as err:
+        validate(cfg_with(**changes))
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_are_valid_and_roundtrip_through_dict():
+    cfg = validate(TrainConfig())
+    assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict({"model": {"dimm": 3}})
+
+
+def test_hydra_composes_the_schema_and_groups():
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        dcfg = compose("train", overrides=["trainer.max_steps=7", "model.dim=128", "experiment=smoke"])
+    cfg = OmegaConf.to_object(dcfg)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.trainer.max_steps == 7  # command-line overrides win over the experiment preset
+    assert cfg.model.dim == 128
+    assert cfg.model.n_layers == 2  # ... which sets what they leave alone
+    validate(cfg)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        dcfg = compose("train", overrides=["trainer.max_steps=7"])
+    assert OmegaConf.to_object(dcfg).trainer.max_steps == 7
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"), pytest.raises(Exception, match="dimm"):
+        compose("train", overrides=["model.dimm=3"])
+
+
+def test_cli_bad_value_exits_with_one_line_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "moetrain.train", "model.dim=250", f"run_dir={tmp_path / 'run'}", "logger=none"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["moetrain: config error: model.dim=250: must be divisible by model.n_heads=8"]
+    assert not (tmp_path / "run").exists()

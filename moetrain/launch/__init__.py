@@ -1,0 +1,1 @@
+"""Launching: the Hydra torchrun launcher for sweeps and the sweep summary."""

@@ -1,0 +1,108 @@
+"""Sweep summary: one row per job (overrides, status, final val loss, val MaxVio_global, tokens/s).
+
+Written by the torchrun launcher when a sweep ends, and printable later with
+``moetrain-sweep-summary SWEEP_DIR``. A job's numbers come from its run
+directory: ``summary.json`` (written by a run that finished) or, for a run that
+stopped early, the last records of its ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("job", "status", "overrides", "val/loss", "val/maxvio_global", "perf/tokens_per_sec")
+
+
+def _metrics(job_dir: Path) -> tuple[dict[str, Any], list[float]]:
+    last: dict[str, Any] = {}
+    tps: list[float] = []
+    path = job_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            last.update(record)
+            if "perf/tokens_per_sec" in record:
+                tps.append(record["perf/tokens_per_sec"])
+    return last, tps
+
+
+def read_job(job_dir: str | Path) -> dict[str, Any]:
+    """The summary row of one job directory."""
+    job_dir = Path(job_dir)
+    meta = json.loads((job_dir / "job.json").read_text()) if (job_dir / "job.json").exists() else {}
+    last, tps = _metrics(job_dir)
+    done = json.loads((job_dir / "summary.json").read_text()) if (job_dir / "summary.json").exists() else None
+    if (job_dir / "failed.json").exists():
+        status = f"failed (exit {json.loads((job_dir / 'failed.json').read_text())['exit_code']})"
+    elif done is not None and done.get("status") == "completed":
+        status = "completed"
+    else:
+        status = "incomplete"
+    source = done.get("metrics", {}) if done else last
+    return {
+        "job": meta.get("num", job_dir.name),
+        "status": status,
+        "overrides": meta.get("overrides", []),
+        "dir": str(job_dir),
+        "val/loss": source.get("val/loss"),
+        "val/maxvio_global": source.get("val/maxvio_global"),
+        "perf/tokens_per_sec": sum(tps) / len(tps) if tps else None,
+    }
+
+
+def sweep_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of every job directory (a folder holding ``job.json``) under ``sweep_dir``, by job number."""
+    rows = [read_job(p.parent) for p in Path(sweep_dir).glob("*/job.json")]
+    return sorted(rows, key=lambda r: (str(type(r["job"])), r["job"]))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+    if isinstance(value, list):
+        return " ".join(value) or "(defaults)"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_summary(sweep_dir: str | Path) -> str:
+    """Write ``summary.md`` and ``summary.json`` in the sweep directory (atomically); return the table."""
+    sweep_dir = Path(sweep_dir)
+    rows = sweep_rows(sweep_dir)
+    table = format_table(rows)
+    for name, text in (("summary.md", table + "\n"), ("summary.json", json.dumps(rows, indent=1))):
+        tmp = sweep_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, sweep_dir / name)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Print the summary table of a moetrain sweep directory.")
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = p.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        raise SystemExit(f"moetrain-sweep-summary: {args.sweep_dir}: not a directory")
+    rows = sweep_rows(args.sweep_dir)
+    if not rows:
+        raise SystemExit(f"moetrain-sweep-summary: {args.sweep_dir}: no sweep jobs (no */job.json)")
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

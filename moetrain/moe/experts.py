@@ -11,8 +11,54 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs for these rows: on CPU (fp32/bf16, measured
+    faster than a per-expert loop, see scripts/bench_moe.py) and on CUDA in bf16 on Hopper
+    (sm90) or newer, with every matrix dimension ``dims`` a multiple of 16 bytes (the
+    kernel's stride rule); elsewhere the experts fall back to a loop over segments."""
+    if not hasattr(torch, "_grouped_mm") or any(d * x.element_size() % 16 for d in dims):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+class GroupedMM(torch.autograd.Function):
+    """y[seg_e] = x[seg_e] @ w[e] over contiguous row segments, with a grouped-GEMM backward.
+
+    ``offs`` are the cumulative row counts (int32, [E]). Backward: dx = dy @ w[e]^T
+    (grouped, 2D x 3D) and dw[e] = x[seg_e]^T @ dy[seg_e] (grouped, 2D x 2D -> 3D);
+    empty segments give zero weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x_RD, w_EDF, offs_E)
+        return torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, dy_RF: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        x_RD, w_EDF, offs_E = ctx.saved_tensors
+        dy_RF = dy_RF.contiguous()
+        dx = torch._grouped_mm(dy_RF, w_EDF.transpose(1, 2), offs=offs_E) if ctx.needs_input_grad[0] else None
+        dw = torch._grouped_mm(x_RD.t(), dy_RF, offs=offs_E) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+@torch.compiler.disable
+def grouped_swiglu(
+    x_RD: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    """silu(x W1_e) * (x W3_e) W2_e over contiguous segments: two grouped GEMMs.
+
+    Kept out of ``torch.compile`` graphs: it is already one kernel per GEMM, and the
+    fake-tensor rule of ``_grouped_mm`` accepts only bf16 while the CPU kernel runs fp32.
+    """
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    h1, h3 = GroupedMM.apply(x_RD, w13_EDF2, offs_E).chunk(2, dim=-1)
+    return GroupedMM.apply(F.silu(h1) * h3, w2_EFD, offs_E)
 
 
 class GroupedExperts(nn.Module):
@@ -27,19 +73,20 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.expert_offset = 0
+        """Global index of local expert 0 (set by ``moetrain.parallel.apply_expert_parallel``)."""
+        self.num_global_experts = num_experts
+        """Experts of the whole layer; ``num_experts`` are the ones held here (``N / ep`` under EP)."""
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if _grouped_mm_ok(x_RD):
-            offs = counts_E.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(x_RD, self.w13.to(x_RD.dtype), offs=offs)
-            h1, h3 = h.chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(h1) * h3, self.w2.to(x_RD.dtype), offs=offs)
+        if grouped_mm_supported(x_RD, self.dim, self.hidden):
+            return grouped_swiglu(x_RD, self.w13.to(x_RD.dtype), self.w2.to(x_RD.dtype), counts_E)
         out = []
         for e, x_e in enumerate(x_RD.split(counts_E.tolist())):
             if x_e.shape[0] == 0:
                 continue
-            h1, h3 = (x_e @ self.w13[e]).chunk(2, dim=-1)
-            out.append((F.silu(h1) * h3) @ self.w2[e])
+            h1, h3 = (x_e @ self.w13[e].to(x_e.dtype)).chunk(2, dim=-1)
+            out.append((F.silu(h1) * h3) @ self.w2[e].to(x_e.dtype))
         return torch.cat(out) if out else x_RD.new_zeros(0, self.dim)

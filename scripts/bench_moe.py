@@ -1,0 +1,344 @@
+"""Forward + backward time and peak memory of one MoE layer, against the floor and peers.
+
+For each shape it times, in the same run and interleaved (so machine noise hits
+all alike):
+
+* ``moetrain``   — ``moetrain.moe.MoELayer`` (router, sort-by-expert permutation, grouped GEMM, combine);
+* ``dense``      — the floor: dense SwiGLU GEMMs of the same active FLOPs (hidden K*F (+ shared) on T tokens);
+* ``hf_eager``   — transformers' eager experts loop (``MixtralExperts``) with the same weights and routing;
+* ``hf_grouped`` — the same transformers module with ``experts_implementation="grouped_mm"`` (where it runs);
+* ``deepspeed``  — ``deepspeed.moe.layer.MoE`` at the matching config (top-K softmax gate, experts of the
+  same size, dropless: ``drop_tokens=False``). Its gate is its own, so its output is timed, not compared.
+
+The outputs of ``moetrain`` and ``hf_eager`` are checked equal before timing. Peak
+memory is measured in a fresh subprocess per (implementation, shape) as the growth
+of the process's peak RSS during one forward+backward (CPU), or
+``torch.cuda.max_memory_allocated`` (GPU).
+
+    python scripts/bench_moe.py                      # all shapes, all implementations
+    python scripts/bench_moe.py --shapes fine --tokens 4096 8192 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils._python_dispatch
+from torch import nn
+
+from moetrain.config import MoEConfig, RouterConfig
+from moetrain.moe import MoELayer
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    dim: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    shared: int
+
+
+SHAPES = {
+    "fine": Shape("fine-grained (64 experts, top-6, 2 shared)", 512, 64, 6, 128, 2),
+    "mixtral": Shape("Mixtral-like (8 experts, top-2)", 512, 8, 2, 1024, 0),
+}
+IMPLS = ("moetrain", "dense", "hf_eager", "hf_grouped", "deepspeed")
+
+
+def make_layer(shape: Shape, device: torch.device) -> MoELayer:
+    cfg = MoEConfig(
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        expert_hidden_size=shape.hidden,
+        num_shared_experts=shape.shared,
+        router=RouterConfig(norm_topk_prob=shape.shared == 0),
+    )
+    cfg.balance.expert_coef = 0.0
+    torch.manual_seed(0)
+    layer = MoELayer(shape.dim, cfg).to(device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.02)
+    return layer
+
+
+class DenseFloor(nn.Module):
+    """SwiGLU with hidden K*F (+ shared): the GEMM FLOPs the MoE layer does per token, with no routing."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        hidden = (shape.top_k + shape.shared) * shape.hidden
+        self.w13 = nn.Linear(shape.dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, shape.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1, h3 = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(h1) * h3)
+
+
+class HFExperts(nn.Module):
+    """moetrain's router and shared experts around transformers' ``MixtralExperts``."""
+
+    def __init__(self, layer: MoELayer, implementation: str) -> None:
+        super().__init__()
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+        cfg = MixtralConfig(
+            hidden_size=layer.experts.dim,
+            intermediate_size=layer.experts.hidden,
+            num_local_experts=layer.num_experts,
+            num_experts_per_tok=layer.top_k,
+        )
+        cfg._experts_implementation = implementation
+        self.router, self.shared = layer.router, layer.shared
+        self.experts = MixtralExperts(cfg)
+        with torch.no_grad():  # ours: w13 [E, D, 2F] = [W1 | W3]; theirs: gate_up [E, 2F, D] = [gate; up]
+            self.experts.gate_up_proj.copy_(layer.experts.w13.transpose(1, 2))
+            self.experts.down_proj.copy_(layer.experts.w2.transpose(1, 2))
+        self.experts.to(layer.experts.w13.device)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x = x_BSD.flatten(0, 1)
+        r = self.router(x)
+        y = self.experts(x, r.expert_idx_TK, r.weight_TK.to(x.dtype))
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view_as(x_BSD)
+
+
+class DeepSpeedMoE(nn.Module):
+    def __init__(self, shape: Shape, device: torch.device) -> None:
+        super().__init__()
+        import deepspeed
+        from deepspeed.moe.layer import MoE
+
+        from moetrain.model.layers import SwiGLU
+
+        if not torch.distributed.is_initialized():
+            for key, value in {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(29500 + os.getpid() % 1000),
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+            }.items():
+                os.environ.setdefault(key, value)
+            deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+        self.moe = MoE(
+            shape.dim,
+            expert=SwiGLU(shape.dim, shape.hidden),
+            num_experts=shape.num_experts,
+            k=shape.top_k,
+            drop_tokens=False,
+            use_rts=False,
+            min_capacity=0,
+        ).to(device)
+        from moetrain.model.layers import SwiGLU as Shared
+
+        self.shared = Shared(shape.dim, shape.shared * shape.hidden).to(device) if shape.shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.moe(x)[0]
+        return y + self.shared(x) if self.shared is not None else y
+
+
+def build(impl: str, shape: Shape, device: torch.device) -> nn.Module:
+    layer = make_layer(shape, device)
+    if impl == "moetrain":
+        return _Wrap(layer)
+    if impl == "dense":
+        return DenseFloor(shape).to(device)
+    if impl == "hf_eager":
+        return HFExperts(layer, "eager")
+    if impl == "hf_grouped":
+        return HFExperts(layer, "grouped_mm")
+    if impl == "deepspeed":
+        return DeepSpeedMoE(shape, device)
+    raise ValueError(impl)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[0]
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor) -> None:
+    module(x).float().square().mean().backward()
+    module.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_equal(shape: Shape, device: torch.device, dtype: torch.dtype) -> float:
+    """Max abs difference between moetrain's and transformers' eager outputs (same weights and routing)."""
+    layer = make_layer(shape, device)
+    hf = HFExperts(layer, "eager")
+    x = torch.randn(2, 64, shape.dim, device=device)
+    with torch.no_grad():
+        return (layer(x)[0] - hf(x)).abs().max().item()
+
+
+def time_all(shape: Shape, tokens: int, reps: int, impls: list[str], device: torch.device, dtype: torch.dtype):
+    modules, failed = {}, {}
+    for impl in impls:
+        try:
+            modules[impl] = build(impl, shape, device)
+            x = torch.randn(1, tokens, shape.dim, device=device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                fwd_bwd(modules[impl], x)
+        except Exception as e:  # an implementation that cannot run this shape is reported, not fatal
+            failed[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            modules.pop(impl, None)
+    times: dict[str, list[float]] = {k: [] for k in modules}
+    x = torch.randn(1, tokens, shape.dim, device=device)
+    for _ in range(reps):
+        for impl, module in modules.items():  # interleaved
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                fwd_bwd(module, x)
+            sync(device)
+            times[impl].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, failed
+
+
+class HeapPeak(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes in use on the CPU heap (glibc ``mallinfo2``: small blocks + mmapped blocks),
+    sampled after every aten op of the forward and backward (CPU autograd runs on this thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [
+                (n, ctypes.c_size_t)
+                for n in (
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                )
+            ]
+
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = MallInfo2
+        self.base = self.in_use()
+        self.peak = self.base
+
+    def in_use(self) -> int:
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use())
+        return out
+
+
+def peak_memory_child(impl: str, shape_key: str, tokens: int, device: str, dtype: str) -> None:
+    """Run in a subprocess: print the peak extra memory (MiB) of one forward+backward."""
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
+    module = build(impl, SHAPES[shape_key], dev)
+    x = torch.randn(1, tokens, SHAPES[shape_key].dim, device=dev)
+    with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+        fwd_bwd(module, x)  # warm-up: lazy state (autocast caches, DeepSpeed groups) is not counted
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+            fwd_bwd(module, x)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with HeapPeak() as heap, torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+            fwd_bwd(module, x)
+        peak = heap.peak - heap.base
+    print(json.dumps({"peak_mib": peak / 2**20}))
+
+
+def peak_memory(impl: str, shape_key: str, tokens: int, device: torch.device, dtype: str) -> float | None:
+    cmd = [sys.executable, __file__, "--child", impl, shape_key, str(tokens), str(device), dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)["peak_mib"]
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=[4096])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-subprocess peak memory runs")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        impl, shape_key, tokens, device, dtype = args.child
+        peak_memory_child(impl, shape_key, int(tokens), device, dtype)
+        return
+
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"{dtype_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.reps}"
+    )
+    for key in args.shapes:
+        shape = SHAPES[key]
+        if "hf_eager" in args.impls:
+            print(
+                f"\n## {shape.name}, D={shape.dim}, F={shape.hidden}: max |moetrain - hf_eager| = "
+                f"{check_equal(shape, device, dtype):.2e}"
+            )
+        for tokens in args.tokens:
+            times, failed = time_all(shape, tokens, args.reps, args.impls, device, dtype)
+            ours = times.get("moetrain")
+            print(f"\n{shape.name}, {tokens} tokens")
+            print("| implementation | fwd+bwd ms | ratio to dense floor | moetrain speed-up | peak MiB |")
+            print("| --- | ---: | ---: | ---: | ---: |")
+            for impl in args.impls:
+                if impl in failed:
+                    print(f"| {impl} | failed: {failed[impl]} | | | |")
+                    continue
+                t = times[impl]
+                floor = f"{t / times['dense']:.2f}x" if "dense" in times else ""
+                speedup = f"{t / ours:.2f}x" if ours else ""
+                mem = None if args.no_memory else peak_memory(impl, key, tokens, device, dtype_name)
+                mem_s = f"{mem:.0f}" if mem is not None else "n/a"
+                print(f"| {impl} | {t * 1e3:.1f} | {floor} | {speedup} | {mem_s} |")
+
+
+if __name__ == "__main__":
+    main()

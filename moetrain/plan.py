@@ -1,0 +1,286 @@
+"""``moetrain-plan``: what a model costs on a cluster before you launch it.
+
+    moetrain-plan model=small moe=deepseek_v2 parallel.ep=8 --nodes 2 --gpus-per-node 8 --gpu-mem-gb 80
+
+From the same Hydra config as training, plus a cluster description, it reports:
+total and active parameters (exact: the counting rules of the model itself),
+training FLOPs per token, memory per GPU for weights, gradients and AdamW
+states under the chosen EP / DP / ZeRO stage plus an activation estimate,
+all-to-all bytes per step for unrestricted top-K and for device-limited top-M
+routing, and an estimated step time.
+
+All-to-all volume follows the dispatcher (``moetrain.moe.dispatch.AllToAllDispatcher``):
+a token is sent once to each *other* EP rank holding one of its experts (its hidden
+row, ``D x bytes``), with ``META_BYTES`` of metadata per (token, expert) assignment,
+and one combined row per (token, rank) comes back. :func:`dispatch_bytes` computes
+it exactly for a given routing (equal to the dispatcher's own counters);
+:func:`expected_remote_ranks` gives the expectation for routing that spreads
+tokens uniformly, which is the planning assumption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moetrain.config import TrainConfig
+from moetrain.model.transformer import is_moe_layer
+from moetrain.moe.dispatch import META_BYTES
+from moetrain.moe.routing import topk_experts
+
+
+@dataclass
+class Cluster:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    tflops: float = 989.0
+    """Dense bf16 peak per GPU (TFLOP/s)."""
+    mfu: float = 0.4
+    """Assumed model FLOPs utilisation of the compute."""
+    intra_bw_gbs: float = 450.0
+    """Per-GPU bandwidth inside a node (GB/s, e.g. NVLink)."""
+    inter_bw_gbs: float = 50.0
+    """Per-GPU bandwidth between nodes (GB/s, e.g. 400 Gb/s InfiniBand)."""
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def param_counts(cfg: TrainConfig, vocab_size: int) -> dict[str, int]:
+    """Exact parameter counts by part (the same layout ``build_model`` creates)."""
+    m, moe = cfg.model, cfg.moe
+    D, L = m.dim, m.n_layers
+    n_kv = m.n_kv_heads or m.n_heads
+    head = D // m.n_heads
+    attn = D * m.n_heads * head * 2 + D * n_kv * head * 2 + 2 * D  # q, o, k, v; two norms
+    dense_ffn = 3 * D * m.ffn_hidden_size
+    expert = 3 * D * moe.expert_hidden_size
+    shared = 3 * D * (moe.shared_hidden_size or moe.expert_hidden_size) * moe.num_shared_experts
+    router = moe.num_experts * D + (moe.num_experts * D if moe.router.strategy == "noisy_topk" else 0)
+    n_moe = sum(is_moe_layer(m, i) for i in range(L))
+    embed = vocab_size * D
+    head_w = 0 if m.tie_embeddings else vocab_size * D
+    return {
+        "embedding": embed,
+        "lm_head": head_w,
+        "attention": L * attn + D,  # + final norm
+        "dense_ffn": (L - n_moe) * dense_ffn,
+        "router": n_moe * router,
+        "shared_experts": n_moe * shared,
+        "routed_experts": n_moe * moe.num_experts * expert,
+        "routed_experts_active": n_moe * moe.top_k * expert,
+        "moe_layers": n_moe,
+    }
+
+
+def totals(counts: dict[str, int]) -> tuple[int, int]:
+    """(total, active) parameters: active counts K of N routed experts."""
+    base = sum(v for k, v in counts.items() if k not in ("routed_experts", "routed_experts_active", "moe_layers"))
+    return base + counts["routed_experts"], base + counts["routed_experts_active"]
+
+
+def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
+    """6 x active non-embedding parameters (LM head included) + 12 L D S (``moetrain.train.flops``)."""
+    counts = param_counts(cfg, vocab_size)
+    active = totals(counts)[1] - counts["embedding"] + (counts["embedding"] if cfg.model.tie_embeddings else 0)
+    return 6.0 * active + 12.0 * cfg.model.n_layers * cfg.model.dim * cfg.data.seq_len
+
+
+def expected_remote_ranks(num_experts: int, top_k: int, ep: int) -> float:
+    """E[other EP ranks a token is sent to] when its K experts are a uniformly random K-subset.
+
+    A given other rank holds N/ep experts; it is missed with probability
+    C(N - N/ep, K) / C(N, K).
+    """
+    if ep <= 1:
+        return 0.0
+    per = num_experts // ep
+    miss = math.comb(num_experts - per, top_k) / math.comb(num_experts, top_k)
+    return (ep - 1) * (1.0 - miss)
+
+
+def dispatch_bytes(
+    expert_idx_TK: torch.Tensor, ep: int, ep_rank: int, num_experts: int, dim: int, itemsize: int
+) -> dict[str, int]:
+    """Exact forward all-to-all volume *sent by one rank* for the given routing of its tokens.
+
+    ``rows_sent`` (token, other-rank) rows; ``bytes_sent`` as the dispatcher counts it:
+    dispatch rows + metadata + the combine rows this rank returns, which for a
+    symmetric step equal the rows it receives. Returns the send-side parts.
+    """
+    per = num_experts // ep
+    dest_TK = expert_idx_TK // per
+    T = dest_TK.shape[0]
+    hit_TR = torch.zeros(T, ep, dtype=torch.bool).scatter_(1, dest_TK, True)
+    hit_TR[:, ep_rank] = False
+    rows = int(hit_TR.sum())
+    assignments = int((dest_TK != ep_rank).sum())
+    return {
+        "rows_sent": rows,
+        "assignments_sent": assignments,
+        "send_bytes": rows * dim * itemsize + assignments * META_BYTES,
+    }
+
+
+def simulated_remote_ranks(cfg: TrainConfig, ep: int, samples: int = 4096, seed: int = 0) -> tuple[float, float]:
+    """Mean (other ranks per token, remote assignments per token) of the configured selection rule on
+    random affinities (so device-limited top-M is measured with the real routing code)."""
+    moe, r = cfg.moe, cfg.moe.router
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(samples, moe.num_experts, generator=g)
+    groups = r.num_groups or ep
+    idx = topk_experts(scores, moe.top_k, groups, r.topk_groups, r.group_score)
+    parts = [dispatch_bytes(idx, ep, rank, moe.num_experts, 1, 1) for rank in range(ep)]
+    rows = sum(p["rows_sent"] for p in parts) / (ep * samples)
+    assign = sum(p["assignments_sent"] for p in parts) / (ep * samples)
+    return rows, assign
+
+
+def memory_per_gpu(cfg: TrainConfig, vocab_size: int, world: int, zero: int, micro_batch: int) -> dict[str, float]:
+    """GB per GPU: bf16 weights and grads, fp32 master weights + AdamW moments (16 B/param mixed precision),
+    sharded by ZeRO stage over the data-parallel replicas; activations estimated per micro-batch.
+
+    Non-expert parameters are replicated over all W ranks (ZeRO shards their optimizer
+    states over W); each rank holds N/ep experts, replicated over W/ep ranks.
+    Activations: Korthikanti et al. 2022 (eq. 2, no recomputation) for attention,
+    s b D (34 + 5 a s / D) bytes per layer, with the MLP part scaled by the MoE
+    layer's (K + shared) / dense width.
+    """
+    counts = param_counts(cfg, vocab_size)
+    ep = cfg.parallel.ep
+    dense = totals(counts)[0] - counts["routed_experts"]
+    expert = counts["routed_experts"] / ep
+    edp = world // ep
+    gb = 1e9
+
+    def part(n: float, replicas: int) -> dict[str, float]:
+        opt = 12.0 * n / (replicas if zero >= 1 else 1)
+        grads = 2.0 * n / (replicas if zero >= 2 else 1)
+        return {"weights": 2.0 * n, "grads": grads, "optimizer": opt}
+
+    d, e = part(dense, world), part(expert, edp)
+    m = cfg.model
+    s, b, a = cfg.data.seq_len, micro_batch, m.n_heads
+    act_layer = s * b * m.dim * (34 + 5 * a * s / m.dim)
+    act = act_layer * m.n_layers + s * b * vocab_size * 4  # + fp32 logits
+    return {
+        "weights": (d["weights"] + e["weights"]) / gb,
+        "grads": (d["grads"] + e["grads"]) / gb,
+        "optimizer": (d["optimizer"] + e["optimizer"]) / gb,
+        "activations": act / gb,
+    }
+
+
+def plan(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int = 1) -> dict[str, float]:
+    """All the numbers of the report (per step: the global batch)."""
+    counts = param_counts(cfg, vocab_size)
+    total, active = totals(counts)
+    fpt = flops_per_token(cfg, vocab_size)
+    W = cluster.world
+    tokens = cfg.trainer.global_batch_size * cfg.data.seq_len
+    n_moe, D, ep, K = counts["moe_layers"], cfg.model.dim, cfg.parallel.ep, cfg.moe.top_k
+    compute_s = fpt * tokens / (W * cluster.tflops * 1e12 * cluster.mfu)
+    out: dict[str, float] = {
+        "params_total": total,
+        "params_active": active,
+        "flops_per_token": fpt,
+        "compute_s": compute_s,
+    }
+
+    def a2a(rows_per_token: float, assign_per_token: float) -> float:
+        # forward: dispatch rows + metadata, combine rows back; backward moves the same rows again
+        per_token = 2 * rows_per_token * D * 2 + assign_per_token * META_BYTES
+        return 2 * per_token * tokens * n_moe
+
+    topk_rows = expected_remote_ranks(cfg.moe.num_experts, K, ep)
+    topk_assign = K * (ep - 1) / ep
+    out["a2a_bytes_topk"] = a2a(topk_rows, topk_assign)
+    if cfg.moe.router.topk_groups:
+        rows, assign = simulated_remote_ranks(cfg, ep)
+        out["a2a_bytes_topm"] = a2a(rows, assign)
+        out["remote_ranks_topm"] = rows
+    out["remote_ranks_topk"] = topk_rows
+    intra = ep <= cluster.gpus_per_node
+    bw = (cluster.intra_bw_gbs if intra else cluster.inter_bw_gbs) * 1e9
+    key = "a2a_bytes_topm" if "a2a_bytes_topm" in out else "a2a_bytes_topk"
+    out["a2a_s"] = out[key] / W / bw
+    # gradient all-reduce (ring: 2 (n-1)/n of the bf16 grads), non-expert over W, expert over W/ep
+    dense = total - counts["routed_experts"]
+    ring = lambda n, g: 0.0 if g <= 1 else 2 * (g - 1) / g * 2 * n  # noqa: E731
+    grad_bytes = ring(dense, W) + ring(counts["routed_experts"] / ep, W // ep)
+    out["allreduce_s"] = grad_bytes / (cluster.inter_bw_gbs * 1e9 if cluster.nodes > 1 else cluster.intra_bw_gbs * 1e9)
+    out["step_s"] = compute_s + out["a2a_s"] + out["allreduce_s"]
+    micro = cfg.trainer.micro_batch_size
+    for k, v in memory_per_gpu(cfg, vocab_size, W, zero, micro).items():
+        out[f"mem_{k}_gb"] = v
+    out["mem_total_gb"] = sum(v for k, v in out.items() if k.startswith("mem_") and k.endswith("_gb"))
+    return out
+
+
+def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> str:
+    p = plan(cfg, cluster, vocab_size, zero)
+    W, ep = cluster.world, cfg.parallel.ep
+    lines = [
+        f"model: {p['params_total'] / 1e9:.3f}B parameters, {p['params_active'] / 1e9:.3f}B active; "
+        f"{p['flops_per_token'] / 1e9:.2f} GFLOPs/token (training)",
+        f"cluster: {cluster.nodes} x {cluster.gpus_per_node} GPUs, EP={ep}, DP={W}, ZeRO-{zero}; "
+        f"{cfg.trainer.global_batch_size} x {cfg.data.seq_len} tokens/step",
+        f"memory/GPU: weights {p['mem_weights_gb']:.1f} GB, grads {p['mem_grads_gb']:.1f} GB, "
+        f"optimizer {p['mem_optimizer_gb']:.1f} GB, activations ~{p['mem_activations_gb']:.1f} GB "
+        f"(micro-batch {cfg.trainer.micro_batch_size}) = {p['mem_total_gb']:.1f} of {cluster.gpu_mem_gb:.0f} GB"
+        + ("  ** does not fit **" if p["mem_total_gb"] > cluster.gpu_mem_gb else ""),
+        f"all-to-all/step (fwd+bwd, all ranks): top-K {p['a2a_bytes_topk'] / 1e9:.2f} GB "
+        f"({p['remote_ranks_topk']:.2f} other ranks/token)"
+        + (
+            f"; top-M {p['a2a_bytes_topm'] / 1e9:.2f} GB ({p['remote_ranks_topm']:.2f} other ranks/token)"
+            if "a2a_bytes_topm" in p
+            else ""
+        ),
+        f"step time estimate: {p['step_s']:.3f} s = compute {p['compute_s']:.3f} (MFU {cluster.mfu:.0%}) "
+        f"+ all-to-all {p['a2a_s']:.3f} + grad all-reduce {p['allreduce_s']:.3f} (no overlap assumed)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moetrain.config import ConfigError, validate
+    from moetrain.data import build_tokenizer
+    from moetrain.model.transformer import vocab_for
+    from moetrain.train.cli import config_dir
+
+    p = argparse.ArgumentParser(description="Cost of a moetrain model on a cluster.", allow_abbrev=False)
+    c = Cluster()
+    p.add_argument("--nodes", type=int, default=c.nodes)
+    p.add_argument("--gpus-per-node", type=int, default=c.gpus_per_node)
+    p.add_argument("--gpu-mem-gb", type=float, default=c.gpu_mem_gb)
+    p.add_argument("--tflops", type=float, default=c.tflops, help="dense bf16 peak per GPU")
+    p.add_argument("--mfu", type=float, default=c.mfu)
+    p.add_argument("--intra-bw-gbs", type=float, default=c.intra_bw_gbs)
+    p.add_argument("--inter-bw-gbs", type=float, default=c.inter_bw_gbs)
+    p.add_argument("--zero", type=int, default=1, choices=(0, 1, 2))
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
+    args = p.parse_args(argv)
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops, args.mfu,
+                      args.intra_bw_gbs, args.inter_bw_gbs)  # fmt: skip
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        dcfg = compose("train", overrides=args.overrides)
+    cfg = OmegaConf.to_object(dcfg)
+    assert isinstance(cfg, TrainConfig)
+    try:
+        validate(cfg, world_size=cluster.world)
+    except ConfigError as e:
+        raise SystemExit(f"moetrain-plan: config error: {e}") from None
+    vocab = vocab_for(cfg.model, build_tokenizer(cfg.data.tokenizer).vocab_size)
+    print(report(cfg, cluster, vocab, args.zero))
+
+
+if __name__ == "__main__":
+    main()

@@ -145,3 +145,23 @@ def test_topk_experts_group_limited_uses_at_most_m_groups():
     best = s.view(50, 4, 2).amax(-1).topk(2).indices.sort().values
     for t in range(50):
         assert set(groups[t].tolist()) <= set(best[t].tolist())
+
+
+def test_local_dispatcher_dropless_gather_path_equals_the_masked_scatter_path():
+    from moetrain.moe.dispatch import LocalDispatcher
+
+    T, K, D, N = 11, 3, 8, 5
+    x = torch.randn(T, D, requires_grad=True)
+    idx = torch.stack([torch.randperm(N)[:K] for _ in range(T)])
+    w = torch.rand(T, K, requires_grad=True)
+    token_idx = torch.arange(T).repeat_interleave(K)
+    outs = []
+    for slots in (K, None):
+        d = LocalDispatcher(N)
+        rows, counts, handle = d.dispatch(x, token_idx, idx.reshape(-1), w.reshape(-1), slots_per_token=slots)
+        assert counts.tolist() == torch.bincount(idx.reshape(-1), minlength=N).tolist()
+        y = d.combine(rows * torch.arange(1, rows.shape[0] + 1.0).unsqueeze(-1) / 7, handle)
+        g = torch.autograd.grad(y.square().sum(), [x, w])
+        outs.append((y, *g))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

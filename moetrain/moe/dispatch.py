@@ -21,9 +21,18 @@ class Dispatcher(Protocol):
     expert_offset: int
 
     def dispatch(
-        self, x_TD: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, weight_A: torch.Tensor
+        self,
+        x_TD: torch.Tensor,
+        token_idx_A: torch.Tensor,
+        expert_idx_A: torch.Tensor,
+        weight_A: torch.Tensor,
+        slots_per_token: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Return rows grouped by local expert [R, D], rows per local expert [E], and a handle."""
+        """Return rows grouped by local expert [R, D], rows per local expert [E], and a handle.
+
+        ``slots_per_token=K`` promises that every token kept all its K slots, in
+        token-major order (A = T * K, ``token_idx_A`` = 0,0,..,1,1,..): the dropless
+        case, which a dispatcher may handle without scatters."""
         ...
 
     def combine(self, y_RD: torch.Tensor, handle: Any) -> torch.Tensor:
@@ -33,27 +42,76 @@ class Dispatcher(Protocol):
 
 @dataclass
 class LocalHandle:
-    token_idx_R: torch.Tensor
+    token_idx_R: torch.Tensor | None
+    """Token of each row (masked path); ``None`` on the dropless path."""
     weight_R: torch.Tensor
+    """Combine weight of each row (masked path), or [T, K] in slot order (dropless path)."""
     num_tokens: int
+    inverse_R: torch.Tensor | None = None
+    """Dropless path: the inverse of the sort, taking expert-sorted rows back to slot order."""
+    order_R: torch.Tensor | None = None
+
+
+class PermuteRows(torch.autograd.Function):
+    """``src[perm]`` for a permutation ``perm``, whose backward is the inverse gather ``grad[inv]``.
+
+    Plain indexing would scatter-add in the backward (``index_add_``: serial on CPU,
+    atomic and non-deterministic on GPU); for a permutation the gradient is a gather.
+    """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inv)
+        return src.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
 
 
 class LocalDispatcher:
-    """Single process: one stable sort of the assignments by expert, one gather, one scatter-add."""
+    """Single process: one stable sort of the assignments by expert, then gathers.
+
+    Dropless (``slots_per_token`` given): rows are a permutation of the T*K slots,
+    so dispatch and combine are gathers both ways (forward and backward), the
+    combine a weighted sum over each token's K slots. With dropped assignments:
+    one gather and one scatter-add.
+    """
 
     def __init__(self, num_experts: int) -> None:
         self.num_local_experts = num_experts
         self.expert_offset = 0
 
     def dispatch(
-        self, x_TD: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, weight_A: torch.Tensor
+        self,
+        x_TD: torch.Tensor,
+        token_idx_A: torch.Tensor,
+        expert_idx_A: torch.Tensor,
+        weight_A: torch.Tensor,
+        slots_per_token: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, LocalHandle]:
+        T, D = x_TD.shape
         order_A = expert_idx_A.argsort(stable=True)
+        counts_E = torch.zeros(self.num_local_experts, dtype=torch.long, device=x_TD.device)
+        counts_E.scatter_add_(0, expert_idx_A, torch.ones_like(expert_idx_A))  # no host sync (bincount has one)
+        if slots_per_token is not None:
+            K = slots_per_token
+            inverse_A = torch.empty_like(order_A).scatter_(
+                0, order_A, torch.arange(order_A.numel(), device=x_TD.device)
+            )
+            x_AD = x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)  # backward: sum over each token's K slots
+            rows_RD = PermuteRows.apply(x_AD, order_A, inverse_A)
+            return rows_RD, counts_E, LocalHandle(None, weight_A.view(T, K), T, inverse_A, order_A)
         token_idx_R = token_idx_A[order_A]
-        counts_E = torch.bincount(expert_idx_A, minlength=self.num_local_experts)
-        return x_TD[token_idx_R], counts_E, LocalHandle(token_idx_R, weight_A[order_A], x_TD.shape[0])
+        return x_TD[token_idx_R], counts_E, LocalHandle(token_idx_R, weight_A[order_A], T)
 
     def combine(self, y_RD: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
+        if handle.inverse_R is not None:
+            assert handle.order_R is not None
+            T, K = handle.weight_R.shape
+            y_TKD = PermuteRows.apply(y_RD, handle.inverse_R, handle.order_R).view(T, K, -1)
+            return torch.einsum("tk,tkd->td", handle.weight_R.float(), y_TKD.float())
         weighted_RD = y_RD.float() * handle.weight_R.unsqueeze(-1)
         out_TD = weighted_RD.new_zeros(handle.num_tokens, y_RD.shape[-1])
         return out_TD.index_add_(0, handle.token_idx_R, weighted_RD)
@@ -238,7 +296,12 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(
-        self, x_TD: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, weight_A: torch.Tensor
+        self,
+        x_TD: torch.Tensor,
+        token_idx_A: torch.Tensor,
+        expert_idx_A: torch.Tensor,
+        weight_A: torch.Tensor,
+        slots_per_token: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, AllToAllHandle]:
         ep, E, dev = self.ep_size, self.num_local_experts, x_TD.device
         T, D = x_TD.shape

@@ -191,11 +191,16 @@ class MoELayer(nn.Module):
 
         # Flat kept assignments (token-major), dispatched, computed, combined.
         K = r.expert_idx_TK.shape[1]
-        keep_A = keep_TK.reshape(-1)
-        token_idx_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)[keep_A]
-        expert_idx_A = r.expert_idx_TK.reshape(-1)[keep_A]
-        weight_A = r.weight_TK.reshape(-1)[keep_A]
-        rows_RD, counts_E, handle = self.dispatcher.dispatch(x_TD, token_idx_A, expert_idx_A, weight_A)
+        token_idx_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
+        expert_idx_A, weight_A = r.expert_idx_TK.reshape(-1), r.weight_TK.reshape(-1)
+        # Every slot kept (token choice, nothing dropped): no boolean indexing, so no host sync on GPU.
+        dropless = keep_TK is r.keep_TK and self.cfg.router.strategy != "expert_choice"
+        if not dropless:
+            keep_A = keep_TK.reshape(-1)
+            token_idx_A, expert_idx_A, weight_A = token_idx_A[keep_A], expert_idx_A[keep_A], weight_A[keep_A]
+        rows_RD, counts_E, handle = self.dispatcher.dispatch(
+            x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token=K if dropless else None
+        )
         comm: CommStats | None = getattr(self.dispatcher, "last", None)
         if comm is not None and comm.keep_A is not None:  # the EP receive budget dropped some (max_recv_factor)
             keep_TK, expert_idx_A = kept_after_dispatch(keep_TK, comm.keep_A), expert_idx_A[comm.keep_A]

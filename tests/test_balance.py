@@ -302,11 +302,12 @@ def _dp_global_step(rank: int, world: int, cfg, run_root: str, batch: torch.Tens
     from pathlib import Path
 
     from moetrain.parallel.context import init_parallel
+    from moetrain.parallel.grad_sync import sync_gradients
 
     pc = init_parallel(cfg.parallel, "cpu")
     trainer = Trainer(cfg, Path(run_root) / f"rank{rank}", pc)
     lm_sum, aux_sum, _, n = trainer.forward_backward(batch)
-    pc.average_gradients(trainer.params)
+    sync_gradients(trainer.model, pc)  # the trainer's own gradient sync
     grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
     return lm_sum.item(), aux_sum.item(), n, grads
 

@@ -164,6 +164,15 @@ class RouteSpec:
     """Hash routing: seed of the fixed token-id -> expert map."""
 
 
+def select_topk(scores_TN: torch.Tensor, spec: RouteSpec, bias_N: torch.Tensor | None) -> torch.Tensor:
+    """TopK of s + b (b: the loss-free bias, selection only; detached so no gradient flows
+    through the choice), group-limited when ``spec.topk_groups`` is set."""
+    sel_TN = scores_TN.detach()
+    if bias_N is not None:
+        sel_TN = sel_TN + bias_N.detach().to(sel_TN.dtype)
+    return topk_experts(sel_TN, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_score)
+
+
 def route_topk(
     logits_TN: torch.Tensor,
     spec: RouteSpec,
@@ -184,10 +193,7 @@ def route_topk(
     2021) is this rule with K = 1 plus a capacity factor (``moe=switch``).
     """
     scores_TN = affinities(logits_TN, spec.score_fn)
-    sel_TN = scores_TN.detach()
-    if bias_N is not None:
-        sel_TN = sel_TN + bias_N.detach().to(sel_TN.dtype)
-    idx_TK = topk_experts(sel_TN, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_score)
+    idx_TK = select_topk(scores_TN, spec, bias_N)
     normalize = spec.normalize or spec.score_fn == "sigmoid"
     w_TK = gate_weights(scores_TN, idx_TK, normalize, spec.scaling_factor)
     keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
@@ -211,10 +217,7 @@ def route_topk_softmax(
     group limit, the loss-free bias and the scaling factor apply as in top-K.
     """
     scores_TN = logits_TN.softmax(dim=-1)
-    sel_TN = scores_TN.detach()  # same order as the logits (softmax is monotone)
-    if bias_N is not None:
-        sel_TN = sel_TN + bias_N.detach().to(sel_TN.dtype)
-    idx_TK = topk_experts(sel_TN, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_score)
+    idx_TK = select_topk(scores_TN, spec, bias_N)
     w_TK = logits_TN.gather(1, idx_TK).softmax(dim=-1) * spec.scaling_factor
     keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
     return Routing(idx_TK, w_TK, keep_TK, scores_TN, logits_TN)
@@ -240,10 +243,7 @@ def route_noisy_topk(
     """
     h_TN = logits_TN if noise_TN is None else logits_TN + noise_TN
     scores_TN = h_TN.softmax(dim=-1)
-    sel_TN = scores_TN.detach()
-    if bias_N is not None:
-        sel_TN = sel_TN + bias_N.detach().to(sel_TN.dtype)
-    idx_TK = topk_experts(sel_TN, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_score)
+    idx_TK = select_topk(scores_TN, spec, bias_N)
     w_TK = h_TN.gather(1, idx_TK).softmax(dim=-1) * spec.scaling_factor
     keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
     return Routing(idx_TK, w_TK, keep_TK, scores_TN, logits_TN)

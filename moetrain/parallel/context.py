@@ -88,25 +88,6 @@ class ParallelContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Data-parallel gradient average over all ranks (one flat all-reduce).
-
-        Correct only for replicated parameters; with sharded experts use
-        :func:`moetrain.parallel.grad_sync.sync_gradients`.
-        """
-        if not self.distributed:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(self.world_size)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

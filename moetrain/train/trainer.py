@@ -165,7 +165,6 @@ class Trainer:
             apply_activation_checkpointing(self.model)
         if t.compile:
             apply_compile(self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.moe_layers = self.model.moe_layers()

@@ -203,12 +203,12 @@ class MoELayer(nn.Module):
         )
         comm: CommStats | None = getattr(self.dispatcher, "last", None)
         if comm is not None and comm.keep_A is not None:  # the EP receive budget dropped some (max_recv_factor)
-            keep_TK, expert_idx_A = kept_after_dispatch(keep_TK, comm.keep_A), expert_idx_A[comm.keep_A]
+            keep_TK = kept_after_dispatch(keep_TK, comm.keep_A)
         y_TD = self.dispatcher.combine(self.experts(rows_RD, counts_E), handle).to(x_TD.dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
 
-        stats = self._stats(r, r.keep_TK, keep_TK, expert_idx_A, B, S)
+        stats = self._stats(r, r.keep_TK, keep_TK, B, S)
         stats.comm = comm
         return y_TD.view(B, S, D), stats
 
@@ -239,7 +239,6 @@ class MoELayer(nn.Module):
         r: Routing,
         selected_TK: torch.Tensor,
         keep_TK: torch.Tensor,
-        expert_idx_A: torch.Tensor,
         B: int,
         S: int,
     ) -> MoEStats:
@@ -247,9 +246,10 @@ class MoELayer(nn.Module):
         N, G, K = self.num_experts, self.num_groups, self.top_k
         T = B * S
         idx_TK = r.expert_idx_TK
-        load_N = torch.bincount(expert_idx_A, minlength=N).float()
-        sel_TN = torch.zeros(T, N, device=load_N.device).scatter_add_(1, idx_TK, selected_TK.float())
-        sel_counts_N = sel_TN.sum(dim=0)
+        dev = idx_TK.device
+        # scatter_add rather than bincount: no host sync on GPU (bincount sizes its output from the data)
+        load_N = torch.zeros(N, device=dev).scatter_add_(0, idx_TK.reshape(-1), keep_TK.reshape(-1).float())
+        sel_counts_N = torch.zeros(N, device=dev).scatter_add_(0, idx_TK.reshape(-1), selected_TK.reshape(-1).float())
         sent_G = None
         devices_per_token = None
         if G > 1:
@@ -279,6 +279,7 @@ class MoELayer(nn.Module):
             m = self.cfg.router.topk_groups or min(K, G)
             losses["comm"] = b.comm_coef * comm_balance_loss(sent_f, p_N, tokens_f, m)
         if b.seq_coef > 0:
+            sel_TN = torch.zeros(T, N, device=dev).scatter_add_(1, idx_TK, selected_TK.float())
             counts_BN = sel_TN.view(B, S, N).sum(dim=1)
             losses["seq"] = b.seq_coef * sequence_balance_loss(counts_BN, s_TN.view(B, S, N), K)
         if b.z_loss_coef > 0:

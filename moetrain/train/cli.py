@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -78,8 +79,6 @@ def remove_stray_run_dir(own: Path, agreed: Path) -> bool:
 
 def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
     """Train with a validated config (the Python API; no Hydra needed)."""
-    import os
-
     from moetrain.parallel.context import init_parallel
     from moetrain.train.trainer import Trainer
 
@@ -88,7 +87,7 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
     validate(cfg, world_size=world)
     pc = init_parallel(cfg.parallel, cfg.trainer.device)
     try:
-        chosen = run_dir or cfg.run_dir or f"runs/{__import__('time').strftime('%Y%m%d-%H%M%S')}"
+        chosen = run_dir or cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
         run_path = Path(str(pc.broadcast_object(str(chosen))))
         if not pc.is_main and run_dir is not None:
             remove_stray_run_dir(Path(run_dir), run_path)

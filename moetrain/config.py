@@ -197,7 +197,8 @@ class TrainerConfig:
     device: str = "auto"
     """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``."""
     precision: str = "auto"
-    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (autocast; DeepSpeed: bf16 weights, fp32
+    master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
     peak_tflops: float | None = None
     """Peak device TFLOP/s for MFU; ``None`` = a table for known GPUs, else a measured GEMM rate."""
     progress: bool = True
@@ -256,6 +257,37 @@ class CheckpointConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Which training engine runs the step (``configs/engine/``).
+
+    ``native``: moetrain's own loop (gradient sync, clipping, AdamW, DCP
+    checkpoints). ``deepspeed``: the same model, data, routing and metrics
+    through ``deepspeed.initialize`` (``moetrain.train.ds_engine``): ZeRO for the
+    non-expert parameters, experts in DeepSpeed's expert-data-parallel groups,
+    DeepSpeed's precision, accumulation, clipping and checkpoints.
+    """
+
+    name: str = "native"
+    """``native`` or ``deepspeed``."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage for the non-expert parameters: 0, 1 or 2 (3 is refused by DeepSpeed for MoE layers)."""
+    loss_scale: float = 0.0
+    """fp16 only: a static loss scale, or 0 for dynamic loss scaling."""
+    initial_scale_power: int = 16
+    """fp16 dynamic loss scaling starts at 2**this."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the dynamic scale doubles."""
+    min_loss_scale: float = 1.0
+    """fp16: the dynamic scale never drops below this."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO: elements per gradient reduction bucket."""
+    overlap_comm: bool = False
+    """ZeRO: overlap the gradient reduction with the backward."""
+    config_json: str | None = None
+    """A DeepSpeed JSON file merged over the generated config (its keys win); see the README "Engines" section."""
+
+
+@dataclass
 class TrainConfig:
     """The root config of ``moetrain-train``."""
 
@@ -267,6 +299,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     run_dir: str | None = None
     """Where the run writes; ``None`` = Hydra's output directory (or ``runs/<time>`` without Hydra)."""
 
@@ -276,7 +309,9 @@ GROUP_SCORES = ("max", "topk_sum")
 BALANCE_SCOPES = ("micro_batch", "global")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINES = ("native", "deepspeed")
+ZERO_STAGES = (0, 1, 2)
 BACKENDS = ("auto", "nccl", "gloo")
 RECV_OVERFLOWS = ("drop", "error")
 
@@ -436,8 +471,40 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("checkpoint.dir", ck.dir, "must be a path or null (RUN_DIR/checkpoints)")
 
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
-
+    validate_engine(cfg, world_size)
     return cfg
+
+
+def validate_engine(cfg: TrainConfig, world_size: int = 1) -> None:
+    """The ``engine.*`` rules (and, for DeepSpeed, its generated-and-merged JSON)."""
+    e = cfg.engine
+    _choice("engine.name", e.name, ENGINES)
+    if e.name == "native":
+        if cfg.trainer.precision == "fp16":
+            _fail("trainer.precision", "fp16", "needs engine=deepspeed (its loss scaling); use bf16 or fp32")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        _fail("engine.name", e.name, "needs the deepspeed package: pip install 'moetrain[deepspeed]'")
+    if e.zero_stage not in ZERO_STAGES:
+        _fail("engine.zero_stage", e.zero_stage, "must be 0, 1 or 2 (DeepSpeed refuses ZeRO-3 with MoE layers)")
+    if e.loss_scale < 0:
+        _fail("engine.loss_scale", e.loss_scale, "must be >= 0 (0 = dynamic)")
+    if e.min_loss_scale <= 0:
+        _fail("engine.min_loss_scale", e.min_loss_scale, "must be > 0")
+    for key in ("loss_scale_window", "reduce_bucket_size"):
+        _positive(f"engine.{key}", getattr(e, key))
+    if cfg.checkpoint.async_save:
+        _fail("checkpoint.async_save", True, "is not supported with engine=deepspeed (DeepSpeed writes its own files)")
+    from moetrain.train.ds_config import build_ds_config, ds_precision
+
+    ds = build_ds_config(cfg, world_size)  # reads and checks engine.config_json
+    if ds_precision(ds) == "fp16":
+        import torch
+
+        if cfg.trainer.device == "cpu" or not torch.cuda.is_available():
+            _fail("trainer.precision", "fp16", "DeepSpeed has no fp16 on CPU; use bf16 or fp32 (fp16 needs a GPU)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -362,6 +362,15 @@ def check_arch(ckpt: Path, meta: dict[str, Any], arch: dict[str, Any]) -> None:
             )
 
 
+def check_engine(ckpt: Path, meta: dict[str, Any], engine: str) -> None:
+    """A checkpoint is resumed by the engine that wrote it (their files differ)."""
+    saved = meta.get("engine", "native")
+    if saved != engine:
+        raise CheckpointError(
+            f"{ckpt}: written by engine={saved}; resume it with engine={saved} (this run has engine={engine})"
+        )
+
+
 def check_entries(ckpt: Path, metadata: Metadata, wanted: dict[str, torch.Tensor]) -> None:
     """Every wanted entry exists with the same shape, and every data file is long enough."""
     index = metadata.state_dict_metadata
@@ -508,6 +517,7 @@ class Checkpointer:
         sched = {k: v for k, v in tr.scheduler.state_dict().items() if k != "lr_lambdas"}
         return {
             "format": FORMAT_VERSION,
+            "engine": tr.cfg.engine.name,
             "step": tr.step,
             "tokens_seen": tr.tokens_seen,
             "world_size": self.pc.world_size,
@@ -635,6 +645,7 @@ class Checkpointer:
         """Validate, read into fresh tensors, then copy into model, optimizer, scheduler, loader, RNG."""
         tr = self.trainer
         meta = read_meta(path)
+        check_engine(path, meta, "native")
         check_arch(path, meta, arch_of(tr.cfg, tr.model.vocab_size))
         model_t = model_entries(tr.model)
         if meta.get("kind") == "weights":  # an imported model (moetrain-export --from-hf): weights, step 0

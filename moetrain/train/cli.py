@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -77,10 +78,38 @@ def remove_stray_run_dir(own: Path, agreed: Path) -> bool:
     return True
 
 
+def make_trainer(cfg: TrainConfig, run_dir: Path, pc: object) -> Any:
+    """The Trainer of ``engine.name``: moetrain's own loop, or the same loop through DeepSpeed."""
+    if cfg.engine.name == "deepspeed":
+        from moetrain.train.ds_engine import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(cfg, run_dir, pc)  # type: ignore[arg-type]
+    from moetrain.train.trainer import Trainer
+
+    return Trainer(cfg, run_dir, pc)  # type: ignore[arg-type]
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N``, which the ``deepspeed`` launcher appends (Hydra would refuse
+    it); the rank is in ``LOCAL_RANK`` already, set from the flag when it is not."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
     """Train with a validated config (the Python API; no Hydra needed)."""
     from moetrain.parallel.context import init_parallel
-    from moetrain.train.trainer import Trainer
 
     export_slurm_env()  # srun / submitit tasks without torchrun: ranks from SLURM's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -93,7 +122,11 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
             remove_stray_run_dir(Path(run_dir), run_path)
         if pc.is_main:
             save_resolved_config(cfg, run_path)
-        final = Trainer(cfg, run_path, pc).fit()
+        trainer = make_trainer(cfg, run_path, pc)
+        try:
+            final = trainer.fit()
+        finally:
+            trainer.close()
         if pc.is_main:
             write_run_summary(run_path, final)
         return final
@@ -115,6 +148,7 @@ def _hydra_entry(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv = strip_launcher_args(sys.argv)
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_hydra_entry)()
 
 

@@ -165,15 +165,47 @@ class Trainer:
             apply_activation_checkpointing(self.model)
         if t.compile:
             apply_compile(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
+        self.optimizer: torch.optim.Optimizer
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR
+        self._build_optimizer()
         self.moe_layers = self.model.moe_layers()
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
         self.peak_tflops, self.peak_source = peak_tflops(self.device, t.peak_tflops)
         self.sinks: list[MetricSink] = []
-        self.checkpointer = Checkpointer(self)
+        self.checkpointer = self._build_checkpointer()
+
+    # ------------------------------------------------- engine hooks (native here)
+    # ``moetrain.train.ds_engine.DeepSpeedTrainer`` overrides these five to run the
+    # same loop through ``deepspeed.initialize``; everything else is shared.
+    def _build_optimizer(self) -> None:
+        """AdamW (decay on matrices only) and the warmup + cosine schedule."""
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.trainer.max_steps)
+
+    def _build_checkpointer(self) -> Checkpointer:
+        return Checkpointer(self)
+
+    def _forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+        return self.model(tokens_BS)
+
+    def _backward(self, loss: torch.Tensor, num_micro: int) -> None:
+        """Accumulate the gradient of one micro-batch's loss, scaled to the mean over micro-batches."""
+        (loss / num_micro).backward()
+
+    def _optimizer_step(self) -> tuple[torch.Tensor, dict[str, Any], bool]:
+        """Sync, clip, step; return the pre-clip global gradient norm, any engine metrics, and whether the
+        update was applied (an fp16 overflow skips it)."""
+        sync_gradients(self.model, self.pc)  # non-expert over all W ranks, experts over EDP (both / W)
+        grad_norm = clip_grad_norm(self.model, self.pc, self.cfg.optim.grad_clip)  # each expert shard once
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, {}, True
+
+    def close(self) -> None:
+        """Release what the engine holds (nothing for the native one)."""
 
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> Any:
@@ -222,10 +254,10 @@ class Trainer:
             for mb in micro:
                 mb = mb.to(self.device, non_blocking=True)
                 with self._autocast():
-                    out: ModelOutput = self.model(mb[:, :-1])
+                    out: ModelOutput = self._forward(mb[:, :-1])
                     loss_lm = lm_loss(out.logits, mb[:, 1:])
                     aux = out.aux_loss
-                ((loss_lm + aux) / len(micro)).backward()
+                self._backward(loss_lm + aux, len(micro))
                 lm_sum += loss_lm.detach()
                 aux_sum += aux.detach()
                 acc.add(out.moe_stats)
@@ -237,23 +269,27 @@ class Trainer:
     def train_step(self, global_batch: torch.Tensor) -> dict[str, Any]:
         """One optimizer step on the step's global batch; returns its (global) metrics tensors."""
         lm_sum, aux_sum, acc, num_micro = self.forward_backward(global_batch)
-        sync_gradients(self.model, self.pc)  # non-expert over all W ranks, experts over EDP (both / W)
-        clip = self.cfg.optim.grad_clip
-        grad_norm = clip_grad_norm(self.model, self.pc, clip)  # true global norm, each expert shard once
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, extra, applied = self._optimizer_step()
 
         acc.reduce(self.pc)
-        for i, layer in self.moe_layers.items():
-            layer.router.update_bias(acc.loads[i])  # the step's global load: identical on all ranks
+        if applied:  # a skipped (fp16 overflow) step updates nothing, the loss-free bias included
+            for i, layer in self.moe_layers.items():
+                layer.router.update_bias(acc.loads[i])  # the step's global load: identical on all ranks
         totals = torch.stack([lm_sum, aux_sum])
         self.pc.all_reduce_sum(totals)
         n = num_micro * self.pc.world_size
         self.step += 1
         self.tokens_seen += global_batch.shape[0] * (global_batch.shape[1] - 1)
-        return {"loss": totals[0] / n, "aux": totals[1] / n, "grad_norm": grad_norm, "lr": lr, "acc": acc, "n": n}
+        return {
+            "loss": totals[0] / n,
+            "aux": totals[1] / n,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "acc": acc,
+            "n": n,
+            "extra": extra,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -359,6 +395,7 @@ class Trainer:
                         "perf/tokens_per_sec": tps,
                         "perf/mfu": tps * self.flops_per_token / (self.peak_tflops * 1e12),
                         "train/tokens": self.tokens_seen,
+                        **res["extra"],
                         **res["acc"].metrics(res["n"]),
                     }
                     self._log(metrics)

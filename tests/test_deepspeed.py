@@ -398,3 +398,34 @@ def test_deepspeed_launcher_then_torchrun_resume_through_the_cli(tmp_path):
     )  # fmt: skip
     assert third.returncode == 2
     assert "written by engine=deepspeed; resume it with engine=deepspeed" in third.stderr
+
+
+@pytest.mark.e2e
+def test_two_deepspeed_runs_in_one_process_through_the_python_api(tmp_path):
+    """``run()`` twice in one interpreter (a notebook): the 1-rank group and DeepSpeed's groups of the
+    first run are released, the second starts clean."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from tests.conftest import tiny_train_config
+        from moetrain.train.cli import run
+        import torch.distributed as dist
+        for k in range(2):
+            cfg = tiny_train_config(__import__("pathlib").Path({str(tmp_path)!r}), max_steps=2, eval_at_start=False)
+            cfg.engine.name = "deepspeed"
+            cfg.checkpoint.enabled = k == 1
+            final = run(cfg, {str(tmp_path)!r} + f"/run{{k}}")
+            assert not dist.is_initialized()
+            print("loss", k, final["train/loss"])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("loss")]
+    assert len(losses) == 2 and losses[0] == losses[1]  # the same run twice: the same result
+    assert (tmp_path / "run1" / "checkpoints" / "step_000002" / "meta.json").is_file()

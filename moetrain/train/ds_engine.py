@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -60,25 +59,35 @@ from moetrain.train.optim import adamw, build_scheduler, param_groups
 from moetrain.train.trainer import Trainer
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def ensure_process_group() -> bool:
     """DeepSpeed needs a process group even on one process: start a 1-rank gloo group if there is none.
 
+    The group lives on an in-process ``HashStore`` (no port, no clash with a launcher's store).
     Returns whether it started one (the caller then destroys it)."""
     os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
     if dist.is_initialized():
         return False
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     return True
+
+
+def reset_deepspeed_groups() -> None:
+    """Forget DeepSpeed's module-level process groups (``deepspeed.utils.groups``, ``deepspeed.comm.cdb``).
+
+    They outlive the process group they were made from; after that group is destroyed, a later
+    ``deepspeed.initialize`` in the same process (the Python API called twice, a notebook) would reuse
+    dead groups. Called only by the trainer that started the (1-rank) process group itself."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and (name.endswith("_GROUP") or name.endswith("_GROUP_RANKS")):
+            if isinstance(value, dict):
+                value.clear()
+            else:
+                setattr(groups, name, None)
+    groups.mesh_device = None
+    ds_comm.cdb = None
 
 
 def quiet_deepspeed() -> None:
@@ -193,6 +202,7 @@ class DeepSpeedTrainer(Trainer):
             self.engine = None
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+            reset_deepspeed_groups()
             self._owns_process_group = False
 
 

@@ -217,6 +217,17 @@ def _engines_worker(rank: int, world: int, cfg: Any, tmp: str) -> dict[str, Any]
         out["resumed/bias"] = {n: b.clone() for n, b in trainer.model.named_buffers() if n.endswith("expert_bias")}
     finally:
         trainer.close()
+    # Another ZeRO stage cannot read those ZeRO shards: one line, before anything is loaded.
+    from moetrain.train.checkpoint import CheckpointError
+
+    c.engine.zero_stage = 1
+    trainer = make_trainer(c, Path(tmp) / "zero1_refused", init_parallel(c.parallel, "cpu", num_experts=4))
+    try:
+        trainer.checkpointer.resume()
+    except CheckpointError as e:
+        out["refused"] = str(e)
+    finally:
+        trainer.close()
     return out
 
 
@@ -279,6 +290,8 @@ def test_deepspeed_resumes_from_its_own_checkpoint(tmp_path_factory):
         for key in ("train/loss", "train/grad_norm", "val/loss", "moe/layer_1/maxvio"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-7), f"step {x['step']} {key}"
+    refused = runs["ranks"][0].get("refused", "")
+    assert "engine.zero_stage=2; this run has 2, 2, 1" in refused and "\n" not in refused
     for rank_out in runs["ranks"]:
         for n, p in rank_out["zero2/params"].items():
             torch.testing.assert_close(rank_out["resumed/params"][n], p, rtol=1e-6, atol=1e-7, msg=n)

@@ -442,3 +442,28 @@ def test_two_deepspeed_runs_in_one_process_through_the_python_api(tmp_path):
     losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("loss")]
     assert len(losses) == 2 and losses[0] == losses[1]  # the same run twice: the same result
     assert (tmp_path / "run1" / "checkpoints" / "step_000002" / "meta.json").is_file()
+
+
+@pytest.mark.e2e
+def test_deepspeed_checkpoint_loads_unsharded_for_export_and_inference(tmp_path_factory):
+    """``moetrain-export`` / ``-generate`` / ``-inspect`` read an engine=deepspeed checkpoint in one process: every
+    weight equals the trained one, experts gathered from both EP ranks' per-expert files."""
+    from moetrain.export import export, load_checkpoint_model
+
+    runs = engine_runs(tmp_path_factory)
+    ckpt = runs["tmp"] / "zero2" / "checkpoints" / "step_000020"
+    model, cfg, meta = load_checkpoint_model(ckpt)
+    assert meta["engine"] == "deepspeed" and cfg.parallel.ep == 2
+    full = dict(model.named_parameters())
+    for rank, rank_out in enumerate(runs["ranks"]):
+        for name, p in rank_out["zero2/params"].items():
+            if ".experts." in name:  # rank r holds global experts [2r, 2r + 2)
+                torch.testing.assert_close(full[name][2 * rank : 2 * rank + 2], p, rtol=0, atol=0, msg=name)
+            else:
+                torch.testing.assert_close(full[name], p, rtol=0, atol=0, msg=name)
+    out_dir = tmp_path_factory.mktemp("ds_export")
+    written = export(ckpt, out_dir, hf="none")
+    from moetrain.export import load_safetensors_model
+
+    exported, _ = load_safetensors_model(out_dir)
+    assert written["safetensors"] and all(torch.equal(p, full[n]) for n, p in exported.named_parameters())

@@ -455,9 +455,56 @@ def load_model_weights(model: nn.Module, ckpt: str | Path) -> dict[str, Any]:
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
     wanted = model_entries(model)
-    buffers = read_entries(path, wanted)
+    if meta.get("engine") == "deepspeed":
+        buffers = read_deepspeed_entries(path)
+        for key, t in wanted.items():
+            if key not in buffers:
+                raise CheckpointError(f"{path}: DeepSpeed's files hold no {key.removeprefix('model.')}")
+            if buffers[key].shape != t.shape:
+                raise CheckpointError(
+                    f"{path}: {key.removeprefix('model.')} has shape {tuple(buffers[key].shape)}, "
+                    f"the model {tuple(t.shape)}"
+                )
+    else:
+        buffers = read_entries(path, wanted)
     _copy_into(wanted, buffers)
     return meta
+
+
+DS_MODULE_FILE = "mp_rank_00_model_states.pt"
+DS_EXPERT_FILES = "layer_*_expert_*_mp_rank_00_model_states.pt"
+DS_EXPERT_KEY = re.compile(r"^(?P<module>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<e>\d+)\.(?P<name>\w+)$")
+
+
+def _torch_load_tensors(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the save of this checkpoint did not complete") from None
+    except Exception as e:  # any unpickling failure is one line
+        raise CheckpointError(f"{path}: unreadable ({_one_line(e)})") from None
+
+
+def read_deepspeed_entries(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of an ``engine=deepspeed`` checkpoint as :func:`model_entries` names (experts by global index).
+
+    Non-expert weights come from DeepSpeed's module file, each expert from its
+    ``layer_L_expert_E`` file (``moetrain.parallel.deepspeed_moe`` names them
+    ``<module>.deepspeed_moe.experts.deepspeed_experts.<E>.<w13|w2>`` with the global
+    index E). Read with ``weights_only=True``: nothing is executed. The weights are
+    the module's (bf16 when trained in bf16; ZeRO's fp32 master copy is in the optimizer shards).
+    """
+    state = _torch_load_tensors(path / DS_MODULE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise CheckpointError(f"{path / DS_MODULE_FILE}: not a DeepSpeed model-states file")
+    out = {f"model.{k}": v for k, v in state["module"].items()}
+    for f in sorted(path.glob(DS_EXPERT_FILES)):
+        for key, t in _torch_load_tensors(f).items():
+            m = DS_EXPERT_KEY.match(key)
+            if m is None:
+                raise CheckpointError(f"{f}: {key} is not a moetrain expert weight")
+            out[f"model.{m['module']}.{m['name']}.{int(m['e'])}"] = t
+    return out
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 
 class Dispatcher(Protocol):
@@ -43,7 +44,7 @@ class Dispatcher(Protocol):
 @dataclass
 class LocalHandle:
     token_idx_R: torch.Tensor | None
-    """Token of each row (masked path); ``None`` on the dropless path."""
+    """Token of each row, in expert-sorted order (both paths)."""
     weight_R: torch.Tensor
     """Combine weight of each row (masked path), or [T, K] in slot order (dropless path)."""
     num_tokens: int
@@ -70,13 +71,77 @@ class PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inv), None, None
 
 
+class GatherTokens(torch.autograd.Function):
+    """Dropless dispatch ``x[token_R]``: each token copied to its K expert-sorted rows.
+
+    Forward: one gather from the [T, D] tokens (no [T*K, D] expanded copy first).
+    Backward: each token's gradient is the sum of its K rows, read through the
+    sort's inverse: one fused gather-and-sum (``embedding_bag``) on CPU, a gather
+    and a sum over K elsewhere. No scatter-add either way.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, token_R: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse_TK)
+        return x_TD.index_select(0, token_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (inverse_TK,) = ctx.saved_tensors
+        grad_RD = grad_RD.contiguous()
+        if grad_RD.device.type == "cpu":
+            return F.embedding_bag(inverse_TK, grad_RD, mode="sum"), None, None
+        T, K = inverse_TK.shape
+        return grad_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1), None, None
+
+
+class WeightedBagSum(torch.autograd.Function):
+    """Dropless combine on CPU: ``out[t] = sum_k w[t, k] * y[inverse[t, k]]``.
+
+    Forward: one fused gather-multiply-sum (``embedding_bag`` with per-sample
+    weights) into [T, D], with no [T*K, D] intermediate in slot order. Backward:
+    one gather ``g = dy[token_R]`` in row order; the weight gradient is the row-wise
+    dot ``<y_r, g_r>`` taken back to slot order, and the rows' gradient is ``g``
+    scaled by each row's weight in place. fp32 only (``embedding_bag`` wants the
+    weights in the rows' dtype; other dtypes keep the fp32 einsum).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        y_RD: torch.Tensor,
+        weight_TK: torch.Tensor,
+        inverse_TK: torch.Tensor,
+        token_R: torch.Tensor,
+        order_R: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(y_RD, weight_TK, inverse_TK, token_R, order_R)
+        return F.embedding_bag(inverse_TK, y_RD, per_sample_weights=weight_TK, mode="sum")
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx, grad_TD: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        y_RD, weight_TK, inverse_TK, token_R, order_R = ctx.saved_tensors
+        g_RD = grad_TD.contiguous().index_select(0, token_R)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            dot_R = torch.bmm(y_RD.unsqueeze(1), g_RD.unsqueeze(2)).view(-1)
+            grad_w = dot_R.index_select(0, inverse_TK.reshape(-1)).view_as(weight_TK)
+        grad_y = (
+            g_RD.mul_(weight_TK.reshape(-1).index_select(0, order_R).unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        )
+        return grad_y, grad_w, None, None, None
+
+
 class LocalDispatcher:
     """Single process: one stable sort of the assignments by expert, then gathers.
 
     Dropless (``slots_per_token`` given): rows are a permutation of the T*K slots,
     so dispatch and combine are gathers both ways (forward and backward), the
-    combine a weighted sum over each token's K slots. With dropped assignments:
-    one gather and one scatter-add.
+    combine a weighted sum over each token's K slots (fused into one
+    ``embedding_bag`` on CPU in fp32). With dropped assignments: one gather and
+    one scatter-add.
     """
 
     def __init__(self, num_experts: int) -> None:
@@ -91,7 +156,7 @@ class LocalDispatcher:
         weight_A: torch.Tensor,
         slots_per_token: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, LocalHandle]:
-        T, D = x_TD.shape
+        T = x_TD.shape[0]
         order_A = expert_idx_A.argsort(stable=True)
         counts_E = torch.zeros(self.num_local_experts, dtype=torch.long, device=x_TD.device)
         counts_E.scatter_add_(0, expert_idx_A, torch.ones_like(expert_idx_A))  # no host sync (bincount has one)
@@ -100,16 +165,20 @@ class LocalDispatcher:
             inverse_A = torch.empty_like(order_A).scatter_(
                 0, order_A, torch.arange(order_A.numel(), device=x_TD.device)
             )
-            x_AD = x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)  # backward: sum over each token's K slots
-            rows_RD = PermuteRows.apply(x_AD, order_A, inverse_A)
-            return rows_RD, counts_E, LocalHandle(None, weight_A.view(T, K), T, inverse_A, order_A)
+            token_R = order_A // K  # slots are token-major: slot a belongs to token a // K
+            rows_RD = GatherTokens.apply(x_TD, token_R, inverse_A.view(T, K))
+            return rows_RD, counts_E, LocalHandle(token_R, weight_A.view(T, K), T, inverse_A, order_A)
         token_idx_R = token_idx_A[order_A]
         return x_TD[token_idx_R], counts_E, LocalHandle(token_idx_R, weight_A[order_A], T)
 
     def combine(self, y_RD: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
         if handle.inverse_R is not None:
-            assert handle.order_R is not None
+            assert handle.order_R is not None and handle.token_idx_R is not None
             T, K = handle.weight_R.shape
+            if y_RD.device.type == "cpu" and y_RD.dtype == handle.weight_R.dtype == torch.float32:
+                return WeightedBagSum.apply(
+                    y_RD.contiguous(), handle.weight_R, handle.inverse_R.view(T, K), handle.token_idx_R, handle.order_R
+                )
             y_TKD = PermuteRows.apply(y_RD, handle.inverse_R, handle.order_R).view(T, K, -1)
             return torch.einsum("tk,tkd->td", handle.weight_R.float(), y_TKD.float())
         weighted_RD = y_RD.float() * handle.weight_R.unsqueeze(-1)

@@ -47,16 +47,78 @@ class GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
+class GroupedSwiGLU(torch.autograd.Function):
+    """y[seg_e] = (silu(x W1_e) * (x W3_e)) W2_e over contiguous row segments, as one autograd node.
+
+    The CPU path (see :func:`grouped_swiglu`). The same grouped GEMMs (two forward,
+    up to four backward) as two :class:`GroupedMM` nodes around an eager SwiGLU, but
+    with fewer fresh activation-sized buffers, which on CPU cost more than the
+    arithmetic (a fresh allocation above glibc's 32 MiB mmap threshold is
+    page-faulted in on first touch, ~15 ms per 48 MiB on the 2-core machine of
+    ``scripts/bench_moe.py``, against ~3 ms for the pass that fills it):
+
+    * forward: ``a = silu(h1)`` then ``a *= h3`` in place; saves x, h13 = [h1 | h3]
+      and a (the autograd composition also keeps ``silu(h1)``);
+    * backward: dh1 and dh3 are written straight into halves of one [R, 2F] buffer
+      (``silu_backward`` in place, no ``cat`` of the two halves), ``silu(h1)`` recomputed.
+
+    ``offs`` are the cumulative row counts (int32, [E]); empty segments give zero
+    weight gradients. Saved tensors are never modified, so a retained graph can be
+    run backward again.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x_RD: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor, offs_E: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = w2_EFD.shape[1]
+        h13_RF2 = torch._grouped_mm(x_RD, w13_EDF2, offs=offs_E)
+        a_RF = F.silu(h13_RF2[:, :hidden]).mul_(h13_RF2[:, hidden:]).contiguous()
+        ctx.save_for_backward(x_RD, w13_EDF2, w2_EFD, offs_E, h13_RF2, a_RF)
+        return torch._grouped_mm(a_RF, w2_EFD, offs=offs_E)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx, dy_RD: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        x_RD, w13_EDF2, w2_EFD, offs_E, h13_RF2, a_RF = ctx.saved_tensors
+        need_x, need_w13, need_w2 = ctx.needs_input_grad[:3]
+        hidden = w2_EFD.shape[1]
+        dy_RD = dy_RD.contiguous()
+        dw2 = torch._grouped_mm(a_RF.t(), dy_RD, offs=offs_E) if need_w2 else None
+        if not (need_x or need_w13):
+            return None, None, dw2, None
+        da_RF = torch._grouped_mm(dy_RD, w2_EFD.transpose(1, 2), offs=offs_E)
+        h1, h3 = h13_RF2[:, :hidden], h13_RF2[:, hidden:]
+        dh13_RF2 = torch.empty_like(h13_RF2)
+        dh1, dh3 = dh13_RF2[:, :hidden], dh13_RF2[:, hidden:]
+        torch.ops.aten.silu.out(h1, out=dh3)
+        dh3.mul_(da_RF)  # d/dh3 = da * silu(h1)
+        torch.mul(da_RF, h3, out=dh1)
+        torch.ops.aten.silu_backward.grad_input(dh1, h1, grad_input=dh1)  # d/dh1 = da * h3 * silu'(h1)
+        dw13 = torch._grouped_mm(x_RD.t(), dh13_RF2, offs=offs_E) if need_w13 else None
+        dx = torch._grouped_mm(dh13_RF2, w13_EDF2.transpose(1, 2), offs=offs_E) if need_x else None
+        return dx, dw13, dw2, None
+
+
 @torch.compiler.disable
 def grouped_swiglu(
     x_RD: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor, counts_E: torch.Tensor
 ) -> torch.Tensor:
     """silu(x W1_e) * (x W3_e) W2_e over contiguous segments: two grouped GEMMs.
 
+    On CPU one :class:`GroupedSwiGLU` node (fewer fresh buffers, measured faster
+    in ``scripts/bench_moe.py``); elsewhere (CUDA, bf16 on sm90+) two
+    :class:`GroupedMM` nodes around an eager SwiGLU. The grouped GEMMs themselves
+    are the same: on CPU ``_grouped_mm`` measured as fast as a per-expert loop of
+    ``torch.mm`` (also for the weight gradient x^T dy), so there is no loop path.
+
     Kept out of ``torch.compile`` graphs: it is already one kernel per GEMM, and the
     fake-tensor rule of ``_grouped_mm`` accepts only bf16 while the CPU kernel runs fp32.
     """
     offs_E = counts_E.cumsum(0).to(torch.int32)
+    if x_RD.device.type == "cpu":
+        return GroupedSwiGLU.apply(x_RD.contiguous(), w13_EDF2, w2_EFD, offs_E)
     h1, h3 = GroupedMM.apply(x_RD, w13_EDF2, offs_E).chunk(2, dim=-1)
     return GroupedMM.apply(F.silu(h1) * h3, w2_EFD, offs_E)
 

@@ -26,6 +26,7 @@ from moetrain.moe.balance import (
 )
 from moetrain.moe.dispatch import CommStats, Dispatcher, LocalDispatcher, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.fused import fused_local_supported, local_swiglu_moe
 from moetrain.moe.routing import STRATEGIES, RouteSpec, Routing, capacity, capacity_keep, device_capacity_keep
 from moetrain.moe.stats import router_entropy
 
@@ -189,12 +190,18 @@ class MoELayer(nn.Module):
         r = self.router(x_TD, token_ids_T)
         keep_TK = self._drop(r)
 
+        # Every slot kept (token choice, nothing dropped): no boolean indexing, so no host sync on GPU.
+        dropless = keep_TK is r.keep_TK and self.cfg.router.strategy != "expert_choice"
+        if dropless and self._fused_local(x_TD):
+            y_TD = local_swiglu_moe(x_TD, r.expert_idx_TK, r.weight_TK, self.experts.w13, self.experts.w2)
+            if self.shared is not None:
+                y_TD = y_TD + self.shared(x_TD)
+            return y_TD.view(B, S, D), self._stats(r, r.keep_TK, keep_TK, B, S)
+
         # Flat kept assignments (token-major), dispatched, computed, combined.
         K = r.expert_idx_TK.shape[1]
         token_idx_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
         expert_idx_A, weight_A = r.expert_idx_TK.reshape(-1), r.weight_TK.reshape(-1)
-        # Every slot kept (token choice, nothing dropped): no boolean indexing, so no host sync on GPU.
-        dropless = keep_TK is r.keep_TK and self.cfg.router.strategy != "expert_choice"
         if not dropless:
             keep_A = keep_TK.reshape(-1)
             token_idx_A, expert_idx_A, weight_A = token_idx_A[keep_A], expert_idx_A[keep_A], weight_A[keep_A]
@@ -211,6 +218,17 @@ class MoELayer(nn.Module):
         stats = self._stats(r, r.keep_TK, keep_TK, B, S)
         stats.comm = comm
         return y_TD.view(B, S, D), stats
+
+    def _fused_local(self, x_TD: torch.Tensor) -> bool:
+        """Whether the dropless forward takes :func:`~moetrain.moe.fused.local_swiglu_moe` (dispatch, experts
+        and combine as one node, no [T*K, D] tensors; measured faster in ``scripts/bench_moe.py``): one
+        process (the plain :class:`LocalDispatcher`), plain :class:`GroupedExperts` (not a subclass such
+        as DeepSpeed's, whose module hooks must see the experts' forward), CPU and fp32."""
+        return (
+            type(self.dispatcher) is LocalDispatcher
+            and type(self.experts) is GroupedExperts
+            and fused_local_supported(x_TD, self.experts.w13, self.experts.w2)
+        )
 
     def _drop(self, r: Routing) -> torch.Tensor:
         """Capacity: the kept slots after per-expert and (training only) device-level dropping.

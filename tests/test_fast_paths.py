@@ -1,0 +1,188 @@
+"""CPU fast paths of the MoE layer against plain per-expert / per-slot reference loops.
+
+``GroupedSwiGLU`` (one autograd node for the grouped SwiGLU experts), the
+dropless ``LocalDispatcher`` (``GatherTokens`` dispatch, ``WeightedBagSum``
+combine) and ``local_swiglu_moe`` (dispatch, experts and combine in one node,
+the single-process CPU fp32 path of ``MoELayer``): forward output and every
+gradient, at small shapes with empty experts and uneven segments.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moetrain.moe.dispatch import LocalDispatcher
+from moetrain.moe.experts import GroupedExperts, GroupedSwiGLU, grouped_mm_supported
+
+pytestmark = pytest.mark.unit
+
+COUNTS = [[3, 0, 5, 1], [0, 0, 0, 7], [1, 1, 1, 1], [0, 9, 0, 0], [6, 0, 0, 2]]
+
+
+def swiglu_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Reference: one plain SwiGLU per expert over its segment."""
+    out = [x.new_zeros(0, w2.shape[-1])]
+    for e, x_e in enumerate(x.split(counts)):
+        h1, h3 = (x_e @ w13[e]).chunk(2, dim=-1)
+        out.append((F.silu(h1) * h3) @ w2[e])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
+def test_grouped_swiglu_equals_loop_forward_and_every_gradient(counts, needs):
+    torch.manual_seed(0)
+    E, D, H = 4, 8, 12
+    assert grouped_mm_supported(torch.zeros(1), D, H)
+    x = torch.randn(sum(counts), D).requires_grad_(needs[0])
+    w13 = (torch.randn(E, D, 2 * H) * 0.5).requires_grad_(needs[1])
+    w2 = (torch.randn(E, H, D) * 0.5).requires_grad_(needs[2])
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    y = GroupedSwiGLU.apply(x, w13, w2, offs)
+    ref = swiglu_loop(x, w13, w2, counts)
+    torch.testing.assert_close(y, ref)
+    inputs = [t for t in (x, w13, w2) if t.requires_grad]
+    if not inputs or y.numel() == 0:
+        return
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, g, retain_graph=True)
+    want = torch.autograd.grad(ref, inputs, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the backward leaves its saved tensors alone: a retained graph gives the same gradients again
+    again = torch.autograd.grad(y, inputs, g)
+    for a, b in zip(again, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_grouped_experts_cpu_path_is_the_fused_node():
+    experts = GroupedExperts(4, 8, 12)
+    torch.nn.init.normal_(experts.w13)
+    torch.nn.init.normal_(experts.w2)
+    y = experts(torch.randn(5, 8, requires_grad=True), torch.tensor([2, 0, 3, 0]))
+    assert type(y.grad_fn).__name__ == "GroupedSwiGLUBackward"
+
+
+def slot_loop(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """Reference: out[t] = sum_k w[t, k] * (x[t] @ mats[idx[t, k]]), one slot at a time."""
+    rows = []
+    for t in range(x.shape[0]):
+        acc = x.new_zeros(mats.shape[-1])
+        for k in range(idx.shape[1]):
+            acc = acc + w[t, k] * (x[t] @ mats[idx[t, k]])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def dispatched(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, mats: torch.Tensor, dtype: torch.dtype):
+    """The dropless LocalDispatcher around a per-expert map of the expert-sorted rows."""
+    T, K = idx.shape
+    d = LocalDispatcher(mats.shape[0])
+    token_idx = torch.arange(T).repeat_interleave(K)
+    rows, counts, handle = d.dispatch(x, token_idx, idx.reshape(-1), w.reshape(-1), slots_per_token=K)
+    assert counts.tolist() == torch.bincount(idx.reshape(-1), minlength=mats.shape[0]).tolist()
+    y = torch.cat([r @ mats[e] for e, r in enumerate(rows.split(counts.tolist()))])
+    return d.combine(y.to(dtype), handle)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 rows: the einsum combine
+@pytest.mark.parametrize("num_experts", [3, 6])  # 6 experts for 7 tokens x 2 slots: some empty, uneven
+def test_dropless_local_dispatch_and_combine_equal_slot_loop(num_experts, dtype):
+    torch.manual_seed(1)
+    T, K, D = 7, 2, 5
+    x = torch.randn(T, D, requires_grad=True)
+    idx = torch.stack([torch.randperm(num_experts)[:K] for _ in range(T)])
+    if num_experts == 6:
+        idx[idx == 4] = 5  # expert 4 gets no rows
+    w = torch.rand(T, K, requires_grad=True)
+    mats = torch.randn(num_experts, D, D, requires_grad=True)
+    out = dispatched(x, idx, w, mats, dtype)
+    ref = slot_loop(x, idx, w, mats)
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(out.float(), ref, **tol)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out.float(), [x, w, mats], g)
+    want = torch.autograd.grad(ref, [x, w, mats], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else tol))
+
+
+def swiglu_slot_loop(x, idx, w, w13, w2):
+    """Reference: out[t] = sum_k w[t, k] * SwiGLU_{idx[t, k]}(x[t]), one slot at a time."""
+    rows = []
+    for t in range(x.shape[0]):
+        acc = x.new_zeros(x.shape[1])
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            h1, h3 = (x[t] @ w13[e]).chunk(2)
+            acc = acc + w[t, k] * ((F.silu(h1) * h3) @ w2[e])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, True, True), (True, False, False, False)])
+@pytest.mark.parametrize("routing", ["uneven_with_empty", "all_to_one", "balanced"])
+def test_local_swiglu_moe_equals_slot_loop_forward_and_every_gradient(routing, needs):
+    from moetrain.moe.fused import fused_local_supported, local_swiglu_moe
+
+    torch.manual_seed(2)
+    T, K, D, H, E = 9, 3, 6, 5, 5  # odd sizes: the fused path has no 16-byte rule
+    if routing == "uneven_with_empty":  # experts 1 and 3 get nothing, expert 0 most
+        idx = torch.tensor([[0, 2, 4]] * 5 + [[0, 4, 2]] * 3 + [[2, 0, 4]])
+    elif routing == "all_to_one":  # duplicate slots of one expert per token
+        idx = torch.full((T, K), 3)
+    else:
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    x = torch.randn(T, D).requires_grad_(needs[0])
+    w = torch.rand(T, K).requires_grad_(needs[1])
+    w13 = (torch.randn(E, D, 2 * H) * 0.5).requires_grad_(needs[2])
+    w2 = (torch.randn(E, H, D) * 0.5).requires_grad_(needs[3])
+    assert fused_local_supported(x, w13, w2)
+    out = local_swiglu_moe(x, idx, w, w13, w2)
+    ref = swiglu_slot_loop(x, idx, w, w13, w2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    inputs = [t for t in (x, w, w13, w2) if t.requires_grad]
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, inputs, g, retain_graph=True)
+    want = torch.autograd.grad(ref, inputs, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    again = torch.autograd.grad(out, inputs, g)  # saved tensors untouched: a retained graph runs again
+    for a, b in zip(again, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fused_local_path_taken_only_where_it_applies():
+    from moetrain.config import MoEConfig
+    from moetrain.moe import MoELayer
+
+    layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8))
+    x = torch.randn(2, 3, 16)
+    assert layer._fused_local(x.view(-1, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fused_local(x.view(-1, 16))
+    assert not layer._fused_local(x.view(-1, 16).bfloat16())
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moe_layer_fused_path_equals_generic_path(monkeypatch, shared):
+    from moetrain.config import MoEConfig
+    from moetrain.moe import MoELayer
+
+    torch.manual_seed(3)
+    layer = MoELayer(16, MoEConfig(num_experts=6, top_k=2, expert_hidden_size=8, num_shared_experts=shared))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.3)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    params = [x, *layer.parameters()]
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(MoELayer, "_fused_local", lambda self, x_TD, f=fused: f)
+        y, stats = layer(x)
+        loss = y.square().sum() + stats.aux_loss
+        results.append((y, stats.load_N, *torch.autograd.grad(loss, params)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -17,13 +17,17 @@ of the process's peak RSS during one forward+backward (CPU), or
 
     python scripts/bench_moe.py                      # all shapes, all implementations
     python scripts/bench_moe.py --shapes fine --tokens 4096 8192 --reps 5
+    python scripts/bench_moe.py --memory-scaling --tokens 1024 2048 4096   # peak memory only, linear in T?
+    python scripts/bench_moe.py --keep-freed-memory   # CPU: no fresh page faults for big buffers
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -118,24 +122,36 @@ class HFExperts(nn.Module):
         return y.view_as(x_BSD)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_single_rank_group(device: torch.device) -> None:
+    """A one-rank process group for DeepSpeed's MoE layer (gloo on CPU, nccl on GPU).
+
+    The rendezvous variables are set, not defaulted: the peak-memory subprocesses
+    inherit the parent's environment, whose MASTER_PORT the parent's own group holds.
+    """
+    import deepspeed
+
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    )
+    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+
+
 class DeepSpeedMoE(nn.Module):
     def __init__(self, shape: Shape, device: torch.device) -> None:
         super().__init__()
-        import deepspeed
         from deepspeed.moe.layer import MoE
 
         from moetrain.model.layers import SwiGLU
 
         if not torch.distributed.is_initialized():
-            for key, value in {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(29500 + os.getpid() % 1000),
-                "RANK": "0",
-                "LOCAL_RANK": "0",
-                "WORLD_SIZE": "1",
-            }.items():
-                os.environ.setdefault(key, value)
-            deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+            init_single_rank_group(device)
         self.moe = MoE(
             shape.dim,
             expert=SwiGLU(shape.dim, shape.hidden),
@@ -181,6 +197,7 @@ class _Wrap(nn.Module):
 def fwd_bwd(module: nn.Module, x: torch.Tensor) -> None:
     module(x).float().square().mean().backward()
     module.zero_grad(set_to_none=True)
+    x.grad = None
 
 
 def sync(device: torch.device) -> None:
@@ -197,19 +214,27 @@ def check_equal(shape: Shape, device: torch.device, dtype: torch.dtype) -> float
         return (layer(x)[0] - hf(x)).abs().max().item()
 
 
-def time_all(shape: Shape, tokens: int, reps: int, impls: list[str], device: torch.device, dtype: torch.dtype):
+def time_all(
+    shape: Shape,
+    tokens: int,
+    reps: int,
+    impls: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    input_grad: bool = False,
+):
     modules, failed = {}, {}
     for impl in impls:
         try:
             modules[impl] = build(impl, shape, device)
-            x = torch.randn(1, tokens, shape.dim, device=device)
+            x = torch.randn(1, tokens, shape.dim, device=device, requires_grad=input_grad)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 fwd_bwd(modules[impl], x)
         except Exception as e:  # an implementation that cannot run this shape is reported, not fatal
             failed[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
             modules.pop(impl, None)
     times: dict[str, list[float]] = {k: [] for k in modules}
-    x = torch.randn(1, tokens, shape.dim, device=device)
+    x = torch.randn(1, tokens, shape.dim, device=device, requires_grad=input_grad)
     for _ in range(reps):
         for impl, module in modules.items():  # interleaved
             sync(device)
@@ -292,6 +317,31 @@ def peak_memory(impl: str, shape_key: str, tokens: int, device: torch.device, dt
     return None
 
 
+def memory_scaling(shape_key: str, tokens: list[int], impls: list[str], device: torch.device, dtype: str) -> None:
+    """Print the peak MiB of one forward+backward at each token count and the growth per 1k extra tokens
+    between successive counts: equal growths mean memory linear in tokens (the fixed part is mostly
+    the weight gradients)."""
+    tokens = sorted(tokens)
+    print(f"\n{SHAPES[shape_key].name}: peak MiB of one forward+backward")
+    steps = [f"{a}->{b}" for a, b in itertools.pairwise(tokens)]
+    print(
+        "| implementation | "
+        + " | ".join(f"{t} tokens" for t in tokens)
+        + " | MiB per 1k more tokens, "
+        + ", ".join(steps)
+        + " |"
+    )
+    print("| --- |" + " ---: |" * (len(tokens) + 1))
+    for impl in impls:
+        mems = [peak_memory(impl, shape_key, t, device, dtype) for t in tokens]
+        growth = [
+            f"{(m2 - m1) * 1000 / (t2 - t1):.1f}" if m1 is not None and m2 is not None else "n/a"
+            for (t1, m1), (t2, m2) in itertools.pairwise(zip(tokens, mems))
+        ]
+        cells = [f"{m:.0f}" if m is not None else "n/a" for m in mems]
+        print(f"| {impl} | " + " | ".join(cells) + " | " + ", ".join(growth) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -301,8 +351,28 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-subprocess peak memory runs")
+    p.add_argument(
+        "--input-grad",
+        action="store_true",
+        help="time with the layer's input requiring its gradient too, as inside a model (peak memory runs without)",
+    )
+    p.add_argument(
+        "--memory-scaling",
+        action="store_true",
+        help="no timing: peak memory at every --tokens count, and MiB per 1k tokens (is it linear in tokens?)",
+    )
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="CPU: rerun with glibc malloc told never to mmap nor trim (MALLOC_MMAP_MAX_=0, "
+        "MALLOC_TRIM_THRESHOLD_), so freed buffers are reused instead of page-faulted in afresh; "
+        "applies to every implementation alike",
+    )
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.keep_freed_memory and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        os.environ.update({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)})
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.child:
         impl, shape_key, tokens, device, dtype = args.child
         peak_memory_child(impl, shape_key, int(tokens), device, dtype)
@@ -314,7 +384,12 @@ def main() -> None:
     print(
         f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
         f"{dtype_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.reps}"
+        + (", glibc malloc keeping freed memory" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "")
     )
+    if args.memory_scaling:
+        for key in args.shapes:
+            memory_scaling(key, args.tokens, args.impls, device, dtype_name)
+        return
     for key in args.shapes:
         shape = SHAPES[key]
         if "hf_eager" in args.impls:
@@ -323,9 +398,9 @@ def main() -> None:
                 f"{check_equal(shape, device, dtype):.2e}"
             )
         for tokens in args.tokens:
-            times, failed = time_all(shape, tokens, args.reps, args.impls, device, dtype)
+            times, failed = time_all(shape, tokens, args.reps, args.impls, device, dtype, args.input_grad)
             ours = times.get("moetrain")
-            print(f"\n{shape.name}, {tokens} tokens")
+            print(f"\n{shape.name}, {tokens} tokens" + (", input gradient too" if args.input_grad else ""))
             print("| implementation | fwd+bwd ms | ratio to dense floor | moetrain speed-up | peak MiB |")
             print("| --- | ---: | ---: | ---: | ---: |")
             for impl in args.impls:

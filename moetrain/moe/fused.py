@@ -99,7 +99,7 @@ class LocalSwiGLUMoE(torch.autograd.Function):
             g_nD = grad_TD.index_select(0, token_R[s:t])
             da = torch.mm(g_nD, w2_EFD[e].t())
             if dot_R is not None:
-                torch.bmm(a.unsqueeze(1), da.unsqueeze(2), out=dot_R[s:t].view(-1, 1, 1))
+                torch.linalg.vecdot(a, da, out=dot_R[s:t])  # 6x faster than a batched 1xF @ Fx1 bmm here
             if dw2 is not None:
                 torch.mm(a.t(), g_nD.mul_(w_n1), out=dw2[e])
             if not (need_x or need_w13):

@@ -19,6 +19,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,26 @@ class LayerRoutes:
     """Per token, the matching combine weights."""
 
 
+class _CapturingDispatcher:
+    """Delegates to a layer's dispatcher and records the (token, expert, weight) assignments it is given."""
+
+    def __init__(self, inner: Any, layer: int, into: dict[int, Any]) -> None:
+        self.inner, self.layer, self.into = inner, layer, into
+
+    def dispatch(self, x_TD: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, weight_A: torch.Tensor,
+                 *rest: Any, **kw: Any) -> Any:  # fmt: skip
+        self.into[self.layer] = (
+            x_TD.shape[0],
+            token_idx_A.clone(),
+            expert_idx_A.clone(),
+            weight_A.detach().float().clone(),
+        )
+        return self.inner.dispatch(x_TD, token_idx_A, expert_idx_A, weight_A, *rest, **kw)
+
+    def __getattr__(self, name: str) -> Any:  # combine, last, num_local_experts, ...
+        return getattr(self.inner, name)
+
+
 @torch.no_grad()
 def routes_for(model: Transformer, tokens_BS: torch.Tensor) -> dict[int, LayerRoutes]:
     """Each MoE layer's routing of the tokens (batch flattened), as dispatched in one ordinary forward.
@@ -52,20 +73,16 @@ def routes_for(model: Transformer, tokens_BS: torch.Tensor) -> dict[int, LayerRo
     captured: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     originals = {}
     for i, layer in model.moe_layers().items():
-        dispatcher = layer.dispatcher
-        originals[i] = dispatcher.dispatch
-
-        def dispatch(x_TD, token_idx_A, expert_idx_A, weight_A, *rest, i=i, inner=dispatcher.dispatch, **kw):  # type: ignore[no-untyped-def]
-            captured[i] = (x_TD.shape[0], token_idx_A.clone(), expert_idx_A.clone(), weight_A.detach().float().clone())
-            return inner(x_TD, token_idx_A, expert_idx_A, weight_A, *rest, **kw)
-
-        dispatcher.dispatch = dispatch  # type: ignore[method-assign]
+        originals[i] = layer.dispatcher
+        # A wrapper, not a patched method: the layer then takes its generic dispatch path (its fused
+        # single-process path, equal in value, never calls a dispatcher).
+        layer.dispatcher = _CapturingDispatcher(layer.dispatcher, i, captured)  # type: ignore[assignment]
     try:
         model.eval()
         model(tokens_BS)
     finally:
         for i, layer in model.moe_layers().items():
-            layer.dispatcher.dispatch = originals[i]  # type: ignore[method-assign]
+            layer.dispatcher = originals[i]
     out = {}
     for i, (T, token_idx, expert_idx, weight) in sorted(captured.items()):
         per_token: list[list[tuple[float, int]]] = [[] for _ in range(T)]

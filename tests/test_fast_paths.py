@@ -186,3 +186,16 @@ def test_moe_layer_fused_path_equals_generic_path(monkeypatch, shared):
         results.append((y, stats.load_N, *torch.autograd.grad(loss, params)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sum_token_slots_fused_and_gather_sum_agree():
+    """The dispatch backward: embedding_bag (CPU) and the gather + sum used on other devices."""
+    from moetrain.moe.dispatch import sum_token_slots
+
+    torch.manual_seed(4)
+    T, K, D = 6, 3, 4
+    inverse = torch.randperm(T * K).view(T, K)
+    grad = torch.randn(T * K, D)
+    want = torch.stack([grad[inverse[t]].sum(0) for t in range(T)])
+    for fused in (True, False):
+        torch.testing.assert_close(sum_token_slots(grad, inverse, fused), want)

@@ -88,11 +88,16 @@ class GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (inverse_TK,) = ctx.saved_tensors
-        grad_RD = grad_RD.contiguous()
-        if grad_RD.device.type == "cpu":
-            return F.embedding_bag(inverse_TK, grad_RD, mode="sum"), None, None
-        T, K = inverse_TK.shape
-        return grad_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1), None, None
+        return sum_token_slots(grad_RD, inverse_TK, fused=grad_RD.device.type == "cpu"), None, None
+
+
+def sum_token_slots(grad_RD: torch.Tensor, inverse_TK: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``out[t] = sum_k grad[inverse[t, k]]``: one ``embedding_bag`` (``fused``, CPU) or a gather and a sum."""
+    grad_RD = grad_RD.contiguous()
+    if fused:
+        return F.embedding_bag(inverse_TK, grad_RD, mode="sum")
+    T, K = inverse_TK.shape
+    return grad_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1)
 
 
 class WeightedBagSum(torch.autograd.Function):

@@ -12,8 +12,8 @@ all alike):
 
 The outputs of ``moetrain`` and ``hf_eager`` are checked equal before timing. Peak
 memory is measured in a fresh subprocess per (implementation, shape) as the growth
-of the process's peak RSS during one forward+backward (CPU), or
-``torch.cuda.max_memory_allocated`` (GPU).
+of the heap bytes in use during one forward+backward (glibc ``mallinfo2``, sampled after
+every aten op: :class:`HeapPeak`) on CPU, or ``torch.cuda.max_memory_allocated`` (GPU).
 
     python scripts/bench_moe.py                      # all shapes, all implementations
     python scripts/bench_moe.py --shapes fine --tokens 4096 8192 --reps 5

@@ -33,6 +33,19 @@ def write_corpus(root, n_docs: int = 8) -> list[str]:
     return paths
 
 
+def cli_corpus_overrides(tmp_path) -> list[str]:
+    """Hydra overrides that point ``moetrain-train`` at a fresh :func:`write_corpus` (32-byte sequences)."""
+    paths = write_corpus(tmp_path / "corpus")
+    return [
+        "data=files",
+        "data.paths=[" + ",".join(f'"{p}"' for p in paths) + "]",
+        "data.seq_len=32",
+        "data.val_fraction=0.25",
+        "data.max_val_sequences=8",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+
+
 def tiny_train_config(tmp_path, **trainer_kw):
     """A seconds-long config on a local corpus, W&B off."""
     from moetrain.config import DataConfig, ModelConfig, MoEConfig, TrainConfig, TrainerConfig

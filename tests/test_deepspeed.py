@@ -354,20 +354,14 @@ def test_deepspeed_launcher_then_torchrun_resume_through_the_cli(tmp_path):
     import sys
 
     from moetrain.train.sinks import read_wandb_history
-    from tests.conftest import write_corpus
+    from tests.conftest import cli_corpus_overrides
 
-    paths = write_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     args = [
         "engine=deepspeed",
         "engine.zero_stage=2",
-        "data=files",
-        "data.paths=[" + ",".join(f'"{p}"' for p in paths) + "]",
-        "data.seq_len=32",
-        "data.val_fraction=0.25",
-        "data.max_val_sequences=8",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        *cli_corpus_overrides(tmp_path),
         "model.dim=32",
         "model.n_layers=2",
         "model.n_heads=4",

@@ -527,9 +527,8 @@ def test_torchrun_two_ranks_agree_on_one_run_dir_and_only_rank0_logs(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import write_corpus
+    from tests.conftest import cli_corpus_overrides
 
-    paths = write_corpus(tmp_path / "corpus")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [
         sys.executable,
@@ -540,12 +539,7 @@ def test_torchrun_two_ranks_agree_on_one_run_dir_and_only_rank0_logs(tmp_path):
         "-m",
         "moetrain.train",
         "experiment=smoke",
-        "data=files",
-        "data.paths=[" + ",".join(f'"{p}"' for p in paths) + "]",
-        "data.seq_len=32",
-        "data.val_fraction=0.25",
-        "data.max_val_sequences=8",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        *cli_corpus_overrides(tmp_path),
         "parallel.ep=2",
         "logger=none",
         "trainer.max_steps=2",

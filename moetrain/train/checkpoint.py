@@ -580,16 +580,7 @@ class Checkpointer:
     def save(self) -> Path:
         """Write a checkpoint of the current step (asynchronously when ``checkpoint.async_save``)."""
         self.wait()
-        step = self.trainer.step
-        final = self.dir / checkpoint_name(step)
-        tmp = self.dir / (final.name + ".tmp")
-        if self.pc.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            if final.exists():  # re-saving a step (e.g. a run that ended there is extended)
-                shutil.rmtree(final)
-        self._barrier()
+        tmp, final = self._staging_dirs()
         meta = self.meta()
         entries = self.state_entries()
         writer = FileSystemWriter(str(tmp))
@@ -602,6 +593,26 @@ class Checkpointer:
         dcp.save(entries, storage_writer=writer, process_group=self.group, no_dist=not self.distributed)
         self._publish(tmp, final, meta)
         return final
+
+    def _staging_dirs(self) -> tuple[Path, Path]:
+        """``(step_N.tmp, step_N)`` of the current step, both cleared by rank 0, then a barrier."""
+        final = self.dir / checkpoint_name(self.trainer.step)
+        tmp = self.dir / (final.name + ".tmp")
+        if self.pc.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            if final.exists():  # re-saving a step (e.g. a run that ended there is extended)
+                shutil.rmtree(final)
+        self._barrier()
+        return tmp, final
+
+    def _restore_progress(self, meta: dict[str, Any]) -> None:
+        """Step, tokens seen and the loader's position from ``meta.json``."""
+        tr = self.trainer
+        tr.loader.load_state_dict(meta["loader"])
+        tr.step = int(meta["step"])
+        tr.tokens_seen = int(meta["tokens_seen"])
 
     def wait(self) -> None:
         """Finish (and publish) an asynchronous save in flight."""
@@ -712,9 +723,7 @@ class Checkpointer:
             for key in ("lr", "initial_lr"):
                 if key in saved:
                     group[key] = saved[key]
-        tr.loader.load_state_dict(meta["loader"])
-        tr.step = int(meta["step"])
-        tr.tokens_seen = int(meta["tokens_seen"])
+        self._restore_progress(meta)
         if all(k in buffers for k in rng_keys if not k.endswith(".cuda")):
             set_rng(buffers, rank)
         else:  # a rank the saving job did not have: a fresh stream, still a function of (seed, step, rank)

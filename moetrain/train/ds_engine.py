@@ -49,7 +49,6 @@ from moetrain.train.checkpoint import (
     arch_of,
     check_arch,
     check_engine,
-    checkpoint_name,
     read_meta,
     rng_entries,
     set_rng,
@@ -136,7 +135,6 @@ class DeepSpeedTrainer(Trainer):
         self.own_clip = self.precision == "fp32" and self.zero_stage == 0
         if self.own_clip:
             ds_config = {**ds_config, "gradient_clipping": 0.0}
-        self.ds_config = ds_config
 
         adopt_experts(self.model, pc.ep_size)
         groups_ = split_moe_param_groups(param_groups(self.model, cfg.optim.weight_decay))
@@ -233,16 +231,7 @@ class DeepSpeedCheckpointer(Checkpointer):
 
     def save(self) -> Path:
         tr = self.trainer
-        final = self.dir / checkpoint_name(tr.step)
-        tmp = self.dir / (final.name + ".tmp")
-        if self.pc.is_main:
-            import shutil
-
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in (tmp, final):  # a re-saved step (a finished run that is extended)
-                if stale.exists():
-                    shutil.rmtree(stale)
-        self._barrier()
+        tmp, final = self._staging_dirs()
         tr.engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
         torch.save(rng_entries(self.pc.rank), tmp / f"rng_rank_{self.pc.rank}.pt")
         self._publish(tmp, final, self.meta())
@@ -268,9 +257,7 @@ class DeepSpeedCheckpointer(Checkpointer):
             raise CheckpointError(f"{path}: DeepSpeed could not load it ({_one_line(e)})") from None
         if loaded is None:
             raise CheckpointError(f"{path}: DeepSpeed found no checkpoint files in it")
-        tr.loader.load_state_dict(meta["loader"])
-        tr.step = int(meta["step"])
-        tr.tokens_seen = int(meta["tokens_seen"])
+        self._restore_progress(meta)
         rng_file = path / f"rng_rank_{self.pc.rank}.pt"
         if not rng_file.is_file():
             raise CheckpointError(f"{rng_file}: missing; the save of this checkpoint did not complete")

@@ -161,6 +161,15 @@ class Router(nn.Module):
             self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's for ``x``'s device while autocast is on (e.g. bf16 under
+    ``trainer.precision=bf16``, whose residual stream stays fp32), else ``x``'s own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 class MoELayer(nn.Module):
     """Routed experts (sharded by the dispatcher under EP) plus optional shared experts.
 
@@ -198,25 +207,26 @@ class MoELayer(nn.Module):
                 y_TD = y_TD + self.shared(x_TD)
             return y_TD.view(B, S, D), self._stats(r, r.keep_TK, keep_TK, B, S)
 
-        # Flat kept assignments (token-major), dispatched, computed, combined.
+        # The experts (routed and shared) and the all-to-all see the compute dtype; the router stayed fp32.
+        xc_TD = x_TD.to(compute_dtype(x_TD))
+        # Flat kept assignments (token-major), dispatched, computed (each row scaled by its weight), combined.
         K = r.expert_idx_TK.shape[1]
         token_idx_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
         expert_idx_A, weight_A = r.expert_idx_TK.reshape(-1), r.weight_TK.reshape(-1)
         if not dropless:
             keep_A = keep_TK.reshape(-1)
             token_idx_A, expert_idx_A, weight_A = token_idx_A[keep_A], expert_idx_A[keep_A], weight_A[keep_A]
-        rows_RD, counts_E, handle = self.dispatcher.dispatch(
-            x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token=K if dropless else None
+        d = self.dispatcher.dispatch(
+            xc_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token=K if dropless else None
         )
-        comm: CommStats | None = getattr(self.dispatcher, "last", None)
-        if comm is not None and comm.keep_A is not None:  # the EP receive budget dropped some (max_recv_factor)
-            keep_TK = kept_after_dispatch(keep_TK, comm.keep_A)
-        y_TD = self.dispatcher.combine(self.experts(rows_RD, counts_E), handle).to(x_TD.dtype)
+        if d.comm is not None and d.comm.keep_A is not None:  # the EP receive budget dropped some (max_recv_factor)
+            keep_TK = kept_after_dispatch(keep_TK, d.comm.keep_A)
+        y_TD = self.dispatcher.combine(self.experts(d.rows_RD, d.counts_E, d.weight_R), d.handle).to(x_TD.dtype)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = y_TD + self.shared(xc_TD)  # added in x's dtype (the residual stream's)
 
         stats = self._stats(r, r.keep_TK, keep_TK, B, S)
-        stats.comm = comm
+        stats.comm = d.comm
         return y_TD.view(B, S, D), stats
 
     def _fused_local(self, x_TD: torch.Tensor) -> bool:

@@ -12,6 +12,7 @@ later stage (capacity, dispatch, statistics) sees one representation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -305,6 +306,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+@functools.lru_cache(maxsize=64)
+def _hash_salts(seed: int) -> tuple[int, int]:
+    """The two 31-bit salts of :func:`hash_experts`, drawn once per seed (a host read, cached)."""
+    g = torch.Generator().manual_seed(seed)
+    s1, s2 = torch.randint(0, 2**31, (2,), generator=g).tolist()
+    return int(s1), int(s2)
+
+
 def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
     """Fixed random map token id -> K distinct experts [T, K] (Roller et al. 2021, arXiv 2106.04426, sec. 3).
 
@@ -315,8 +324,7 @@ def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int, seed: 
     the experts (the paper's "Random Hash"); it depends only on the id, never on
     the hidden state or the batch.
     """
-    g = torch.Generator().manual_seed(seed)
-    s1, s2 = (int(v) for v in torch.randint(0, 2**31, (2,), generator=g))
+    s1, s2 = _hash_salts(seed)
     ids_T1 = (token_ids_T.long().reshape(-1, 1) & _MASK32) ^ s1
     experts_1N = torch.arange(num_experts, device=token_ids_T.device, dtype=torch.long).unsqueeze(0) + s2
     key_TN = _mix32(_mix32(ids_T1) ^ _mix32(experts_1N & _MASK32))

@@ -4,6 +4,7 @@
 #      no host sync in a dropless step, regional compile vs eager),
 #   2. scripts/bench_moe.py at the GPU issue's shapes (with a kernel profile of moetrain's layer),
 #   3. scripts/bench_train.py: MoE vs its dense twin at model=small (eager, then compiled).
+# Each part has its own time limit, so one that hangs cannot take the others with it.
 # Output goes to the terminal and to $OUT (default: gpu_check_out/): tests.log, bench_moe.md, bench_train*.md.
 #
 #   scripts/gpu_check.sh                  # with the Python on PATH (python3), e.g. inside .venv
@@ -23,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2
 "$py" -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None, "python", sys.version.split()[0])'
 
 step "CUDA tests"
-"$py" -m pytest -q -rs tests/test_cuda.py 2>&1 | tee "$out/tests.log"
+timeout 180 "$py" -m pytest -q -rs tests/test_cuda.py 2>&1 | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ -n "${QUICK:-}" ]; then
@@ -31,22 +32,22 @@ if [ -n "${QUICK:-}" ]; then
   model=(data.seq_len=64 trainer.global_batch_size=4 trainer.micro_batch_size=4)
   steps=(--steps 2 --warmup 1 --block 1)
 else
-  moe_args=(--profile)
+  moe_args=(--profile --primitives)
   model=(model=small moe.num_experts=64 moe.top_k=6 moe.expert_hidden_size=256 moe.num_shared_experts=2
          data.seq_len=1024 trainer.global_batch_size=16 trainer.micro_batch_size=16)
   steps=(--steps 20 --warmup 3 --block 5)
 fi
 
 step "one MoE layer: bench_moe"
-"$py" scripts/bench_moe.py "${moe_args[@]}" 2>&1 | tee "$out/bench_moe.md"
+timeout 150 "$py" scripts/bench_moe.py "${moe_args[@]}" 2>&1 | tee "$out/bench_moe.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "end to end: bench_train (eager)"
-"$py" scripts/bench_train.py "${steps[@]}" -- "${model[@]}" 2>&1 | tee "$out/bench_train.md"
+timeout 120 "$py" scripts/bench_train.py "${steps[@]}" -- "${model[@]}" 2>&1 | tee "$out/bench_train.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "end to end: bench_train (trainer.compile)"
-"$py" scripts/bench_train.py --compile "${steps[@]}" -- "${model[@]}" 2>&1 | tee "$out/bench_train_compile.md"
+timeout 180 "$py" scripts/bench_train.py --compile "${steps[@]}" -- "${model[@]}" 2>&1 | tee "$out/bench_train_compile.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "done (status $status)"

@@ -87,16 +87,17 @@ class PermuteRows(torch.autograd.Function):
 def sum_token_slots(rows_RD: torch.Tensor, inverse_TK: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     """``out[t] = sum_k rows[inverse[t, k]]`` in the rows' dtype, accumulated in fp32.
 
-    ``fused`` (default: on CPU and CUDA): one gather-and-sum kernel (``embedding_bag``,
-    which accumulates 16-bit rows in fp32); otherwise a gather and an fp32 sum over K.
+    ``fused`` (default: on CPU, where it was measured faster, see ``scripts/bench_moe.py``): one
+    gather-and-sum kernel (``embedding_bag``); otherwise a gather and a sum over K (PyTorch's
+    reductions accumulate 16-bit inputs in fp32). ``bench_moe.py --primitives`` times both.
     """
     rows_RD = rows_RD.contiguous()
     if fused is None:
-        fused = rows_RD.device.type in ("cpu", "cuda")
+        fused = rows_RD.device.type == "cpu"
     if fused:
         return F.embedding_bag(inverse_TK, rows_RD, mode="sum")
     T, K = inverse_TK.shape
-    return rows_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1, dtype=torch.float32).to(rows_RD.dtype)
+    return rows_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1)
 
 
 class GatherTokens(torch.autograd.Function):

@@ -9,6 +9,50 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)  # tests never go online
 
 
+# ------------------------------------------------------- no silent skips in CI
+# CI installs every extra, so there a skip means a test that guards something did not run: under CI=true an
+# unexpected skip fails the run. Expected: tests marked ``cuda`` (tests/test_cuda.py, no GPU on CI) and skips
+# whose reason names CUDA or a GPU. xfail reports are not skips.
+
+
+def ci_strict() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def expected_skip(reason: str, item: pytest.Item | None = None) -> bool:
+    if item is not None and item.get_closest_marker("cuda") is not None:
+        return True
+    return any(word in reason for word in ("CUDA", "GPU"))
+
+
+def skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if not ci_strict() or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = skip_reason(report)
+    if not expected_skip(reason, item):
+        report.outcome = "failed"
+        report.longrepr = f"unexpected skip under CI=true (CI installs every extra): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    report = outcome.get_result()
+    if ci_strict() and report.skipped and not expected_skip(skip_reason(report)):
+        report.outcome = "failed"
+        report.longrepr = f"unexpected module skip under CI=true (CI installs every extra): {skip_reason(report)}"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -1,0 +1,55 @@
+"""One gloo spawn per world size for the multi-process checks of several test modules.
+
+Starting W processes that import torch costs 15-25 s on 2 busy cores, more
+than the checks themselves, so test modules :func:`register` their checks (at
+import, i.e. collection) and the first :func:`result` for a world size runs
+every check registered for it in one :func:`tests.distributed.run_distributed`
+call. A check is a module-level function ``fn(rank, world, tmp_dir)`` (picklable)
+returning a picklable value; its exception is returned, not raised, so the
+other checks still run and each test reports its own failure. A check must
+finish its collectives before asserting, so the ranks stay in step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from tests.distributed import run_distributed
+
+Check = Callable[[int, int, str], Any]
+CHECKS: dict[int, list[tuple[str, Check]]] = {}
+_RESULTS: dict[int, list[dict[str, Any]]] = {}
+
+
+def register(world: int, name: str, fn: Check) -> None:
+    """Run ``fn`` in the ``world``-rank spawn, in registration order."""
+    checks = CHECKS.setdefault(world, [])
+    if all(n != name for n, _ in checks):
+        checks.append((name, fn))
+
+
+def _suite(rank: int, world: int, checks: list[tuple[str, Check]], tmp: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, fn in checks:
+        try:
+            out[name] = {"ok": fn(rank, world, tmp)}
+        except Exception:
+            out[name] = {"error": traceback.format_exc()}
+    return out
+
+
+def result(world: int, name: str) -> list[Any]:
+    """The ranks' return values of check ``name`` (the spawn runs on first use); fails with the ranks' errors."""
+    if world not in _RESULTS:
+        tmp = tempfile.mkdtemp(prefix=f"moetrain-spawn{world}-")
+        atexit.register(shutil.rmtree, tmp, True)
+        _RESULTS[world] = run_distributed(_suite, world, CHECKS[world], tmp)
+    per_rank = [r[name] for r in _RESULTS[world]]
+    errors = [f"rank {i}: {r['error']}" for i, r in enumerate(per_rank) if "error" in r]
+    assert not errors, "\n".join(errors)
+    return [r["ok"] for r in per_rank]

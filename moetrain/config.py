@@ -13,6 +13,7 @@ its value and the rule, before any model or data is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,14 @@ class TrainerConfig:
     """``torch.compile`` each block (inductor)."""
     resume: str = "auto"
     """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Config keys (``optim.lr``) or whole sections (``optim``) a resume may change; any other change of a
+    key that shapes the run (model, routing, data, batch, optimizer, seed) is refused. See the README."""
+    nonfinite: str = "stop"
+    """A non-finite loss or gradient norm: ``stop`` (the update is not applied; the run ends with one line)
+    or ``skip`` (the update is not applied; training goes on, at most ``nonfinite_max_skips`` times)."""
+    nonfinite_max_skips: int = 10
+    """``nonfinite=skip``: steps that may be skipped over the whole run before it stops."""
 
 
 @dataclass
@@ -314,6 +323,7 @@ ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)
 BACKENDS = ("auto", "nccl", "gloo")
 RECV_OVERFLOWS = ("drop", "error")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def _fail(key: str, value: Any, rule: str) -> None:
@@ -330,8 +340,24 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(key, value, f"must be one of {', '.join(choices)}")
 
 
+def float_values(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Every float value of a (nested) config dataclass by dotted key (``optim.lr``); ints and bools excluded."""
+    out: dict[str, float] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(float_values(value, key + "."))
+        elif isinstance(value, float):
+            out[key] = value
+    return out
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     """Check every value and cross-field rule; raise :class:`ConfigError` on the first break."""
+    for key, value in float_values(cfg).items():  # NaN passes every `< 0` test below: refuse it first
+        if not math.isfinite(value):
+            _fail(key, value, "must be a finite number")
     m, moe, r, b = cfg.model, cfg.moe, cfg.moe.router, cfg.moe.balance
     for key in ("dim", "n_layers", "n_heads", "ffn_hidden_size", "vocab_multiple"):
         _positive(f"model.{key}", getattr(m, key))
@@ -349,6 +375,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("model.first_k_dense", m.first_k_dense, f"must be in [0, model.n_layers={m.n_layers}]")
     _positive("model.moe_every", m.moe_every)
     _positive("model.init_std", m.init_std)
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
 
     for key in ("num_experts", "top_k", "expert_hidden_size"):
         _positive(f"moe.{key}", getattr(moe, key))
@@ -441,6 +469,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             _fail(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
     if o.grad_clip < 0:
         _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _positive("optim.eps", o.eps)
 
     t = cfg.trainer
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
@@ -462,6 +491,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
 
     if not t.resume:
         _fail("trainer.resume", t.resume, "must be auto, none or a checkpoint path")
+    known = config_keys(TrainConfig())
+    for key in t.resume_allow_changes:
+        if key not in known and not any(k.startswith(f"{key}.") for k in known):
+            _fail("trainer.resume_allow_changes", key, "is not a config key or section (e.g. optim.lr, optim)")
+    _choice("trainer.nonfinite", t.nonfinite, NONFINITE_POLICIES)
+    if t.nonfinite_max_skips < 0:
+        _fail("trainer.nonfinite_max_skips", t.nonfinite_max_skips, "must be >= 0")
     ck = cfg.checkpoint
     if ck.every < 0:
         _fail("checkpoint.every", ck.every, "must be >= 0 (0 = only at the last step)")
@@ -497,6 +533,12 @@ def validate_engine(cfg: TrainConfig, world_size: int = 1) -> None:
         _positive(f"engine.{key}", getattr(e, key))
     if cfg.checkpoint.async_save:
         _fail("checkpoint.async_save", True, "is not supported with engine=deepspeed (DeepSpeed writes its own files)")
+    if cfg.trainer.nonfinite == "skip":
+        _fail(
+            "trainer.nonfinite",
+            "skip",
+            "needs engine=native (DeepSpeed's own fp16 loss scaling skips overflowing steps); use stop",
+        )
     from moetrain.train.ds_config import build_ds_config, ds_precision
 
     ds = build_ds_config(cfg, world_size)  # reads and checks engine.config_json
@@ -505,6 +547,18 @@ def validate_engine(cfg: TrainConfig, world_size: int = 1) -> None:
 
         if cfg.trainer.device == "cpu" or not torch.cuda.is_available():
             _fail("trainer.precision", "fp16", "DeepSpeed has no fp16 on CPU; use bf16 or fp32 (fp16 needs a GPU)")
+
+
+def config_keys(cfg: Any, prefix: str = "") -> set[str]:
+    """Every leaf key of a config dataclass, dotted (``model.dim``, ``moe.router.strategy``)."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= config_keys(value, f"{prefix}{f.name}.")
+        else:
+            out.add(f"{prefix}{f.name}")
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -424,6 +424,10 @@ def test_preflight_checks_before_writing(tmp_path):
     finally:
         lock.release()
     preflight(cfg, run_dir).release()  # free again
+    cfg.trainer.resume = str(tmp_path / "no_such_checkpoint")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        preflight(cfg, tmp_path / "new_run")
+    assert not (tmp_path / "new_run").exists()  # refused before writing: no directory left behind
 
 
 # ------------------------------------------------------------------ 6. one line for every user error

@@ -29,9 +29,11 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Applies ``trainer.nonfinite`` (``stop`` | ``skip``) to each optimizer step."""
 
-    def __init__(self, policy: str, max_skips: int) -> None:
+    def __init__(self, policy: str, max_skips: int, verbose: bool = True) -> None:
         self.policy = policy
         self.max_skips = max_skips
+        self.verbose = verbose
+        """Print a line per skipped step (rank 0 only: every rank decides the same)."""
         self.skipped = 0
         """Steps skipped so far in this run (saved in checkpoints, so the budget spans resumes)."""
 
@@ -51,16 +53,20 @@ class NonFiniteGuard:
         values_text = ", ".join(f"{name} {_describe(parts[name])}" for name in bad)
         if self.policy == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
-            print(
-                f"moetrain: step {step}: non-finite {values_text}; update skipped "
-                f"({self.skipped} of at most {self.max_skips}, trainer.nonfinite=skip)",
-                flush=True,
-            )
+            if self.verbose:
+                print(
+                    f"moetrain: step {step}: non-finite {values_text}; update skipped "
+                    f"({self.skipped} of at most {self.max_skips}, trainer.nonfinite=skip)",
+                    flush=True,
+                )
             return False
-        budget = f" after {self.skipped} skipped steps (trainer.nonfinite_max_skips)" if self.policy == "skip" else ""
+        if self.policy == "skip":
+            budget, hint = f" after {self.skipped} skipped steps (trainer.nonfinite_max_skips)", ""
+        else:
+            budget, hint = "", ", or set trainer.nonfinite=skip"
         raise NonFiniteError(
             f"step {step}: non-finite {values_text}{budget}; the update was not applied and no checkpoint of it "
-            "was written (lower optim.lr, raise optim.warmup_steps, or set trainer.nonfinite=skip)"
+            f"was written (lower optim.lr, raise optim.warmup_steps{hint})"
         )
 
 

@@ -121,12 +121,17 @@ def preflight(cfg: TrainConfig, run_dir: Path) -> RunDirLock:
     """Lock the run directory and check that this run may write there; raises before anything is written
     (:class:`RunDirError`, or ``CheckpointError`` for the checkpoint to resume). Rank 0 only."""
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    created = not run_dir.exists()
     lock = RunDirLock(run_dir).acquire()
     try:
         check_fresh_start(cfg, run_dir, ckpt_dir)
         resume_target(cfg, ckpt_dir)
     except BaseException:
         lock.release()
+        if created:  # a run refused before it wrote anything leaves no directory behind
+            lock.path.unlink(missing_ok=True)
+            if not any(run_dir.iterdir()):
+                run_dir.rmdir()
         raise
     if lock.took_over:
         print(f"moetrain: {run_dir}: the previous run ({_describe(lock.took_over)}) ended without releasing it")

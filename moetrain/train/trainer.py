@@ -175,7 +175,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
         self.peak_tflops, self.peak_source = peak_tflops(self.device, t.peak_tflops)
         self.sinks: list[MetricSink] = []
-        self.nonfinite = NonFiniteGuard(t.nonfinite, t.nonfinite_max_skips)
+        self.nonfinite = NonFiniteGuard(t.nonfinite, t.nonfinite_max_skips, self.pc.is_main)
         self.checkpointer = self._build_checkpointer()
 
     # ------------------------------------------------- engine hooks (native here)

@@ -500,6 +500,8 @@ def test_unknown_tokenizer_offline_missing_gpu_and_inactive_options():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"trainer\.device='cuda': no CUDA GPU is visible"):
             check_device("cuda")
+        with pytest.raises(ConfigError, match=r"parallel\.backend='nccl': needs CUDA GPUs"):
+            check_device("auto", "nccl")
     cfg = TrainConfig()
     cfg.moe.max_recv_factor = 1.5
     cfg.engine.zero_stage = 2

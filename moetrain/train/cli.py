@@ -83,12 +83,17 @@ def remove_stray_run_dir(own: Path, agreed: Path) -> bool:
     return True
 
 
-def check_device(device: str) -> None:
-    """``trainer.device=cuda`` on a machine without a visible GPU is one config error, before any work."""
+def check_device(device: str, backend: str = "auto") -> None:
+    """``trainer.device=cuda`` (or ``parallel.backend=nccl``) on a machine without a visible GPU is one config
+    error, before any work."""
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return
+    if device == "cuda":
         raise ConfigError("trainer.device='cuda': no CUDA GPU is visible here (use trainer.device=auto or cpu)")
+    if backend == "nccl":
+        raise ConfigError("parallel.backend='nccl': needs CUDA GPUs, none is visible here (use auto or gloo)")
 
 
 def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
@@ -160,7 +165,7 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
     export_slurm_env()  # srun / submitit tasks without torchrun: ranks from SLURM's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size=world)
-    check_device(cfg.trainer.device)
+    check_device(cfg.trainer.device, cfg.parallel.backend)
     warn_inactive(cfg, world)
     pc = init_parallel(cfg.parallel, cfg.trainer.device)
     try:

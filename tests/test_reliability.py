@@ -402,13 +402,15 @@ def _signal_one_rank(rank: int, world: int, root: str, cfg_dict: dict) -> tuple[
 
 
 @pytest.mark.parity
-def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize(("async_save", "every", "saved"), [(False, 100, [2]), (True, 1, [1, 2])])
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, async_save, every, saved):
+    """Also with async saves (the vote runs on its own gloo group, never on the one an async save uses)."""
     cfg = tiny_train_config(tmp_path, max_steps=6, micro_batch_size=4)
     cfg.parallel.ep = 2
-    cfg.checkpoint.every = 100
-    out = run_distributed(_signal_one_rank, 2, str(tmp_path / "run"), to_dict(cfg))
+    cfg.checkpoint.every, cfg.checkpoint.async_save = every, async_save
+    out = run_distributed(_signal_one_rank, 2, str(tmp_path / "run"), to_dict(cfg), timeout=120)
     assert out == [(130, 2), (130, 2)]
-    assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == [2]
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == saved
 
 
 # ------------------------------------------------------------------ preflight as the CLI runs it

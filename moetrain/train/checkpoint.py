@@ -742,6 +742,8 @@ class Checkpointer:
         # A dedicated gloo group: async saves run collectives from a background
         # thread and must not interleave with the training collectives.
         self.group = dist.new_group(backend="gloo") if self.distributed else None
+        # Another one for the per-step stop-signal vote, which may run while an async save uses `group`.
+        self.control_group = dist.new_group(backend="gloo") if self.distributed else None
         self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
         self.resumed_from: Path | None = None
         self.last_saved_step: int | None = None

@@ -436,7 +436,7 @@ class Trainer:
                 self.checkpointer.after_step(is_last)
                 if bar is not None:
                     bar.update(1)
-                signum = signals.agreed(self.checkpointer.group, self.checkpointer.distributed)
+                signum = signals.agreed(self.checkpointer.control_group, self.checkpointer.distributed)
                 if signum and not is_last:
                     saved = self.checkpointer.save_for_stop()
                     exit_code = exit_code_for(signum)

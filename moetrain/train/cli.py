@@ -195,16 +195,18 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
 def agreed_preflight(cfg: TrainConfig, run_path: Path, pc: Any) -> RunDirLock | None:
     """Rank 0 locks the run dir and checks the resume (:func:`moetrain.train.rundir.preflight`); every rank
     raises the same one-line error if that fails. Returns rank 0's lock (``None`` on the other ranks)."""
-    lock, failure = None, None
+    lock, failure, error = None, None, None
     if pc.is_main:
         try:
             lock = preflight(cfg, run_path)
-        except (RunDirError, CheckpointError) as e:
-            failure = (type(e).__name__, str(e))
+        except Exception as e:  # every rank must hear of it (an unwritable disk included)
+            failure, error = (type(e).__name__, str(e)), e
     failure = pc.broadcast_object(failure)
+    if error is not None:
+        raise error
     if failure:
         kind, message = failure
-        raise (RunDirError if kind == "RunDirError" else CheckpointError)(message)
+        raise (CheckpointError if kind == "CheckpointError" else RunDirError)(message)
     return lock
 
 

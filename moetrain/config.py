@@ -197,8 +197,9 @@ class TrainerConfig:
     device: str = "auto"
     """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``."""
     precision: str = "auto"
-    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (autocast; DeepSpeed: bf16 weights, fp32
-    master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (autocast: fp32 weights and residual stream,
+    bf16 GEMMs; the MoE router stays fp32 while dispatch and experts run in bf16; DeepSpeed: bf16 weights,
+    fp32 master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
     peak_tflops: float | None = None
     """Peak device TFLOP/s for MFU; ``None`` = a table for known GPUs, else a measured GEMM rate."""
     progress: bool = True
@@ -208,7 +209,8 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory, about one more forward)."""
     compile: bool = False
-    """``torch.compile`` each block (inductor)."""
+    """``torch.compile`` region by region (inductor): dense blocks whole; in MoE blocks the norms, attention,
+    router and shared experts (dispatch, experts and combine stay eager)."""
     resume: str = "auto"
     """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
 

@@ -84,20 +84,31 @@ class PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inv), None, None
 
 
-def sum_token_slots(rows_RD: torch.Tensor, inverse_TK: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+SLOT_SUM_IMPLS = ("embedding_bag", "gather_sum", "triton")
+
+
+def sum_token_slots(rows_RD: torch.Tensor, inverse_TK: torch.Tensor, impl: str | None = None) -> torch.Tensor:
     """``out[t] = sum_k rows[inverse[t, k]]`` in the rows' dtype, accumulated in fp32.
 
-    ``fused`` (default: on CPU, where it was measured faster, see ``scripts/bench_moe.py``): one
-    gather-and-sum kernel (``embedding_bag``); otherwise a gather and a sum over K (PyTorch's
-    reductions accumulate 16-bit inputs in fp32). ``bench_moe.py --primitives`` times both.
+    ``impl`` (:data:`SLOT_SUM_IMPLS`): ``embedding_bag``, one fused gather-and-sum (the default on
+    CPU, measured faster there, see ``scripts/bench_moe.py``); ``gather_sum``, a gather then a sum
+    over K (PyTorch's reductions accumulate 16-bit inputs in fp32; the default elsewhere);
+    ``triton`` (CUDA), one pass with no [T*K, D] intermediate (:func:`moetrain.moe.triton_gemm.slot_sum`).
+    ``bench_moe.py --primitives`` times all three.
     """
     rows_RD = rows_RD.contiguous()
-    if fused is None:
-        fused = rows_RD.device.type == "cpu"
-    if fused:
+    if impl is None:
+        impl = "embedding_bag" if rows_RD.device.type == "cpu" else "gather_sum"
+    if impl == "embedding_bag":
         return F.embedding_bag(inverse_TK, rows_RD, mode="sum")
-    T, K = inverse_TK.shape
-    return rows_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1)
+    if impl == "gather_sum":
+        T, K = inverse_TK.shape
+        return rows_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1)
+    if impl == "triton":
+        from moetrain.moe.triton_gemm import slot_sum
+
+        return slot_sum(rows_RD, inverse_TK)
+    raise ValueError(f"unknown slot-sum implementation {impl!r}: one of {SLOT_SUM_IMPLS}")
 
 
 class GatherTokens(torch.autograd.Function):

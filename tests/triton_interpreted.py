@@ -52,6 +52,24 @@ def main() -> None:
             assert got.dtype == dtype
             torch.testing.assert_close(got.float(), want, **tol)
             cases += 1
+    # The whole expert node on the Triton backend (strided transposed weights in the backward, row weights)
+    # against torch._grouped_mm's, forward and every gradient.
+    from moetrain.moe.experts import GroupedSwiGLU, segment_gemm
+
+    counts = torch.tensor([40, 0, 3, 70])
+    R, D, H = int(counts.sum()), 32, 16
+    x = torch.randn(R, D, requires_grad=True)
+    w13 = (torch.randn(4, D, 2 * H) * 0.3).requires_grad_()
+    w2 = (torch.randn(4, H, D) * 0.3).requires_grad_()
+    weight = torch.rand(R, requires_grad=True)
+    g = torch.randn(R, D)
+    outs = {}
+    for backend in ("grouped_mm", "triton"):
+        y = GroupedSwiGLU.apply(x, w13, w2, weight, segment_gemm(x, counts, (D, H), backend))
+        outs[backend] = (y, *torch.autograd.grad(y, [x, w13, w2, weight], g))
+    for a, b in zip(outs["triton"], outs["grouped_mm"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        cases += 1
     print(f"checked {cases} cases")
 
 

@@ -83,6 +83,9 @@ class RouterConfig:
     """Seed of the fixed random token-id -> expert map of hash routing (Roller et al. 2021)."""
     device_capacity_factor: float | None = None
     """DeepSeek-V2 device-level dropping in training: per-group budget = factor x the mean share (paper: 1.0)."""
+    drop_policy: str = "score"
+    """Which assignments an over-capacity expert drops: ``score`` (lowest affinity first, Megatron-Core's
+    ``probs``) or ``position`` (GShard / Switch: first choices before second choices, then token order)."""
 
 
 @dataclass
@@ -372,11 +375,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if moe.num_experts % p.ep:
         _fail("parallel.ep", p.ep, f"must divide moe.num_experts={moe.num_experts}")
 
-    from moetrain.moe.routing import STRATEGIES  # registry lives with the math
+    from moetrain.moe.routing import DROP_POLICIES, STRATEGIES  # registries live with the math
 
     _choice("moe.router.strategy", r.strategy, tuple(STRATEGIES))
     _choice("moe.router.score_fn", r.score_fn, SCORE_FNS)
     _choice("moe.router.group_score", r.group_score, GROUP_SCORES)
+    _choice("moe.router.drop_policy", r.drop_policy, DROP_POLICIES)
     _positive("moe.router.scaling_factor", r.scaling_factor)
     if r.bias_update_rate < 0:
         _fail("moe.router.bias_update_rate", r.bias_update_rate, "must be >= 0")

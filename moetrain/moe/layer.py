@@ -27,7 +27,15 @@ from moetrain.moe.balance import (
 from moetrain.moe.dispatch import CommStats, Dispatcher, LocalDispatcher, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.fused import fused_local_supported, local_swiglu_moe
-from moetrain.moe.routing import STRATEGIES, RouteSpec, Routing, capacity, capacity_keep, device_capacity_keep
+from moetrain.moe.routing import (
+    STRATEGIES,
+    RouteSpec,
+    Routing,
+    capacity,
+    capacity_keep,
+    device_capacity_keep,
+    drop_priority,
+)
 from moetrain.moe.stats import router_entropy
 
 
@@ -243,22 +251,25 @@ class MoELayer(nn.Module):
     def _drop(self, r: Routing) -> torch.Tensor:
         """Capacity: the kept slots after per-expert and (training only) device-level dropping.
 
-        Per expert: capacity ceil(factor T K / N), lowest-affinity assignments
-        dropped first (GShard; Switch eq. 3), with the training or evaluation
-        factor by mode; not for expert choice, whose capacity is exact by
-        construction. Per device: DeepSeek-V2 device-level dropping
+        Per expert: capacity ceil(factor T K / N) (GShard; Switch eq. 3), with
+        the training or evaluation factor by mode, the over-capacity assignments
+        chosen by ``router.drop_policy`` (:func:`drop_priority`: lowest affinity
+        first, or by position as GShard and Switch fill their buffers); not for
+        expert choice, whose capacity is exact by construction. Per device:
+        DeepSeek-V2 device-level dropping, lowest affinity first
         (``router.device_capacity_factor``, see :func:`device_capacity_keep`).
         """
         rc = self.cfg.router
         keep_TK = r.keep_TK
-        priority_TK = r.scores_TN.gather(1, r.expert_idx_TK)
         cap_factor = rc.capacity_factor if self.training else rc.eval_capacity_factor
         if cap_factor is not None and rc.strategy != "expert_choice":
             cap = capacity(r.expert_idx_TK.shape[0], self.num_experts, self.top_k, cap_factor)
+            priority_TK = drop_priority(r.scores_TN, r.expert_idx_TK, rc.drop_policy)
             keep_TK = capacity_keep(r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, cap)
         if self.training and rc.device_capacity_factor is not None and self.num_groups > 1:
+            affinity_TK = drop_priority(r.scores_TN, r.expert_idx_TK, "score")
             keep_TK = device_capacity_keep(
-                r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, self.num_groups, rc.device_capacity_factor
+                r.expert_idx_TK, affinity_TK, keep_TK, self.num_experts, self.num_groups, rc.device_capacity_factor
             )
         return keep_TK
 

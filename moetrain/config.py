@@ -83,6 +83,9 @@ class RouterConfig:
     """Seed of the fixed random token-id -> expert map of hash routing (Roller et al. 2021)."""
     device_capacity_factor: float | None = None
     """DeepSeek-V2 device-level dropping in training: per-group budget = factor x the mean share (paper: 1.0)."""
+    zero_init: bool = False
+    """Initialise the router weights W_g (and W_noise) to zero (Shazeer et al. 2017, appendix A: routing starts
+    from the noise alone); ``strategy=noisy_topk`` only."""
     drop_policy: str = "score"
     """Which assignments an over-capacity expert drops: ``score`` (lowest affinity first, Megatron-Core's
     ``probs``) or ``position`` (GShard / Switch: first choices before second choices, then token order)."""
@@ -103,7 +106,16 @@ class BalanceConfig:
     z_loss_coef: float = 0.0
     """Router z-loss coefficient (ST-MoE, Zoph et al. 2022, eq. 5)."""
     importance_coef: float = 0.0
-    """Importance loss w * CV(importance)^2 (Shazeer et al. 2017, eq. 6)."""
+    """Importance loss w * CV(importance)^2 (Shazeer et al. 2017, eq. 6-7)."""
+    load_coef: float = 0.0
+    """Smooth load loss w_load * CV(Load)^2, Load_i = sum_x P(x, i) via the normal CDF (Shazeer et al. 2017,
+    appendix A, eq. 8-11); ``router.strategy=noisy_topk`` only (it needs the noise)."""
+    expert_form: str = "per_layer"
+    """Form of the expert-level loss: ``per_layer`` (each MoE layer's sum_i f_i P_i, f_i = N c_i / (K T): the
+    DeepSeek-V2 / Switch normalisation, minimum 1 per layer) or ``transformers`` (transformers'
+    ``load_balancing_loss_func``, what a Mixtral run optimises: all layers' tokens pooled, N sum_i
+    (c_i / (L T)) P_i, i.e. K times the pooled per_layer formula, minimum K). Equal gradients per layer, when
+    the layers route alike: ``expert_coef`` (per_layer) = coefficient (transformers) x K / L."""
     scope: str = "micro_batch"
     """f-type statistics over the ``micro_batch`` (per rank) or ``global``: summed over all micro-batches and DP
     ranks of the step (Qiu et al. 2025), at the cost of one extra no-grad forward per micro-batch. The
@@ -311,6 +323,7 @@ class TrainConfig:
 
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "topk_sum")
+EXPERT_FORMS = ("per_layer", "transformers")
 BALANCE_SCOPES = ("micro_batch", "global")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -417,10 +430,21 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if r.strategy == "hash" and r.bias_update_rate > 0:
         _fail("moe.router.bias_update_rate", r.bias_update_rate, "hash routing ignores the bias; set 0")
 
-    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef"):
+    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef", "load_coef"):
         if getattr(b, key) < 0:
             _fail(f"moe.balance.{key}", getattr(b, key), "must be >= 0")
     _choice("moe.balance.scope", b.scope, BALANCE_SCOPES)
+    _choice("moe.balance.expert_form", b.expert_form, EXPERT_FORMS)
+    if b.expert_form == "transformers" and b.scope == "global":
+        _fail("moe.balance.expert_form", b.expert_form, "pools one forward's layers; use moe.balance.scope=micro_batch")
+    if r.zero_init and r.strategy != "noisy_topk":
+        _fail("moe.router.zero_init", r.zero_init, "needs router.strategy=noisy_topk (else every token ties)")
+    if b.load_coef > 0 and moe.top_k >= moe.num_experts:
+        _fail("moe.balance.load_coef", b.load_coef, "needs moe.top_k < moe.num_experts (a (k+1)-th expert)")
+    if b.load_coef > 0 and r.strategy != "noisy_topk":
+        _fail(
+            "moe.balance.load_coef", b.load_coef, "needs router.strategy=noisy_topk (the load is a noise probability)"
+        )
     for key in ("device_coef", "comm_coef"):
         if getattr(b, key) > 0 and groups < 2:
             _fail(f"moe.balance.{key}", getattr(b, key), "needs 2+ device groups (router.num_groups or parallel.ep)")

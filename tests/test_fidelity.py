@@ -82,3 +82,138 @@ def test_switch_and_gshard_presets_drop_by_position_and_the_layer_uses_the_polic
         mine = (r.expert_idx_TK[:, 0] == e).nonzero().flatten().tolist()
         kept = [t for t in mine if keep[t, 0]]
         assert kept == mine[:1], (e, mine, kept)
+
+
+def _preset(name: str):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from moetrain.config import MoEConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "moe"
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoEConfig), OmegaConf.load(root / f"{name}.yaml")))
+
+
+def _capture_routings(model):
+    """Record each MoE layer's Routing as its router returns it."""
+    seen = {}
+    for i, layer in model.moe_layers().items():
+        inner = layer.router.forward
+
+        def fwd(*a, _inner=inner, _i=i, **k):
+            seen[_i] = _inner(*a, **k)
+            return seen[_i]
+
+        layer.router.forward = fwd
+    return seen
+
+
+def test_mixtral_preset_aux_loss_is_transformers_load_balancing_loss_exactly():
+    """moe=mixtral reproduces what a transformers Mixtral run adds to its loss: router_aux_loss_coef x
+    load_balancing_loss_func(all layers' router logits), value and gradient w.r.t. every router weight."""
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from moetrain.config import ModelConfig
+    from moetrain.model import build_model
+
+    moe = _preset("mixtral")
+    moe.expert_hidden_size = 16
+    assert moe.balance.expert_form == "transformers" and moe.balance.expert_coef == 0.02
+    m = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden_size=48, first_k_dense=0)
+    model = build_model(m, moe, 64, 16, seed=0)
+    with torch.no_grad():  # routing far from uniform, so the pooled and per-layer forms differ
+        for layer in model.moe_layers().values():
+            layer.router.weight.mul_(40)
+    seen = _capture_routings(model)
+    out = model(torch.randint(0, 64, (2, 16)))
+    theirs = 0.02 * load_balancing_loss_func(tuple(seen[i].logits_TN for i in sorted(seen)), moe.num_experts, moe.top_k)
+    torch.testing.assert_close(out.aux_loss, theirs, rtol=1e-6, atol=1e-8)
+    routers = [layer.router.weight for layer in model.moe_layers().values()]
+    got = torch.autograd.grad(out.aux_loss, routers, retain_graph=True)
+    want = torch.autograd.grad(theirs, routers)
+    for a, b in zip(got, want):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    # The per-layer form is a different number here: K x pooled != the mean of the per-layer losses.
+    per_layer = sum(float(expert_loss(s).detach()) for s in out.moe_stats.values())
+    assert abs(per_layer * moe.top_k / len(out.moe_stats) - float(theirs) / 0.02) > 1e-3
+
+
+def expert_loss(s) -> torch.Tensor:
+    from moetrain.moe.balance import expert_balance_loss
+
+    return expert_balance_loss(s.sel_counts_N, s.mean_scores_N, s.num_tokens, 2)
+
+
+def test_transformers_form_at_uniform_routing_is_k_and_per_layer_is_one():
+    from moetrain.moe.balance import expert_balance_loss, pooled_expert_balance_loss
+
+    L, N, K, T = 3, 4, 2, 8
+    counts = torch.full((L, N), T * K / N)
+    p = torch.full((L, N), 1.0 / N)
+    torch.testing.assert_close(pooled_expert_balance_loss(counts, p, T, K), torch.tensor(float(K)))
+    torch.testing.assert_close(expert_balance_loss(counts[0], p[0], T, K), torch.tensor(1.0))
+
+
+def smooth_load_reference(clean, noisy, scale, k):
+    """Shazeer et al. 2017 eq. 8-11 one (token, expert) at a time: kth_excluding(H, k, i) by removing i."""
+    T, N = clean.shape
+    load = []
+    for i in range(N):
+        total = clean.new_zeros(())
+        for t in range(T):
+            others = torch.cat([noisy[t, :i], noisy[t, i + 1 :]])
+            kth = others.topk(k).values[-1]
+            z = (clean[t, i] - kth) / scale[t, i]
+            total = total + torch.distributions.Normal(0.0, 1.0).cdf(z)
+        load.append(total)
+    load = torch.stack(load)
+    return load.var(unbiased=False) / (load.mean() ** 2 + 1e-10)
+
+
+def test_smooth_load_loss_equals_the_paper_formula_value_and_gradients():
+    from moetrain.moe.balance import smooth_load_loss
+
+    torch.manual_seed(0)
+    T, D, N, K = 6, 5, 5, 2
+    x = torch.randn(T, D)
+    w_g = torch.randn(N, D, requires_grad=True)
+    w_noise = torch.randn(N, D, requires_grad=True)
+    eps = torch.randn(T, N)
+    clean = x @ w_g.t()
+    scale = torch.nn.functional.softplus(x @ w_noise.t())
+    noisy = clean + eps * scale
+    got = smooth_load_loss(clean, noisy, scale, K)
+    want = smooth_load_reference(clean, noisy, scale, K)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    g_got = torch.autograd.grad(got, [w_g, w_noise], retain_graph=True)
+    g_want = torch.autograd.grad(want, [w_g, w_noise])
+    for a, b in zip(g_got, g_want):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_noisy_topk_preset_adds_the_load_loss_in_training_from_zero_initialised_gates():
+    from moetrain.config import ModelConfig
+    from moetrain.model import build_model
+    from moetrain.moe.balance import smooth_load_loss
+
+    moe = _preset("noisy_topk")
+    assert moe.router.zero_init and moe.balance.load_coef == 0.1 and moe.balance.importance_coef == 0.1
+    moe.expert_hidden_size = 16
+    m = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=48, first_k_dense=0)
+    model = build_model(m, moe, 64, 16, seed=0)
+    for layer in model.moe_layers().values():
+        assert not layer.router.weight.any() and not layer.router.noise_weight.any()
+    seen = _capture_routings(model)
+    model.train()
+    out = model(torch.randint(0, 64, (2, 16)))
+    for i, s in out.moe_stats.items():
+        r = seen[i]
+        assert r.noise_TN is not None and len(set(r.expert_idx_TK[:, 0].tolist())) > 1  # the noise routes
+        want = 0.1 * smooth_load_loss(r.logits_TN, r.logits_TN + r.noise_TN, r.noise_scale_TN, moe.top_k)
+        torch.testing.assert_close(s.losses["load"], want.detach())
+    model.eval()
+    assert all("load" not in s.losses for s in model(torch.randint(0, 64, (2, 16))).moe_stats.values())

@@ -16,6 +16,7 @@ from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig
 from moetrain.model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
+from moetrain.moe.balance import pooled_expert_balance_loss
 from moetrain.moe.layer import MoELayer, MoEStats
 
 
@@ -61,11 +62,26 @@ class ModelOutput:
     """[B, S, V] next-token logits."""
     moe_stats: dict[int, MoEStats]
     """Statistics of each MoE layer, by block index."""
+    pooled_loss: torch.Tensor | None = None
+    """The weighted expert-level loss pooled over all MoE layers (``moe.balance.expert_form=transformers``)."""
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        """Sum over MoE layers of their weighted balance losses."""
-        return sum((s.aux_loss for s in self.moe_stats.values()), torch.zeros((), device=self.logits.device))
+        """Sum over MoE layers of their weighted balance losses (plus the pooled expert loss, if any)."""
+        total = sum((s.aux_loss for s in self.moe_stats.values()), torch.zeros((), device=self.logits.device))
+        return total if self.pooled_loss is None else total + self.pooled_loss
+
+
+def pooled_loss(moe_cfg: MoEConfig, stats: dict[int, MoEStats]) -> torch.Tensor | None:
+    """``expert_coef`` x transformers' ``load_balancing_loss_func`` over this forward's MoE layers
+    (:func:`~moetrain.moe.balance.pooled_expert_balance_loss`), when ``balance.expert_form=transformers``."""
+    b = moe_cfg.balance
+    if b.expert_form != "transformers" or b.expert_coef <= 0 or not stats:
+        return None
+    layers = list(stats.values())
+    counts_LN = torch.stack([s.sel_counts_N for s in layers])  # type: ignore[misc]
+    scores_LN = torch.stack([s.mean_scores_N for s in layers])  # type: ignore[misc]
+    return b.expert_coef * pooled_expert_balance_loss(counts_LN, scores_LN, layers[0].num_tokens, moe_cfg.top_k)
 
 
 class Transformer(nn.Module):
@@ -105,6 +121,10 @@ class Transformer(nn.Module):
         for name, buf in self.named_buffers():
             if name.endswith("expert_bias"):
                 buf.zero_()
+        if self.moe_cfg.router.zero_init:  # Shazeer et al. 2017, appendix A: no signal and some noise at first
+            for name, p in self.named_parameters():
+                if name.endswith(("router.weight", "router.noise_weight")):
+                    p.zero_()
 
     def moe_layers(self) -> dict[int, MoELayer]:
         return {b.layer_idx: b.ffn for b in self.blocks if b.is_moe}  # type: ignore[misc]
@@ -134,7 +154,7 @@ class Transformer(nn.Module):
                 x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, caches[i], pos)
             if s is not None:
                 stats[block.layer_idx] = s
-        return ModelOutput(self.lm_head(self.norm(x)), stats)
+        return ModelOutput(self.lm_head(self.norm(x)), stats, pooled_loss(self.moe_cfg, stats))
 
     def num_params(self, active: bool = False, embeddings: bool = True) -> int:
         """Parameter count of the whole model; ``active`` counts only K of N routed experts per MoE layer.

@@ -23,6 +23,7 @@ from moetrain.moe.balance import (
     importance_loss,
     router_z_loss,
     sequence_balance_loss,
+    smooth_load_loss,
 )
 from moetrain.moe.dispatch import CommStats, Dispatcher, LocalDispatcher, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts
@@ -65,6 +66,8 @@ class MoEStats:
     router_entropy: torch.Tensor | None = None
     """Mean over tokens of the entropy of the (normalised) router scores."""
     num_groups: int = 1
+    mean_scores_N: torch.Tensor | None = None
+    """P_i, the mean over tokens of the (normalised) affinities (differentiable): the P of the f*P losses."""
 
 
 def routing_counts(stats: MoEStats) -> dict[str, torch.Tensor]:
@@ -148,14 +151,15 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x32_TD = x_TD.float()
             logits_TN = F.linear(x32_TD, self.weight.float())
-            noise_TN = None
+            noise_TN = scale_TN = None
             if self.noise_weight is not None and self.training:
                 # StandardNormal() * Softplus(x W_noise) (Shazeer et al. 2017, eq. 4), training only.
-                scale_TN = F.softplus(F.linear(x32_TD, self.noise_weight.float()))
-                noise_TN = torch.randn_like(logits_TN) * scale_TN * self.noise_std
+                scale_TN = F.softplus(F.linear(x32_TD, self.noise_weight.float())) * self.noise_std
+                noise_TN = torch.randn_like(logits_TN) * scale_TN
         bias = self.expert_bias if self.bias_update_rate > 0 else None
         spec = self.spec if self.training else self.eval_spec
-        return self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN)
+        r = self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN)
+        return r if noise_TN is None else replace(r, noise_TN=noise_TN, noise_scale_TN=scale_TN)
 
     @torch.no_grad()
     def update_bias(self, load_N: torch.Tensor) -> None:
@@ -310,7 +314,7 @@ class MoELayer(nn.Module):
             s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)
         p_N = s_TN.mean(0)
         losses: dict[str, torch.Tensor] = {}
-        if b.expert_coef > 0:
+        if b.expert_coef > 0 and b.expert_form == "per_layer":  # the transformers form is pooled over layers
             losses["expert"] = b.expert_coef * expert_balance_loss(counts_f, p_N, tokens_f, K)
         if b.device_coef > 0 and G > 1:
             losses["device"] = b.device_coef * device_balance_loss(counts_f, p_N, tokens_f, K, G)
@@ -328,6 +332,8 @@ class MoELayer(nn.Module):
                 1, idx_TK, r.weight_TK * selected_TK.to(r.weight_TK.dtype)
             )
             losses["importance"] = b.importance_coef * importance_loss(gates_TN)
+        if b.load_coef > 0 and r.noise_TN is not None and r.noise_scale_TN is not None:  # training only
+            losses["load"] = b.load_coef * smooth_load_loss(r.logits_TN, r.logits_TN + r.noise_TN, r.noise_scale_TN, K)
         aux = sum(losses.values(), torch.zeros((), device=load_N.device))
         num_selected = selected_TK.sum()
         return MoEStats(
@@ -342,4 +348,5 @@ class MoELayer(nn.Module):
             sent_G=sent_G,
             router_entropy=router_entropy(r.scores_TN),
             num_groups=G,
+            mean_scores_N=p_N,
         )

@@ -35,6 +35,10 @@ class Routing:
     """Raw router logits x W_r, fp32 (for the z-loss)."""
     selected_TK: torch.Tensor | None = None
     """Slots chosen before capacity dropping (for f_i counts); ``None`` = all K slots."""
+    noise_TN: torch.Tensor | None = None
+    """Noisy top-K in training: the drawn noise StandardNormal() * Softplus(x W_noise) (set by the Router)."""
+    noise_scale_TN: torch.Tensor | None = None
+    """Noisy top-K in training: the noise's standard deviation Softplus(x W_noise) * ``noise_std``."""
 
 
 def affinities(logits_TN: torch.Tensor, score_fn: str) -> torch.Tensor:

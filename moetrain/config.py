@@ -86,6 +86,9 @@ class RouterConfig:
     zero_init: bool = False
     """Initialise the router weights W_g (and W_noise) to zero (Shazeer et al. 2017, appendix A: routing starts
     from the noise alone); ``strategy=noisy_topk`` only."""
+    device_protect_fraction: float = 0.0
+    """Device-level dropping never drops the tokens of about this fraction of the training sequences (chosen by
+    a hash of each sequence; DeepSeek-V2 sec. 2.2.4: about 10%)."""
     drop_policy: str = "score"
     """Which assignments an over-capacity expert drops: ``score`` (lowest affinity first, Megatron-Core's
     ``probs``) or ``position`` (GShard / Switch: first choices before second choices, then token order)."""
@@ -419,6 +422,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if r.group_score == "topk_sum" and r.topk_groups and moe.top_k % r.topk_groups:
         _fail("moe.router.group_score", r.group_score, "topk_sum needs moe.top_k divisible by topk_groups")
     _positive("moe.router.noise_std", r.noise_std)
+    if not 0.0 <= r.device_protect_fraction <= 1.0:
+        _fail("moe.router.device_protect_fraction", r.device_protect_fraction, "must be in [0, 1]")
     if r.device_capacity_factor is not None:
         _positive("moe.router.device_capacity_factor", r.device_capacity_factor)
         if groups < 2:

@@ -77,7 +77,7 @@ def test_switch_and_gshard_presets_drop_by_position_and_the_layer_uses_the_polic
     layer.train()
     x = torch.randn(1, 8, 8)
     r = layer.router(x.view(-1, 8))
-    keep = layer._drop(r)
+    keep, _ = layer._drop(r, None)
     for e in range(2):
         mine = (r.expert_idx_TK[:, 0] == e).nonzero().flatten().tolist()
         kept = [t for t in mine if keep[t, 0]]
@@ -217,3 +217,51 @@ def test_noisy_topk_preset_adds_the_load_loss_in_training_from_zero_initialised_
         torch.testing.assert_close(s.losses["load"], want.detach())
     model.eval()
     assert all("load" not in s.losses for s in model(torch.randint(0, 64, (2, 16))).moe_stats.values())
+
+
+def test_device_level_dropping_never_drops_protected_assignments_even_past_the_budget():
+    from moetrain.moe.routing import device_capacity_keep
+
+    # 4 experts in 2 groups, K = 1, everything on group 0: budget ceil(4 / 2) = 2.
+    idx = torch.tensor([[0], [1], [0], [1]])
+    prio = torch.tensor([[0.2], [0.9], [0.5], [0.1]], dtype=torch.float64)
+    ones = torch.ones(4, 1, dtype=torch.bool)
+    assert device_capacity_keep(idx, prio, ones, 4, 2, 1.0).flatten().tolist() == [False, True, True, False]
+    prio[0, 0] = prio[3, 0] = float("inf")  # tokens 0 and 3 protected: they come first and take the budget
+    assert device_capacity_keep(idx, prio, ones, 4, 2, 1.0).flatten().tolist() == [True, False, False, True]
+    prio[2, 0] = float("inf")  # three protected, budget two: all three kept anyway, nothing else
+    assert device_capacity_keep(idx, prio, ones, 4, 2, 1.0).flatten().tolist() == [True, False, True, True]
+
+
+def test_protected_sequences_are_about_the_fraction_and_depend_on_the_sequence_alone():
+    from moetrain.moe.routing import protected_sequences
+
+    ids = torch.randint(0, 50_000, (4000, 64), generator=torch.Generator().manual_seed(0))
+    prot = protected_sequences(ids, 0.1)
+    assert 0.085 < prot.float().mean().item() < 0.115
+    # the same sequences, split or reordered (another DP / EP layout or micro-batching): the same choice
+    perm = torch.randperm(4000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(protected_sequences(ids[perm], 0.1), prot[perm])
+    assert torch.equal(torch.cat([protected_sequences(c, 0.1) for c in ids.split(7)]), prot)
+    assert not protected_sequences(ids, 0.0).any() and protected_sequences(ids, 1.0).all()
+
+
+def test_layer_device_dropping_keeps_every_token_of_a_protected_sequence():
+    from moetrain.config import MoEConfig, RouterConfig
+    from moetrain.moe import MoELayer
+    from moetrain.moe.routing import protected_sequences
+
+    torch.manual_seed(0)
+    router = RouterConfig(num_groups=4, device_capacity_factor=0.5, device_protect_fraction=0.3)
+    layer = MoELayer(16, MoEConfig(num_experts=8, top_k=2, expert_hidden_size=8, router=router), num_groups=4)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 2.0)
+    layer.train()
+    ids = torch.randint(0, 1000, (20, 6))
+    x = torch.randn(20, 6, 16)
+    keep, handed = layer._drop(layer.router(x.view(-1, 16)), ids)
+    assert handed is None  # one process: the groups are not the dispatcher's devices
+    prot_T = protected_sequences(ids, 0.3).repeat_interleave(6)
+    assert prot_T.any() and (~prot_T).any()
+    assert keep[prot_T].all()  # nothing of a protected sequence is dropped
+    assert not keep[~prot_T].all()  # while the others lose assignments at factor 0.5

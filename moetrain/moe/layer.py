@@ -25,7 +25,7 @@ from moetrain.moe.balance import (
     sequence_balance_loss,
     smooth_load_loss,
 )
-from moetrain.moe.dispatch import CommStats, Dispatcher, LocalDispatcher, kept_after_dispatch
+from moetrain.moe.dispatch import CommStats, DeviceCapacity, Dispatcher, LocalDispatcher, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.fused import fused_local_supported, local_swiglu_moe
 from moetrain.moe.routing import (
@@ -36,6 +36,7 @@ from moetrain.moe.routing import (
     capacity_keep,
     device_capacity_keep,
     drop_priority,
+    protected_sequences,
 )
 from moetrain.moe.stats import router_entropy
 
@@ -209,7 +210,7 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         token_ids_T = token_ids_BS.reshape(-1) if token_ids_BS is not None else None
         r = self.router(x_TD, token_ids_T)
-        keep_TK = self._drop(r)
+        keep_TK, device_capacity = self._drop(r, token_ids_BS)
 
         # Every slot kept (token choice, nothing dropped): no boolean indexing, so no host sync on GPU.
         dropless = keep_TK is r.keep_TK and self.cfg.router.strategy != "expert_choice"
@@ -228,10 +229,17 @@ class MoELayer(nn.Module):
         if not dropless:
             keep_A = keep_TK.reshape(-1)
             token_idx_A, expert_idx_A, weight_A = token_idx_A[keep_A], expert_idx_A[keep_A], weight_A[keep_A]
+            if device_capacity is not None:
+                device_capacity = device_capacity._replace(priority_A=device_capacity.priority_A[keep_A])
         d = self.dispatcher.dispatch(
-            xc_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token=K if dropless else None
+            xc_TD,
+            token_idx_A,
+            expert_idx_A,
+            weight_A,
+            slots_per_token=K if dropless else None,
+            device_capacity=device_capacity,
         )
-        if d.comm is not None and d.comm.keep_A is not None:  # the EP receive budget dropped some (max_recv_factor)
+        if d.comm is not None and d.comm.keep_A is not None:  # dropped at the receivers (device level, budget)
             keep_TK = kept_after_dispatch(keep_TK, d.comm.keep_A)
         y_TD = self.dispatcher.combine(self.experts(d.rows_RD, d.counts_E, d.weight_R), d.handle).to(x_TD.dtype)
         if self.shared is not None:
@@ -252,16 +260,20 @@ class MoELayer(nn.Module):
             and fused_local_supported(x_TD, self.experts.w13, self.experts.w2)
         )
 
-    def _drop(self, r: Routing) -> torch.Tensor:
-        """Capacity: the kept slots after per-expert and (training only) device-level dropping.
+    def _drop(self, r: Routing, token_ids_BS: torch.Tensor | None) -> tuple[torch.Tensor, DeviceCapacity | None]:
+        """Capacity: the kept slots after per-expert and (training only) device-level dropping, and the
+        device-level dropping left to the receiving devices (expert parallelism with one device per EP rank).
 
         Per expert: capacity ceil(factor T K / N) (GShard; Switch eq. 3), with
         the training or evaluation factor by mode, the over-capacity assignments
         chosen by ``router.drop_policy`` (:func:`drop_priority`: lowest affinity
         first, or by position as GShard and Switch fill their buffers); not for
         expert choice, whose capacity is exact by construction. Per device:
-        DeepSeek-V2 device-level dropping, lowest affinity first
-        (``router.device_capacity_factor``, see :func:`device_capacity_keep`).
+        DeepSeek-V2 device-level dropping, lowest affinity first, never the tokens of
+        the ``router.device_protect_fraction`` of sequences it protects
+        (``router.device_capacity_factor``, see :func:`device_capacity_keep`): here
+        over this batch's groups, or, when the dispatcher's devices are the groups,
+        by each receiving device over all senders.
         """
         rc = self.cfg.router
         keep_TK = r.keep_TK
@@ -270,12 +282,19 @@ class MoELayer(nn.Module):
             cap = capacity(r.expert_idx_TK.shape[0], self.num_experts, self.top_k, cap_factor)
             priority_TK = drop_priority(r.scores_TN, r.expert_idx_TK, rc.drop_policy)
             keep_TK = capacity_keep(r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, cap)
-        if self.training and rc.device_capacity_factor is not None and self.num_groups > 1:
-            affinity_TK = drop_priority(r.scores_TN, r.expert_idx_TK, "score")
-            keep_TK = device_capacity_keep(
-                r.expert_idx_TK, affinity_TK, keep_TK, self.num_experts, self.num_groups, rc.device_capacity_factor
-            )
-        return keep_TK
+        if not (self.training and rc.device_capacity_factor is not None and self.num_groups > 1):
+            return keep_TK, None
+        priority_TK = drop_priority(r.scores_TN, r.expert_idx_TK, "score")
+        if token_ids_BS is not None and rc.device_protect_fraction > 0:
+            protected_B = protected_sequences(token_ids_BS, rc.device_protect_fraction)
+            protected_T1 = protected_B.repeat_interleave(token_ids_BS.shape[1]).unsqueeze(1)
+            priority_TK = priority_TK.double().masked_fill(protected_T1, float("inf"))
+        if self.dispatcher.device_groups == self.num_groups:
+            return keep_TK, DeviceCapacity(rc.device_capacity_factor, priority_TK.reshape(-1))
+        keep_TK = device_capacity_keep(
+            r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, self.num_groups, rc.device_capacity_factor
+        )
+        return keep_TK, None
 
     def _stats(
         self,

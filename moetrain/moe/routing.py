@@ -174,11 +174,42 @@ def device_capacity_keep(
     the kept assignments entering this stage (the paper uses factor 1.0); on an
     over-budget device the assignments with the lowest affinity are dropped
     until it fits. Dropped assignments contribute nothing: the token keeps only
-    its residual (and shared experts) for that slot.
+    its residual (and shared experts) for that slot. Assignments with priority
+    +inf (the tokens of protected sequences, :func:`protected_sequences`) come
+    first and are never dropped, even past the budget. On one process the devices
+    are the ``num_groups`` groups of one batch; under expert parallelism with one
+    device per EP rank the budget is per receiving device over all senders
+    (``AllToAllDispatcher``, the same rule on the same global order).
     """
     group_TK = expert_idx_TK // (num_experts // num_groups)
-    budget = int(-(-factor * int(keep_TK.sum()) // num_groups))
-    return capacity_keep(group_TK, priority_TK, keep_TK, num_groups, budget)
+    budget = device_budget(factor, int(keep_TK.sum()), num_groups)
+    kept_TK = capacity_keep(group_TK, priority_TK, keep_TK, num_groups, int(budget))
+    return kept_TK | (keep_TK & torch.isposinf(priority_TK))  # protected (+inf) assignments are never dropped
+
+
+def device_budget(factor: float, num_assignments: int | torch.Tensor, num_groups: int) -> int | torch.Tensor:
+    """ceil(factor * A / D), the per-device budget of DeepSeek-V2's device-level dropping (a tensor stays one:
+    no host read)."""
+    if isinstance(num_assignments, torch.Tensor):
+        return -torch.div(-factor * num_assignments.double(), num_groups, rounding_mode="floor")
+    return int(-(-factor * num_assignments // num_groups))
+
+
+def protected_sequences(token_ids_BS: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Which of B sequences are never dropped by device-level dropping: about ``fraction`` of them [B].
+
+    DeepSeek-V2 (arXiv 2405.04434, sec. 2.2.4): "we ensure that the tokens belonging
+    to approximately 10% of the training sequences will never be dropped". The choice
+    is a hash of each sequence's token ids and positions, so it depends on the
+    sequence alone: the same under any expert- or data-parallel layout and
+    micro-batching, and different from step to step as the data changes.
+    """
+    if fraction <= 0:
+        return torch.zeros(token_ids_BS.shape[0], dtype=torch.bool, device=token_ids_BS.device)
+    ids = token_ids_BS.long() & _MASK32
+    pos = torch.arange(token_ids_BS.shape[1], device=ids.device).unsqueeze(0)
+    key_B = _mix32(_mix32(_mix32(ids) ^ _mix32(pos)).sum(dim=1) & _MASK32)
+    return key_B < int(fraction * 2**32)
 
 
 @dataclass(frozen=True)

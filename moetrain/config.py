@@ -81,6 +81,10 @@ class RouterConfig:
     """Capacity factor at evaluation; ``None`` = dropless."""
     hash_seed: int = 0
     """Seed of the fixed random token-id -> expert map of hash routing (Roller et al. 2021)."""
+    hash_table: str = "random"
+    """Hash routing's map: ``random`` (a fixed random hash of the token id) or ``balanced`` (Roller et al. 2021's
+    balanced assignment: built from the training corpus's token frequencies, the most frequent ids first, each
+    to the least-loaded expert; saved with the model)."""
     device_capacity_factor: float | None = None
     """DeepSeek-V2 device-level dropping in training: per-group budget = factor x the mean share (paper: 1.0)."""
     zero_init: bool = False
@@ -327,6 +331,7 @@ class TrainConfig:
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "topk_sum")
 EXPERT_FORMS = ("per_layer", "transformers")
+HASH_TABLES = ("random", "balanced")
 BALANCE_SCOPES = ("micro_batch", "global")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -432,6 +437,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("moe.router.topk_groups", r.topk_groups, "device-limited routing needs a token-choice strategy")
     if r.strategy in ("topk_softmax", "noisy_topk", "expert_choice") and r.score_fn != "softmax":
         _fail("moe.router.score_fn", r.score_fn, f"strategy {r.strategy} is defined with softmax scores")
+    _choice("moe.router.hash_table", r.hash_table, HASH_TABLES)
+    if r.hash_table != "random" and r.strategy != "hash":
+        _fail("moe.router.hash_table", r.hash_table, "needs router.strategy=hash")
     if r.strategy == "hash" and r.bias_update_rate > 0:
         _fail("moe.router.bias_update_rate", r.bias_update_rate, "hash routing ignores the bias; set 0")
 

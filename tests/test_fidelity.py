@@ -265,3 +265,46 @@ def test_layer_device_dropping_keeps_every_token_of_a_protected_sequence():
     assert prot_T.any() and (~prot_T).any()
     assert keep[prot_T].all()  # nothing of a protected sequence is dropped
     assert not keep[~prot_T].all()  # while the others lose assignments at factor 0.5
+
+
+def test_balanced_hash_table_hand_computed_and_balanced_on_zipf_frequencies():
+    from moetrain.moe.routing import balanced_hash_table, hash_experts
+
+    # most frequent first, each to the least-loaded expert (ties to the lower index)
+    table = balanced_hash_table(torch.tensor([10, 1, 1, 5, 3]), num_experts=2, top_k=1)
+    assert table.flatten().tolist() == [0, 1, 1, 1, 1]  # loads 10 and 10
+    two = balanced_hash_table(torch.tensor([4, 3, 2, 1]), num_experts=3, top_k=2)
+    assert all(len(set(row)) == 2 for row in two.tolist())  # K distinct experts per id
+    # Zipf-distributed token frequencies: the balanced map's expert loads are near-even, the random hash's not
+    V, N = 5000, 16
+    counts = (1e6 / (torch.arange(1, V + 1).double() + 100)).round().long()  # no single id outweighs an expert
+
+    def load(tbl):
+        return torch.zeros(N, dtype=torch.long).scatter_add_(0, tbl[:, 0], counts)
+
+    bal = load(balanced_hash_table(counts, N, 1))
+    rnd = load(hash_experts(torch.arange(V), N, 1, seed=0))
+    maxvio = lambda c: (c.max() / c.double().mean() - 1).item()  # noqa: E731
+    assert maxvio(bal) < maxvio(rnd) / 5, (maxvio(bal), maxvio(rnd))
+    assert bal.max() - bal.min() <= counts.max()  # the greedy bound: off by at most one token id's count
+
+
+def test_trainer_fills_the_balanced_hash_table_from_the_training_corpus(tmp_path):
+    from moetrain.moe.routing import balanced_hash_table
+    from moetrain.train.trainer import Trainer
+    from tests.conftest import tiny_train_config
+
+    cfg = tiny_train_config(tmp_path, max_steps=1)
+    cfg.moe.router.strategy, cfg.moe.router.hash_table, cfg.moe.top_k = "hash", "balanced", 1
+    cfg.moe.balance.expert_coef = 0.0
+    trainer = Trainer(cfg, tmp_path / "run")
+    counts = torch.bincount(torch.as_tensor(trainer.data.train).reshape(-1).long())
+    layers = list(trainer.model.moe_layers().values())
+    V = layers[0].router.hash_table.shape[0]
+    want = balanced_hash_table(torch.cat([counts, counts.new_zeros(V - counts.numel())]), cfg.moe.num_experts, 1)
+    for layer in layers:
+        assert torch.equal(layer.router.hash_table, want)
+    # and the layer routes by it
+    ids = torch.randint(0, V, (2, 8))
+    r = layers[0].router(torch.randn(16, cfg.model.dim), ids.reshape(-1))
+    assert torch.equal(r.expert_idx_TK, want[ids.reshape(-1)])

@@ -28,7 +28,9 @@ def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
 class Block(nn.Module):
     """Pre-norm block: x = x + attn(norm(x)); x = x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, num_groups: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, num_groups: int, vocab_size: int | None = None
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -36,7 +38,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_idx)
         self.ffn: nn.Module = (
-            MoELayer(cfg.dim, moe_cfg, num_groups) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden_size)
+            MoELayer(cfg.dim, moe_cfg, num_groups, vocab_size) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden_size)
         )
 
     def forward(
@@ -94,7 +96,7 @@ class Transformer(nn.Module):
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.embed = nn.Embedding(vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i, num_groups) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i, num_groups, vocab_size) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -36,6 +36,7 @@ from moetrain.moe.routing import (
     capacity_keep,
     device_capacity_keep,
     drop_priority,
+    hash_experts,
     protected_sequences,
 )
 from moetrain.moe.stats import router_entropy
@@ -120,11 +121,21 @@ class Router(nn.Module):
     """fp32 linear router, the loss-free balancing bias (a buffer, never trained) and,
     for ``strategy=noisy_topk`` only, the trainable noise projection W_noise."""
 
-    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int) -> None:
+    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int, vocab_size: int | None = None) -> None:
         super().__init__()
         r = cfg.router
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        self.hash_table: torch.Tensor | None
+        if r.strategy == "hash" and r.hash_table == "balanced":
+            if vocab_size is None:
+                raise ValueError("router.hash_table=balanced needs the vocabulary size")
+            # The random hash until the corpus frequencies are known (moetrain.model.apply.apply_balanced_hash);
+            # saved with the model, so a checkpoint routes as it was trained.
+            ids = torch.arange(vocab_size)
+            self.register_buffer("hash_table", hash_experts(ids, cfg.num_experts, cfg.top_k, r.hash_seed))
+        else:
+            self.hash_table = None
         if r.strategy == "noisy_topk":
             # Shazeer et al. 2017, eq. 4: zero-initialised there; the model's init_weights re-draws it.
             self.noise_weight: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_experts, dim))
@@ -159,7 +170,8 @@ class Router(nn.Module):
                 noise_TN = torch.randn_like(logits_TN) * scale_TN
         bias = self.expert_bias if self.bias_update_rate > 0 else None
         spec = self.spec if self.training else self.eval_spec
-        r = self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN)
+        table = {} if self.hash_table is None else {"hash_table_VK": self.hash_table}
+        r = self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN, **table)
         return r if noise_TN is None else replace(r, noise_TN=noise_TN, noise_scale_TN=scale_TN)
 
     @torch.no_grad()
@@ -192,12 +204,12 @@ class MoELayer(nn.Module):
     (global-batch balance, ``moe.balance.scope=global``).
     """
 
-    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int = 1) -> None:
+    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int = 1, vocab_size: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.num_groups = num_groups
-        self.router = Router(dim, cfg, num_groups)
+        self.router = Router(dim, cfg, num_groups, vocab_size)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden_size)
         shared_hidden = (cfg.shared_hidden_size or cfg.expert_hidden_size) * cfg.num_shared_experts
         self.shared = SwiGLU(dim, shared_hidden) if cfg.num_shared_experts > 0 else None

@@ -396,16 +396,41 @@ def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int, seed: 
     return key_TN.topk(top_k, dim=-1, largest=False, sorted=True).indices
 
 
+def balanced_hash_table(token_counts_V: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
+    """Roller et al. 2021's balanced assignment: a [V, K] token id -> experts table from corpus frequencies.
+
+    "Balanced assignment" (arXiv 2106.04426, sec. 3): token ids are taken from the most to
+    the least frequent and each goes to the expert with the least total frequency so far
+    (for K > 1, to the K least-loaded experts, distinct; ties to the lower index), so every
+    expert receives about the same number of the training corpus's tokens. Deterministic
+    (frequency ties broken by the lower id). Ids absent from the corpus (count 0) still get
+    experts, by the same rule.
+    """
+    counts = [int(c) for c in token_counts_V.tolist()]
+    order = sorted(range(len(counts)), key=lambda v: (-counts[v], v))
+    load = [0] * num_experts
+    table = torch.empty(len(counts), top_k, dtype=torch.long)
+    for v in order:
+        chosen = sorted(range(num_experts), key=lambda e: (load[e], e))[:top_k]
+        for e in chosen:
+            load[e] += counts[v]
+        table[v] = torch.tensor(chosen)
+    return table
+
+
 def route_hash(
     logits_TN: torch.Tensor,
     spec: RouteSpec,
     bias_N: torch.Tensor | None = None,
     token_ids_T: torch.Tensor | None = None,
     noise_TN: torch.Tensor | None = None,
+    hash_table_VK: torch.Tensor | None = None,
 ) -> Routing:
     """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models", ``strategy=hash``).
 
-    Experts come from :func:`hash_experts` of the input token ids; the loss-free
+    Experts come from :func:`hash_experts` of the input token ids (the paper's random
+    hash), or from ``hash_table_VK`` (:func:`balanced_hash_table`, the paper's balanced
+    assignment, looked up by token id); the loss-free
     bias and the router play no part in the choice. Weight: 1/K per chosen
     expert (1 for the paper's K = 1), times the routed scaling factor: the paper's
     hash layer outputs the hashed expert's FFN output directly (no gate), and a
@@ -418,7 +443,10 @@ def route_hash(
     T = logits_TN.shape[0]
     if token_ids_T.numel() != T:
         raise ValueError(f"hash routing got {token_ids_T.numel()} token ids for {T} tokens")
-    idx_TK = hash_experts(token_ids_T, spec.num_experts, spec.top_k, spec.hash_seed)
+    if hash_table_VK is not None:
+        idx_TK = hash_table_VK.index_select(0, token_ids_T.long())
+    else:
+        idx_TK = hash_experts(token_ids_T, spec.num_experts, spec.top_k, spec.hash_seed)
     w_TK = torch.full(idx_TK.shape, spec.scaling_factor / spec.top_k, device=logits_TN.device)
     keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
     return Routing(idx_TK, w_TK, keep_TK, logits_TN.softmax(dim=-1), logits_TN)

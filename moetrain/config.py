@@ -82,8 +82,21 @@ class RouterConfig:
     """Capacity factor at evaluation; ``None`` = dropless."""
     hash_seed: int = 0
     """Seed of the fixed random token-id -> expert map of hash routing (Roller et al. 2021)."""
+    hash_table: str = "random"
+    """Hash routing's map: ``random`` (a fixed random hash of the token id) or ``balanced`` (Roller et al. 2021's
+    balanced assignment: built from the training corpus's token frequencies, the most frequent ids first, each
+    to the least-loaded expert; saved with the model)."""
     device_capacity_factor: float | None = None
     """DeepSeek-V2 device-level dropping in training: per-group budget = factor x the mean share (paper: 1.0)."""
+    zero_init: bool = False
+    """Initialise the router weights W_g (and W_noise) to zero (Shazeer et al. 2017, appendix A: routing starts
+    from the noise alone); ``strategy=noisy_topk`` only."""
+    device_protect_fraction: float = 0.0
+    """Device-level dropping never drops the tokens of about this fraction of the training sequences (chosen by
+    a hash of each sequence; DeepSeek-V2 sec. 2.2.4: about 10%)."""
+    drop_policy: str = "score"
+    """Which assignments an over-capacity expert drops: ``score`` (lowest affinity first, Megatron-Core's
+    ``probs``) or ``position`` (GShard / Switch: first choices before second choices, then token order)."""
 
 
 @dataclass
@@ -101,7 +114,16 @@ class BalanceConfig:
     z_loss_coef: float = 0.0
     """Router z-loss coefficient (ST-MoE, Zoph et al. 2022, eq. 5)."""
     importance_coef: float = 0.0
-    """Importance loss w * CV(importance)^2 (Shazeer et al. 2017, eq. 6)."""
+    """Importance loss w * CV(importance)^2 (Shazeer et al. 2017, eq. 6-7)."""
+    load_coef: float = 0.0
+    """Smooth load loss w_load * CV(Load)^2, Load_i = sum_x P(x, i) via the normal CDF (Shazeer et al. 2017,
+    appendix A, eq. 8-11); ``router.strategy=noisy_topk`` only (it needs the noise)."""
+    expert_form: str = "per_layer"
+    """Form of the expert-level loss: ``per_layer`` (each MoE layer's sum_i f_i P_i, f_i = N c_i / (K T): the
+    DeepSeek-V2 / Switch normalisation, minimum 1 per layer) or ``transformers`` (transformers'
+    ``load_balancing_loss_func``, what a Mixtral run optimises: all layers' tokens pooled, N sum_i
+    (c_i / (L T)) P_i, i.e. K times the pooled per_layer formula, minimum K). Equal gradients per layer, when
+    the layers route alike: ``expert_coef`` (per_layer) = coefficient (transformers) x K / L."""
     scope: str = "micro_batch"
     """f-type statistics over the ``micro_batch`` (per rank) or ``global``: summed over all micro-batches and DP
     ranks of the step (Qiu et al. 2025), at the cost of one extra no-grad forward per micro-batch. The
@@ -198,8 +220,9 @@ class TrainerConfig:
     device: str = "auto"
     """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``."""
     precision: str = "auto"
-    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (autocast; DeepSpeed: bf16 weights, fp32
-    master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (autocast: fp32 weights and residual stream,
+    bf16 GEMMs; the MoE router stays fp32 while dispatch and experts run in bf16; DeepSpeed: bf16 weights,
+    fp32 master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
     peak_tflops: float | None = None
     """Peak device TFLOP/s for MFU; ``None`` = a table for known GPUs, else a measured GEMM rate."""
     progress: bool = True
@@ -209,7 +232,8 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory, about one more forward)."""
     compile: bool = False
-    """``torch.compile`` each block (inductor)."""
+    """``torch.compile`` region by region (inductor): dense blocks whole; in MoE blocks the norms, attention,
+    router and shared experts (dispatch, experts and combine stay eager)."""
     resume: str = "auto"
     """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
     resume_allow_changes: list[str] = field(default_factory=list)
@@ -315,6 +339,8 @@ class TrainConfig:
 
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "topk_sum")
+EXPERT_FORMS = ("per_layer", "transformers")
+HASH_TABLES = ("random", "balanced")
 BALANCE_SCOPES = ("micro_batch", "global")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -398,11 +424,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if moe.num_experts % p.ep:
         _fail("parallel.ep", p.ep, f"must divide moe.num_experts={moe.num_experts}")
 
-    from moetrain.moe.routing import STRATEGIES  # registry lives with the math
+    from moetrain.moe.routing import DROP_POLICIES, STRATEGIES  # registries live with the math
 
     _choice("moe.router.strategy", r.strategy, tuple(STRATEGIES))
     _choice("moe.router.score_fn", r.score_fn, SCORE_FNS)
     _choice("moe.router.group_score", r.group_score, GROUP_SCORES)
+    _choice("moe.router.drop_policy", r.drop_policy, DROP_POLICIES)
     _positive("moe.router.scaling_factor", r.scaling_factor)
     if r.bias_update_rate < 0:
         _fail("moe.router.bias_update_rate", r.bias_update_rate, "must be >= 0")
@@ -428,6 +455,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if r.group_score == "topk_sum" and r.topk_groups and moe.top_k % r.topk_groups:
         _fail("moe.router.group_score", r.group_score, "topk_sum needs moe.top_k divisible by topk_groups")
     _positive("moe.router.noise_std", r.noise_std)
+    if not 0.0 <= r.device_protect_fraction <= 1.0:
+        _fail("moe.router.device_protect_fraction", r.device_protect_fraction, "must be in [0, 1]")
     if r.device_capacity_factor is not None:
         _positive("moe.router.device_capacity_factor", r.device_capacity_factor)
         if groups < 2:
@@ -436,13 +465,27 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("moe.router.topk_groups", r.topk_groups, "device-limited routing needs a token-choice strategy")
     if r.strategy in ("topk_softmax", "noisy_topk", "expert_choice") and r.score_fn != "softmax":
         _fail("moe.router.score_fn", r.score_fn, f"strategy {r.strategy} is defined with softmax scores")
+    _choice("moe.router.hash_table", r.hash_table, HASH_TABLES)
+    if r.hash_table != "random" and r.strategy != "hash":
+        _fail("moe.router.hash_table", r.hash_table, "needs router.strategy=hash")
     if r.strategy == "hash" and r.bias_update_rate > 0:
         _fail("moe.router.bias_update_rate", r.bias_update_rate, "hash routing ignores the bias; set 0")
 
-    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef"):
+    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef", "load_coef"):
         if getattr(b, key) < 0:
             _fail(f"moe.balance.{key}", getattr(b, key), "must be >= 0")
     _choice("moe.balance.scope", b.scope, BALANCE_SCOPES)
+    _choice("moe.balance.expert_form", b.expert_form, EXPERT_FORMS)
+    if b.expert_form == "transformers" and b.scope == "global":
+        _fail("moe.balance.expert_form", b.expert_form, "pools one forward's layers; use moe.balance.scope=micro_batch")
+    if r.zero_init and r.strategy != "noisy_topk":
+        _fail("moe.router.zero_init", r.zero_init, "needs router.strategy=noisy_topk (else every token ties)")
+    if b.load_coef > 0 and moe.top_k >= moe.num_experts:
+        _fail("moe.balance.load_coef", b.load_coef, "needs moe.top_k < moe.num_experts (a (k+1)-th expert)")
+    if b.load_coef > 0 and r.strategy != "noisy_topk":
+        _fail(
+            "moe.balance.load_coef", b.load_coef, "needs router.strategy=noisy_topk (the load is a noise probability)"
+        )
     for key in ("device_coef", "comm_coef"):
         if getattr(b, key) > 0 and groups < 2:
             _fail(f"moe.balance.{key}", getattr(b, key), "needs 2+ device groups (router.num_groups or parallel.ep)")

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moetrain.moe.dispatch import AllToAllDispatcher
+from moetrain.moe.dispatch import AllToAllDispatcher, CommStats
 from moetrain.moe.routing import topk_experts
 
 
@@ -56,10 +56,11 @@ def _one_pass(
     expert_A: torch.Tensor,
     w_A: torch.Tensor,
     scale_E: torch.Tensor,
-) -> None:
-    rows, counts, handle = disp.dispatch(x, token_A, expert_A, w_A)
-    y = rows * scale_E.repeat_interleave(counts, dim=0).unsqueeze(-1)  # a cheap per-expert stand-in
-    disp.combine(y, handle).sum().backward()
+) -> CommStats | None:
+    d = disp.dispatch(x, token_A, expert_A, w_A)
+    y = d.rows_RD * (scale_E.repeat_interleave(d.counts_E, dim=0) * d.weight_R).unsqueeze(-1)  # cheap experts
+    disp.combine(y, d.handle).sum().backward()
+    return d.comm
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
@@ -82,21 +83,22 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Any
             }
             scale_E = torch.rand(args.experts // world, device=device) + 0.5
             times: dict[str, list[float]] = {name: [] for name in disps}
+            comms: dict[str, CommStats | None] = {}
             for rep in range(args.warmup + args.reps):
                 for name, disp in disps.items():  # interleaved: noise hits both alike
                     dist.barrier()
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    _one_pass(disp, x, token_A, expert_A, w_A, scale_E)
+                    comms[name] = _one_pass(disp, x, token_A, expert_A, w_A, scale_E)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     dist.barrier()
                     if rep >= args.warmup:
                         times[name].append(time.perf_counter() - t0)
             row: dict[str, Any] = {"ep": world, "m": m}
-            for name, disp in disps.items():
-                last = disp.last
+            for name in disps:
+                last = comms[name]
                 assert last is not None
                 stats = torch.tensor(
                     [float(last.bytes_sent), float(last.rows_total), float(last.rows_sent), max(times[name])]

@@ -1,13 +1,17 @@
-"""End-to-end training tokens/s: the MoE model against a dense model of equal active parameters.
+"""End-to-end training tokens/s: the MoE model against a dense model of equal active FLOPs.
 
-The dense baseline is the same Transformer with every layer dense and a SwiGLU of
+The dense twin is the same Transformer with every layer dense and a SwiGLU of
 hidden size K * expert_hidden_size + shared experts' hidden (the FFN width a token
 actually goes through in the MoE layer), so both do the same FLOPs per token. Both
-train on the same data with the same optimizer; steps are timed in alternating
-blocks in one run so that machine noise hits both alike.
+train on the same data with the same optimizer, on the device the trainer picks
+(``trainer.device``: the GPU when there is one) at its precision (bf16 autocast on
+GPU); steps are timed in alternating blocks in one run so that machine noise hits
+both alike. MFU is against the bf16 (GPU) or fp32 (CPU) GEMM rate measured in the
+same run (an 8192^3 matmul on GPU), not a datasheet number.
 
     python scripts/bench_train.py                       # the default tiny config
     python scripts/bench_train.py --steps 30 -- model=small moe.num_experts=64 moe.top_k=6
+    python scripts/bench_train.py --compile -- model=small ...   # trainer.compile, with the time to the first step
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moetrain.config import TrainConfig, validate
+from moetrain.parallel.context import ParallelContext, resolve_device
 from moetrain.train.cli import config_dir
+from moetrain.train.flops import measured_gemm_tflops
 from moetrain.train.trainer import Trainer
 
 
@@ -36,51 +42,76 @@ def dense_twin(cfg: TrainConfig) -> TrainConfig:
     return dense
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--block", type=int, default=5, help="steps per alternating block")
+    p.add_argument("--compile", action="store_true", help="trainer.compile=true (regional torch.compile)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the base config")
     args = p.parse_args()
 
+    extra = ["logger=none", "trainer.progress=false"] + (["trainer.compile=true"] if args.compile else [])
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        dcfg = compose("train", overrides=[*args.overrides, "logger=none", "trainer.progress=false"])
+        dcfg = compose("train", overrides=[*args.overrides, *extra])
     cfg = validate(OmegaConf.to_object(dcfg))  # type: ignore[arg-type]
+    device = resolve_device(cfg.trainer.device, 0)
+    pc = ParallelContext(device=device)
+    if device.type == "cuda":
+        peak, peak_what = measured_gemm_tflops(device, torch.bfloat16, n=8192), "bf16 8192^3 GEMM"
+    else:
+        peak, peak_what = measured_gemm_tflops(device), "fp32 1024^3 GEMM"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({name}), measured peak {peak:.1f} TFLOP/s ({peak_what}), torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {"moe": Trainer(cfg, tmp), "dense": Trainer(validate(dense_twin(cfg)), tmp)}
-        for name, tr in trainers.items():
+        trainers = {"moe": Trainer(cfg, tmp, pc), "dense": Trainer(validate(dense_twin(cfg)), tmp, pc)}
+        for key, tr in trainers.items():
             m = tr.model
             print(
-                f"{name:>5}: {m.num_params() / 1e6:.2f}M params, {m.num_params(active=True) / 1e6:.2f}M active, "
-                f"{tr.flops_per_token / 1e6:.1f} MFLOPs/token"
+                f"{key:>5}: {m.num_params() / 1e6:.2f}M params, {m.num_params(active=True) / 1e6:.2f}M active, "
+                f"{tr.flops_per_token / 1e6:.1f} MFLOPs/token, precision {tr.autocast_dtype or 'fp32'}"
             )
         batch = trainers["moe"].loader.next_batch()
         tokens = batch.shape[0] * (batch.shape[1] - 1)
-        for tr in trainers.values():
-            for _ in range(args.warmup):
-                tr.train_step(batch)
+        first_step = {}
+        for key, tr in trainers.items():
+            for i in range(args.warmup):
+                t0 = time.perf_counter()
+                loss = tr.train_step(batch)["loss"]
+                sync(device)
+                if i == 0:
+                    first_step[key] = time.perf_counter() - t0
+                    print(f"{key:>5}: first step {first_step[key]:.1f} s (loss {loss.item():.4f})")
         elapsed = {k: 0.0 for k in trainers}
         done = 0
         while done < args.steps:
             n = min(args.block, args.steps - done)
-            for name, tr in trainers.items():
-                if tr.device.type == "cuda":
-                    torch.cuda.synchronize()
+            for key, tr in trainers.items():
+                sync(device)
                 t0 = time.perf_counter()
                 for _ in range(n):
                     tr.train_step(tr.loader.next_batch())
-                if tr.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed[name] += time.perf_counter() - t0
+                sync(device)
+                elapsed[key] += time.perf_counter() - t0
             done += n
     tps = {k: tokens * args.steps / v for k, v in elapsed.items()}
-    print("\n| model | tokens/s | ms/step |\n| --- | ---: | ---: |")
-    for name in trainers:
-        print(f"| {name} | {tps[name]:,.0f} | {elapsed[name] / args.steps * 1e3:.0f} |")
+    mfu = {k: tps[k] * trainers[k].flops_per_token / (peak * 1e12) for k in trainers}
+    print("\n| model | tokens/s | ms/step | MFU | first step s |\n| --- | ---: | ---: | ---: | ---: |")
+    for key in trainers:
+        print(
+            f"| {key} | {tps[key]:,.0f} | {elapsed[key] / args.steps * 1e3:.1f} | {mfu[key]:.1%} | "
+            f"{first_step.get(key, float('nan')):.1f} |"
+        )
     print(
         f"\nMoE / dense tokens/s: {tps['moe'] / tps['dense']:.2f}x  "
-        f"({args.steps} steps each, {tokens} tokens/step, device {trainers['moe'].device})"
+        f"({args.steps} steps each, {tokens} tokens/step, device {device}"
+        + (", compiled" if args.compile else "")
+        + ")"
     )
 
 

@@ -136,13 +136,13 @@ def _guardrail_check(rank: int, world: int, overflow: str) -> dict[str, Any]:
     expert_A = torch.tensor([0, 1] * (T - 1) + [0, 2])  # all but one assignment land on EP rank 0
     weight_A = torch.rand(2 * T, generator=torch.Generator().manual_seed(100 + rank))
     try:
-        rows, counts, handle = disp.dispatch(x, token_A, expert_A, weight_A)
+        rows, counts, weight, handle, comm = disp.dispatch(x, token_A, expert_A, weight_A)
     except RecvOverflowError as e:
         return {"overflow": str(e)}
     experts = torch.randn(2 * E, D, D, generator=torch.Generator().manual_seed(7))  # linear experts, all ranks
     y_rows = torch.cat([r @ experts[rank * E + e] for e, r in enumerate(rows.split(counts.tolist()))])
-    out = disp.combine(y_rows, handle)
-    keep = disp.last.keep_A
+    out = disp.combine(y_rows * weight.unsqueeze(-1), handle)
+    keep = comm.keep_A
     assert keep is not None
     # Reference: the kept assignments computed locally.
     ref = torch.zeros(T, D)
@@ -153,7 +153,7 @@ def _guardrail_check(rank: int, world: int, overflow: str) -> dict[str, Any]:
     to0 = expert_A < E
     kept_w, dropped_w = weight_A[to0 & keep], weight_A[to0 & ~keep]
     assert dropped_w.numel() > 0 and kept_w.min() >= dropped_w.max()
-    return {"recv": int(counts.sum()), "dropped": int(disp.last.dropped)}
+    return {"recv": int(counts.sum()), "dropped": int(comm.dropped)}
 
 
 def _ep_config(tmp_path: Path, steps: int, **overrides: Any) -> Any:
@@ -253,10 +253,13 @@ def _local_equals_alltoall_check(rank: int, world: int, dedup: bool) -> dict[str
     expert_A = idx_TK.reshape(-1)
     weight_A = torch.rand(3 * T, generator=g)
 
+    comms = []
+
     def run(disp: Any, x: torch.Tensor, w: torch.Tensor, offset: int) -> torch.Tensor:
-        rows, counts, h = disp.dispatch(x, token_A, expert_A, w)
+        rows, counts, weight, h, comm = disp.dispatch(x, token_A, expert_A, w)
+        comms.append(comm)
         ys = [r @ experts[offset + e] for e, r in enumerate(rows.split(counts.tolist()))]
-        return disp.combine(torch.cat(ys) if ys else rows, h)
+        return disp.combine((torch.cat(ys) if ys else rows) * weight.unsqueeze(-1), h)
 
     x = x_all[rank].clone().requires_grad_()
     w = weight_A.clone().requires_grad_()
@@ -270,7 +273,7 @@ def _local_equals_alltoall_check(rank: int, world: int, dedup: bool) -> dict[str
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
-    return {"rows_sent": int(disp.last.rows_total), "assignments": int(expert_A.numel())}
+    return {"rows_sent": int(comms[0].rows_total), "assignments": int(expert_A.numel())}
 
 
 def _balance_config(tmp_path: Path) -> Any:
@@ -336,6 +339,62 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
     return {"logged": ep_logged}
 
 
+def _device_drop_parity(rank: int, world: int, pc: Any) -> dict[str, Any]:
+    """DeepSeek-V2 device-level dropping under EP (one device per rank: each receiver keeps its budget of
+    ceil(f * A / D) over ALL senders' assignments, protected sequences never dropped) equals one process with
+    the same groups on the whole batch at once: loss, dropped count, every gradient."""
+    router = RouterConfig(num_groups=world, device_capacity_factor=0.75, device_protect_fraction=0.25)
+    moe_cfg = MoEConfig(
+        num_experts=N, top_k=2, expert_hidden_size=16, router=router, balance=BalanceConfig(expert_coef=0.0)
+    )
+    ref = build_model(MODEL, moe_cfg, V, S, ep=world, seed=0)
+    with torch.no_grad():  # a skewed router, so devices overflow
+        for layer in ref.moe_layers().values():
+            layer.router.weight.mul_(4.0)
+            layer.router.weight[: N // world] += 0.3
+    model = apply_expert_parallel(copy.deepcopy(ref), pc)
+    batch = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(5))
+    ref_loss, ref_out = _loss(ref, batch)
+    ref_loss.backward()
+    loss, out = _loss(model, rank_slice(batch, rank, world))
+    loss.backward()
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss)
+    global_loss /= world
+    sync_gradients(model, pc)
+    stats = torch.tensor([sum(float(s.num_dropped) for s in out.moe_stats.values())])
+    dist.all_reduce(stats)
+    ref_dropped = sum(float(s.num_dropped) for s in ref_out.moe_stats.values())
+    assert ref_dropped > 0 and stats.item() == ref_dropped, (stats.item(), ref_dropped)
+    torch.testing.assert_close(global_loss, ref_loss.detach(), rtol=1e-6, atol=1e-7)
+    experts = {id(p) for p in expert_parameters(model)}
+    ref_params = dict(ref.named_parameters())
+    for pname, p in model.named_parameters():
+        want = ref_params[pname].grad
+        if id(p) in experts:
+            e = p.shape[0]
+            want = want[pc.ep_rank * e : (pc.ep_rank + 1) * e]
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=f"grad of {pname}")
+    return {"dropped": ref_dropped}
+
+
+def _host_sync_check(rank: int, world: int, pc: Any) -> dict[str, Any]:
+    """Under EP the only would-be GPU host sync of a dropless step is each layer's split exchange (one
+    ``tolist`` per MoE layer forward, none in the backward), under bf16 autocast as the trainer runs it."""
+    from tests.host_syncs import HostSyncs
+
+    moe_cfg = _moe_cfg({"topk_groups": 1})
+    model = apply_expert_parallel(build_model(MODEL, moe_cfg, V, S, ep=world, seed=0), pc)
+    batch = torch.randint(0, V, (2, S + 1), generator=torch.Generator().manual_seed(rank))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _loss(model, batch)[0].backward()  # warm-up
+        with HostSyncs() as fwd:
+            loss, _ = _loss(model, batch)
+    with HostSyncs() as bwd:
+        loss.backward()
+    return {"forward": fwd.ops, "backward": bwd.ops, "moe_layers": len(model.moe_layers())}
+
+
 def _suite(rank: int, world: int, ep: int, extra: bool, cfg: Any = None, tmp: str = "") -> dict[str, Any]:
     """Every check of one topology in one spawn (process start-up dominates on 2 cores).
 
@@ -353,7 +412,10 @@ def _suite(rank: int, world: int, ep: int, extra: bool, cfg: Any = None, tmp: st
             ("dispatch/naive", lambda: _local_equals_alltoall_check(rank, world, False)),
             ("guardrail/error", lambda: _guardrail_check(rank, world, "error")),
             ("guardrail/drop", lambda: _guardrail_check(rank, world, "drop")),
+            ("host_syncs", lambda: _host_sync_check(rank, world, pc)),
         ]
+    if extra and world == ep:
+        checks.append(("device_drop", lambda: _device_drop_parity(rank, world, pc)))
     if extra and world == 4 and ep == 4:
         checks.append(("device_limited", lambda: _device_limited_check(rank, world, pc)))
     if cfg is not None:
@@ -411,6 +473,19 @@ def test_alltoall_dispatcher_matches_local_forward_and_backward(dedup, results):
     reports = results("ep2", "dispatch/dedup" if dedup else "dispatch/naive")
     for r in reports:
         assert (r["rows_sent"] < r["assignments"]) if dedup else (r["rows_sent"] == r["assignments"])
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("topology", ["ep2", "ep4"])
+def test_device_level_dropping_by_receiving_device_equals_one_process_on_the_whole_batch(topology, results):
+    reports = results(topology, "device_drop")
+    assert len({r["dropped"] for r in reports}) == 1
+
+
+@pytest.mark.parity
+def test_ep_dropless_step_syncs_with_the_host_only_for_the_split_exchange(results):
+    for r in results("ep2", "host_syncs"):
+        assert r["forward"] == ["tolist"] * r["moe_layers"] and r["backward"] == [], r
 
 
 @pytest.mark.parity

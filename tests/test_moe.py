@@ -158,9 +158,12 @@ def test_local_dispatcher_dropless_gather_path_equals_the_masked_scatter_path():
     outs = []
     for slots in (K, None):
         d = LocalDispatcher(N)
-        rows, counts, handle = d.dispatch(x, token_idx, idx.reshape(-1), w.reshape(-1), slots_per_token=slots)
+        rows, counts, weight, handle, _ = d.dispatch(
+            x, token_idx, idx.reshape(-1), w.reshape(-1), slots_per_token=slots
+        )
         assert counts.tolist() == torch.bincount(idx.reshape(-1), minlength=N).tolist()
-        y = d.combine(rows * torch.arange(1, rows.shape[0] + 1.0).unsqueeze(-1) / 7, handle)
+        scale = torch.arange(1, rows.shape[0] + 1.0).unsqueeze(-1) / 7  # a per-row stand-in for the experts
+        y = d.combine(rows * scale * weight.unsqueeze(-1), handle)
         g = torch.autograd.grad(y.square().sum(), [x, w])
         outs.append((y, *g))
     for a, b in zip(*outs):

@@ -1,10 +1,30 @@
-"""Routed experts as stacked weights, run over expert-contiguous token segments.
+"""Routed experts as stacked weights, run over expert-contiguous row segments.
 
 Shape suffixes: R rows (token copies in expert-sorted order), D model dim,
-E local experts, F expert hidden size.
+E local experts, F expert hidden size, K / N a GEMM's contraction / output dim.
+
+The experts are one autograd node, :class:`GroupedSwiGLU`, over a *segment
+GEMM* backend chosen per call from the rows' device and dtype
+(:func:`segment_gemm`):
+
+* ``torch._grouped_mm`` (:class:`TorchGroupedMM`): CUDA bf16 on sm90/sm100 (its
+  CUTLASS kernels) and CPU fp32/bf16; the segment offsets stay on the device.
+* Triton (:class:`TritonGroupedMM`, ``moetrain/moe/triton_gemm.py``): every other
+  CUDA case (fp32, fp16, bf16 before Hopper), where ``torch._grouped_mm`` would
+  fall back to a loop that copies the offsets to the host.
+* a loop over segments (:class:`LoopGroupedMM`): only where neither runs (a
+  non-16-byte-aligned hidden size on CPU, CUDA without Triton, other devices).
+  It needs the row counts on the host (one synchronisation per forward), and
+  its weight gradient writes each expert's ``x_e^T dy_e`` straight into that
+  expert's slice of one [E, K, N] tensor: O(E) traffic, no full-size
+  accumulation per expert.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.util import find_spec
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -12,124 +32,233 @@ from torch import nn
 
 
 def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
-    """Whether ``torch._grouped_mm`` runs for these rows: on CPU (fp32/bf16, measured
-    faster than a per-expert loop, see scripts/bench_moe.py) and on CUDA in bf16 on Hopper
-    (sm90) or newer, with every matrix dimension ``dims`` a multiple of 16 bytes (the
-    kernel's stride rule); elsewhere the experts fall back to a loop over segments."""
+    """Whether ``torch._grouped_mm`` runs its own kernels for these rows: on CPU (fp32/bf16, measured
+    faster than a per-expert loop, see scripts/bench_moe.py) and on CUDA in bf16 on sm90/sm100 (elsewhere
+    on CUDA it loops over the groups after copying the offsets to the host), with every matrix dimension
+    ``dims`` a multiple of 16 bytes (the kernel's stride rule)."""
     if not hasattr(torch, "_grouped_mm") or any(d * x.element_size() % 16 for d in dims):
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
     return False
 
 
-class GroupedMM(torch.autograd.Function):
-    """y[seg_e] = x[seg_e] @ w[e] over contiguous row segments, with a grouped-GEMM backward.
+def triton_supported(x: torch.Tensor) -> bool:
+    """Whether the Triton segment GEMMs can run for these rows (CUDA with Triton installed)."""
+    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and find_spec("triton") is not None
 
-    ``offs`` are the cumulative row counts (int32, [E]). Backward: dx = dy @ w[e]^T
-    (grouped, 2D x 3D) and dw[e] = x[seg_e]^T @ dy[seg_e] (grouped, 2D x 2D -> 3D);
-    empty segments give zero weight gradients.
+
+class SegmentGEMM(Protocol):
+    """GEMMs over the row segments of one expert layout (one backend object per forward)."""
+
+    def mm(self, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+        """``y[seg e] = x[seg e] @ w[e]``: [R, K] x [E, K, N] -> [R, N]; ``w`` may be a strided view."""
+        ...
+
+    def wgrad(self, x_RK: torch.Tensor, dy_RN: torch.Tensor) -> torch.Tensor:
+        """``dw[e] = x[seg e]^T @ dy[seg e]``: [E, K, N], zeros for an empty segment."""
+        ...
+
+
+@dataclass(frozen=True)
+class TorchGroupedMM:
+    """``torch._grouped_mm`` with the segment ends ``offs_E`` (int32, on the rows' device)."""
+
+    offs_E: torch.Tensor
+
+    def mm(self, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x_RK, w_EKN, offs=self.offs_E)
+
+    def wgrad(self, x_RK: torch.Tensor, dy_RN: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x_RK.t(), dy_RN, offs=self.offs_E)
+
+
+@dataclass(frozen=True)
+class TritonGroupedMM:
+    """The Triton kernels of :mod:`moetrain.moe.triton_gemm` (offsets read on the device)."""
+
+    offs_E: torch.Tensor
+
+    def mm(self, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+        from moetrain.moe.triton_gemm import segment_mm
+
+        return segment_mm(x_RK, w_EKN, self.offs_E)
+
+    def wgrad(self, x_RK: torch.Tensor, dy_RN: torch.Tensor) -> torch.Tensor:
+        from moetrain.moe.triton_gemm import segment_wgrad
+
+        return segment_wgrad(x_RK, dy_RN, self.offs_E)
+
+
+@dataclass(frozen=True)
+class LoopGroupedMM:
+    """One ``torch.mm`` per non-empty segment, each writing into its slice of one output tensor."""
+
+    counts: list[int]
+    """Rows per expert, on the host."""
+
+    def _segments(self) -> list[tuple[int, int, int]]:
+        out, start = [], 0
+        for e, n in enumerate(self.counts):
+            out.append((e, start, start + n))
+            start += n
+        return out
+
+    def mm(self, x_RK: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+        y = x_RK.new_empty(x_RK.shape[0], w_EKN.shape[2])
+        for e, s, t in self._segments():
+            if t > s:
+                torch.mm(x_RK[s:t], w_EKN[e], out=y[s:t])
+        return y
+
+    def wgrad(self, x_RK: torch.Tensor, dy_RN: torch.Tensor) -> torch.Tensor:
+        dw = x_RK.new_empty(len(self.counts), x_RK.shape[1], dy_RN.shape[1])
+        for e, s, t in self._segments():
+            if t > s:
+                torch.mm(x_RK[s:t].t(), dy_RN[s:t], out=dw[e])
+            else:
+                dw[e].zero_()
+        return dw
+
+
+GEMM_BACKENDS = ("auto", "grouped_mm", "triton", "loop")
+
+
+def segment_gemm(
+    x_RD: torch.Tensor, counts_E: torch.Tensor, dims: tuple[int, ...], backend: str = "auto"
+) -> SegmentGEMM:
+    """The segment-GEMM backend for these rows (``auto``: the fastest that runs, see the module doc).
+
+    ``counts_E`` are the rows per expert (on the rows' device). Only the loop
+    backend copies them to the host.
     """
+    if backend == "auto":
+        if grouped_mm_supported(x_RD, *dims):
+            backend = "grouped_mm"
+        elif triton_supported(x_RD):
+            backend = "triton"
+        else:
+            backend = "loop"
+    if backend == "loop":
+        return LoopGroupedMM(counts_E.tolist())
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    if backend == "grouped_mm":
+        return TorchGroupedMM(offs_E)
+    if backend == "triton":
+        return TritonGroupedMM(offs_E)
+    raise ValueError(f"unknown segment GEMM backend {backend!r}: one of {GEMM_BACKENDS}")
 
-    @staticmethod
-    def forward(ctx, x_RD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x_RD, w_EDF, offs_E)
-        return torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
 
-    @staticmethod
-    def backward(ctx, dy_RF: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
-        x_RD, w_EDF, offs_E = ctx.saved_tensors
-        dy_RF = dy_RF.contiguous()
-        dx = torch._grouped_mm(dy_RF, w_EDF.transpose(1, 2), offs=offs_E) if ctx.needs_input_grad[0] else None
-        dw = torch._grouped_mm(x_RD.t(), dy_RF, offs=offs_E) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+def swiglu_backward(h13_RF2: torch.Tensor, da_RF: torch.Tensor) -> torch.Tensor:
+    """d/d[h1 | h3] of ``a = silu(h1) * h3`` given ``da``, written into the two halves of one buffer (no ``cat``)."""
+    hidden = da_RF.shape[1]
+    h1, h3 = h13_RF2[:, :hidden], h13_RF2[:, hidden:]
+    dh13_RF2 = torch.empty_like(h13_RF2)
+    dh1, dh3 = dh13_RF2[:, :hidden], dh13_RF2[:, hidden:]
+    torch.ops.aten.silu.out(h1, out=dh3)
+    dh3.mul_(da_RF)  # d/dh3 = da * silu(h1)
+    torch.mul(da_RF, h3, out=dh1)
+    torch.ops.aten.silu_backward.grad_input(dh1, h1, grad_input=dh1)  # d/dh1 = da * h3 * silu'(h1)
+    return dh13_RF2
+
+
+def _scaled(a_RF: torch.Tensor, weight_R: torch.Tensor) -> torch.Tensor:
+    """``a * w`` per row, computed in fp32 (``w`` is fp32) and stored in ``a``'s dtype (one kernel)."""
+    return torch.mul(a_RF, weight_R.unsqueeze(1), out=torch.empty_like(a_RF))
+
+
+def _row_dot(a_RF: torch.Tensor, b_RF: torch.Tensor) -> torch.Tensor:
+    """``<a_r, b_r>`` per row, accumulated in fp32."""
+    if a_RF.dtype == torch.float32:
+        return torch.linalg.vecdot(a_RF, b_RF)
+    return torch.mul(a_RF, b_RF).sum(dim=1, dtype=torch.float32)
 
 
 class GroupedSwiGLU(torch.autograd.Function):
-    """y[seg_e] = (silu(x W1_e) * (x W3_e)) W2_e over contiguous row segments, as one autograd node.
+    """``y[r] = w_r * (silu(x_r W1_e) * (x_r W3_e)) W2_e`` for row r of expert e's segment, as one autograd node.
 
-    The CPU path (see :func:`grouped_swiglu`). The same grouped GEMMs (two forward,
-    up to four backward) as two :class:`GroupedMM` nodes around an eager SwiGLU, but
-    with fewer fresh activation-sized buffers, which on CPU cost more than the
-    arithmetic (a fresh allocation above glibc's 32 MiB mmap threshold is
-    page-faulted in on first touch, ~15 ms per 48 MiB on the 2-core machine of
-    ``scripts/bench_moe.py``, against ~3 ms for the pass that fills it):
+    ``weight_R`` (fp32, optional) are the combine weights of the rows: they scale
+    the activation before the down projection, so the combine that follows is a
+    plain sum of each token's rows. ``w a W2 = (w a) W2`` exactly; ``w * a`` is
+    computed in fp32 and the GEMM accumulates in fp32, so the weights are applied
+    with fp32 accumulation whatever the rows' dtype (DeepSeek-V2 eq. 6's
+    ``sum_i g_{i,t} FFN_i(u_t)``). Its gradient is the row-wise dot
+    ``<a_r, dL/d(w a)_r>`` in fp32.
 
-    * forward: ``a = silu(h1)`` then ``a *= h3`` in place; saves x, h13 = [h1 | h3]
-      and a (the autograd composition also keeps ``silu(h1)``);
-    * backward: dh1 and dh3 are written straight into halves of one [R, 2F] buffer
-      (``silu_backward`` in place, no ``cat`` of the two halves), ``silu(h1)`` recomputed.
-
-    ``offs`` are the cumulative row counts (int32, [E]); empty segments give zero
-    weight gradients. Saved tensors are never modified, so a retained graph can be
-    run backward again.
+    Forward: two segment GEMMs; saves x, h13 = [h1 | h3] and a. Backward: up to
+    four segment GEMMs (dW2, d(wa), dW13, dx); d/dh1 and d/dh3 go straight into
+    the halves of one buffer. Saved tensors are never modified, so a retained
+    graph can be run backward again. ``gemm`` is the :class:`SegmentGEMM` backend.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x_RD: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor, offs_E: torch.Tensor
+        ctx,
+        x_RD: torch.Tensor,
+        w13_EDF2: torch.Tensor,
+        w2_EFD: torch.Tensor,
+        weight_R: torch.Tensor | None,
+        gemm: SegmentGEMM,
     ) -> torch.Tensor:
         hidden = w2_EFD.shape[1]
-        h13_RF2 = torch._grouped_mm(x_RD, w13_EDF2, offs=offs_E)
-        a_RF = F.silu(h13_RF2[:, :hidden]).mul_(h13_RF2[:, hidden:]).contiguous()
-        ctx.save_for_backward(x_RD, w13_EDF2, w2_EFD, offs_E, h13_RF2, a_RF)
-        return torch._grouped_mm(a_RF, w2_EFD, offs=offs_E)
+        h13_RF2 = gemm.mm(x_RD, w13_EDF2)
+        a_RF = F.silu(h13_RF2[:, :hidden]).mul_(h13_RF2[:, hidden:])
+        ctx.save_for_backward(x_RD, w13_EDF2, w2_EFD, weight_R, h13_RF2, a_RF)
+        ctx.gemm = gemm
+        return gemm.mm(a_RF if weight_R is None else _scaled(a_RF, weight_R), w2_EFD)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx, dy_RD: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
-        x_RD, w13_EDF2, w2_EFD, offs_E, h13_RF2, a_RF = ctx.saved_tensors
-        need_x, need_w13, need_w2 = ctx.needs_input_grad[:3]
-        hidden = w2_EFD.shape[1]
+    def backward(ctx, dy_RD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x_RD, w13_EDF2, w2_EFD, weight_R, h13_RF2, a_RF = ctx.saved_tensors
+        need_x, need_w13, need_w2, need_weight = ctx.needs_input_grad[:4]
+        gemm: SegmentGEMM = ctx.gemm
         dy_RD = dy_RD.contiguous()
-        dw2 = torch._grouped_mm(a_RF.t(), dy_RD, offs=offs_E) if need_w2 else None
+        dw2 = None
+        if need_w2:
+            dw2 = gemm.wgrad(a_RF if weight_R is None else _scaled(a_RF, weight_R), dy_RD)
+        if not (need_x or need_w13 or need_weight):
+            return None, None, dw2, None, None
+        dwa_RF = gemm.mm(dy_RD, w2_EFD.transpose(1, 2))  # dL/d(w a)
+        dweight = _row_dot(a_RF, dwa_RF) if need_weight else None
         if not (need_x or need_w13):
-            return None, None, dw2, None
-        da_RF = torch._grouped_mm(dy_RD, w2_EFD.transpose(1, 2), offs=offs_E)
-        h1, h3 = h13_RF2[:, :hidden], h13_RF2[:, hidden:]
-        dh13_RF2 = torch.empty_like(h13_RF2)
-        dh1, dh3 = dh13_RF2[:, :hidden], dh13_RF2[:, hidden:]
-        torch.ops.aten.silu.out(h1, out=dh3)
-        dh3.mul_(da_RF)  # d/dh3 = da * silu(h1)
-        torch.mul(da_RF, h3, out=dh1)
-        torch.ops.aten.silu_backward.grad_input(dh1, h1, grad_input=dh1)  # d/dh1 = da * h3 * silu'(h1)
-        dw13 = torch._grouped_mm(x_RD.t(), dh13_RF2, offs=offs_E) if need_w13 else None
-        dx = torch._grouped_mm(dh13_RF2, w13_EDF2.transpose(1, 2), offs=offs_E) if need_x else None
-        return dx, dw13, dw2, None
+            return None, None, dw2, dweight, None
+        da_RF = dwa_RF if weight_R is None else dwa_RF.mul_(weight_R.unsqueeze(1))  # fp32 math, rows' dtype
+        dh13_RF2 = swiglu_backward(h13_RF2, da_RF)
+        dw13 = gemm.wgrad(x_RD, dh13_RF2) if need_w13 else None
+        dx = gemm.mm(dh13_RF2, w13_EDF2.transpose(1, 2)) if need_x else None
+        return dx, dw13, dw2, dweight, None
 
 
 @torch.compiler.disable
 def grouped_swiglu(
-    x_RD: torch.Tensor, w13_EDF2: torch.Tensor, w2_EFD: torch.Tensor, counts_E: torch.Tensor
+    x_RD: torch.Tensor,
+    w13_EDF2: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    counts_E: torch.Tensor,
+    weight_R: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """silu(x W1_e) * (x W3_e) W2_e over contiguous segments: two grouped GEMMs.
+    """``weight_R * SwiGLU_e(x)`` over contiguous segments (:class:`GroupedSwiGLU` on :func:`segment_gemm`).
 
-    On CPU one :class:`GroupedSwiGLU` node (fewer fresh buffers, measured faster
-    in ``scripts/bench_moe.py``); elsewhere (CUDA, bf16 on sm90+) two
-    :class:`GroupedMM` nodes around an eager SwiGLU. The grouped GEMMs themselves
-    are the same: on CPU ``_grouped_mm`` measured as fast as a per-expert loop of
-    ``torch.mm`` (also for the weight gradient x^T dy), so there is no loop path.
-
-    Kept out of ``torch.compile`` graphs: it is already one kernel per GEMM, and the
-    fake-tensor rule of ``_grouped_mm`` accepts only bf16 while the CPU kernel runs fp32.
+    Kept out of ``torch.compile`` graphs (a graph break): it is already one kernel
+    per GEMM, and the fake-tensor rule of ``_grouped_mm`` accepts only bf16 while
+    the CPU kernel runs fp32.
     """
-    offs_E = counts_E.cumsum(0).to(torch.int32)
-    if x_RD.device.type == "cpu":
-        return GroupedSwiGLU.apply(x_RD.contiguous(), w13_EDF2, w2_EFD, offs_E)
-    h1, h3 = GroupedMM.apply(x_RD, w13_EDF2, offs_E).chunk(2, dim=-1)
-    return GroupedMM.apply(F.silu(h1) * h3, w2_EFD, offs_E)
+    gemm = segment_gemm(x_RD, counts_E, (w2_EFD.shape[2], w2_EFD.shape[1]), backend)
+    return GroupedSwiGLU.apply(x_RD.contiguous(), w13_EDF2, w2_EFD, weight_R, gemm)
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts, y_e = (silu(x W1_e) * (x W3_e)) W2_e, stored as stacked tensors.
 
     ``w13_EDF2`` holds W1 and W3 side by side so each expert does one up-projection
-    GEMM. The forward takes rows already grouped by expert and the row count of
-    each expert: a grouped GEMM over contiguous segments, with no mask over all
-    tokens and no capacity padding.
+    GEMM. The forward takes rows already grouped by expert, the row count of each
+    expert and optionally each row's combine weight: a grouped GEMM over
+    contiguous segments, with no mask over all tokens and no capacity padding.
+    The weights are cast to the rows' dtype (the compute dtype, e.g. bf16 under
+    autocast); their gradients flow back in fp32.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
@@ -139,16 +268,11 @@ class GroupedExperts(nn.Module):
         """Global index of local expert 0 (set by ``moetrain.parallel.apply_expert_parallel``)."""
         self.num_global_experts = num_experts
         """Experts of the whole layer; ``num_experts`` are the ones held here (``N / ep`` under EP)."""
+        self.gemm_backend = "auto"
+        """Segment-GEMM backend (:data:`GEMM_BACKENDS`); ``auto`` picks the fastest that runs."""
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
-    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if grouped_mm_supported(x_RD, self.dim, self.hidden):
-            return grouped_swiglu(x_RD, self.w13.to(x_RD.dtype), self.w2.to(x_RD.dtype), counts_E)
-        out = []
-        for e, x_e in enumerate(x_RD.split(counts_E.tolist())):
-            if x_e.shape[0] == 0:
-                continue
-            h1, h3 = (x_e @ self.w13[e].to(x_e.dtype)).chunk(2, dim=-1)
-            out.append((F.silu(h1) * h3) @ self.w2[e].to(x_e.dtype))
-        return torch.cat(out) if out else x_RD.new_zeros(0, self.dim)
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, weight_R: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x_RD.dtype
+        return grouped_swiglu(x_RD, self.w13.to(dtype), self.w2.to(dtype), counts_E, weight_R, self.gemm_backend)

@@ -67,10 +67,12 @@ def sync_gradients(model: nn.Module, pc: ParallelContext) -> None:
 
 
 def _sq_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    total = torch.zeros((), device=device, dtype=torch.float32)
-    for g in grads:
-        total += g.detach().float().pow(2).sum()
-    return total
+    """Sum of squares of every gradient, in fp32: one multi-tensor norm kernel (``_foreach_norm``), no
+    per-parameter launches."""
+    if not grads:
+        return torch.zeros((), device=device, dtype=torch.float32)
+    norms = torch._foreach_norm([g.detach() for g in grads], 2.0, dtype=torch.float32)
+    return torch.stack(norms).square().sum()
 
 
 @torch.no_grad()
@@ -92,7 +94,10 @@ def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> to
     norm = (sq_dense + sq_expert).sqrt()
     if max_norm > 0 and not math.isinf(max_norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # the same rule as torch.nn.utils.clip_grad_norm_
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in dense + experts:
             if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_mul_(grads, coef.to(dtype))
     return norm

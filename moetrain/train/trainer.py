@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moetrain.config import TrainConfig, to_dict
 from moetrain.data import GlobalBatchLoader, build_tokenizer, prepare_data, rank_slice, split_micro_batches, val_batches
-from moetrain.model.apply import apply_activation_checkpointing, apply_compile
+from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile
 from moetrain.model.transformer import ModelOutput, Transformer, build_model, vocab_for
 from moetrain.moe.layer import MoEStats, global_routing_counts
 from moetrain.moe.stats import device_load, maxvio
@@ -158,6 +158,7 @@ class Trainer:
 
         vocab = vocab_for(cfg.model, self.tokenizer.vocab_size)
         full = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed)
+        apply_balanced_hash(full, self.data.train)  # moe.router.hash_table=balanced: from the corpus frequencies
         # Same seed on every rank, then keep the local expert shards: EP=N starts from EP=1's exact weights.
         self.model: Transformer = apply_expert_parallel(  # type: ignore[assignment]
             full, self.pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow

@@ -13,6 +13,7 @@ its value and the rule, before any model or data is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +82,21 @@ class RouterConfig:
     """Capacity factor at evaluation; ``None`` = dropless."""
     hash_seed: int = 0
     """Seed of the fixed random token-id -> expert map of hash routing (Roller et al. 2021)."""
+    hash_table: str = "random"
+    """Hash routing's map: ``random`` (a fixed random hash of the token id) or ``balanced`` (Roller et al. 2021's
+    balanced assignment: built from the training corpus's token frequencies, the most frequent ids first, each
+    to the least-loaded expert; saved with the model)."""
     device_capacity_factor: float | None = None
     """DeepSeek-V2 device-level dropping in training: per-group budget = factor x the mean share (paper: 1.0)."""
+    zero_init: bool = False
+    """Initialise the router weights W_g (and W_noise) to zero (Shazeer et al. 2017, appendix A: routing starts
+    from the noise alone); ``strategy=noisy_topk`` only."""
+    device_protect_fraction: float = 0.0
+    """Device-level dropping never drops the tokens of about this fraction of the training sequences (chosen by
+    a hash of each sequence; DeepSeek-V2 sec. 2.2.4: about 10%)."""
+    drop_policy: str = "score"
+    """Which assignments an over-capacity expert drops: ``score`` (lowest affinity first, Megatron-Core's
+    ``probs``) or ``position`` (GShard / Switch: first choices before second choices, then token order)."""
 
 
 @dataclass
@@ -100,7 +114,16 @@ class BalanceConfig:
     z_loss_coef: float = 0.0
     """Router z-loss coefficient (ST-MoE, Zoph et al. 2022, eq. 5)."""
     importance_coef: float = 0.0
-    """Importance loss w * CV(importance)^2 (Shazeer et al. 2017, eq. 6)."""
+    """Importance loss w * CV(importance)^2 (Shazeer et al. 2017, eq. 6-7)."""
+    load_coef: float = 0.0
+    """Smooth load loss w_load * CV(Load)^2, Load_i = sum_x P(x, i) via the normal CDF (Shazeer et al. 2017,
+    appendix A, eq. 8-11); ``router.strategy=noisy_topk`` only (it needs the noise)."""
+    expert_form: str = "per_layer"
+    """Form of the expert-level loss: ``per_layer`` (each MoE layer's sum_i f_i P_i, f_i = N c_i / (K T): the
+    DeepSeek-V2 / Switch normalisation, minimum 1 per layer) or ``transformers`` (transformers'
+    ``load_balancing_loss_func``, what a Mixtral run optimises: all layers' tokens pooled, N sum_i
+    (c_i / (L T)) P_i, i.e. K times the pooled per_layer formula, minimum K). Equal gradients per layer, when
+    the layers route alike: ``expert_coef`` (per_layer) = coefficient (transformers) x K / L."""
     scope: str = "micro_batch"
     """f-type statistics over the ``micro_batch`` (per rank) or ``global``: summed over all micro-batches and DP
     ranks of the step (Qiu et al. 2025), at the cost of one extra no-grad forward per micro-batch. The
@@ -197,8 +220,9 @@ class TrainerConfig:
     device: str = "auto"
     """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``."""
     precision: str = "auto"
-    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (autocast; DeepSpeed: bf16 weights, fp32
-    master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (autocast: fp32 weights and residual stream,
+    bf16 GEMMs; the MoE router stays fp32 while dispatch and experts run in bf16; DeepSpeed: bf16 weights,
+    fp32 master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
     peak_tflops: float | None = None
     """Peak device TFLOP/s for MFU; ``None`` = a table for known GPUs, else a measured GEMM rate."""
     progress: bool = True
@@ -208,9 +232,18 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory, about one more forward)."""
     compile: bool = False
-    """``torch.compile`` each block (inductor)."""
+    """``torch.compile`` region by region (inductor): dense blocks whole; in MoE blocks the norms, attention,
+    router and shared experts (dispatch, experts and combine stay eager)."""
     resume: str = "auto"
     """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Config keys (``optim.lr``) or whole sections (``optim``) a resume may change; any other change of a
+    key that shapes the run (model, routing, data, batch, optimizer, seed) is refused. See the README."""
+    nonfinite: str = "stop"
+    """A non-finite loss or gradient norm: ``stop`` (the update is not applied; the run ends with one line)
+    or ``skip`` (the update is not applied; training goes on, at most ``nonfinite_max_skips`` times)."""
+    nonfinite_max_skips: int = 10
+    """``nonfinite=skip``: steps that may be skipped over the whole run before it stops."""
 
 
 @dataclass
@@ -306,6 +339,8 @@ class TrainConfig:
 
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "topk_sum")
+EXPERT_FORMS = ("per_layer", "transformers")
+HASH_TABLES = ("random", "balanced")
 BALANCE_SCOPES = ("micro_batch", "global")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -314,6 +349,7 @@ ENGINES = ("native", "deepspeed")
 ZERO_STAGES = (0, 1, 2)
 BACKENDS = ("auto", "nccl", "gloo")
 RECV_OVERFLOWS = ("drop", "error")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def _fail(key: str, value: Any, rule: str) -> None:
@@ -330,8 +366,24 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(key, value, f"must be one of {', '.join(choices)}")
 
 
+def float_values(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Every float value of a (nested) config dataclass by dotted key (``optim.lr``); ints and bools excluded."""
+    out: dict[str, float] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(float_values(value, key + "."))
+        elif isinstance(value, float):
+            out[key] = value
+    return out
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     """Check every value and cross-field rule; raise :class:`ConfigError` on the first break."""
+    for key, value in float_values(cfg).items():  # NaN passes every `< 0` test below: refuse it first
+        if not math.isfinite(value):
+            _fail(key, value, "must be a finite number")
     m, moe, r, b = cfg.model, cfg.moe, cfg.moe.router, cfg.moe.balance
     for key in ("dim", "n_layers", "n_heads", "ffn_hidden_size", "vocab_multiple"):
         _positive(f"model.{key}", getattr(m, key))
@@ -349,6 +401,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("model.first_k_dense", m.first_k_dense, f"must be in [0, model.n_layers={m.n_layers}]")
     _positive("model.moe_every", m.moe_every)
     _positive("model.init_std", m.init_std)
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
 
     for key in ("num_experts", "top_k", "expert_hidden_size"):
         _positive(f"moe.{key}", getattr(moe, key))
@@ -370,11 +424,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if moe.num_experts % p.ep:
         _fail("parallel.ep", p.ep, f"must divide moe.num_experts={moe.num_experts}")
 
-    from moetrain.moe.routing import STRATEGIES  # registry lives with the math
+    from moetrain.moe.routing import DROP_POLICIES, STRATEGIES  # registries live with the math
 
     _choice("moe.router.strategy", r.strategy, tuple(STRATEGIES))
     _choice("moe.router.score_fn", r.score_fn, SCORE_FNS)
     _choice("moe.router.group_score", r.group_score, GROUP_SCORES)
+    _choice("moe.router.drop_policy", r.drop_policy, DROP_POLICIES)
     _positive("moe.router.scaling_factor", r.scaling_factor)
     if r.bias_update_rate < 0:
         _fail("moe.router.bias_update_rate", r.bias_update_rate, "must be >= 0")
@@ -400,6 +455,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if r.group_score == "topk_sum" and r.topk_groups and moe.top_k % r.topk_groups:
         _fail("moe.router.group_score", r.group_score, "topk_sum needs moe.top_k divisible by topk_groups")
     _positive("moe.router.noise_std", r.noise_std)
+    if not 0.0 <= r.device_protect_fraction <= 1.0:
+        _fail("moe.router.device_protect_fraction", r.device_protect_fraction, "must be in [0, 1]")
     if r.device_capacity_factor is not None:
         _positive("moe.router.device_capacity_factor", r.device_capacity_factor)
         if groups < 2:
@@ -408,13 +465,27 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _fail("moe.router.topk_groups", r.topk_groups, "device-limited routing needs a token-choice strategy")
     if r.strategy in ("topk_softmax", "noisy_topk", "expert_choice") and r.score_fn != "softmax":
         _fail("moe.router.score_fn", r.score_fn, f"strategy {r.strategy} is defined with softmax scores")
+    _choice("moe.router.hash_table", r.hash_table, HASH_TABLES)
+    if r.hash_table != "random" and r.strategy != "hash":
+        _fail("moe.router.hash_table", r.hash_table, "needs router.strategy=hash")
     if r.strategy == "hash" and r.bias_update_rate > 0:
         _fail("moe.router.bias_update_rate", r.bias_update_rate, "hash routing ignores the bias; set 0")
 
-    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef"):
+    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef", "load_coef"):
         if getattr(b, key) < 0:
             _fail(f"moe.balance.{key}", getattr(b, key), "must be >= 0")
     _choice("moe.balance.scope", b.scope, BALANCE_SCOPES)
+    _choice("moe.balance.expert_form", b.expert_form, EXPERT_FORMS)
+    if b.expert_form == "transformers" and b.scope == "global":
+        _fail("moe.balance.expert_form", b.expert_form, "pools one forward's layers; use moe.balance.scope=micro_batch")
+    if r.zero_init and r.strategy != "noisy_topk":
+        _fail("moe.router.zero_init", r.zero_init, "needs router.strategy=noisy_topk (else every token ties)")
+    if b.load_coef > 0 and moe.top_k >= moe.num_experts:
+        _fail("moe.balance.load_coef", b.load_coef, "needs moe.top_k < moe.num_experts (a (k+1)-th expert)")
+    if b.load_coef > 0 and r.strategy != "noisy_topk":
+        _fail(
+            "moe.balance.load_coef", b.load_coef, "needs router.strategy=noisy_topk (the load is a noise probability)"
+        )
     for key in ("device_coef", "comm_coef"):
         if getattr(b, key) > 0 and groups < 2:
             _fail(f"moe.balance.{key}", getattr(b, key), "needs 2+ device groups (router.num_groups or parallel.ep)")
@@ -441,6 +512,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             _fail(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
     if o.grad_clip < 0:
         _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _positive("optim.eps", o.eps)
 
     t = cfg.trainer
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
@@ -462,6 +534,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
 
     if not t.resume:
         _fail("trainer.resume", t.resume, "must be auto, none or a checkpoint path")
+    known = config_keys(TrainConfig())
+    for key in t.resume_allow_changes:
+        if key not in known and not any(k.startswith(f"{key}.") for k in known):
+            _fail("trainer.resume_allow_changes", key, "is not a config key or section (e.g. optim.lr, optim)")
+    _choice("trainer.nonfinite", t.nonfinite, NONFINITE_POLICIES)
+    if t.nonfinite_max_skips < 0:
+        _fail("trainer.nonfinite_max_skips", t.nonfinite_max_skips, "must be >= 0")
     ck = cfg.checkpoint
     if ck.every < 0:
         _fail("checkpoint.every", ck.every, "must be >= 0 (0 = only at the last step)")
@@ -497,6 +576,12 @@ def validate_engine(cfg: TrainConfig, world_size: int = 1) -> None:
         _positive(f"engine.{key}", getattr(e, key))
     if cfg.checkpoint.async_save:
         _fail("checkpoint.async_save", True, "is not supported with engine=deepspeed (DeepSpeed writes its own files)")
+    if cfg.trainer.nonfinite == "skip":
+        _fail(
+            "trainer.nonfinite",
+            "skip",
+            "needs engine=native (DeepSpeed's own fp16 loss scaling skips overflowing steps); use stop",
+        )
     from moetrain.train.ds_config import build_ds_config, ds_precision
 
     ds = build_ds_config(cfg, world_size)  # reads and checks engine.config_json
@@ -505,6 +590,18 @@ def validate_engine(cfg: TrainConfig, world_size: int = 1) -> None:
 
         if cfg.trainer.device == "cpu" or not torch.cuda.is_available():
             _fail("trainer.precision", "fp16", "DeepSpeed has no fp16 on CPU; use bf16 or fp32 (fp16 needs a GPU)")
+
+
+def config_keys(cfg: Any, prefix: str = "") -> set[str]:
+    """Every leaf key of a config dataclass, dotted (``model.dim``, ``moe.router.strategy``)."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= config_keys(value, f"{prefix}{f.name}.")
+        else:
+            out.add(f"{prefix}{f.name}")
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

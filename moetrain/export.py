@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from moetrain.config import ModelConfig, MoEConfig, TrainConfig, from_dict, to_dict
+from moetrain.errors import guarded_main
 from moetrain.model.transformer import Transformer, build_model, is_moe_layer
 from moetrain.train.checkpoint import (
     FORMAT_VERSION,
@@ -58,6 +59,7 @@ from moetrain.train.checkpoint import (
     CheckpointError,
     arch_of,
     checkpoint_name,
+    hash_share,
     load_model_weights,
     model_entries,
     read_meta,
@@ -415,6 +417,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
         "arch": arch_of(cfg, model.vocab_size),
         "config": to_dict(cfg),
         "source": str(hf_dir),
+        "files": hash_share(tmp),
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     tmp.replace(ckpt)
@@ -445,7 +448,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto") -> dic
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="moetrain-export",
         description="Export a moetrain checkpoint to safetensors (+ a transformers folder), or import one.",
@@ -478,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     elif written.get("hf_skipped"):
         print(f"moetrain-export: no transformers folder: {written['hf_skipped']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``moetrain-export``: a user's mistake (bad path, unreadable checkpoint, full disk) is one line and exit 2."""
+    return guarded_main("moetrain-export", lambda: _main(argv))
 
 
 if __name__ == "__main__":

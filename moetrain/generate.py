@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from moetrain.errors import guarded_main
 from moetrain.model.transformer import Transformer
 
 
@@ -85,7 +86,7 @@ def generate(
     return tokens
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> None:
     """``moetrain-generate CHECKPOINT --prompt "..."``."""
     import argparse
 
@@ -131,6 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         text = tokenizer.decode([t for t in row if t != tokenizer.eos_id])
         print(text)
         print("-" * 40)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moetrain-generate``: a user's mistake (bad path, unreadable checkpoint, full disk) is one line and exit 2."""
+    guarded_main("moetrain-generate", lambda: _main(argv))
 
 
 if __name__ == "__main__":

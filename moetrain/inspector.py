@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from moetrain.errors import guarded_main
 from moetrain.model.transformer import Transformer
 
 # Categorical colours for expert ids (expert e uses PALETTE[e % len]).
@@ -197,7 +198,7 @@ def expert_statistics(model: Transformer, tokenizer, seqs: torch.Tensor, batch: 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> None:
     from moetrain.data import build_tokenizer, prepare_data
     from moetrain.export import load_checkpoint_model
 
@@ -224,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         seqs = torch.from_numpy(data.val[: args.corpus].astype("int64"))
         print(f"\nper-expert statistics over {seqs.shape[0]} validation sequences:")
         print(expert_statistics(model, tokenizer, seqs))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moetrain-inspect``: a user's mistake (bad path, unreadable checkpoint, full disk) is one line and exit 2."""
+    guarded_main("moetrain-inspect", lambda: _main(argv))
 
 
 if __name__ == "__main__":

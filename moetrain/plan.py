@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from moetrain.config import TrainConfig
+from moetrain.errors import guarded_main
 from moetrain.model.transformer import is_moe_layer
 from moetrain.moe.dispatch import META_BYTES
 from moetrain.moe.routing import topk_experts
@@ -247,14 +248,14 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from moetrain.config import ConfigError, validate
+    from moetrain.config import validate
     from moetrain.data import build_tokenizer
     from moetrain.model.transformer import vocab_for
-    from moetrain.train.cli import config_dir
+    from moetrain.train.cli import check_known_keys, config_dir
 
     p = argparse.ArgumentParser(description="Cost of a moetrain model on a cluster.", allow_abbrev=False)
     c = Cluster()
@@ -272,14 +273,17 @@ def main(argv: list[str] | None = None) -> None:
                       args.intra_bw_gbs, args.inter_bw_gbs)  # fmt: skip
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         dcfg = compose("train", overrides=args.overrides)
+    check_known_keys(dcfg)
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, TrainConfig)
-    try:
-        validate(cfg, world_size=cluster.world)
-    except ConfigError as e:
-        raise SystemExit(f"moetrain-plan: config error: {e}") from None
+    validate(cfg, world_size=cluster.world)  # a ConfigError is one line (guarded_main)
     vocab = vocab_for(cfg.model, build_tokenizer(cfg.data.tokenizer).vocab_size)
     print(report(cfg, cluster, vocab, args.zero))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moetrain-plan``: a user's mistake (bad path, unreadable checkpoint, full disk) is one line and exit 2."""
+    guarded_main("moetrain-plan", lambda: _main(argv))
 
 
 if __name__ == "__main__":

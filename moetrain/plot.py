@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from moetrain.errors import guarded_main
+
 LAYER_KEY = re.compile(r"^moe/layer_(\d+)/(load|maxvio|drop_frac|devices_per_token)$")
 
 
@@ -177,7 +179,7 @@ def plot_runs(paths: list[Path], out: Path) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="PNG figures from moetrain run directories (metrics.jsonl).")
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or a sweep directory")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/plots, or ./plots)")
@@ -185,6 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (args.runs[0] / "plots" if len(args.runs) == 1 else Path("plots"))
     for path in plot_runs(args.runs, out):
         print(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moetrain-plot``: a user's mistake (bad path, unreadable checkpoint, full disk) is one line and exit 2."""
+    guarded_main("moetrain-plot", lambda: _main(argv))
 
 
 if __name__ == "__main__":

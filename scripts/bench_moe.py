@@ -276,8 +276,13 @@ def primitives(shape: Shape, tokens: int, device: torch.device, dtype: torch.dty
     print(f"\nprimitives, {shape.name}, {tokens} tokens ({dtype}): ms (GB/s for the memory-bound ones)")
     print("| primitive | ms | GB/s |\n| --- | ---: | ---: |")
     for name, fn, gb in (
-        ("slot sum: embedding_bag", lambda: sum_token_slots(rows, inverse, fused=True), gbytes),
-        ("slot sum: gather + sum", lambda: sum_token_slots(rows, inverse, fused=False), gbytes),
+        ("slot sum: embedding_bag", lambda: sum_token_slots(rows, inverse, "embedding_bag"), gbytes),
+        ("slot sum: gather + sum", lambda: sum_token_slots(rows, inverse, "gather_sum"), gbytes),
+        *(
+            [("slot sum: triton", lambda: sum_token_slots(rows, inverse, "triton"), gbytes)]
+            if device.type == "cuda"
+            else []
+        ),
         ("row gather x[token_R]", lambda: x.index_select(0, token_R), gbytes),
     ):
         ms = time_ms(fn, device, reps)

@@ -43,4 +43,4 @@ exec torchrun \
   --rdzv-backend=c10d \
   --rdzv-endpoint="${MASTER}" \
   --rdzv-id="${RDZV_ID}" \
-  -m moetrain.train "hydra.run.dir=${RUN_DIR}" "$@"
+  -m moetrain.train "run_dir=${RUN_DIR}" "$@"

@@ -6,7 +6,7 @@
 #
 # The first argument is the number of ranks if it is a number (else $NPROC, else
 # the GPU count, else 2); the rest are Hydra overrides. Every rank gets the same
-# hydra.run.dir, decided here once, so ranks never resolve ${now:...} each
+# run_dir (also Hydra's output dir), decided here once, so ranks never resolve ${now:...} each
 # (set RUN_DIR to choose it). Backend: NCCL on GPUs, gloo on CPU
 # (override with parallel.backend=gloo|nccl).
 set -euo pipefail
@@ -25,4 +25,4 @@ fi
 RUN_DIR="${RUN_DIR:-runs/$(date +%Y%m%d-%H%M%S)}"
 
 echo "launch: ${NPROC} ranks on this node, run dir ${RUN_DIR}" >&2
-exec torchrun --standalone --nproc_per_node="${NPROC}" -m moetrain.train "hydra.run.dir=${RUN_DIR}" "$@"
+exec torchrun --standalone --nproc_per_node="${NPROC}" -m moetrain.train "run_dir=${RUN_DIR}" "$@"

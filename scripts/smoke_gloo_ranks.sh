@@ -26,4 +26,4 @@ echo "smoke: ${NPROC} gloo ranks, EP=${EP}, device ${DEVICE}, run dir ${RUN_DIR}
 exec torchrun --standalone --nproc_per_node="${NPROC}" -m moetrain.train \
   experiment=smoke logger=none parallel.ep="${EP}" parallel.backend=gloo trainer.device="${DEVICE}" \
   trainer.global_batch_size="${GLOBAL}" trainer.micro_batch_size="${MICRO}" \
-  "hydra.run.dir=${RUN_DIR}" "$@"
+  "run_dir=${RUN_DIR}" "$@"

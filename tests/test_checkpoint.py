@@ -329,6 +329,12 @@ def test_bad_checkpoints_fail_with_one_line_and_touch_nothing(tmp_path):
     import pickle
 
     (evil / ".metadata").write_bytes(pickle.dumps(Boom()))
+    assert_fails(fresh(), evil, ".metadata: truncated")  # the checksums in meta.json catch it first
+    from moetrain.train.checkpoint import hash_share
+
+    meta = json.loads((evil / "meta.json").read_text())
+    meta["files"] = hash_share(evil)  # an attacker who rewrites meta.json too meets the restricted unpickler
+    (evil / "meta.json").write_text(json.dumps(meta))
     assert_fails(fresh(), evil, "refusing to load")
     assert not (tmp_path / "pwned").exists()
 

@@ -339,6 +339,45 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
     return {"logged": ep_logged}
 
 
+def _device_drop_parity(rank: int, world: int, pc: Any) -> dict[str, Any]:
+    """DeepSeek-V2 device-level dropping under EP (one device per rank: each receiver keeps its budget of
+    ceil(f * A / D) over ALL senders' assignments, protected sequences never dropped) equals one process with
+    the same groups on the whole batch at once: loss, dropped count, every gradient."""
+    router = RouterConfig(num_groups=world, device_capacity_factor=0.75, device_protect_fraction=0.25)
+    moe_cfg = MoEConfig(
+        num_experts=N, top_k=2, expert_hidden_size=16, router=router, balance=BalanceConfig(expert_coef=0.0)
+    )
+    ref = build_model(MODEL, moe_cfg, V, S, ep=world, seed=0)
+    with torch.no_grad():  # a skewed router, so devices overflow
+        for layer in ref.moe_layers().values():
+            layer.router.weight.mul_(4.0)
+            layer.router.weight[: N // world] += 0.3
+    model = apply_expert_parallel(copy.deepcopy(ref), pc)
+    batch = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(5))
+    ref_loss, ref_out = _loss(ref, batch)
+    ref_loss.backward()
+    loss, out = _loss(model, rank_slice(batch, rank, world))
+    loss.backward()
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss)
+    global_loss /= world
+    sync_gradients(model, pc)
+    stats = torch.tensor([sum(float(s.num_dropped) for s in out.moe_stats.values())])
+    dist.all_reduce(stats)
+    ref_dropped = sum(float(s.num_dropped) for s in ref_out.moe_stats.values())
+    assert ref_dropped > 0 and stats.item() == ref_dropped, (stats.item(), ref_dropped)
+    torch.testing.assert_close(global_loss, ref_loss.detach(), rtol=1e-6, atol=1e-7)
+    experts = {id(p) for p in expert_parameters(model)}
+    ref_params = dict(ref.named_parameters())
+    for pname, p in model.named_parameters():
+        want = ref_params[pname].grad
+        if id(p) in experts:
+            e = p.shape[0]
+            want = want[pc.ep_rank * e : (pc.ep_rank + 1) * e]
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=f"grad of {pname}")
+    return {"dropped": ref_dropped}
+
+
 def _host_sync_check(rank: int, world: int, pc: Any) -> dict[str, Any]:
     """Under EP the only would-be GPU host sync of a dropless step is each layer's split exchange (one
     ``tolist`` per MoE layer forward, none in the backward), under bf16 autocast as the trainer runs it."""
@@ -375,6 +414,8 @@ def _suite(rank: int, world: int, ep: int, extra: bool, cfg: Any = None, tmp: st
             ("guardrail/drop", lambda: _guardrail_check(rank, world, "drop")),
             ("host_syncs", lambda: _host_sync_check(rank, world, pc)),
         ]
+    if extra and world == ep:
+        checks.append(("device_drop", lambda: _device_drop_parity(rank, world, pc)))
     if extra and world == 4 and ep == 4:
         checks.append(("device_limited", lambda: _device_limited_check(rank, world, pc)))
     if cfg is not None:
@@ -432,6 +473,13 @@ def test_alltoall_dispatcher_matches_local_forward_and_backward(dedup, results):
     reports = results("ep2", "dispatch/dedup" if dedup else "dispatch/naive")
     for r in reports:
         assert (r["rows_sent"] < r["assignments"]) if dedup else (r["rows_sent"] == r["assignments"])
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("topology", ["ep2", "ep4"])
+def test_device_level_dropping_by_receiving_device_equals_one_process_on_the_whole_batch(topology, results):
+    reports = results(topology, "device_drop")
+    assert len({r["dropped"] for r in reports}) == 1
 
 
 @pytest.mark.parity

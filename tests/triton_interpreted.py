@@ -1,9 +1,10 @@
-"""``python -m tests.triton_interpreted`` with ``TRITON_INTERPRET=1``: the Triton segment GEMMs on CPU tensors.
+"""``python -m tests.triton_interpreted`` with ``TRITON_INTERPRET=1``: the Triton kernels on CPU tensors.
 
 y = x W_e, dx = dy W_e^T (a transposed strided view) and dW_e = x_e^T dy_e (zeros
 for an empty expert) against per-expert matmuls, with empty experts, row tiles
 that straddle segment ends and segments longer than one tile, in fp32 and fp16
-(Triton's interpreter mis-reads bf16 memory; the CUDA tests cover bf16).
+(Triton's interpreter mis-reads bf16 memory; the CUDA tests cover bf16); and the one-pass
+slot sum (the un-permutation) against a per-token loop.
 """
 
 from __future__ import annotations
@@ -41,6 +42,34 @@ def main() -> None:
                     got.float(), want, **tol, msg=lambda m, c=counts, d=dtype, n=what: f"{n} {c} {d}: {m}"
                 )
                 cases += 1
+    for T, K, D in ((37, 6, 40), (16, 2, 300), (1, 1, 8)):
+        inverse = torch.randperm(T * K).view(T, K)
+        rows = torch.randn(T * K, D)
+        want = torch.stack([rows[inverse[t]].sum(0) for t in range(T)])
+        for dtype in (torch.float32, torch.float16):
+            tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+            got = tg.slot_sum(rows.to(dtype), inverse)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want, **tol)
+            cases += 1
+    # The whole expert node on the Triton backend (strided transposed weights in the backward, row weights)
+    # against torch._grouped_mm's, forward and every gradient.
+    from moetrain.moe.experts import GroupedSwiGLU, segment_gemm
+
+    counts = torch.tensor([40, 0, 3, 70])
+    R, D, H = int(counts.sum()), 32, 16
+    x = torch.randn(R, D, requires_grad=True)
+    w13 = (torch.randn(4, D, 2 * H) * 0.3).requires_grad_()
+    w2 = (torch.randn(4, H, D) * 0.3).requires_grad_()
+    weight = torch.rand(R, requires_grad=True)
+    g = torch.randn(R, D)
+    outs = {}
+    for backend in ("grouped_mm", "triton"):
+        y = GroupedSwiGLU.apply(x, w13, w2, weight, segment_gemm(x, counts, (D, H), backend))
+        outs[backend] = (y, *torch.autograd.grad(y, [x, w13, w2, weight], g))
+    for a, b in zip(outs["triton"], outs["grouped_mm"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        cases += 1
     print(f"checked {cases} cases")
 
 

@@ -252,11 +252,26 @@ def _load_hub(cfg: DataConfig):
 # ----------------------------------------------------------------------------- split
 
 
+MAX_MISSING_TEXT_FRACTION = 0.1
+"""Rows without a text value (the ``data.text_field`` key absent or null) beyond this fraction stop the run."""
+
+
 def _drop_empty(ds, what: str):
-    """Drop empty / whitespace-only / null documents; fail if none is left."""
+    """Drop empty / whitespace-only / null documents; fail if none is left.
+
+    Rows without a text value are counted and reported (one line), and stop the run when they are more
+    than :data:`MAX_MISSING_TEXT_FRACTION` of the rows: a wrong ``data.text_field`` or a broken export.
+    """
     import pyarrow.compute as pc
 
     text = ds.with_format("arrow")["text"]
+    missing = text.null_count
+    if missing:
+        share = missing / len(text)
+        line = f"{what}: {missing} of {len(text)} rows have no text value (data.text_field)"
+        if share > MAX_MISSING_TEXT_FRACTION:
+            raise DataError(f"{line}: more than {MAX_MISSING_TEXT_FRACTION:.0%}, check the field name and the data")
+        print(f"moetrain: warning: {line}; they are skipped", flush=True)
     keep = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(text, ""))), 0)
     keep = np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)
     if not keep.any():

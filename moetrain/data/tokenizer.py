@@ -67,7 +67,13 @@ class HFTokenizer:
             raise ImportError(
                 f"data.tokenizer={name!r} needs the transformers package: install moetrain[transformers]"
             ) from exc
-        self._tok = AutoTokenizer.from_pretrained(name)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as exc:  # unknown name, offline without a cached copy, not a tokenizer
+            from moetrain.data.corpus import DataError
+
+            reason = " ".join(str(exc).split())[:300]
+            raise DataError(f"data.tokenizer={name!r}: cannot load it ({reason})") from None
         self.name = f"hf:{name}"
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id

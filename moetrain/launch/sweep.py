@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moetrain.errors import guarded_main
+
 COLUMNS = ("job", "status", "overrides", "val/loss", "val/maxvio_global", "perf/tokens_per_sec")
 
 
@@ -91,7 +93,7 @@ def write_summary(sweep_dir: str | Path) -> str:
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Print the summary table of a moetrain sweep directory.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -102,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise SystemExit(f"moetrain-sweep-summary: {args.sweep_dir}: no sweep jobs (no */job.json)")
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moetrain-sweep-summary``: a user's mistake (bad path, unreadable checkpoint, full disk) is one line and exit 2."""
+    guarded_main("moetrain-sweep-summary", lambda: _main(argv))
 
 
 if __name__ == "__main__":

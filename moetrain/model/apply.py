@@ -1,15 +1,19 @@
-"""Wrappers applied to the plain model from outside (torchtitan's ``apply_ac`` / ``apply_compile``).
+"""Functions applied to the plain model from outside (torchtitan's ``apply_ac`` / ``apply_compile``).
 
-Both work block by block, so they compose with expert parallelism (the dispatcher
-inside each MoE layer is untouched) and with any engine.
+Activation checkpointing and compilation work block by block, so they compose with
+expert parallelism (the dispatcher inside each MoE layer is untouched) and with any
+engine; the balanced hash fills the hash-routing tables from the training corpus.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.model.transformer import Transformer
+from moetrain.moe.routing import balanced_hash_table
 
 
 def apply_activation_checkpointing(model: Transformer) -> Transformer:
@@ -57,4 +61,25 @@ def apply_compile(model: Transformer, backend: str = "inductor") -> Transformer:
                 if module is not None:
                     module.compile(backend=backend, fullgraph=True)
         block.compiled = True
+    return model
+
+
+@torch.no_grad()
+def apply_balanced_hash(model: Transformer, train_tokens: Any) -> Transformer:
+    """Fill every balanced hash table (``moe.router.hash_table=balanced``) from the training corpus.
+
+    Roller et al. 2021's balanced assignment (:func:`~moetrain.moe.routing.balanced_hash_table`)
+    from the token frequencies of ``train_tokens`` (the training split, any array of token
+    ids); one table, shared by every MoE layer. Computed the same on every rank (same data),
+    before any checkpoint is loaded (which restores the same table).
+    """
+    layers = [layer for layer in model.moe_layers().values() if layer.router.hash_table is not None]
+    if not layers:
+        return model
+    table = layers[0].router.hash_table
+    ids = torch.as_tensor(train_tokens).reshape(-1).long()
+    counts = torch.bincount(ids, minlength=table.shape[0])[: table.shape[0]]
+    balanced = balanced_hash_table(counts, model.moe_cfg.num_experts, model.moe_cfg.top_k)
+    for layer in layers:
+        layer.router.hash_table.copy_(balanced.to(layer.router.hash_table.device))
     return model

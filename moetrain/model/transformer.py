@@ -16,6 +16,7 @@ from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig
 from moetrain.model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
+from moetrain.moe.balance import pooled_expert_balance_loss
 from moetrain.moe.layer import MoELayer, MoEStats
 
 
@@ -27,7 +28,9 @@ def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
 class Block(nn.Module):
     """Pre-norm block: x = x + attn(norm(x)); x = x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, num_groups: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, num_groups: int, vocab_size: int | None = None
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -35,7 +38,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_idx)
         self.ffn: nn.Module = (
-            MoELayer(cfg.dim, moe_cfg, num_groups) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden_size)
+            MoELayer(cfg.dim, moe_cfg, num_groups, vocab_size) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden_size)
         )
 
     def forward(
@@ -61,11 +64,26 @@ class ModelOutput:
     """[B, S, V] next-token logits."""
     moe_stats: dict[int, MoEStats]
     """Statistics of each MoE layer, by block index."""
+    pooled_loss: torch.Tensor | None = None
+    """The weighted expert-level loss pooled over all MoE layers (``moe.balance.expert_form=transformers``)."""
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        """Sum over MoE layers of their weighted balance losses."""
-        return sum((s.aux_loss for s in self.moe_stats.values()), torch.zeros((), device=self.logits.device))
+        """Sum over MoE layers of their weighted balance losses (plus the pooled expert loss, if any)."""
+        total = sum((s.aux_loss for s in self.moe_stats.values()), torch.zeros((), device=self.logits.device))
+        return total if self.pooled_loss is None else total + self.pooled_loss
+
+
+def pooled_loss(moe_cfg: MoEConfig, stats: dict[int, MoEStats]) -> torch.Tensor | None:
+    """``expert_coef`` x transformers' ``load_balancing_loss_func`` over this forward's MoE layers
+    (:func:`~moetrain.moe.balance.pooled_expert_balance_loss`), when ``balance.expert_form=transformers``."""
+    b = moe_cfg.balance
+    if b.expert_form != "transformers" or b.expert_coef <= 0 or not stats:
+        return None
+    layers = list(stats.values())
+    counts_LN = torch.stack([s.sel_counts_N for s in layers])  # type: ignore[misc]
+    scores_LN = torch.stack([s.mean_scores_N for s in layers])  # type: ignore[misc]
+    return b.expert_coef * pooled_expert_balance_loss(counts_LN, scores_LN, layers[0].num_tokens, moe_cfg.top_k)
 
 
 class Transformer(nn.Module):
@@ -78,7 +96,7 @@ class Transformer(nn.Module):
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.embed = nn.Embedding(vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i, num_groups) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i, num_groups, vocab_size) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -105,6 +123,10 @@ class Transformer(nn.Module):
         for name, buf in self.named_buffers():
             if name.endswith("expert_bias"):
                 buf.zero_()
+        if self.moe_cfg.router.zero_init:  # Shazeer et al. 2017, appendix A: no signal and some noise at first
+            for name, p in self.named_parameters():
+                if name.endswith(("router.weight", "router.noise_weight")):
+                    p.zero_()
 
     def moe_layers(self) -> dict[int, MoELayer]:
         return {b.layer_idx: b.ffn for b in self.blocks if b.is_moe}  # type: ignore[misc]
@@ -134,7 +156,7 @@ class Transformer(nn.Module):
                 x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, caches[i], pos)
             if s is not None:
                 stats[block.layer_idx] = s
-        return ModelOutput(self.lm_head(self.norm(x)), stats)
+        return ModelOutput(self.lm_head(self.norm(x)), stats, pooled_loss(self.moe_cfg, stats))
 
     def num_params(self, active: bool = False, embeddings: bool = True) -> int:
         """Parameter count of the whole model; ``active`` counts only K of N routed experts per MoE layer.

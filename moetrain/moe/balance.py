@@ -12,6 +12,8 @@ function fed global counts, with P still from the local micro-batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -89,7 +91,7 @@ def router_z_loss(logits_TN: torch.Tensor) -> torch.Tensor:
 
 
 def importance_loss(gates_TN: torch.Tensor) -> torch.Tensor:
-    """CV(Importance)^2 without w_importance (Shazeer et al. 2017, arXiv 1701.06538, eq. 6-7).
+    """CV(Importance)^2 without w_importance (Shazeer et al. 2017, arXiv 1701.06538, eq. 6-7; :func:`cv_squared`).
 
     Importance(X)_i = sum_{x in X} G(x)_i, the gate values (zero for unselected
     experts) summed over the batch; CV^2 = Var / Mean^2 with the population
@@ -97,6 +99,64 @@ def importance_loss(gates_TN: torch.Tensor) -> torch.Tensor:
     every expert has the same importance. Computed over one micro-batch (its
     definition is a batch statistic, not a sum of per-token terms).
     """
-    imp_N = gates_TN.float().sum(dim=0)
-    mean = imp_N.mean()
-    return ((imp_N - mean).square().mean() / (mean.square() + 1e-10)).reshape(())
+    return cv_squared(gates_TN.float().sum(dim=0))
+
+
+def pooled_expert_balance_loss(
+    counts_LN: torch.Tensor, mean_scores_LN: torch.Tensor, tokens_per_layer: int | torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func`` (the Mixtral / Qwen-MoE auxiliary loss) without its coefficient.
+
+    All L layers' tokens are pooled first: with c_i the selections of expert i summed
+    over the layers and P_i the router probability averaged over all L T rows,
+    ``N sum_i (c_i / (L T)) P_i`` — transformers' "Switch Transformer eq. 4-6" with K
+    choices counted per token. That is K times :func:`expert_balance_loss` of the
+    pooled counts over L T tokens (its minimum at uniform routing is K, not 1), and
+    not the sum of the per-layer losses: the cross terms between layers stay.
+    ``counts_LN`` are per-layer selection counts (not differentiable); ``mean_scores_LN``
+    each layer's P (differentiable); every layer sees ``tokens_per_layer`` tokens.
+    """
+    num_layers = counts_LN.shape[0]
+    pooled_p_N = mean_scores_LN.mean(dim=0)
+    return top_k * expert_balance_loss(counts_LN.sum(dim=0), pooled_p_N, num_layers * tokens_per_layer, top_k)
+
+
+def cv_squared(v_N: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation Var / Mean^2 (population variance, + 1e-10 in the denominator), as in
+    the authors' ``cv_squared`` (tensor2tensor); 0 for a constant vector."""
+    v = v_N.float()
+    mean = v.mean()
+    return ((v - mean).square().mean() / (mean.square() + 1e-10)).reshape(())
+
+
+def prob_in_top_k(
+    clean_TN: torch.Tensor, noisy_TN: torch.Tensor, noise_scale_TN: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """P(x, i): the probability that expert i is among the top K under a new draw of its noise alone.
+
+    Shazeer et al. 2017 (arXiv 1701.06538), appendix A, eq. 8-9:
+    P(x, i) = Phi(((x W_g)_i - kth_excluding(H(x), k, i)) / Softplus((x W_noise)_i)), where
+    kth_excluding(H, k, i) is the k-th highest of H's components other than i: the (k+1)-th
+    highest of H when H_i is in its top k, the k-th otherwise. ``noise_scale_TN`` is the noise's
+    standard deviation (Softplus(x W_noise), times ``router.noise_std``). As the authors'
+    ``_prob_in_top_k`` (tensor2tensor), H_i counts as in the top k when it exceeds the (k+1)-th
+    value, and the thresholds are not detached. Needs K < N.
+    """
+    top_TM = noisy_TN.topk(top_k + 1, dim=-1).values
+    kth_TN = top_TM[:, top_k - 1 : top_k]  # the k-th highest
+    next_TN = top_TM[:, top_k : top_k + 1]  # the (k+1)-th highest
+    threshold_TN = torch.where(noisy_TN > next_TN, next_TN, kth_TN)
+    z_TN = (clean_TN - threshold_TN) / noise_scale_TN
+    return 0.5 * (1.0 + torch.erf(z_TN / math.sqrt(2.0)))
+
+
+def smooth_load_loss(
+    clean_TN: torch.Tensor, noisy_TN: torch.Tensor, noise_scale_TN: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """CV(Load(X))^2 without w_load, Load(X)_i = sum_x P(x, i) (Shazeer et al. 2017, appendix A, eq. 10-11).
+
+    A smooth estimator of the number of tokens each expert receives (:func:`prob_in_top_k`),
+    differentiable w.r.t. W_g and W_noise; 0 when every expert has the same expected load.
+    Computed over one micro-batch, like the importance loss.
+    """
+    return cv_squared(prob_in_top_k(clean_TN.float(), noisy_TN.float(), noise_scale_TN.float(), top_k).sum(dim=0))

@@ -33,9 +33,20 @@ class Dispatched(NamedTuple):
     """All-to-all traffic of this dispatch and its combine (``None`` on one process)."""
 
 
+class DeviceCapacity(NamedTuple):
+    """DeepSeek-V2 device-level dropping done by the receiving devices (a dispatcher with ``device_groups > 1``)."""
+
+    factor: float
+    """Budget per device: ceil(factor * A / D) over all senders' A assignments."""
+    priority_A: torch.Tensor
+    """Each assignment's affinity (float; +inf for a protected sequence's tokens, which are never dropped)."""
+
+
 class Dispatcher(Protocol):
     num_local_experts: int
     expert_offset: int
+    device_groups: int
+    """Devices the experts are spread over (1 on one process; the EP size under expert parallelism)."""
 
     def dispatch(
         self,
@@ -44,12 +55,15 @@ class Dispatcher(Protocol):
         expert_idx_A: torch.Tensor,
         weight_A: torch.Tensor,
         slots_per_token: int | None = None,
+        device_capacity: DeviceCapacity | None = None,
     ) -> Dispatched:
         """Group the A kept (token, expert) assignments' rows by local expert.
 
         ``slots_per_token=K`` promises that every token kept all its K slots, in
         token-major order (A = T * K, ``token_idx_A`` = 0,0,..,1,1,..): the dropless
-        case, which a dispatcher may handle without scatters."""
+        case, which a dispatcher may handle without scatters. ``device_capacity``
+        (only for ``device_groups > 1``): drop at the receiving devices, reported
+        in ``Dispatched.comm.keep_A``."""
         ...
 
     def combine(self, y_RD: torch.Tensor, handle: Any) -> torch.Tensor:
@@ -84,20 +98,31 @@ class PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inv), None, None
 
 
-def sum_token_slots(rows_RD: torch.Tensor, inverse_TK: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+SLOT_SUM_IMPLS = ("embedding_bag", "gather_sum", "triton")
+
+
+def sum_token_slots(rows_RD: torch.Tensor, inverse_TK: torch.Tensor, impl: str | None = None) -> torch.Tensor:
     """``out[t] = sum_k rows[inverse[t, k]]`` in the rows' dtype, accumulated in fp32.
 
-    ``fused`` (default: on CPU, where it was measured faster, see ``scripts/bench_moe.py``): one
-    gather-and-sum kernel (``embedding_bag``); otherwise a gather and a sum over K (PyTorch's
-    reductions accumulate 16-bit inputs in fp32). ``bench_moe.py --primitives`` times both.
+    ``impl`` (:data:`SLOT_SUM_IMPLS`): ``embedding_bag``, one fused gather-and-sum (the default on
+    CPU, measured faster there, see ``scripts/bench_moe.py``); ``gather_sum``, a gather then a sum
+    over K (PyTorch's reductions accumulate 16-bit inputs in fp32; the default elsewhere);
+    ``triton`` (CUDA), one pass with no [T*K, D] intermediate (:func:`moetrain.moe.triton_gemm.slot_sum`).
+    ``bench_moe.py --primitives`` times all three.
     """
     rows_RD = rows_RD.contiguous()
-    if fused is None:
-        fused = rows_RD.device.type == "cpu"
-    if fused:
+    if impl is None:
+        impl = "embedding_bag" if rows_RD.device.type == "cpu" else "gather_sum"
+    if impl == "embedding_bag":
         return F.embedding_bag(inverse_TK, rows_RD, mode="sum")
-    T, K = inverse_TK.shape
-    return rows_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1)
+    if impl == "gather_sum":
+        T, K = inverse_TK.shape
+        return rows_RD.index_select(0, inverse_TK.reshape(-1)).view(T, K, -1).sum(1)
+    if impl == "triton":
+        from moetrain.moe.triton_gemm import slot_sum
+
+        return slot_sum(rows_RD, inverse_TK)
+    raise ValueError(f"unknown slot-sum implementation {impl!r}: one of {SLOT_SUM_IMPLS}")
 
 
 class GatherTokens(torch.autograd.Function):
@@ -158,6 +183,8 @@ class LocalDispatcher:
     assignments: one gather and one scatter-add.
     """
 
+    device_groups = 1
+
     def __init__(self, num_experts: int) -> None:
         self.num_local_experts = num_experts
         self.expert_offset = 0
@@ -169,7 +196,10 @@ class LocalDispatcher:
         expert_idx_A: torch.Tensor,
         weight_A: torch.Tensor,
         slots_per_token: int | None = None,
+        device_capacity: DeviceCapacity | None = None,
     ) -> Dispatched:
+        if device_capacity is not None:
+            raise ValueError("LocalDispatcher has one device: device-level dropping happens before dispatch")
         T = x_TD.shape[0]
         order_A = expert_idx_A.argsort(stable=True)
         inverse_A = inverse_permutation(order_A)
@@ -341,6 +371,36 @@ class AllToAllDispatcher:
         self.expert_offset = ep_rank * self.num_local_experts
         self.rank, self.world_size, self.layer_idx = rank, world_size, layer_idx
         self.max_recv_factor, self.overflow, self.dedup = max_recv_factor, overflow, dedup
+        self.device_groups = ep_size
+
+    # ------------------------------------------------------------------ device-level dropping
+    def _device_keep(
+        self, device_capacity: DeviceCapacity, prio_send_A: torch.Tensor, send_assign_P: torch.Tensor,
+        recv_assign: list[int], send_assign: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """DeepSeek-V2 device-level dropping at the receiver (arXiv 2405.04434, sec. 2.2.4), no host sync.
+
+        This rank is one device. Its budget is ceil(factor * A / D) with A the
+        assignments of every sender of the EP group (an all-reduce); it keeps its
+        received assignments with the highest affinities, protected ones (+inf)
+        always. Received assignments arrive in (source rank, token, slot) order,
+        the order of one process's batch of all the ranks' tokens, so a stable
+        sort breaks ties as :func:`~moetrain.moe.routing.device_capacity_keep`
+        does there. Returns the keep mask in receive order, and each sent
+        assignment's keep flag sent back, in send order.
+        """
+        import torch.distributed as dist
+
+        from moetrain.moe.routing import device_budget
+
+        total = send_assign_P.sum().reshape(1)
+        dist.all_reduce(total, group=self.group)
+        budget = device_budget(device_capacity.factor, total, self.ep_size)
+        prio_recv = _all_to_all(prio_send_A.double(), recv_assign, send_assign, self.group)
+        rank_R = inverse_permutation(prio_recv.argsort(descending=True, stable=True))
+        keep_recv = (rank_R < budget) | torch.isposinf(prio_recv)
+        keep_sent = _all_to_all(keep_recv.to(torch.uint8), send_assign, recv_assign, self.group).bool()
+        return keep_recv, keep_sent
 
     # ------------------------------------------------------------------ guardrail
     def _recv_budget_keep(
@@ -407,8 +467,10 @@ class AllToAllDispatcher:
         expert_idx_A: torch.Tensor,
         weight_A: torch.Tensor,
         slots_per_token: int | None = None,
+        device_capacity: DeviceCapacity | None = None,
     ) -> Dispatched:
         ep, E, dev = self.ep_size, self.num_local_experts, x_TD.device
+        prio_A = device_capacity.priority_A if device_capacity is not None else None
         T, D = x_TD.shape
         dest_A = expert_idx_A // E
         send_assign_P = count_per_bin(dest_A, ep)
@@ -422,6 +484,8 @@ class AllToAllDispatcher:
                 token_idx_A, expert_idx_A, weight_A = token_idx_A[keep_A], expert_idx_A[keep_A], weight_A[keep_A]
                 dest_A = dest_A[keep_A]
                 send_assign_P = count_per_bin(dest_A, ep)
+                if prio_A is not None:
+                    prio_A = prio_A[keep_A]
 
         send_rows_P, row_of_A, tokens_of_rows = self._rows(T, token_idx_A, dest_A, send_assign_P)
 
@@ -444,6 +508,20 @@ class AllToAllDispatcher:
         rows_recv_QD = all_to_all(x_TD.index_select(0, token_P), recv_rows, send_rows, self.group)
         meta_recv = _all_to_all(meta_A2, recv_assign, send_assign, self.group)
         w_recv = all_to_all(w_send_A, recv_assign, send_assign, self.group)
+        if device_capacity is not None:
+            assert prio_A is not None
+            keep_recv, keep_sent = self._device_keep(
+                device_capacity, prio_A[order_A], send_assign_P, recv_assign, send_assign
+            )
+            w_recv = w_recv * keep_recv.to(
+                w_recv.dtype
+            )  # a dropped row is computed with weight 0: no value, no gradient
+            keep_dev_A = torch.empty_like(keep_sent).scatter_(0, order_A, keep_sent)  # back to this rank's A order
+            if keep_A is None:
+                keep_A = keep_dev_A
+            else:  # compose with the receive budget's mask (over the original assignments)
+                keep_A = keep_A.clone()
+                keep_A[keep_A.clone()] = keep_dev_A
 
         # Receiver: expand each row to its local experts, stably sorted by local expert.
         recv_rows_Q, recv_assign_Q = counts_P2[:, 0], counts_P2[:, 1]

@@ -23,11 +23,22 @@ from moetrain.moe.balance import (
     importance_loss,
     router_z_loss,
     sequence_balance_loss,
+    smooth_load_loss,
 )
-from moetrain.moe.dispatch import CommStats, Dispatcher, LocalDispatcher, kept_after_dispatch
+from moetrain.moe.dispatch import CommStats, DeviceCapacity, Dispatcher, LocalDispatcher, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.fused import fused_local_supported, local_swiglu_moe
-from moetrain.moe.routing import STRATEGIES, RouteSpec, Routing, capacity, capacity_keep, device_capacity_keep
+from moetrain.moe.routing import (
+    STRATEGIES,
+    RouteSpec,
+    Routing,
+    capacity,
+    capacity_keep,
+    device_capacity_keep,
+    drop_priority,
+    hash_experts,
+    protected_sequences,
+)
 from moetrain.moe.stats import router_entropy
 
 
@@ -57,6 +68,8 @@ class MoEStats:
     router_entropy: torch.Tensor | None = None
     """Mean over tokens of the entropy of the (normalised) router scores."""
     num_groups: int = 1
+    mean_scores_N: torch.Tensor | None = None
+    """P_i, the mean over tokens of the (normalised) affinities (differentiable): the P of the f*P losses."""
 
 
 def routing_counts(stats: MoEStats) -> dict[str, torch.Tensor]:
@@ -108,11 +121,21 @@ class Router(nn.Module):
     """fp32 linear router, the loss-free balancing bias (a buffer, never trained) and,
     for ``strategy=noisy_topk`` only, the trainable noise projection W_noise."""
 
-    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int) -> None:
+    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int, vocab_size: int | None = None) -> None:
         super().__init__()
         r = cfg.router
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        self.hash_table: torch.Tensor | None
+        if r.strategy == "hash" and r.hash_table == "balanced":
+            if vocab_size is None:
+                raise ValueError("router.hash_table=balanced needs the vocabulary size")
+            # The random hash until the corpus frequencies are known (moetrain.model.apply.apply_balanced_hash);
+            # saved with the model, so a checkpoint routes as it was trained.
+            ids = torch.arange(vocab_size)
+            self.register_buffer("hash_table", hash_experts(ids, cfg.num_experts, cfg.top_k, r.hash_seed))
+        else:
+            self.hash_table = None
         if r.strategy == "noisy_topk":
             # Shazeer et al. 2017, eq. 4: zero-initialised there; the model's init_weights re-draws it.
             self.noise_weight: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_experts, dim))
@@ -140,14 +163,16 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x32_TD = x_TD.float()
             logits_TN = F.linear(x32_TD, self.weight.float())
-            noise_TN = None
+            noise_TN = scale_TN = None
             if self.noise_weight is not None and self.training:
                 # StandardNormal() * Softplus(x W_noise) (Shazeer et al. 2017, eq. 4), training only.
-                scale_TN = F.softplus(F.linear(x32_TD, self.noise_weight.float()))
-                noise_TN = torch.randn_like(logits_TN) * scale_TN * self.noise_std
+                scale_TN = F.softplus(F.linear(x32_TD, self.noise_weight.float())) * self.noise_std
+                noise_TN = torch.randn_like(logits_TN) * scale_TN
         bias = self.expert_bias if self.bias_update_rate > 0 else None
         spec = self.spec if self.training else self.eval_spec
-        return self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN)
+        table = {} if self.hash_table is None else {"hash_table_VK": self.hash_table}
+        r = self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN, **table)
+        return r if noise_TN is None else replace(r, noise_TN=noise_TN, noise_scale_TN=scale_TN)
 
     @torch.no_grad()
     def update_bias(self, load_N: torch.Tensor) -> None:
@@ -179,12 +204,12 @@ class MoELayer(nn.Module):
     (global-batch balance, ``moe.balance.scope=global``).
     """
 
-    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int = 1) -> None:
+    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int = 1, vocab_size: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.num_groups = num_groups
-        self.router = Router(dim, cfg, num_groups)
+        self.router = Router(dim, cfg, num_groups, vocab_size)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden_size)
         shared_hidden = (cfg.shared_hidden_size or cfg.expert_hidden_size) * cfg.num_shared_experts
         self.shared = SwiGLU(dim, shared_hidden) if cfg.num_shared_experts > 0 else None
@@ -197,7 +222,7 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         token_ids_T = token_ids_BS.reshape(-1) if token_ids_BS is not None else None
         r = self.router(x_TD, token_ids_T)
-        keep_TK = self._drop(r)
+        keep_TK, device_capacity = self._drop(r, token_ids_BS)
 
         # Every slot kept (token choice, nothing dropped): no boolean indexing, so no host sync on GPU.
         dropless = keep_TK is r.keep_TK and self.cfg.router.strategy != "expert_choice"
@@ -216,10 +241,17 @@ class MoELayer(nn.Module):
         if not dropless:
             keep_A = keep_TK.reshape(-1)
             token_idx_A, expert_idx_A, weight_A = token_idx_A[keep_A], expert_idx_A[keep_A], weight_A[keep_A]
+            if device_capacity is not None:
+                device_capacity = device_capacity._replace(priority_A=device_capacity.priority_A[keep_A])
         d = self.dispatcher.dispatch(
-            xc_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token=K if dropless else None
+            xc_TD,
+            token_idx_A,
+            expert_idx_A,
+            weight_A,
+            slots_per_token=K if dropless else None,
+            device_capacity=device_capacity,
         )
-        if d.comm is not None and d.comm.keep_A is not None:  # the EP receive budget dropped some (max_recv_factor)
+        if d.comm is not None and d.comm.keep_A is not None:  # dropped at the receivers (device level, budget)
             keep_TK = kept_after_dispatch(keep_TK, d.comm.keep_A)
         y_TD = self.dispatcher.combine(self.experts(d.rows_RD, d.counts_E, d.weight_R), d.handle).to(x_TD.dtype)
         if self.shared is not None:
@@ -240,27 +272,41 @@ class MoELayer(nn.Module):
             and fused_local_supported(x_TD, self.experts.w13, self.experts.w2)
         )
 
-    def _drop(self, r: Routing) -> torch.Tensor:
-        """Capacity: the kept slots after per-expert and (training only) device-level dropping.
+    def _drop(self, r: Routing, token_ids_BS: torch.Tensor | None) -> tuple[torch.Tensor, DeviceCapacity | None]:
+        """Capacity: the kept slots after per-expert and (training only) device-level dropping, and the
+        device-level dropping left to the receiving devices (expert parallelism with one device per EP rank).
 
-        Per expert: capacity ceil(factor T K / N), lowest-affinity assignments
-        dropped first (GShard; Switch eq. 3), with the training or evaluation
-        factor by mode; not for expert choice, whose capacity is exact by
-        construction. Per device: DeepSeek-V2 device-level dropping
-        (``router.device_capacity_factor``, see :func:`device_capacity_keep`).
+        Per expert: capacity ceil(factor T K / N) (GShard; Switch eq. 3), with
+        the training or evaluation factor by mode, the over-capacity assignments
+        chosen by ``router.drop_policy`` (:func:`drop_priority`: lowest affinity
+        first, or by position as GShard and Switch fill their buffers); not for
+        expert choice, whose capacity is exact by construction. Per device:
+        DeepSeek-V2 device-level dropping, lowest affinity first, never the tokens of
+        the ``router.device_protect_fraction`` of sequences it protects
+        (``router.device_capacity_factor``, see :func:`device_capacity_keep`): here
+        over this batch's groups, or, when the dispatcher's devices are the groups,
+        by each receiving device over all senders.
         """
         rc = self.cfg.router
         keep_TK = r.keep_TK
-        priority_TK = r.scores_TN.gather(1, r.expert_idx_TK)
         cap_factor = rc.capacity_factor if self.training else rc.eval_capacity_factor
         if cap_factor is not None and rc.strategy != "expert_choice":
             cap = capacity(r.expert_idx_TK.shape[0], self.num_experts, self.top_k, cap_factor)
+            priority_TK = drop_priority(r.scores_TN, r.expert_idx_TK, rc.drop_policy)
             keep_TK = capacity_keep(r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, cap)
-        if self.training and rc.device_capacity_factor is not None and self.num_groups > 1:
-            keep_TK = device_capacity_keep(
-                r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, self.num_groups, rc.device_capacity_factor
-            )
-        return keep_TK
+        if not (self.training and rc.device_capacity_factor is not None and self.num_groups > 1):
+            return keep_TK, None
+        priority_TK = drop_priority(r.scores_TN, r.expert_idx_TK, "score")
+        if token_ids_BS is not None and rc.device_protect_fraction > 0:
+            protected_B = protected_sequences(token_ids_BS, rc.device_protect_fraction)
+            protected_T1 = protected_B.repeat_interleave(token_ids_BS.shape[1]).unsqueeze(1)
+            priority_TK = priority_TK.double().masked_fill(protected_T1, float("inf"))
+        if self.dispatcher.device_groups == self.num_groups:
+            return keep_TK, DeviceCapacity(rc.device_capacity_factor, priority_TK.reshape(-1))
+        keep_TK = device_capacity_keep(
+            r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, self.num_groups, rc.device_capacity_factor
+        )
+        return keep_TK, None
 
     def _stats(
         self,
@@ -299,7 +345,7 @@ class MoELayer(nn.Module):
             s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)
         p_N = s_TN.mean(0)
         losses: dict[str, torch.Tensor] = {}
-        if b.expert_coef > 0:
+        if b.expert_coef > 0 and b.expert_form == "per_layer":  # the transformers form is pooled over layers
             losses["expert"] = b.expert_coef * expert_balance_loss(counts_f, p_N, tokens_f, K)
         if b.device_coef > 0 and G > 1:
             losses["device"] = b.device_coef * device_balance_loss(counts_f, p_N, tokens_f, K, G)
@@ -317,6 +363,8 @@ class MoELayer(nn.Module):
                 1, idx_TK, r.weight_TK * selected_TK.to(r.weight_TK.dtype)
             )
             losses["importance"] = b.importance_coef * importance_loss(gates_TN)
+        if b.load_coef > 0 and r.noise_TN is not None and r.noise_scale_TN is not None:  # training only
+            losses["load"] = b.load_coef * smooth_load_loss(r.logits_TN, r.logits_TN + r.noise_TN, r.noise_scale_TN, K)
         aux = sum(losses.values(), torch.zeros((), device=load_N.device))
         num_selected = selected_TK.sum()
         return MoEStats(
@@ -331,4 +379,5 @@ class MoELayer(nn.Module):
             sent_G=sent_G,
             router_entropy=router_entropy(r.scores_TN),
             num_groups=G,
+            mean_scores_N=p_N,
         )

@@ -35,6 +35,10 @@ class Routing:
     """Raw router logits x W_r, fp32 (for the z-loss)."""
     selected_TK: torch.Tensor | None = None
     """Slots chosen before capacity dropping (for f_i counts); ``None`` = all K slots."""
+    noise_TN: torch.Tensor | None = None
+    """Noisy top-K in training: the drawn noise StandardNormal() * Softplus(x W_noise) (set by the Router)."""
+    noise_scale_TN: torch.Tensor | None = None
+    """Noisy top-K in training: the noise's standard deviation Softplus(x W_noise) * ``noise_std``."""
 
 
 def affinities(logits_TN: torch.Tensor, score_fn: str) -> torch.Tensor:
@@ -104,21 +108,51 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> in
     return int(-(-factor * num_tokens * top_k // num_experts))
 
 
+DROP_POLICIES = ("score", "position")
+"""Which assignments an over-capacity expert keeps (``moe.router.drop_policy``), as in Megatron-Core's
+``moe_token_drop_policy`` pair: see :func:`drop_priority`."""
+
+
+def drop_priority(scores_TN: torch.Tensor, expert_idx_TK: torch.Tensor, policy: str) -> torch.Tensor:
+    """The priority [T, K] by which an over-capacity expert keeps assignments (highest first).
+
+    ``score``: the affinity s_{i,t} of the assignment — the lowest-affinity ones
+    are dropped first, whatever their slot (Megatron-Core's ``probs`` policy; the
+    rule DeepSeek-V2 states for its device-level dropping, sec. 2.2.4).
+    ``position``: the order of the papers that fill expert buffers in sequence.
+    GShard (Lepikhin et al. 2020, Algorithm 2): every token's first choice is
+    placed before any second choice (the second choices' positions start after
+    the expert's first-choice count), each choice in token order; Switch
+    Transformer (Fedus et al. 2021, sec. 2.2, K = 1): token order. So slot k of
+    token t has priority ``-(k * T + t)``: slot-major, then token.
+    """
+    if policy == "score":
+        return scores_TN.detach().gather(1, expert_idx_TK)
+    if policy == "position":
+        T, K = expert_idx_TK.shape
+        dev = expert_idx_TK.device
+        slot_major = torch.arange(K, device=dev).unsqueeze(0) * T + torch.arange(T, device=dev).unsqueeze(1)
+        return -slot_major.to(torch.float64)
+    raise ValueError(f"unknown drop policy {policy!r}: one of {DROP_POLICIES}")
+
+
 def capacity_keep(
     expert_idx_TK: torch.Tensor, priority_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int, cap: int
 ) -> torch.Tensor:
-    """Keep at most ``cap`` assignments per expert, dropping the lowest-priority ones.
+    """Keep at most ``cap`` assignments per expert, dropping the lowest-priority ones (:func:`drop_priority`).
 
     One sort over the A = T*K assignments (by expert, then by descending
-    priority); an assignment's rank within its expert is its position minus the
-    expert's segment start. Memory O(T*K), no T x N x C tensor.
+    priority, ties in slot order); an assignment's rank within its expert is its
+    position minus the expert's segment start. Memory O(T*K), no T x N x C tensor.
+    Priorities are compared in float64, exact for fp32 affinities and for
+    positions up to 2^53.
     """
     e_A = expert_idx_TK.reshape(-1)
-    p_A = priority_TK.detach().reshape(-1).float().masked_fill(~keep_TK.reshape(-1), float("-inf"))
+    p_A = priority_TK.detach().reshape(-1).double().masked_fill(~keep_TK.reshape(-1), float("-inf"))
     # Sort by priority descending, then stably by expert: experts contiguous, best first.
     order = p_A.argsort(descending=True, stable=True)
     order = order[e_A[order].argsort(stable=True)]
-    counts_N = torch.bincount(e_A, minlength=num_experts)
+    counts_N = torch.zeros(num_experts, dtype=torch.long, device=e_A.device).scatter_add_(0, e_A, torch.ones_like(e_A))
     starts_N = counts_N.cumsum(0) - counts_N
     rank_sorted = torch.arange(e_A.numel(), device=e_A.device) - starts_N[e_A[order]]
     rank_A = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
@@ -140,11 +174,42 @@ def device_capacity_keep(
     the kept assignments entering this stage (the paper uses factor 1.0); on an
     over-budget device the assignments with the lowest affinity are dropped
     until it fits. Dropped assignments contribute nothing: the token keeps only
-    its residual (and shared experts) for that slot.
+    its residual (and shared experts) for that slot. Assignments with priority
+    +inf (the tokens of protected sequences, :func:`protected_sequences`) come
+    first and are never dropped, even past the budget. On one process the devices
+    are the ``num_groups`` groups of one batch; under expert parallelism with one
+    device per EP rank the budget is per receiving device over all senders
+    (``AllToAllDispatcher``, the same rule on the same global order).
     """
     group_TK = expert_idx_TK // (num_experts // num_groups)
-    budget = int(-(-factor * int(keep_TK.sum()) // num_groups))
-    return capacity_keep(group_TK, priority_TK, keep_TK, num_groups, budget)
+    budget = device_budget(factor, int(keep_TK.sum()), num_groups)
+    kept_TK = capacity_keep(group_TK, priority_TK, keep_TK, num_groups, int(budget))
+    return kept_TK | (keep_TK & torch.isposinf(priority_TK))  # protected (+inf) assignments are never dropped
+
+
+def device_budget(factor: float, num_assignments: int | torch.Tensor, num_groups: int) -> int | torch.Tensor:
+    """ceil(factor * A / D), the per-device budget of DeepSeek-V2's device-level dropping (a tensor stays one:
+    no host read)."""
+    if isinstance(num_assignments, torch.Tensor):
+        return -torch.div(-factor * num_assignments.double(), num_groups, rounding_mode="floor")
+    return int(-(-factor * num_assignments // num_groups))
+
+
+def protected_sequences(token_ids_BS: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Which of B sequences are never dropped by device-level dropping: about ``fraction`` of them [B].
+
+    DeepSeek-V2 (arXiv 2405.04434, sec. 2.2.4): "we ensure that the tokens belonging
+    to approximately 10% of the training sequences will never be dropped". The choice
+    is a hash of each sequence's token ids and positions, so it depends on the
+    sequence alone: the same under any expert- or data-parallel layout and
+    micro-batching, and different from step to step as the data changes.
+    """
+    if fraction <= 0:
+        return torch.zeros(token_ids_BS.shape[0], dtype=torch.bool, device=token_ids_BS.device)
+    ids = token_ids_BS.long() & _MASK32
+    pos = torch.arange(token_ids_BS.shape[1], device=ids.device).unsqueeze(0)
+    key_B = _mix32(_mix32(_mix32(ids) ^ _mix32(pos)).sum(dim=1) & _MASK32)
+    return key_B < int(fraction * 2**32)
 
 
 @dataclass(frozen=True)
@@ -331,16 +396,41 @@ def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int, seed: 
     return key_TN.topk(top_k, dim=-1, largest=False, sorted=True).indices
 
 
+def balanced_hash_table(token_counts_V: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
+    """Roller et al. 2021's balanced assignment: a [V, K] token id -> experts table from corpus frequencies.
+
+    "Balanced assignment" (arXiv 2106.04426, sec. 3): token ids are taken from the most to
+    the least frequent and each goes to the expert with the least total frequency so far
+    (for K > 1, to the K least-loaded experts, distinct; ties to the lower index), so every
+    expert receives about the same number of the training corpus's tokens. Deterministic
+    (frequency ties broken by the lower id). Ids absent from the corpus (count 0) still get
+    experts, by the same rule.
+    """
+    counts = [int(c) for c in token_counts_V.tolist()]
+    order = sorted(range(len(counts)), key=lambda v: (-counts[v], v))
+    load = [0] * num_experts
+    table = torch.empty(len(counts), top_k, dtype=torch.long)
+    for v in order:
+        chosen = sorted(range(num_experts), key=lambda e: (load[e], e))[:top_k]
+        for e in chosen:
+            load[e] += counts[v]
+        table[v] = torch.tensor(chosen)
+    return table
+
+
 def route_hash(
     logits_TN: torch.Tensor,
     spec: RouteSpec,
     bias_N: torch.Tensor | None = None,
     token_ids_T: torch.Tensor | None = None,
     noise_TN: torch.Tensor | None = None,
+    hash_table_VK: torch.Tensor | None = None,
 ) -> Routing:
     """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models", ``strategy=hash``).
 
-    Experts come from :func:`hash_experts` of the input token ids; the loss-free
+    Experts come from :func:`hash_experts` of the input token ids (the paper's random
+    hash), or from ``hash_table_VK`` (:func:`balanced_hash_table`, the paper's balanced
+    assignment, looked up by token id); the loss-free
     bias and the router play no part in the choice. Weight: 1/K per chosen
     expert (1 for the paper's K = 1), times the routed scaling factor: the paper's
     hash layer outputs the hashed expert's FFN output directly (no gate), and a
@@ -353,7 +443,10 @@ def route_hash(
     T = logits_TN.shape[0]
     if token_ids_T.numel() != T:
         raise ValueError(f"hash routing got {token_ids_T.numel()} token ids for {T} tokens")
-    idx_TK = hash_experts(token_ids_T, spec.num_experts, spec.top_k, spec.hash_seed)
+    if hash_table_VK is not None:
+        idx_TK = hash_table_VK.index_select(0, token_ids_T.long())
+    else:
+        idx_TK = hash_experts(token_ids_T, spec.num_experts, spec.top_k, spec.hash_seed)
     w_TK = torch.full(idx_TK.shape, spec.scaling_factor / spec.top_k, device=logits_TN.device)
     keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
     return Routing(idx_TK, w_TK, keep_TK, logits_TN.softmax(dim=-1), logits_TN)

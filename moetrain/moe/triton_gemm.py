@@ -1,4 +1,5 @@
-"""Segment (grouped) GEMMs in Triton: the CUDA kernels where ``torch._grouped_mm`` has no fast path.
+"""Triton kernels of the MoE layer: segment (grouped) GEMMs where ``torch._grouped_mm`` has no fast path,
+and the un-permutation as one pass (:func:`slot_sum`).
 
 Shape suffixes: R rows grouped by expert into E contiguous segments, K the
 contraction dim, N the output dim. ``offs_E`` are the cumulative segment ends
@@ -209,3 +210,51 @@ def segment_wgrad(x_RK: torch.Tensor, dy_RN: torch.Tensor, offs_E: torch.Tensor)
         PRECISION=_precision(x_RK.dtype),
     )
     return dw
+
+
+@triton.jit
+def _slot_sum_kernel(
+    rows_ptr,
+    inv_ptr,
+    out_ptr,
+    T,
+    D,
+    stride_r,
+    stride_o,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = ts < T
+    mask = mask_t[:, None] & (ds < D)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for k in tl.static_range(K):
+        r = tl.load(inv_ptr + ts.to(tl.int64) * K + k, mask=mask_t, other=0)
+        acc += tl.load(rows_ptr + r.to(tl.int64)[:, None] * stride_r + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + ts.to(tl.int64)[:, None] * stride_o + ds[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def slot_sum(rows_RD: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k rows[inverse[t, k]]``: one pass, fp32 accumulation, output in the rows' dtype.
+
+    The dropless combine and the dispatch's backward (the un-permutation) as one kernel: each
+    program sums K gathered rows of a [BLOCK_T, BLOCK_D] tile in registers, with no [T*K, D]
+    intermediate (a gather then a sum reads and writes one).
+    """
+    T, K = inverse_TK.shape
+    D = rows_RD.shape[1]
+    out = rows_RD.new_empty(T, D)
+    if T == 0 or D == 0:
+        return out
+    rows_RD = rows_RD.contiguous()
+    inverse_TK = inverse_TK.contiguous()
+    block_d = min(256, triton.next_power_of_2(D))
+    grid = (triton.cdiv(T, 16), triton.cdiv(D, block_d))
+    _slot_sum_kernel[grid](
+        rows_RD, inverse_TK, out, T, D, rows_RD.stride(0), out.stride(0), K=K, BLOCK_T=16, BLOCK_D=block_d
+    )
+    return out

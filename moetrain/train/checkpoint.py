@@ -5,7 +5,7 @@ Layout of ``checkpoint.dir`` (default ``RUN_DIR/checkpoints``)::
     step_000100/            a complete checkpoint (published by a rename)
         .metadata           DCP index (tensor shapes, which file holds which bytes)
         __0_0.distcp ...    tensor data, one file per writing rank
-        meta.json           step, tokens, loader position, LR schedule, resolved config
+        meta.json           step, tokens, loader position, LR schedule, resolved config, file checksums
     step_000200.tmp/        a save in progress (or interrupted): never loaded
 
 What is saved, all as flat ``name -> tensor`` entries (DCP deduplicates the
@@ -23,17 +23,23 @@ replicated ones, so every entry is written once):
   ``random`` and NumPy global states.
 
 Publishing is atomic: all ranks write into ``step_N.tmp``, meet at a barrier,
-then rank 0 writes ``meta.json`` and renames the directory to ``step_N``. A
+hash a share of the files each (SHA-256), then rank 0 writes ``meta.json`` (with
+every file's size and hash) and renames the directory to ``step_N``. A
 directory counts as a checkpoint only under the final name *and* with
-``meta.json``, so a save interrupted at any point is never picked up.
+``meta.json``, so a save interrupted at any point is never picked up. A save
+whose weights are not all finite is refused (:class:`NonFiniteError`), so no
+published checkpoint holds NaN/inf weights and pruning never removes the
+newest finite one.
 
 Loading never unpickles arbitrary objects: tensor data is read by DCP with
 ``torch.load(weights_only=True)``, and the DCP index (a pickle) is read with an
 unpickler that only admits DCP's metadata classes, torch dtypes and sizes. The
-checkpoint is checked against the model (architecture, every key, every shape,
-every data file's length) before anything is copied, and is read into fresh
-tensors first: a bad checkpoint raises :class:`CheckpointError` with one line
-naming the file and the mismatch, and leaves the model and optimizer untouched.
+checkpoint is checked first: ``meta.json``'s fields and types, every file's
+size and SHA-256 against ``meta.json`` (the ranks split the hashing), then the
+model (architecture, every key, every shape) before anything is copied, and is
+read into fresh tensors first: a bad checkpoint raises :class:`CheckpointError`
+with one line naming the file and the mismatch, and leaves the model and
+optimizer untouched.
 
 Test hooks (fault injection; never set them in real runs):
 
@@ -45,10 +51,15 @@ Test hooks (fault injection; never set them in real runs):
 
 Both fire only in the first attempt of a ``torchrun`` job
 (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so the restarted job can finish.
+``MOETRAIN_FAULTS`` holds more faults for later attempts too: a comma-separated
+list of ``ATTEMPT:KIND:STEP:RANK`` with KIND ``after_step`` or ``during_save``
+(e.g. ``0:during_save:4:1,1:after_step:3:0``: the first attempt's rank 1 dies
+while saving step 4, the restarted job's rank 0 after its first step, step 3).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -72,11 +83,14 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from moetrain.config import TrainConfig, to_dict
+from moetrain.train.guards import NonFiniteError, all_finite
 
 if TYPE_CHECKING:
     from moetrain.train.trainer import Trainer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 adds ``files`` (size and SHA-256 of every file); format 1 checkpoints still load, unverified."""
+READABLE_FORMATS = (1, 2)
 META_FILE = "meta.json"
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
 FAULT_EXIT_CODE = 17
@@ -154,9 +168,95 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: missing; the save of this checkpoint did not complete") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({_one_line(e)})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not a moetrain checkpoint of format {FORMAT_VERSION}")
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: not a moetrain checkpoint of format {READABLE_FORMATS[-1]} or older")
+    validate_meta(path, meta)
     return meta
+
+
+META_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "arch": dict,
+    "config": dict,
+    "ep": int,
+    "world_size": int,
+}
+"""Fields every ``meta.json`` has, and their JSON types."""
+TRAINING_META_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "engine": str,
+    "tokens_seen": int,
+    "loader": dict,
+    "scheduler": dict,
+    "param_groups": list,
+}
+"""Fields of a training checkpoint (not of a weights-only import)."""
+
+
+def validate_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Required fields and their types (one line naming the first bad field), before any is used."""
+    fields = dict(META_FIELDS)
+    if meta.get("kind") != "weights":
+        fields.update(TRAINING_META_FIELDS)
+    if meta["format"] >= 2:
+        fields["files"] = dict
+    for key, kind in fields.items():
+        if key not in meta:
+            raise CheckpointError(f"{path}: field {key!r} is missing")
+        value = meta[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise CheckpointError(f"{path}: field {key!r} must be a JSON {names}, not {type(value).__name__}")
+    if meta["step"] < 0 or meta["ep"] < 1 or meta["world_size"] < 1:
+        raise CheckpointError(f"{path}: step, ep or world_size out of range")
+    for rel, info in meta.get("files", {}).items():
+        ok = isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)
+        if not ok or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{path}: files[{rel!r}] is not a relative path with bytes and sha256")
+
+
+# ----------------------------------------------------------------- checksums
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_files(root: Path) -> list[str]:
+    """The files of a checkpoint directory (relative, sorted), ``meta.json`` and its staging copy excluded."""
+    skip = {META_FILE, META_FILE + ".tmp"}
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in skip)
+
+
+def hash_share(root: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of this rank's share of the files (the i-th file goes to rank i % world_size)."""
+    return {
+        rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_of(root / rel)}
+        for i, rel in enumerate(checkpoint_files(root))
+        if i % world_size == rank
+    }
+
+
+def verify_share(ckpt: Path, meta: dict[str, Any], rank: int = 0, world_size: int = 1) -> str | None:
+    """Check this rank's share of the files recorded in ``meta.json``; the first problem as one line, or None."""
+    files = meta.get("files")
+    if files is None:  # format 1: no checksums were recorded
+        return None
+    for i, (rel, info) in enumerate(sorted(files.items())):
+        if i % world_size != rank:
+            continue
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{f}: missing data file"
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            change = "truncated" if size < info["bytes"] else "grown"
+            return f"{f}: {change} ({size} bytes, {info['bytes']} when saved)"
+        if sha256_of(f) != info["sha256"]:
+            return f"{f}: checksum mismatch (the file changed since it was saved; SHA-256 {info['sha256'][:12]}...)"
+    return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -371,6 +471,89 @@ def check_engine(ckpt: Path, meta: dict[str, Any], engine: str) -> None:
         )
 
 
+RESUME_FREE_KEYS = (
+    "run_dir",
+    "trainer.max_steps",
+    "trainer.micro_batch_size",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.eval_at_start",
+    "trainer.device",
+    "trainer.peak_tflops",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.activation_checkpointing",
+    "trainer.compile",
+    "trainer.resume",
+    "trainer.resume_allow_changes",
+    "trainer.nonfinite",
+    "trainer.nonfinite_max_skips",
+    "data.cache_dir",
+    "engine.zero_stage",
+    "engine.reduce_bucket_size",
+    "engine.overlap_comm",
+    "logger",
+    "parallel",
+    "checkpoint",
+)
+"""Keys (or sections) a resume may change freely: length, cadence, memory, speed and logging, not what is
+trained (``trainer.micro_batch_size`` splits the same global batch; ``parallel`` reshards)."""
+
+
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{dotted key: value}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _covered(key: str, names: tuple[str, ...] | list[str]) -> bool:
+    return any(key == n or key.startswith(f"{n}.") for n in names)
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any], allowed: list[str]) -> list[str]:
+    """``key: saved -> new`` for each key that differs, except the free and the ``allowed`` ones
+    (keys only one side knows, from another moetrain version, are not compared)."""
+    a, b = flat_config(saved), flat_config(new)
+    return [
+        f"{key}: {a[key]!r} -> {b[key]!r}"
+        for key in sorted(a.keys() & b.keys())
+        if a[key] != b[key] and not _covered(key, RESUME_FREE_KEYS) and not _covered(key, allowed)
+    ]
+
+
+def check_resume_config(ckpt: Path, meta: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume with a config that differs from the checkpoint's beyond the free and allowed keys."""
+    if meta.get("kind") == "weights":  # an import: its config only fixes the architecture (checked on load)
+        return
+    changes = config_changes(meta["config"], to_dict(cfg), cfg.trainer.resume_allow_changes)
+    if changes:
+        keys = ",".join(c.split(":")[0] for c in changes)
+        raise CheckpointError(
+            f"{ckpt}: this run's config differs from the checkpoint's ({'; '.join(changes)}); "
+            f"to resume with it anyway set trainer.resume_allow_changes=[{keys}], or use another run_dir"
+        )
+
+
+def resume_target(cfg: TrainConfig, ckpt_dir: Path) -> Path | None:
+    """The checkpoint ``trainer.resume`` names (``None``: start afresh), its ``meta.json``, engine and config
+    checked against this run's; raises :class:`CheckpointError` with one line."""
+    choice = cfg.trainer.resume
+    if choice == "none":
+        return None
+    path = latest_checkpoint(ckpt_dir) if choice == "auto" else resolve_checkpoint(choice)
+    if path is None:
+        return None
+    meta = read_meta(path)
+    check_engine(path, meta, cfg.engine.name)
+    check_resume_config(path, meta, cfg)
+    return path
+
+
 def check_entries(ckpt: Path, metadata: Metadata, wanted: dict[str, torch.Tensor]) -> None:
     """Every wanted entry exists with the same shape, and every data file is long enough."""
     index = metadata.state_dict_metadata
@@ -398,14 +581,22 @@ def check_entries(ckpt: Path, metadata: Metadata, wanted: dict[str, torch.Tensor
             raise CheckpointError(f"{f}: truncated ({size} bytes, the index needs {length})")
 
 
-def _agree(error: str | None, group: Any, distributed: bool) -> None:
+def _agree(error: str | None, group: Any, distributed: bool, kind: type[Exception] = CheckpointError) -> None:
     """Raise the first rank's error on every rank (so no rank enters a collective alone)."""
     if distributed:
-        errors: list[str | None] = [None] * dist.get_world_size()
+        errors: list[str | None] = [None] * dist.get_world_size(group)
         dist.all_gather_object(errors, error, group=group)
         error = next((e for e in errors if e), None)
     if error:
-        raise CheckpointError(error)
+        raise kind(error)
+
+
+def verify_checkpoint(
+    ckpt: Path, meta: dict[str, Any], rank: int = 0, world_size: int = 1, group: Any = None, distributed: bool = False
+) -> None:
+    """Every file's size and SHA-256 against ``meta.json``, the ranks hashing a share each; the same
+    :class:`CheckpointError` on every rank if any file differs."""
+    _agree(verify_share(ckpt, meta, rank, world_size), group, distributed)
 
 
 def _empty_like(entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -454,6 +645,7 @@ def load_model_weights(model: nn.Module, ckpt: str | Path) -> dict[str, Any]:
     """
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
+    verify_checkpoint(path, meta)
     wanted = model_entries(model)
     if meta.get("engine") == "deepspeed":
         buffers = read_deepspeed_entries(path)
@@ -527,6 +719,16 @@ def _env_step(name: str) -> int | None:
     return int(value) if value else None
 
 
+def _planned_fault(kind: str, step: int, rank: int) -> bool:
+    """Whether ``MOETRAIN_FAULTS`` plans a ``kind`` fault at ``step`` on ``rank`` in this torchrun attempt."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") or "0"
+    for item in filter(None, os.environ.get("MOETRAIN_FAULTS", "").split(",")):
+        a, k, s, r = item.split(":")
+        if (a, k, int(s), int(r)) == (attempt, kind, step, rank):
+            return True
+    return False
+
+
 class Checkpointer:
     """Saves and restores a :class:`~moetrain.train.trainer.Trainer`'s complete state."""
 
@@ -540,8 +742,11 @@ class Checkpointer:
         # A dedicated gloo group: async saves run collectives from a background
         # thread and must not interleave with the training collectives.
         self.group = dist.new_group(backend="gloo") if self.distributed else None
+        # Another one for the per-step stop-signal vote, which may run while an async save uses `group`.
+        self.control_group = dist.new_group(backend="gloo") if self.distributed else None
         self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
         self.resumed_from: Path | None = None
+        self.last_saved_step: int | None = None
 
     # ----------------------------------------------------------------- save
     def _barrier(self) -> None:
@@ -574,12 +779,35 @@ class Checkpointer:
             "param_groups": groups,
             "arch": arch_of(tr.cfg, tr.model.vocab_size),
             "config": to_dict(tr.cfg),
+            "nonfinite_skips": tr.nonfinite.skipped,
             "time": time.time(),
         }
+
+    def check_finite(self) -> None:
+        """Refuse to save non-finite weights (:class:`NonFiniteError` on every rank if any rank has one)."""
+        error = None
+        if not all_finite(list(self.trainer.model.state_dict().values())):
+            error = (
+                f"step {self.trainer.step}: the weights hold NaN or inf on rank {self.pc.rank}; "
+                "this checkpoint is not written (the newest finite one is kept)"
+            )
+        _agree(error, self.group, self.distributed, NonFiniteError)
+
+    def save_for_stop(self) -> Path | None:
+        """A checkpoint of the current step before the run stops (none if one was just saved, or disabled)."""
+        if not self.cfg.enabled:
+            return None
+        self.wait()
+        if self.last_saved_step != self.trainer.step:
+            self.save()
+            self.wait()
+        return self.dir / checkpoint_name(self.trainer.step)
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (asynchronously when ``checkpoint.async_save``)."""
         self.wait()
+        self.check_finite()
+        self.last_saved_step = self.trainer.step
         tmp, final = self._staging_dirs()
         meta = self.meta()
         entries = self.state_entries()
@@ -613,6 +841,7 @@ class Checkpointer:
         tr.loader.load_state_dict(meta["loader"])
         tr.step = int(meta["step"])
         tr.tokens_seen = int(meta["tokens_seen"])
+        tr.nonfinite.skipped = int(meta.get("nonfinite_skips", 0))
 
     def wait(self) -> None:
         """Finish (and publish) an asynchronous save in flight."""
@@ -626,10 +855,17 @@ class Checkpointer:
         self._publish(tmp, final, meta)
 
     def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        rank, world = self.pc.rank, self.pc.world_size
         fault = _fault_armed() and _env_step("MOETRAIN_FAULT_DURING_SAVE") == meta["step"]
-        if fault and self.pc.rank == _fault_rank(self.pc.world_size):
+        if (fault and rank == _fault_rank(world)) or _planned_fault("during_save", meta["step"], rank):
             os._exit(FAULT_EXIT_CODE)  # test hook: data written, checkpoint not yet published
         self._barrier()  # every rank's data is on disk
+        share = hash_share(tmp, rank, world)  # the ranks split the hashing
+        shares: list[Any] = [share]
+        if self.distributed:
+            shares = [None] * world
+            dist.all_gather_object(shares, share, group=self.group)
+        meta = {**meta, "files": {k: v for share in shares for k, v in share.items()}}
         if self.pc.is_main:
             staged = tmp / (META_FILE + ".tmp")
             with open(staged, "w") as f:
@@ -661,20 +897,18 @@ class Checkpointer:
             self.wait()
             if self.pc.rank == _fault_rank(self.pc.world_size):
                 os._exit(FAULT_EXIT_CODE)  # test hook: a rank lost after step N
+        if _planned_fault("after_step", step, self.pc.rank):
+            os._exit(FAULT_EXIT_CODE)
 
     # --------------------------------------------------------------- resume
     def find_resume(self) -> Path | None:
         """The checkpoint ``trainer.resume`` asks for (rank 0 decides; every rank gets the same)."""
-        choice = self.trainer.cfg.trainer.resume
         found: str | None = None
         error: str | None = None
         if self.pc.is_main:
             try:
-                if choice == "auto":
-                    latest = latest_checkpoint(self.dir)
-                    found = str(latest) if latest else None
-                elif choice != "none":
-                    found = str(resolve_checkpoint(choice))
+                target = resume_target(self.trainer.cfg, self.dir)
+                found = str(target) if target else None
             except CheckpointError as e:
                 error = str(e)
         box = self.pc.broadcast_object((found, error))
@@ -690,6 +924,9 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         path = self.find_resume()
         if path is None:
+            if self.pc.is_main and self.trainer.cfg.trainer.resume == "auto":
+                # an earlier attempt that died before its first checkpoint: its records are redone
+                truncate_metrics(self.trainer.run_dir / "metrics.jsonl", -1)
             return None
         self.load(path)
         self.resumed_from = path
@@ -705,6 +942,7 @@ class Checkpointer:
         meta = read_meta(path)
         check_engine(path, meta, "native")
         check_arch(path, meta, arch_of(tr.cfg, tr.model.vocab_size))
+        verify_checkpoint(path, meta, self.pc.rank, self.pc.world_size, self.group, self.distributed)
         model_t = model_entries(tr.model)
         if meta.get("kind") == "weights":  # an imported model (moetrain-export --from-hf): weights, step 0
             _copy_into(model_t, read_entries(path, model_t, (), self.group, self.distributed))

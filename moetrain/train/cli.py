@@ -19,11 +19,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from moetrain.config import ConfigError, TrainConfig, to_dict, validate
-from moetrain.data.corpus import DataError
+from moetrain.config import ConfigError, TrainConfig, config_keys, to_dict, validate
+from moetrain.errors import USER_ERROR_EXIT_CODE, user_error
 from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
-from moetrain.train.checkpoint import CheckpointError
+from moetrain.train.checkpoint import CheckpointError, flat_config
+from moetrain.train.guards import NonFiniteError
+from moetrain.train.rundir import RunDirError, RunDirLock, preflight
+
+NONFINITE_EXIT_CODE = 3
+"""Exit status of a run stopped by a non-finite loss or gradient norm (user errors exit 2)."""
 
 
 def config_dir() -> str:
@@ -78,6 +83,52 @@ def remove_stray_run_dir(own: Path, agreed: Path) -> bool:
     return True
 
 
+def check_device(device: str, backend: str = "auto") -> None:
+    """``trainer.device=cuda`` (or ``parallel.backend=nccl``) on a machine without a visible GPU is one config
+    error, before any work."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if device == "cuda":
+        raise ConfigError("trainer.device='cuda': no CUDA GPU is visible here (use trainer.device=auto or cpu)")
+    if backend == "nccl":
+        raise ConfigError("parallel.backend='nccl': needs CUDA GPUs, none is visible here (use auto or gloo)")
+
+
+def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Options set to something that has no effect in this setting, each with the reason."""
+    out = []
+    moe, ep = cfg.moe, cfg.parallel.ep
+    if moe.max_recv_factor is not None and ep == 1:
+        out.append(f"moe.max_recv_factor={moe.max_recv_factor} only acts under expert parallelism (parallel.ep > 1)")
+    if moe.recv_overflow != "drop" and moe.max_recv_factor is None:
+        out.append(f"moe.recv_overflow={moe.recv_overflow} only acts with moe.max_recv_factor set")
+    micro = cfg.trainer.global_batch_size // max(cfg.trainer.micro_batch_size * world_size, 1)
+    if moe.balance.scope == "global" and world_size == 1 and micro == 1:
+        out.append("moe.balance.scope=global equals micro_batch with one rank and one micro-batch per step")
+    if cfg.engine.name == "native":
+        defaults = type(cfg.engine)()
+        for key in ("zero_stage", "loss_scale", "initial_scale_power", "loss_scale_window", "min_loss_scale"):
+            if getattr(cfg.engine, key) != getattr(defaults, key):
+                out.append(f"engine.{key} only acts with engine=deepspeed")
+        if cfg.engine.config_json:
+            out.append("engine.config_json only acts with engine=deepspeed")
+    if cfg.trainer.nonfinite == "stop" and cfg.trainer.nonfinite_max_skips != type(cfg.trainer)().nonfinite_max_skips:
+        out.append("trainer.nonfinite_max_skips only acts with trainer.nonfinite=skip")
+    if not cfg.checkpoint.enabled and cfg.checkpoint.async_save:
+        out.append("checkpoint.async_save has no effect with checkpoint.enabled=false")
+    return out
+
+
+def warn_inactive(cfg: TrainConfig, world_size: int) -> None:
+    """Say (rank 0, one line each) which options do nothing in this setting."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for line in inactive_options(cfg, world_size):
+        print(f"moetrain: note: {line}", file=sys.stderr)
+
+
 def make_trainer(cfg: TrainConfig, run_dir: Path, pc: object) -> Any:
     """The Trainer of ``engine.name``: moetrain's own loop, or the same loop through DeepSpeed."""
     if cfg.engine.name == "deepspeed":
@@ -114,42 +165,106 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
     export_slurm_env()  # srun / submitit tasks without torchrun: ranks from SLURM's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size=world)
+    check_device(cfg.trainer.device, cfg.parallel.backend)
+    warn_inactive(cfg, world)
     pc = init_parallel(cfg.parallel, cfg.trainer.device)
     try:
         chosen = run_dir or cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
         run_path = Path(str(pc.broadcast_object(str(chosen))))
         if not pc.is_main and run_dir is not None:
             remove_stray_run_dir(Path(run_dir), run_path)
-        if pc.is_main:
-            save_resolved_config(cfg, run_path)
-        trainer = make_trainer(cfg, run_path, pc)
+        lock = agreed_preflight(cfg, run_path, pc)  # before anything in the run dir is written
         try:
-            final = trainer.fit()
+            if pc.is_main:
+                save_resolved_config(cfg, run_path)
+            trainer = make_trainer(cfg, run_path, pc)
+            try:
+                final = trainer.fit()
+            finally:
+                trainer.close()
+            if pc.is_main:
+                write_run_summary(run_path, final)
+            return final
         finally:
-            trainer.close()
-        if pc.is_main:
-            write_run_summary(run_path, final)
-        return final
+            if lock is not None:
+                lock.release()
     finally:
         pc.close()
 
 
+def agreed_preflight(cfg: TrainConfig, run_path: Path, pc: Any) -> RunDirLock | None:
+    """Rank 0 locks the run dir and checks the resume (:func:`moetrain.train.rundir.preflight`); every rank
+    raises the same one-line error if that fails. Returns rank 0's lock (``None`` on the other ranks)."""
+    lock, failure, error = None, None, None
+    if pc.is_main:
+        try:
+            lock = preflight(cfg, run_path)
+        except Exception as e:  # every rank must hear of it (an unwritable disk included)
+            failure, error = (type(e).__name__, str(e)), e
+    failure = pc.broadcast_object(failure)
+    if error is not None:
+        raise error
+    if failure:
+        kind, message = failure
+        raise (CheckpointError if kind == "CheckpointError" else RunDirError)(message)
+    return lock
+
+
 def _hydra_entry(dcfg: DictConfig) -> None:
     try:
+        check_known_keys(dcfg)
         cfg = OmegaConf.to_object(dcfg)
         assert isinstance(cfg, TrainConfig)
         run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
         run(cfg, run_dir)
-    except (ConfigError, DataError, CheckpointError) as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank validates; one says why
-            kind = {ConfigError: "config", DataError: "data"}.get(type(e), "checkpoint")
-            print(f"moetrain: {kind} error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except NonFiniteError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"moetrain: training stopped: {e}", file=sys.stderr)
+        sys.exit(NONFINITE_EXIT_CODE)
+    except Exception as e:
+        found = user_error(e)
+        if found is None or os.environ.get("MOETRAIN_DEBUG") == "1":
+            raise
+        kind, message = found
+        if os.environ.get("RANK", "0") == "0" or kind == "file":  # the ranks agree on the others; one says why
+            print(f"moetrain: {kind} error: {message}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def check_known_keys(dcfg: DictConfig) -> None:
+    """Refuse keys the schema does not define, also those added with ``+key=value`` (Hydra lets them in)."""
+    known = config_keys(TrainConfig())
+    data = OmegaConf.to_container(dcfg, resolve=False)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    for key in sorted(flat_config(data)):
+        if key not in known and not any(key.startswith(f"{k}.") for k in known):  # list / dict values
+            raise ConfigError(f"{key}: unknown key (see moetrain/config.py for every key)")
+
+
+def run_dir_override(argv: list[str]) -> str | None:
+    """The ``run_dir=...`` of a single run's command line (``None`` for a sweep, or when Hydra picks it)."""
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra.run.dir=") for a in argv):
+        return None
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=") or a.startswith("+run_dir=")]
+    return values[-1] if values and values[-1] not in ("", "null") else None
 
 
 def main() -> None:
-    sys.argv = strip_launcher_args(sys.argv)
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_hydra_entry)()
+    """``moetrain-train``. With ``run_dir=X`` Hydra's output dir is X too, without Hydra's own files
+    (``.hydra/``, ``train.log``), so nothing is written elsewhere and nothing in X before the run's checks;
+    an X that Hydra created for a run that stopped before writing anything is removed again."""
+    argv = strip_launcher_args(sys.argv)
+    run_dir = run_dir_override(argv[1:])
+    existed = run_dir is None or Path(run_dir).exists()
+    if run_dir is not None:
+        argv += [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    sys.argv = argv
+    try:
+        hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_hydra_entry)()
+    finally:
+        if not existed and run_dir is not None and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+            Path(run_dir).rmdir()
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from moetrain.train.checkpoint import (
     read_meta,
     rng_entries,
     set_rng,
+    verify_checkpoint,
 )
 from moetrain.train.ds_config import build_ds_config, ds_precision
 from moetrain.train.optim import adamw, build_scheduler, param_groups
@@ -87,6 +88,34 @@ def reset_deepspeed_groups() -> None:
                 setattr(groups, name, None)
     groups.mesh_device = None
     ds_comm.cdb = None
+
+
+def ds_safe_globals() -> list[Any]:
+    """The plain-data DeepSpeed classes its checkpoint files pickle (ZeRO optimizer states): the only
+    non-torch globals the weights-only unpickler admits. Their construction runs no code of the file's."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
+    """``torch.load`` as DeepSpeed's checkpoint engine calls it, but ``weights_only=True``: a file that
+    pickles anything else (code) is refused with one line naming it, never executed."""
+    try:
+        with torch.serialization.safe_globals(ds_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the save of this checkpoint did not complete") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: refused, not plain tensor data ({_one_line(e)})") from None
+
+
+def make_loading_safe(engine: Any) -> None:
+    """Route every file DeepSpeed's engine loads (model, expert and ZeRO optimizer states) through
+    :func:`safe_torch_load`; DeepSpeed's own loader unpickles with ``weights_only=False``."""
+    engine.checkpoint_engine.load = safe_torch_load
 
 
 def quiet_deepspeed() -> None:
@@ -148,6 +177,7 @@ class DeepSpeedTrainer(Trainer):
             config=ds_config,
             dist_init_required=False,
         )
+        make_loading_safe(self.engine)
         if self.model.moe_layers() and not self.engine.has_moe_layers:
             raise RuntimeError("DeepSpeed did not pick up the MoE layers (has_moe_layers is false)")
         if self.model.moe_layers():  # DeepSpeed's EP / EDP groups must be moetrain's (same ranks)
@@ -177,16 +207,24 @@ class DeepSpeedTrainer(Trainer):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def _optimizer_step(self) -> tuple[torch.Tensor, dict[str, Any], bool]:
+    def _optimizer_step(self, losses: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], bool]:
+        """``engine.step()`` at the boundary. A non-finite loss (or, when moetrain clips, gradient norm) stops
+        the run before the step; fp16 leaves overflows to DeepSpeed's loss scaler, which skips them."""
         norm: torch.Tensor | None = None
         if self.own_clip:  # gradients are reduced by now (engine.backward at the boundary)
             norm = clip_grad_norm(self.model, self.pc, self.clip)
+        if self.precision != "fp16":
+            self.nonfinite.check(
+                self.step + 1, {"loss": losses[0], "aux loss": losses[1], "gradient norm": norm}
+            )  # validate() allows only nonfinite=stop here
         skipped_before = self.engine.skipped_steps
         self.engine.step()
         applied = self.engine.skipped_steps == skipped_before
         if norm is None:
             ds_norm = self.engine.get_global_grad_norm()
             norm = torch.as_tensor(float(ds_norm) if ds_norm is not None else float("nan"))
+            if self.precision != "fp16" and ds_norm is not None:  # DeepSpeed clipped: its norm comes after
+                self.nonfinite.check(self.step + 1, {"gradient norm": norm})
         extra: dict[str, Any] = {}
         if self.precision == "fp16":
             opt = self.engine.optimizer
@@ -231,6 +269,8 @@ class DeepSpeedCheckpointer(Checkpointer):
 
     def save(self) -> Path:
         tr = self.trainer
+        self.check_finite()
+        self.last_saved_step = tr.step
         tmp, final = self._staging_dirs()
         tr.engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
         torch.save(rng_entries(self.pc.rank), tmp / f"rng_rank_{self.pc.rank}.pt")
@@ -249,10 +289,14 @@ class DeepSpeedCheckpointer(Checkpointer):
                 f"{path}: saved with world size {saved[0]}, parallel.ep={saved[1]}, engine.zero_stage={saved[2]}; "
                 f"this run has {now[0]}, {now[1]}, {now[2]} (DeepSpeed's ZeRO and expert files need the same layout)"
             )
+        verify_checkpoint(path, meta, self.pc.rank, self.pc.world_size, self.group, self.distributed)
+        make_loading_safe(tr.engine)
         try:
             loaded, _ = tr.engine.load_checkpoint(
                 str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+        except CheckpointError:
+            raise
         except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as e:
             raise CheckpointError(f"{path}: DeepSpeed could not load it ({_one_line(e)})") from None
         if loaded is None:
@@ -261,4 +305,4 @@ class DeepSpeedCheckpointer(Checkpointer):
         rng_file = path / f"rng_rank_{self.pc.rank}.pt"
         if not rng_file.is_file():
             raise CheckpointError(f"{rng_file}: missing; the save of this checkpoint did not complete")
-        set_rng(torch.load(rng_file, weights_only=True), self.pc.rank)
+        set_rng(safe_torch_load(rng_file), self.pc.rank)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moetrain.config import TrainConfig, to_dict
 from moetrain.data import GlobalBatchLoader, build_tokenizer, prepare_data, rank_slice, split_micro_batches, val_batches
-from moetrain.model.apply import apply_activation_checkpointing, apply_compile
+from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile
 from moetrain.model.transformer import ModelOutput, Transformer, build_model, vocab_for
 from moetrain.moe.layer import MoEStats, global_routing_counts
 from moetrain.moe.stats import device_load, maxvio
@@ -29,6 +29,7 @@ from moetrain.parallel.expert_parallel import apply_expert_parallel, comm_metric
 from moetrain.parallel.grad_sync import clip_grad_norm, sync_gradients
 from moetrain.train.checkpoint import Checkpointer
 from moetrain.train.flops import flops_per_token, peak_tflops
+from moetrain.train.guards import NonFiniteGuard, StopSignals, exit_code_for
 from moetrain.train.optim import build_optimizer, build_scheduler
 from moetrain.train.sinks import JSONLSink, MetricSink, WandbSink
 
@@ -157,6 +158,7 @@ class Trainer:
 
         vocab = vocab_for(cfg.model, self.tokenizer.vocab_size)
         full = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed)
+        apply_balanced_hash(full, self.data.train)  # moe.router.hash_table=balanced: from the corpus frequencies
         # Same seed on every rank, then keep the local expert shards: EP=N starts from EP=1's exact weights.
         self.model: Transformer = apply_expert_parallel(  # type: ignore[assignment]
             full, self.pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow
@@ -174,6 +176,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
         self.peak_tflops, self.peak_source = peak_tflops(self.device, t.peak_tflops)
         self.sinks: list[MetricSink] = []
+        self.nonfinite = NonFiniteGuard(t.nonfinite, t.nonfinite_max_skips, self.pc.is_main)
         self.checkpointer = self._build_checkpointer()
 
     # ------------------------------------------------- engine hooks (native here)
@@ -194,11 +197,17 @@ class Trainer:
         """Accumulate the gradient of one micro-batch's loss, scaled to the mean over micro-batches."""
         (loss / num_micro).backward()
 
-    def _optimizer_step(self) -> tuple[torch.Tensor, dict[str, Any], bool]:
+    def _optimizer_step(self, losses: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], bool]:
         """Sync, clip, step; return the pre-clip global gradient norm, any engine metrics, and whether the
-        update was applied (an fp16 overflow skips it)."""
+        update was applied (not when ``losses``, the step's global losses, or the norm is non-finite)."""
         sync_gradients(self.model, self.pc)  # non-expert over all W ranks, experts over EDP (both / W)
         grad_norm = clip_grad_norm(self.model, self.pc, self.cfg.optim.grad_clip)  # each expert shard once
+        finite = self.nonfinite.check(
+            self.step + 1, {"loss": losses[0], "aux loss": losses[1], "gradient norm": grad_norm}
+        )
+        if not finite:  # trainer.nonfinite=skip
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm, {"train/nonfinite_skips": self.nonfinite.skipped}, False
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,14 +279,14 @@ class Trainer:
         """One optimizer step on the step's global batch; returns its (global) metrics tensors."""
         lm_sum, aux_sum, acc, num_micro = self.forward_backward(global_batch)
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm, extra, applied = self._optimizer_step()
+        totals = torch.stack([lm_sum, aux_sum])
+        self.pc.all_reduce_sum(totals)  # before the update: a non-finite global loss is not applied
+        grad_norm, extra, applied = self._optimizer_step(totals)
 
         acc.reduce(self.pc)
-        if applied:  # a skipped (fp16 overflow) step updates nothing, the loss-free bias included
+        if applied:  # a skipped (fp16 overflow, non-finite) step updates nothing, the loss-free bias included
             for i, layer in self.moe_layers.items():
                 layer.router.update_bias(acc.loads[i])  # the step's global load: identical on all ranks
-        totals = torch.stack([lm_sum, aux_sum])
-        self.pc.all_reduce_sum(totals)
         n = num_micro * self.pc.world_size
         self.step += 1
         self.tokens_seen += global_batch.shape[0] * (global_batch.shape[1] - 1)
@@ -370,6 +379,7 @@ class Trainer:
                 f"run dir {self.run_dir}"
             )
         exit_code = 0
+        signals = StopSignals().install()  # SIGTERM / SIGINT: checkpoint at the next step boundary, then exit
         try:
             if t.eval_at_start and self.step == 0:
                 val = self.evaluate()
@@ -427,11 +437,23 @@ class Trainer:
                 self.checkpointer.after_step(is_last)
                 if bar is not None:
                     bar.update(1)
+                signum = signals.agreed(self.checkpointer.control_group, self.checkpointer.distributed)
+                if signum and not is_last:
+                    saved = self.checkpointer.save_for_stop()
+                    exit_code = exit_code_for(signum)
+                    if self.pc.is_main:
+                        where = f"checkpoint {saved}" if saved else "no checkpoint (checkpoint.enabled=false)"
+                        say(f"moetrain: stopped by a signal at step {self.step}; {where}; rerun to continue")
+                    break
         except KeyboardInterrupt:
             exit_code = 130
             if self.pc.is_main:
                 say(f"interrupted at step {self.step}; metrics so far are in {self.run_dir / 'metrics.jsonl'}")
+        except BaseException:
+            exit_code = exit_code or 1
+            raise
         finally:
+            signals.restore()
             if bar is not None:
                 bar.close()
             self._close_sinks(exit_code)

@@ -1,0 +1,213 @@
+"""Replicate the balancing papers' effects with error bars: several seeds per strategy, mean +- std.
+
+Two studies, each a set of strategies trained on the same data, model and budget
+(one ``moetrain-train`` subprocess per (strategy, seed); the seed changes the
+initialisation and the data order):
+
+* ``balancing`` — the Loss-Free Balancing paper's comparison (Wang et al. 2024,
+  arXiv 2408.15664): the expert-level auxiliary loss in its Switch form
+  (``aux_loss``), the loss-free bias (``loss_free``), global-batch balance (Qiu et
+  al. 2025; ``global_batch``: the same aux loss with f_i over the whole step, here
+  4 micro-batches) and no balancing at all (``none``). Every run of this study
+  accumulates 4 micro-batches per step, so only ``global_batch`` differs in scope.
+  The paper's direction: lower ``val/maxvio_global`` loss-free than with an aux
+  loss, at equal or better perplexity.
+* ``device_limited`` — DeepSeek-V2's device-limited routing (arXiv 2405.04434,
+  sec. 2.2.2): 16 fine-grained experts top-4 in 8 groups, unrestricted against
+  M = 1, 2, 3 groups. The paper: M >= 3 performs about as well as unrestricted.
+
+Writes ``OUT/<study>/results.md`` and ``results.json`` (per strategy: mean +- std
+over seeds of the final ``val/loss``, ``val/maxvio_global``, the mean
+``moe/maxvio`` over training and over its last 20%) and ``maxvio.png`` (the
+seeds' mean ``moe/maxvio`` per step with a +-1 std band). ``--jobs`` runs that many
+trainings at once (one thread each). ``scripts/compare_balancing.py`` is the quick
+one-seed version.
+
+    python scripts/replicate.py --study balancing --steps 300 --seeds 0 1 2 --jobs 2
+    python scripts/replicate.py --study device_limited --steps 300 --seeds 0 1 2 --jobs 2
+    python scripts/replicate.py --study balancing --summarise-only      # re-read finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_balancing import FINE_16, summarise
+
+ACCUMULATE = ["trainer.micro_batch_size=4"]
+STUDIES: dict[str, dict[str, list[str]]] = {
+    "balancing": {
+        "aux_loss": ["moe=default", *ACCUMULATE],
+        "loss_free": ["moe=loss_free", *ACCUMULATE],
+        "global_batch": ["moe=default", "moe.balance.scope=global", *ACCUMULATE],
+        "none": ["moe=default", "moe.balance.expert_coef=0.0", *ACCUMULATE],
+    },
+    "device_limited": {
+        "unrestricted": FINE_16,
+        "m1": [*FINE_16, "moe.router.topk_groups=1"],
+        "m2": [*FINE_16, "moe.router.topk_groups=2"],
+        "m3": [*FINE_16, "moe.router.topk_groups=3"],
+    },
+}
+
+
+def run_one(run_dir: Path, overrides: list[str], args: argparse.Namespace, extra: list[str]) -> float:
+    """Train one (strategy, seed) into ``run_dir`` unless it already finished; return the seconds taken."""
+    if (run_dir / "summary.json").is_file():
+        return 0.0
+    if run_dir.exists():  # an interrupted run of this study: start it again from scratch
+        shutil.rmtree(run_dir)
+    cmd = [
+        sys.executable,
+        "-m",
+        "moetrain.train",
+        *overrides,
+        "logger=none",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.log_every={args.log_every}",
+        "trainer.eval_every=0",
+        "trainer.progress=false",
+        f"trainer.num_threads={args.threads}",
+        "checkpoint.enabled=false",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    seconds = time.perf_counter() - t0
+    print(f"[{run_dir.parent.name} {run_dir.name}] done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)  # sample std over seeds
+    return m, math.sqrt(var)
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = {
+        "val_loss": lambda r: r["val_loss"],
+        "val_maxvio_global": lambda r: r["val_maxvio_global"],
+        "maxvio_mean": lambda r: sum(r["maxvio"]) / len(r["maxvio"]),
+        "maxvio_tail": lambda r: r["tail_maxvio"],
+    }
+    out: dict[str, Any] = {k: mean_std([f(r) for r in per_seed]) for k, f in keys.items()}
+    steps = per_seed[0]["steps"]
+    curves = [r["maxvio"] for r in per_seed]
+    out["steps"] = steps
+    out["maxvio_curve"] = [mean_std([c[i] for c in curves]) for i in range(len(steps))]
+    out["seeds"] = len(per_seed)
+    return out
+
+
+def table(study: str, results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    pm = lambda ms, fmt: f"{ms[0]:{fmt}} ± {ms[1]:{fmt}}"  # noqa: E731
+    lines = [
+        f"Study `{study}`: {args.steps} steps, seeds {' '.join(map(str, args.seeds))}, mean ± std over seeds "
+        "(sample std); `moe/maxvio` logged every "
+        f"{args.log_every} steps, its mean over training and over the last 20%.",
+        "",
+        "| strategy | val/loss | val/maxvio_global | moe/maxvio (mean) | moe/maxvio (last 20%) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {pm(r['val_loss'], '.4f')} | {pm(r['val_maxvio_global'], '.3f')} | "
+            f"{pm(r['maxvio_mean'], '.3f')} | {pm(r['maxvio_tail'], '.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("replicate: matplotlib not installed (pip install 'moetrain[plot]'); no PNG", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        mean = [m for m, _ in r["maxvio_curve"]]
+        std = [s for _, s in r["maxvio_curve"]]
+        ax.plot(r["steps"], mean, label=f"{name} ({r['seeds']} seeds)")
+        ax.fill_between(r["steps"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MaxVio (per step, mean over MoE layers)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--study", choices=list(STUDIES), required=True)
+    p.add_argument("--strategies", nargs="+", default=None, help="a subset of the study's strategies")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    p.add_argument("--out", type=Path, default=Path("runs/replicate"))
+    p.add_argument("--summarise-only", action="store_true", help="re-read finished runs, train nothing")
+    args = p.parse_args(argv)
+    strategies = STUDIES[args.study]
+    names = args.strategies or list(strategies)
+    unknown = [n for n in names if n not in strategies]
+    if unknown:
+        raise SystemExit(f"replicate: unknown strategy {unknown[0]!r} of study {args.study} ({', '.join(strategies)})")
+    out = args.out / args.study
+    jobs = [(name, seed) for seed in args.seeds for name in names]
+    if not args.summarise_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            runs = [
+                pool.submit(
+                    run_one, out / name / f"seed{seed}", [*strategies[name], f"trainer.seed={seed}"], args, extra
+                )
+                for name, seed in jobs
+            ]
+            for run in runs:
+                run.result()
+    results = {}
+    for name in names:
+        per_seed = [
+            summarise(out / name / f"seed{seed}")
+            for seed in args.seeds
+            if (out / name / f"seed{seed}" / "summary.json").is_file()
+        ]
+        if per_seed:
+            results[name] = aggregate(per_seed)
+    text = table(args.study, results, args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(text)
+    if plot(results, out / "maxvio.png"):
+        print(f"plot: {out / 'maxvio.png'}")
+
+
+if __name__ == "__main__":
+    main()

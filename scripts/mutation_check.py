@@ -106,7 +106,7 @@ MUTATIONS = [
         (
             (
                 "moetrain/moe/routing.py",
-                "p_A = priority_TK.detach().reshape(-1).float()",
+                "p_A = priority_TK.detach().reshape(-1).double()",
                 "p_A = torch.zeros(priority_TK.numel(), device=priority_TK.device)",
             ),
         ),
@@ -118,8 +118,8 @@ MUTATIONS = [
         (
             (
                 "moetrain/moe/routing.py",
-                "return capacity_keep(group_TK, priority_TK, keep_TK, num_groups, budget)",
-                "return capacity_keep(group_TK, -priority_TK, keep_TK, num_groups, budget)",
+                "kept_TK = capacity_keep(group_TK, priority_TK, keep_TK, num_groups, int(budget))",
+                "kept_TK = capacity_keep(group_TK, -priority_TK, keep_TK, num_groups, int(budget))",
             ),
         ),
         ("tests/test_capacity_reference.py",),

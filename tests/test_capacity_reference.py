@@ -136,7 +136,7 @@ def test_capacity_rule_keeps_the_best_not_the_first_and_exactly_c():
     cap = math.ceil(0.5 * 10 * K / N)  # 2 (not 1.67 floored)
     assert stats.load_N.tolist() == [cap, cap, 0, 0, 0, 0]
     r = layer.router(x.view(-1, D))
-    keep = layer._drop(r)
+    keep, _ = layer._drop(r, None)
     assert keep[:, 0].nonzero().flatten().tolist() == [8, 9]  # the two highest affinities, the last tokens
 
 
@@ -146,7 +146,7 @@ def test_a_token_dropped_by_every_expert_outputs_exactly_its_shared_expert_path(
     x = torch.randn(1, 16, D, generator=torch.Generator().manual_seed(14))
     y, _ = layer(x)
     r = layer.router(x.view(-1, D))
-    all_dropped = ~layer._drop(r).any(dim=1)
+    all_dropped = ~layer._drop(r, None)[0].any(dim=1)
     assert all_dropped.sum() >= 4
     shared = layer.shared(x.view(-1, D))
     assert torch.equal(y.view(-1, D)[all_dropped], shared[all_dropped])

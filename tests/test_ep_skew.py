@@ -11,7 +11,9 @@ norm (an expert shard counted once per EDP copy, or not at all) or a wrong EP
 gradient scale changes the clipped gradients.
 
 Reference: one process, the W ranks' slices of the global batch as W
-micro-batches (as in ``test_ep.py``). EP=2 runs on 2 ranks, EP=4 and EP=2 x DP=2
+micro-batches (as in ``test_ep.py``); with device-level dropping, which each
+receiving device decides over all the senders of its EP group, one micro-batch
+per EP group. EP=2 runs on 2 ranks, EP=4 and EP=2 x DP=2
 on 4, in the shared spawns of :mod:`tests.spawned`.
 """
 
@@ -63,18 +65,24 @@ def _loss(model: torch.nn.Module, mb: torch.Tensor) -> tuple[torch.Tensor, Any]:
 def _skew_case(rank: int, world: int, pc: Any, name: str, router_kw: dict[str, Any]) -> dict[str, Any]:
     ep = pc.ep_size
     router = RouterConfig(bias_update_rate=1e-3, **router_kw)
-    moe = MoEConfig(num_experts=N, top_k=2, expert_hidden_size=8, router=router, balance=BALANCE)
+    device_level = router_kw.get("device_capacity_factor") is not None
+    # Device-level dropping is decided by each receiving device over all the senders of its EP group
+    # (DeepSeek-V2 sec. 2.2.4), so its reference sees one EP group's tokens as one micro-batch; the
+    # per-micro-batch expert loss would then differ by construction, so it is off there.
+    balance = BalanceConfig(expert_coef=0.0, z_loss_coef=1e-3) if device_level else BALANCE
+    moe = MoEConfig(num_experts=N, top_k=2, expert_hidden_size=8, router=router, balance=balance)
     ref = build_model(MODEL, moe, V, S, ep=ep, seed=0)
     for layer, bias in zip(ref.moe_layers().values(), skew_bias()):
         layer.router.expert_bias.copy_(bias)
     model = apply_expert_parallel(copy.deepcopy(ref), pc)
     batch = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
 
+    groups = world // ep if device_level else world  # the reference's micro-batches: EP groups, or ranks
     ref_loss = torch.zeros(())
-    for r in range(world):
-        loss, _ = _loss(ref, rank_slice(batch, r, world))
-        (loss / world).backward()
-        ref_loss += loss.detach() / world
+    for g in range(groups):
+        loss, _ = _loss(ref, rank_slice(batch, g, groups))
+        (loss / groups).backward()
+        ref_loss += loss.detach() / groups
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf"))
     max_norm = float(ref_norm) / 3
     torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)

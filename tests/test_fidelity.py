@@ -138,7 +138,7 @@ def test_mixtral_preset_aux_loss_is_transformers_load_balancing_loss_exactly():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
     # The per-layer form is a different number here: K x pooled != the mean of the per-layer losses.
     per_layer = sum(float(expert_loss(s).detach()) for s in out.moe_stats.values())
-    assert abs(per_layer * moe.top_k / len(out.moe_stats) - float(theirs) / 0.02) > 1e-3
+    assert abs(per_layer * moe.top_k / len(out.moe_stats) - float(theirs.detach()) / 0.02) > 1e-3
 
 
 def expert_loss(s) -> torch.Tensor:

@@ -114,18 +114,23 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
+def plot_maxvio(curves: dict[str, tuple[list[int], list[float], list[float] | None]], path: Path) -> bool:
+    """MaxVio against steps, one line per label (``steps, values, std or None``; a std draws a +-1 band)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("compare_balancing: matplotlib not installed (pip install 'moetrain[plot]'); no PNG", file=sys.stderr)
+        print("matplotlib not installed (pip install 'moetrain[plot]'); no PNG", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
-        ax.plot(r["steps"], r["maxvio"], label=name)
+    for label, (steps, values, std) in curves.items():
+        ax.plot(steps, values, label=label)
+        if std is not None:
+            ax.fill_between(
+                steps, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)], alpha=0.2
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("MaxVio (per step, mean over MoE layers)")
     ax.set_yscale("log")
@@ -135,6 +140,10 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
+    return plot_maxvio({name: (r["steps"], r["maxvio"], None) for name, r in results.items()}, path)
 
 
 def main(argv: list[str] | None = None) -> None:

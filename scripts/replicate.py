@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_balancing import FINE_16, summarise
+from compare_balancing import FINE_16, plot_maxvio, summarise
 
 ACCUMULATE = ["trainer.micro_batch_size=4"]
 STUDIES: dict[str, dict[str, list[str]]] = {
@@ -132,29 +132,16 @@ def table(study: str, results: dict[str, dict[str, Any]], args: argparse.Namespa
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("replicate: matplotlib not installed (pip install 'moetrain[plot]'); no PNG", file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
-        mean = [m for m, _ in r["maxvio_curve"]]
-        std = [s for _, s in r["maxvio_curve"]]
-        ax.plot(r["steps"], mean, label=f"{name} ({r['seeds']} seeds)")
-        ax.fill_between(r["steps"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("MaxVio (per step, mean over MoE layers)")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    """The seeds' mean MaxVio per step with a +-1 std band, per strategy."""
+    curves = {
+        f"{name} ({r['seeds']} seeds)": (
+            r["steps"],
+            [m for m, _ in r["maxvio_curve"]],
+            [s for _, s in r["maxvio_curve"]],
+        )
+        for name, r in results.items()
+    }
+    return plot_maxvio(curves, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,10 +23,9 @@ from moetrain.data import rank_slice
 from moetrain.model import build_model
 from moetrain.moe.dispatch import AllToAllDispatcher, LocalDispatcher, RecvOverflowError
 from moetrain.parallel import apply_expert_parallel, clip_grad_norm, init_parallel, sync_gradients
-from moetrain.parallel.expert_parallel import expert_parameters
-from moetrain.train.trainer import lm_loss
 from tests.conftest import tiny_train_config
 from tests.distributed import run_distributed
+from tests.ep_parity import assert_grads_equal_reference, ep_backward, model_loss
 
 V, S, B, N = 64, 16, 8, 8
 MODEL = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=48, first_k_dense=0)
@@ -45,9 +44,7 @@ def _moe_cfg(router_kw: dict[str, Any]) -> MoEConfig:
     return MoEConfig(num_experts=N, top_k=2, expert_hidden_size=16, router=RouterConfig(**router_kw), balance=balance)
 
 
-def _loss(model: torch.nn.Module, mb: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    out = model(mb[:, :-1])
-    return lm_loss(out.logits, mb[:, 1:]) + out.aux_loss, out
+_loss = model_loss
 
 
 def _parity_case(rank: int, world: int, pc: Any, name: str, router_kw: dict[str, Any]) -> dict[str, Any]:
@@ -69,27 +66,13 @@ def _parity_case(rank: int, world: int, pc: Any, name: str, router_kw: dict[str,
             ref_loss += loss.detach() / world
         ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
 
-        loss, out = _loss(model, rank_slice(batch, rank, world))
-        loss.backward()
-        global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss)
-        global_loss /= world
-        sync_gradients(model, pc)
+        global_loss, out = ep_backward(model, pc, rank_slice(batch, rank, world))
         norm = clip_grad_norm(model, pc, 0.0)
         dropped = sum(float(s.num_dropped) for s in out.moe_stats.values())
 
         torch.testing.assert_close(global_loss, ref_loss, rtol=1e-6, atol=1e-7, msg=f"{name}: loss")
         torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=1e-8, msg=f"{name}: grad norm")
-        experts = {id(p) for p in expert_parameters(model)}
-        ref_params = dict(ref.named_parameters())
-        worst = 0.0
-        for pname, p in model.named_parameters():
-            want = ref_params[pname].grad
-            if id(p) in experts:  # slice by slice against the full tensors
-                e = p.shape[0]
-                want = want[pc.ep_rank * e : (pc.ep_rank + 1) * e]
-            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=f"{name}: grad of {pname}")
-            worst = max(worst, (p.grad - want).abs().max().item())
+        worst = assert_grads_equal_reference(model, ref, pc, name)
         return {"loss": global_loss.item(), "max_grad_diff": worst, "dropped": dropped}
 
 
@@ -356,25 +339,13 @@ def _device_drop_parity(rank: int, world: int, pc: Any) -> dict[str, Any]:
     batch = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(5))
     ref_loss, ref_out = _loss(ref, batch)
     ref_loss.backward()
-    loss, out = _loss(model, rank_slice(batch, rank, world))
-    loss.backward()
-    global_loss = loss.detach().clone()
-    dist.all_reduce(global_loss)
-    global_loss /= world
-    sync_gradients(model, pc)
+    global_loss, out = ep_backward(model, pc, rank_slice(batch, rank, world))
     stats = torch.tensor([sum(float(s.num_dropped) for s in out.moe_stats.values())])
     dist.all_reduce(stats)
     ref_dropped = sum(float(s.num_dropped) for s in ref_out.moe_stats.values())
     assert ref_dropped > 0 and stats.item() == ref_dropped, (stats.item(), ref_dropped)
     torch.testing.assert_close(global_loss, ref_loss.detach(), rtol=1e-6, atol=1e-7)
-    experts = {id(p) for p in expert_parameters(model)}
-    ref_params = dict(ref.named_parameters())
-    for pname, p in model.named_parameters():
-        want = ref_params[pname].grad
-        if id(p) in experts:
-            e = p.shape[0]
-            want = want[pc.ep_rank * e : (pc.ep_rank + 1) * e]
-        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=f"grad of {pname}")
+    assert_grads_equal_reference(model, ref, pc, "device-level dropping")
     return {"dropped": ref_dropped}
 
 

@@ -31,10 +31,9 @@ from moetrain.config import BalanceConfig, ModelConfig, MoEConfig, ParallelConfi
 from moetrain.data import rank_slice
 from moetrain.model import build_model
 from moetrain.moe.dispatch import AllToAllDispatcher
-from moetrain.parallel import apply_expert_parallel, clip_grad_norm, init_parallel, sync_gradients
-from moetrain.parallel.expert_parallel import expert_parameters
-from moetrain.train.trainer import lm_loss
+from moetrain.parallel import apply_expert_parallel, clip_grad_norm, init_parallel
 from tests import spawned
+from tests.ep_parity import assert_grads_equal_reference, ep_backward, model_loss
 
 pytestmark = pytest.mark.parity
 
@@ -57,9 +56,7 @@ def skew_bias() -> list[torch.Tensor]:
     return [b0, b1]
 
 
-def _loss(model: torch.nn.Module, mb: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    out = model(mb[:, :-1])
-    return lm_loss(out.logits, mb[:, 1:]) + out.aux_loss, out
+_loss = model_loss
 
 
 def _skew_case(rank: int, world: int, pc: Any, name: str, router_kw: dict[str, Any]) -> dict[str, Any]:
@@ -87,12 +84,7 @@ def _skew_case(rank: int, world: int, pc: Any, name: str, router_kw: dict[str, A
     max_norm = float(ref_norm) / 3
     torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
 
-    loss, out = _loss(model, rank_slice(batch, rank, world))
-    loss.backward()
-    global_loss = loss.detach().clone()
-    dist.all_reduce(global_loss)
-    global_loss /= world
-    sync_gradients(model, pc)
+    global_loss, out = ep_backward(model, pc, rank_slice(batch, rank, world))
     norm = clip_grad_norm(model, pc, max_norm)
 
     # what the skew did: per layer, rows this rank computed and rows it sent to others; global loads
@@ -104,14 +96,7 @@ def _skew_case(rank: int, world: int, pc: Any, name: str, router_kw: dict[str, A
 
     torch.testing.assert_close(global_loss, ref_loss, rtol=1e-6, atol=1e-7, msg=f"{name}: loss")
     torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=1e-8, msg=f"{name}: grad norm")
-    experts = {id(p) for p in expert_parameters(model)}
-    ref_params = dict(ref.named_parameters())
-    for pname, p in model.named_parameters():
-        want = ref_params[pname].grad
-        if id(p) in experts:
-            e = p.shape[0]
-            want = want[pc.ep_rank * e : (pc.ep_rank + 1) * e]
-        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=f"{name}: clipped grad of {pname}")
+    assert_grads_equal_reference(model, ref, pc, f"{name} (clipped)")
     return {
         "recv": recv.tolist(),
         "sent": sent.tolist(),

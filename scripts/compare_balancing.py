@@ -56,23 +56,27 @@ def overrides_for(name: str) -> list[str]:
     )
 
 
-def run_one(name: str, args: argparse.Namespace, extra: list[str]) -> Path:
-    run_dir = args.out / label_of(name)
-    cmd = [
+def train_command(overrides: list[str], steps: int, log_every: int, run_dir: Path, extra: list[str]) -> list[str]:
+    """``python -m moetrain.train`` for one comparison run: no W&B, no checkpoints, no mid-run evaluation."""
+    return [
         sys.executable,
         "-m",
         "moetrain.train",
-        *overrides_for(name),
+        *overrides,
         "logger=none",
-        f"trainer.max_steps={args.steps}",
-        f"trainer.log_every={args.log_every}",
+        f"trainer.max_steps={steps}",
+        f"trainer.log_every={log_every}",
         "trainer.eval_every=0",
         "trainer.progress=false",
-        f"trainer.seed={args.seed}",
         "checkpoint.enabled=false",
         f"run_dir={run_dir}",
         *extra,
     ]
+
+
+def run_one(name: str, args: argparse.Namespace, extra: list[str]) -> Path:
+    run_dir = args.out / label_of(name)
+    cmd = train_command([*overrides_for(name), f"trainer.seed={args.seed}"], args.steps, args.log_every, run_dir, extra)
     print(f"[{label_of(name)}] {' '.join(cmd[3:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

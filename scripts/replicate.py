@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_balancing import FINE_16, plot_maxvio, summarise
+from compare_balancing import FINE_16, plot_maxvio, summarise, train_command
 
 ACCUMULATE = ["trainer.micro_batch_size=4"]
 STUDIES: dict[str, dict[str, list[str]]] = {
@@ -67,21 +67,8 @@ def run_one(run_dir: Path, overrides: list[str], args: argparse.Namespace, extra
         return 0.0
     if run_dir.exists():  # an interrupted run of this study: start it again from scratch
         shutil.rmtree(run_dir)
-    cmd = [
-        sys.executable,
-        "-m",
-        "moetrain.train",
-        *overrides,
-        "logger=none",
-        f"trainer.max_steps={args.steps}",
-        f"trainer.log_every={args.log_every}",
-        "trainer.eval_every=0",
-        "trainer.progress=false",
-        f"trainer.num_threads={args.threads}",
-        "checkpoint.enabled=false",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
+    threads = [f"trainer.num_threads={args.threads}"]
+    cmd = train_command([*overrides, *threads], args.steps, args.log_every, run_dir, extra)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -7,6 +7,7 @@ implementation), on hand-computed examples where that is short.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,7 +299,7 @@ def test_trainer_fills_the_balanced_hash_table_from_the_training_corpus(tmp_path
     cfg.moe.router.strategy, cfg.moe.router.hash_table, cfg.moe.top_k = "hash", "balanced", 1
     cfg.moe.balance.expert_coef = 0.0
     trainer = Trainer(cfg, tmp_path / "run")
-    counts = torch.bincount(torch.as_tensor(trainer.data.train).reshape(-1).long())
+    counts = torch.from_numpy(np.bincount(np.asarray(trainer.data.train).reshape(-1)))
     layers = list(trainer.model.moe_layers().values())
     V = layers[0].router.hash_table.shape[0]
     want = balanced_hash_table(torch.cat([counts, counts.new_zeros(V - counts.numel())]), cfg.moe.num_experts, 1)

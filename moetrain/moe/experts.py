@@ -22,6 +22,7 @@ GEMM* backend chosen per call from the rows' device and dtype
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib.util import find_spec
 from typing import Protocol
@@ -45,9 +46,14 @@ def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
     return False
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return find_spec("triton") is not None
+
+
 def triton_supported(x: torch.Tensor) -> bool:
     """Whether the Triton segment GEMMs can run for these rows (CUDA with Triton installed)."""
-    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and find_spec("triton") is not None
+    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and _triton_installed()
 
 
 class SegmentGEMM(Protocol):

@@ -295,7 +295,7 @@ class EngineConfig:
 
     ``native``: moetrain's own loop (gradient sync, clipping, AdamW, DCP
     checkpoints). ``deepspeed``: the same model, data, routing and metrics
-    through ``deepspeed.initialize`` (``moetrain.train.ds_engine``): ZeRO for the
+    through ``deepspeed.initialize`` (``moetrain.train.deepspeed.module``): ZeRO for the
     non-expert parameters, experts in DeepSpeed's expert-data-parallel groups,
     DeepSpeed's precision, accumulation, clipping and checkpoints.
     """
@@ -582,14 +582,7 @@ def validate_engine(cfg: TrainConfig, world_size: int = 1) -> None:
             "skip",
             "needs engine=native (DeepSpeed's own fp16 loss scaling skips overflowing steps); use stop",
         )
-    from moetrain.train.ds_config import build_ds_config, ds_precision
-
-    ds = build_ds_config(cfg, world_size)  # reads and checks engine.config_json
-    if ds_precision(ds) == "fp16":
-        import torch
-
-        if cfg.trainer.device == "cpu" or not torch.cuda.is_available():
-            _fail("trainer.precision", "fp16", "DeepSpeed has no fp16 on CPU; use bf16 or fp32 (fp16 needs a GPU)")
+    # The merged DeepSpeed JSON (engine.config_json) is checked by moetrain.train.deepspeed.config.
 
 
 def config_keys(cfg: Any, prefix: str = "") -> set[str]:

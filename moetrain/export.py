@@ -54,14 +54,8 @@ from moetrain.config import ModelConfig, MoEConfig, TrainConfig, from_dict, to_d
 from moetrain.errors import guarded_main
 from moetrain.model.transformer import Transformer, build_model, is_moe_layer
 from moetrain.train.checkpoint import (
-    FORMAT_VERSION,
-    META_FILE,
     CheckpointError,
-    arch_of,
-    checkpoint_name,
-    hash_share,
     load_model_weights,
-    model_entries,
     read_meta,
     resolve_checkpoint,
 )
@@ -395,9 +389,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
     weights (``trainer.resume=OUT_DIR/step_000000``); ``OUT_DIR/config.yaml`` holds
     the matching config (use its ``model`` and ``moe`` keys).
     """
-    import torch.distributed.checkpoint as dcp
     import transformers
     from omegaconf import OmegaConf
+
+    from moetrain.train.checkpoint.native import publish_weights
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     cfg, state = from_hf_state(hf_model.state_dict(), hf_model.config)
@@ -405,22 +400,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
     model = build_model(cfg.model, cfg.moe, cfg.model.vocab_size or 0, cfg.data.seq_len)
     model.load_state_dict(state, strict=True)
     out = Path(out_dir)
-    ckpt = out / checkpoint_name(0)
-    tmp = out / (ckpt.name + ".tmp")
-    dcp.save(model_entries(model), checkpoint_id=str(tmp), no_dist=True)
-    meta = {
-        "format": FORMAT_VERSION,
-        "kind": "weights",
-        "step": 0,
-        "ep": 1,
-        "world_size": 1,
-        "arch": arch_of(cfg, model.vocab_size),
-        "config": to_dict(cfg),
-        "source": str(hf_dir),
-        "files": hash_share(tmp),
-    }
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-    tmp.replace(ckpt)
+    ckpt = publish_weights(model, cfg, out, {"source": str(hf_dir)})
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
     return ckpt
 

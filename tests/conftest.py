@@ -90,6 +90,11 @@ def cli_corpus_overrides(tmp_path) -> list[str]:
     ]
 
 
+def local_losses(rec):
+    """This rank's summed LM and aux losses and micro-batch count from a ``Trainer.forward_backward`` recorder."""
+    return rec.values["train/loss"], rec.values["train/aux_loss"], rec.counts["train/loss"]
+
+
 def tiny_train_config(tmp_path, **trainer_kw):
     """A seconds-long config on a local corpus, W&B off."""
     from moetrain.config import DataConfig, ModelConfig, MoEConfig, TrainConfig, TrainerConfig

@@ -1,7 +1,7 @@
 """Fault-injection driver: runs 2-rank gloo jobs the way ``torchrun --max-restarts`` does, with planned faults.
 
 ``python tests/fault_driver.py SPEC.json`` reads ``{"cfg": <config dict>, "jobs": {name: faults}}`` and runs
-each job in ``SPEC_DIR/<name>`` with ``MOETRAIN_FAULTS=faults`` (see ``moetrain.train.checkpoint``): every
+each job in ``SPEC_DIR/<name>`` with ``MOETRAIN_FAULTS=faults`` (see ``tests/fault_hooks.py``): every
 attempt forks one process per rank (this driver imported torch and moetrain once and runs no torch op
 itself, so forking is safe and an attempt starts in milliseconds), each calls ``moetrain.train.cli.run``;
 when a rank dies the others get SIGTERM, then SIGKILL after a grace period, as torchrun's agent does, and
@@ -25,6 +25,9 @@ import torch
 
 from moetrain.config import from_dict
 from moetrain.train.cli import run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fault_hooks import install as install_faults
 
 WORLD = 2
 MAX_ATTEMPTS = 4
@@ -57,6 +60,7 @@ def worker(rank: int, port: int, attempt: int, faults: str, cfg: dict[str, Any],
     code = 1
     try:
         torch.set_num_threads(1)
+        install_faults()
         run(from_dict(cfg), run_dir)
         code = 0
     except SystemExit as e:

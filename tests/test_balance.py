@@ -22,8 +22,11 @@ from moetrain.moe.balance import (
 )
 from moetrain.moe.layer import Router
 from moetrain.moe.stats import device_load, router_entropy
-from moetrain.train.trainer import MoEAccumulator, Trainer
-from tests.conftest import tiny_train_config
+from moetrain.parallel.context import ParallelContext
+from moetrain.train.metrics import MetricRecorder
+from moetrain.train.moe_metrics import moe_log_metrics, record_moe
+from moetrain.train.trainer import Trainer
+from tests.conftest import local_losses, tiny_train_config
 
 
 def init_layer(layer: MoELayer, std: float = 0.5) -> MoELayer:
@@ -135,11 +138,12 @@ def test_router_entropy_and_device_load_hand_computed():
 def test_accumulator_logs_entropy_device_load_and_device_maxvio():
     cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8, router=RouterConfig(num_groups=2))
     layer = init_layer(MoELayer(8, cfg, num_groups=2))
-    acc = MoEAccumulator([1], 4)
+    rec = MetricRecorder()
     stats = [layer(torch.randn(1, 6, 8))[1] for _ in range(2)]
     for s in stats:
-        acc.add({1: s})
-    m = acc.metrics(2)
+        record_moe(rec, {1: s})
+    reduced = rec.reduce(ParallelContext())
+    m = moe_log_metrics(reduced, reduced.host(), [1], {1: 2})
     load = stats[0].load_N + stats[1].load_N
     dev = [load[:2].sum().item(), load[2:].sum().item()]
     assert m["moe/layer_1/device_load"] == [round(d) for d in dev]
@@ -251,10 +255,10 @@ def step_grads(tmp_path, micro: int, batch: torch.Tensor, name: str, moe_kw: dic
     for k, v in bal_kw.items():
         setattr(cfg.moe.balance, k, v)
     trainer = Trainer(cfg, tmp_path / name)
-    lm_sum, aux_sum, acc, n = trainer.forward_backward(batch)
+    rec = trainer.forward_backward(batch)
+    lm_sum, aux_sum, n = local_losses(rec)
     grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
-    assert all(layer.global_counts is None for layer in trainer.moe_layers.values())
-    return (lm_sum / n).item(), (aux_sum / n).item(), grads, acc
+    return (lm_sum / n).item(), (aux_sum / n).item(), grads, rec
 
 
 GLOBAL_LOSSES = {"expert_coef": 0.1, "device_coef": 0.2, "comm_coef": 0.3, "seq_coef": 0.05, "z_loss_coef": 1e-3}
@@ -291,8 +295,10 @@ def test_global_prepass_restores_the_rng_so_noisy_routing_is_unchanged(tmp_path)
     torch.manual_seed(5)
     lm_m, aux_m, grads_m, acc_m = step_grads(tmp_path, 4, batch, "m", moe, router, {**bal, "scope": "micro_batch"})
     assert lm_g == lm_m and aux_g == aux_m  # importance CV^2 is per micro-batch: unaffected by the scope
-    for i in acc_g.loads:
-        assert torch.equal(acc_g.loads[i], acc_m.loads[i])
+    loads = [k for k in acc_g.values if k.endswith("/load")]
+    assert loads
+    for k in loads:
+        assert torch.equal(acc_g.values[k], acc_m.values[k])
     for k in grads_g:
         torch.testing.assert_close(grads_g[k], grads_m[k], rtol=0, atol=0, msg=k)
 
@@ -306,7 +312,7 @@ def _dp_global_step(rank: int, world: int, cfg, run_root: str, batch: torch.Tens
 
     pc = init_parallel(cfg.parallel, "cpu")
     trainer = Trainer(cfg, Path(run_root) / f"rank{rank}", pc)
-    lm_sum, aux_sum, _, n = trainer.forward_backward(batch)
+    lm_sum, aux_sum, n = local_losses(trainer.forward_backward(batch))
     sync_gradients(trainer.model, pc)  # the trainer's own gradient sync
     grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
     return lm_sum.item(), aux_sum.item(), n, grads

@@ -121,8 +121,9 @@ def _torchrun(cfg: TrainConfig, run_dir: Path, env: dict[str, str] | None = None
     cfg_file = run_dir.parent / f"{run_dir.name}.json"
     cfg_file.write_text(json.dumps(to_dict(cfg)))
     code = (
-        "import json,sys; from moetrain.config import from_dict; from moetrain.train.cli import run; "
-        "run(from_dict(json.load(open(sys.argv[1]))), sys.argv[2])"
+        f"import json,sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+        "from tests.fault_hooks import install; from moetrain.config import from_dict; "
+        "from moetrain.train.cli import run; install(); run(from_dict(json.load(open(sys.argv[1]))), sys.argv[2])"
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd = [*torchrun, "--max-restarts=1", "--monitor-interval=0.5", "--no-python"]
@@ -250,7 +251,7 @@ def test_reshard_ep4_checkpoint_to_ep2_and_one_process(tmp_path):
     with torch.no_grad():
         ref = one.model(tokens).logits
     assert one.step == 2
-    one.step = 7
+    one.progress.step = 7
     one.checkpointer.save()  # EP=1 -> EP=2 below
     with torch.no_grad():
         fresh_logits = Trainer(ckpt_config(tmp_path), tmp_path / "fresh").model.eval()(tokens).logits

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from moetrain.config import ConfigError, validate
-from moetrain.train.cli import strip_launcher_args
-from moetrain.train.ds_config import build_ds_config, deep_merge, generated_ds_config
+from moetrain.train.cli import strip_launcher_args, validate_run
+from moetrain.train.deepspeed.config import build_ds_config, deep_merge, generated_ds_config
 from tests.conftest import tiny_train_config
 from tests.distributed import run_distributed
 
@@ -86,7 +86,7 @@ def test_bad_user_json_is_one_config_error_naming_file_and_key(tmp_path, content
         path.write_text(content)
     cfg = _ds_cfg(tmp_path, config_json=str(path))
     with pytest.raises(ConfigError) as err:
-        validate(cfg, world_size=1)
+        validate_run(cfg, world_size=1)
     message = str(err.value)
     assert needle in message and "\n" not in message
     assert "engine.config_json" in message or "deepspeed config" in message
@@ -363,8 +363,8 @@ def test_deepspeed_launcher_then_torchrun_resume_through_the_cli(tmp_path):
     import subprocess
     import sys
 
-    from moetrain.train.sinks import read_wandb_history
     from tests.conftest import cli_corpus_overrides
+    from tests.wandb_records import read_wandb_history
 
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}

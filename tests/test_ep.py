@@ -282,6 +282,7 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
     """Global-scope balance losses: logged values, gradients and the loss-free bias update are the same for
     EP=2 x DP=2 and one process with gradient accumulation 1, 2 and 4 on the same global batch."""
     from moetrain.parallel.context import ParallelContext
+    from moetrain.train.moe_metrics import moe_log_metrics
     from moetrain.train.trainer import Trainer
 
     def step(micro: int, pcx: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -290,19 +291,18 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
         c.parallel.ep = pcx.ep_size
         t = Trainer(c, Path(tmp) / f"bal{micro}_{pcx.world_size}", pcx)
         batch = t.loader.next_batch()
-        lm, aux, acc, n = t.forward_backward(batch)
+        reduced = t.forward_backward(batch).reduce(pcx)
         sync_gradients(t.model, pcx)
         grads = {name: p.grad.clone() for name, p in t.model.named_parameters()}
-        totals = torch.stack([lm, aux])
-        pcx.all_reduce_sum(totals)
-        acc.reduce(pcx)
-        metrics = acc.metrics(n * pcx.world_size)
+        host = reduced.host()
+        groups = {i: layer.num_groups for i, layer in t.moe_layers.items()}
+        metrics = moe_log_metrics(reduced, host, sorted(t.moe_layers), groups)
         for i, layer in t.moe_layers.items():
-            layer.router.update_bias(acc.loads[i])
+            layer.router.update_bias(reduced.tensor(f"moe/layer_{i}/load"))
         bias = {name: b.clone() for name, b in t.model.named_buffers() if name.endswith("expert_bias")}
         logged = {k: v for k, v in metrics.items() if "/loss/" in k}
-        logged["aux"] = (totals[1] / (n * pcx.world_size)).item()
-        logged["lm"] = (totals[0] / (n * pcx.world_size)).item()
+        logged["aux"] = host["train/aux_loss"]
+        logged["lm"] = host["train/loss"]
         return logged, grads, bias
 
     ep_logged, ep_grads, ep_bias = step(1, pc)  # 8 sequences over 4 ranks: 2 micro-batches of 1 per rank

@@ -175,8 +175,8 @@ def test_bf16_training_tracks_fp32_within_two_percent(tmp_path):
     for precision in ("fp32", "bf16"):
         cfg = tiny_train_config(tmp_path / precision, max_steps=20, precision=precision)
         trainer = Trainer(cfg, tmp_path / precision / "run")
-        assert trainer.autocast_dtype == (torch.bfloat16 if precision == "bf16" else None)
-        curves[precision] = [trainer.train_step(trainer.loader.next_batch())["loss"].item() for _ in range(20)]
+        assert trainer.module.dtype == (torch.bfloat16 if precision == "bf16" else None)
+        curves[precision] = [trainer.train_step(trainer.loader.next_batch()).loss.item() for _ in range(20)]
     fp32, bf16 = torch.tensor(curves["fp32"]), torch.tensor(curves["bf16"])
     assert fp32[-1] < fp32[0] - 0.2  # it learns
     final = (bf16[-5:].mean() / fp32[-5:].mean() - 1).abs().item()

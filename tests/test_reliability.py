@@ -63,15 +63,15 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 def poison_step(trainer: Trainer, step: int) -> None:
     """Make the forward of optimizer step ``step`` (1-based) produce NaN logits."""
-    forward = trainer._forward
+    forward = trainer.model.forward
 
-    def poisoned(tokens):
-        out = forward(tokens)
-        if trainer.step + 1 == step:
+    def poisoned(tokens, **kwargs):
+        out = forward(tokens, **kwargs)
+        if trainer.step + 1 == step and trainer.model.training:
             out = dataclasses.replace(out, logits=out.logits * float("nan"))
         return out
 
-    trainer._forward = poisoned  # type: ignore[method-assign]
+    trainer.model.forward = poisoned  # type: ignore[method-assign]
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:

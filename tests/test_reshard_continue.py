@@ -51,7 +51,7 @@ def state(trainer: Trainer) -> dict[str, Any]:
         "loader": trainer.loader.state_dict(),
         "step": trainer.step,
         "lr": trainer.optimizer.param_groups[0]["lr"],
-        "scheduler_epoch": trainer.scheduler.last_epoch,
+        "scheduler_epoch": trainer.module.scheduler.last_epoch,
     }
 
 

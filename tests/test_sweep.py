@@ -11,7 +11,7 @@ import pytest
 
 from moetrain.launch.sweep import format_table, sweep_rows
 from moetrain.launch.sweep import main as summary_main
-from moetrain.train.sinks import read_wandb_history, read_wandb_run
+from tests.wandb_records import read_wandb_history, read_wandb_run
 
 pytestmark = pytest.mark.e2e
 

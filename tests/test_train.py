@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from moetrain.train.sinks import read_wandb_history
 from moetrain.train.trainer import Trainer
-from tests.conftest import tiny_train_config
+from tests.conftest import local_losses, tiny_train_config
+from tests.wandb_records import read_wandb_history
 
 
 def grads_for(tmp_path, micro: int, batch: torch.Tensor, **moe_balance) -> tuple[float, dict[str, torch.Tensor]]:
@@ -21,7 +21,7 @@ def grads_for(tmp_path, micro: int, batch: torch.Tensor, **moe_balance) -> tuple
     for k, v in moe_balance.items():
         setattr(cfg.moe.balance, k, v)
     trainer = Trainer(cfg, tmp_path / f"run{micro}")
-    lm_sum, aux_sum, _, n = trainer.forward_backward(batch)
+    lm_sum, aux_sum, n = local_losses(trainer.forward_backward(batch))
     grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
     return ((lm_sum + aux_sum) / n).item(), grads
 
@@ -44,7 +44,7 @@ def test_same_seed_same_loss_curve_and_other_seed_differs(tmp_path):
     def curve(seed: int, name: str) -> list[float]:
         cfg = tiny_train_config(tmp_path, seed=seed)
         trainer = Trainer(cfg, tmp_path / name)
-        return [trainer.train_step(trainer.loader.next_batch())["loss"].item() for _ in range(3)]
+        return [trainer.train_step(trainer.loader.next_batch()).loss.item() for _ in range(3)]
 
     a, b, c = curve(0, "a"), curve(0, "b"), curve(1, "c")
     assert a == b

@@ -141,13 +141,21 @@ class Transformer(nn.Module):
         head_dim = self.cfg.dim // self.cfg.n_heads
         return [KVCache(batch, n_kv, max_len, head_dim, w.device, dtype or w.dtype) for _ in self.blocks]
 
-    def forward(self, tokens_BS: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> ModelOutput:
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        pos: int = 0,
+        global_counts: dict[int, dict[str, torch.Tensor]] | None = None,
+    ) -> ModelOutput:
         """Logits for tokens at positions [pos, pos + S); ``caches`` (from :meth:`new_kv_caches`)
         hold the keys and values of the earlier positions for incremental decoding."""
         S = tokens_BS.shape[1]
         if pos + S > self.max_seq_len:
             raise ValueError(f"positions up to {pos + S} exceed the model's max_seq_len {self.max_seq_len}")
         x = self.embed(tokens_BS)
+        for i, layer in self.moe_layers().items():
+            layer.global_counts = global_counts.get(i) if global_counts else None
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
             if caches is None:

@@ -46,6 +46,7 @@ class ParallelContext:
     """This rank's expert-parallel group (``None`` when ``ep_size == 1``)."""
     edp_group: Any = None
     """This rank's expert-data-parallel group (``None`` when it is this rank alone)."""
+    _host_groups: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -76,6 +77,22 @@ class ParallelContext:
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t
+
+    def all_reduce_max(self, t: torch.Tensor, group: Any = None) -> torch.Tensor:
+        """Maximum over all ranks (or ``group``), in place (identity on one process)."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return t
+
+    def host_group(self, name: str) -> Any:
+        """A CPU gloo group over all ranks for host-side collectives (checkpoint publishing, the stop vote)
+        that must not interleave with the training ones; made on first use by every rank in the same order,
+        then cached by ``name``. ``None`` on one process."""
+        if not (self.distributed and dist.is_initialized()):
+            return None
+        if name not in self._host_groups:
+            self._host_groups[name] = dist.new_group(backend="gloo")
+        return self._host_groups[name]
 
     def barrier(self) -> None:
         if self.distributed:

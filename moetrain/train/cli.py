@@ -130,14 +130,19 @@ def warn_inactive(cfg: TrainConfig, world_size: int) -> None:
 
 
 def make_trainer(cfg: TrainConfig, run_dir: Path, pc: object) -> Any:
-    """The Trainer of ``engine.name``: moetrain's own loop, or the same loop through DeepSpeed."""
-    if cfg.engine.name == "deepspeed":
-        from moetrain.train.ds_engine import DeepSpeedTrainer
-
-        return DeepSpeedTrainer(cfg, run_dir, pc)  # type: ignore[arg-type]
+    """The Trainer; its train module is ``engine.name``'s (moetrain's own, or DeepSpeed's)."""
     from moetrain.train.trainer import Trainer
 
     return Trainer(cfg, run_dir, pc)  # type: ignore[arg-type]
+
+
+def validate_run(cfg: TrainConfig, world_size: int) -> None:
+    """Every check of a run's config before any work: the schema's rules, then the engine's (DeepSpeed's
+    merged JSON); one :class:`ConfigError` line."""
+    from moetrain.train.deepspeed.config import validate_deepspeed
+
+    validate(cfg, world_size=world_size)
+    validate_deepspeed(cfg, world_size)
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -164,7 +169,7 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
 
     export_slurm_env()  # srun / submitit tasks without torchrun: ranks from SLURM's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world_size=world)
+    validate_run(cfg, world)
     check_device(cfg.trainer.device, cfg.parallel.backend)
     warn_inactive(cfg, world)
     pc = init_parallel(cfg.parallel, cfg.trainer.device)

@@ -13,6 +13,7 @@ Both decide something every rank must agree on, at a step boundary:
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from types import FrameType
@@ -54,10 +55,9 @@ class NonFiniteGuard:
         if self.policy == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
             if self.verbose:
-                print(
+                logging.getLogger("moetrain").warning(
                     f"moetrain: step {step}: non-finite {values_text}; update skipped "
-                    f"({self.skipped} of at most {self.max_skips}, trainer.nonfinite=skip)",
-                    flush=True,
+                    f"({self.skipped} of at most {self.max_skips}, trainer.nonfinite=skip)"
                 )
             return False
         if self.policy == "skip":

@@ -1,7 +1,7 @@
 """The DeepSpeed JSON of a run: generated from the Hydra config, optionally merged with the user's file.
 
-Pure functions (no ``deepspeed`` or ``torch`` import), so :func:`moetrain.config.validate`
-can build and check the final DeepSpeed config before any work starts.
+Pure functions (no ``deepspeed`` import), so :func:`validate_deepspeed` builds and checks the
+final DeepSpeed config before any work starts.
 
 What moetrain owns and DeepSpeed must agree with:
 
@@ -150,3 +150,16 @@ def build_ds_config(cfg: TrainConfig, world_size: int, device_type: str | None =
     merged = deep_merge(generated, read_user_json(cfg.engine.config_json))
     check_ds_config(merged, generated, f"engine.config_json={cfg.engine.config_json!r}")
     return merged
+
+
+def validate_deepspeed(cfg: TrainConfig, world_size: int) -> None:
+    """The generated-and-merged DeepSpeed JSON of an ``engine=deepspeed`` run, checked before any work
+    (one :class:`~moetrain.config.ConfigError` line naming the file or key)."""
+    if cfg.engine.name != "deepspeed":
+        return
+    ds = build_ds_config(cfg, world_size)  # reads and checks engine.config_json
+    if ds_precision(ds) == "fp16":
+        import torch
+
+        if cfg.trainer.device == "cpu" or not torch.cuda.is_available():
+            raise _error("trainer.precision='fp16': DeepSpeed has no fp16 on CPU; use bf16 or fp32 (fp16 needs a GPU)")

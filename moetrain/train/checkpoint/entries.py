@@ -1,0 +1,195 @@
+"""What a native checkpoint holds, as flat ``name -> tensor`` entries (DCP deduplicates replicated ones).
+
+* ``model.<name>``: the model's ``state_dict()`` (loss-free biases included),
+  except that the stacked routed experts ``...experts.w13`` ``[E, D, 2F]`` and
+  ``...experts.w2`` ``[E, F, D]`` are split into one entry per expert under its
+  *global* index (``model.<prefix>.w13.<g>``). The rank holding experts
+  ``[expert_offset, expert_offset + E)`` writes exactly those, so the checkpoint
+  is the same whatever the expert-parallel size and any EP size can load it.
+* ``optim.<param>.<state>``: AdamW's ``step``, ``exp_avg``, ``exp_avg_sq`` of
+  every parameter, re-indexed per global expert the same way.
+* ``rng.rank<r>.*``: every rank's torch CPU (and CUDA) generator, Python
+  ``random`` and NumPy global states.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class ExpertLayout:
+    """Which global experts a stacked expert module holds on this rank."""
+
+    offset: int
+    num_local: int
+    num_global: int
+
+
+def expert_modules(model: nn.Module) -> dict[str, ExpertLayout]:
+    """Module prefix -> layout of every routed-expert module (stacked ``w13`` / ``w2`` on dim 0).
+
+    Under expert parallelism ``apply_expert_parallel`` keeps only the local experts
+    and sets ``expert_offset`` (global index of local expert 0) and
+    ``num_global_experts``; unsharded modules default to offset 0 and all experts.
+    """
+    from moetrain.moe.experts import GroupedExperts
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts):
+            local = mod.w13.shape[0]
+            out[name] = ExpertLayout(
+                int(getattr(mod, "expert_offset", 0)), local, int(getattr(mod, "num_global_experts", local))
+            )
+    return out
+
+
+def _expert_param_names(layouts: dict[str, ExpertLayout]) -> dict[str, ExpertLayout]:
+    return {f"{prefix}.{w}": lay for prefix, lay in layouts.items() for w in ("w13", "w2")}
+
+
+def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model state as checkpoint entries: experts split per global index (views, no copies)."""
+    experts = _expert_param_names(expert_modules(model))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        lay = experts.get(name)
+        if lay is None:
+            out[f"model.{name}"] = t
+        else:
+            for e in range(lay.num_local):
+                out[f"model.{name}.{lay.offset + e}"] = t[e]
+    return out
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def _fresh_adamw_state(p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """What ``torch.optim.AdamW`` creates on a parameter's first step (step 0, zero moments).
+
+    Saving this for a parameter that has no state yet is exact: AdamW's first
+    update of such a state equals its update of an absent one.
+    """
+    state = {
+        "step": torch.zeros((), dtype=torch.float32),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+    if group.get("amsgrad"):
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def _named_params(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
+    out: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        out.setdefault(id(p), (name, p))
+    return out
+
+
+def optimizer_entries(
+    model: nn.Module, optimizer: torch.optim.Optimizer, materialize: bool = True
+) -> dict[str, torch.Tensor]:
+    """Optimizer state per parameter name, expert tensors split per global expert.
+
+    ``materialize`` fills parameters without state with AdamW's initial state
+    (so every rank and every EP size sees the same set of keys).
+    """
+    experts = _expert_param_names(expert_modules(model))
+    names = _named_params(model)
+    out: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)][0]
+            state = optimizer.state.get(p) or (_fresh_adamw_state(p, group) if materialize else {})
+            lay = experts.get(name)
+            for key, val in state.items():
+                if not torch.is_tensor(val):
+                    continue
+                if lay is None:
+                    out[f"optim.{name}.{key}"] = val
+                else:
+                    for e in range(lay.num_local):
+                        per_expert = val[e] if val.dim() > 0 and val.shape[0] == lay.num_local else val
+                        out[f"optim.{name}.{lay.offset + e}.{key}"] = per_expert
+    return out
+
+
+def rng_entries(rank: int) -> dict[str, torch.Tensor]:
+    """This rank's generator states as tensors (no pickled objects)."""
+    p = f"rng.rank{rank}"
+    version, internal, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    out = {
+        f"{p}.torch": torch.get_rng_state(),
+        f"{p}.python": torch.tensor([version, *internal], dtype=torch.int64),
+        f"{p}.python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        f"{p}.numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        f"{p}.numpy_extra": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out[f"{p}.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng(entries: dict[str, torch.Tensor], rank: int) -> None:
+    p = f"rng.rank{rank}"
+    torch.set_rng_state(entries[f"{p}.torch"])
+    py = entries[f"{p}.python"].tolist()
+    has_gauss, gauss = entries[f"{p}.python_gauss"].tolist()
+    random.setstate((int(py[0]), tuple(int(v) for v in py[1:]), gauss if has_gauss else None))
+    pos, np_has_gauss, np_gauss = entries[f"{p}.numpy_extra"].tolist()
+    np.random.set_state(
+        ("MT19937", entries[f"{p}.numpy"].numpy().astype(np.uint32), int(pos), int(np_has_gauss), np_gauss)
+    )
+    if f"{p}.cuda" in entries and torch.cuda.is_available():
+        torch.cuda.set_rng_state(entries[f"{p}.cuda"])
+
+
+def owned_copies(entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert slices copied (DCP would write a view's whole storage)."""
+    return {k: v if _owns_storage(v) else v.clone() for k, v in entries.items()}
+
+
+@torch.no_grad()
+def copy_into(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
+    """Copy each read entry into the live tensor of the same name."""
+    for key, t in targets.items():
+        t.copy_(sources[key])
+
+
+@torch.no_grad()
+def set_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, buffers: dict[str, torch.Tensor]) -> None:
+    """The AdamW state of every parameter from :func:`optimizer_entries`-named buffers (experts re-stacked)."""
+    experts = _expert_param_names(expert_modules(model))
+    names = _named_params(model)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)][0]
+            lay = experts.get(name)
+            state: dict[str, torch.Tensor] = {}
+            for key, fresh in _fresh_adamw_state(p, group).items():
+                if lay is None:
+                    src = buffers[f"optim.{name}.{key}"]
+                else:
+                    parts = [buffers[f"optim.{name}.{lay.offset + e}.{key}"] for e in range(lay.num_local)]
+                    src = torch.stack(parts) if fresh.dim() > 0 else parts[0]
+                state[key] = src.to(device=fresh.device, dtype=fresh.dtype).clone()
+            optimizer.state[p] = state
+
+
+def reseed_rank(seed: int, step: int, rank: int) -> None:
+    """A rank the saving job did not have: a fresh stream, still a function of (seed, step, rank)."""
+    value = seed * 1_000_003 + step * 7919 + rank
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)

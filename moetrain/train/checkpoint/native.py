@@ -1,0 +1,119 @@
+"""The native engine's checkpoint files: model, AdamW state and RNG as DCP shards, resharding on load.
+
+Every rank writes its entries (:mod:`moetrain.train.checkpoint.entries`) with
+``torch.distributed.checkpoint``; DCP deduplicates the replicated ones. Loading
+reads exactly the entries this rank's model and optimizer need, so any world
+size and EP size can load any checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+
+from moetrain.config import TrainConfig, to_dict
+from moetrain.train.checkpoint.compat import arch_of
+from moetrain.train.checkpoint.entries import (
+    copy_into,
+    model_entries,
+    optimizer_entries,
+    owned_copies,
+    reseed_rank,
+    rng_entries,
+    set_optimizer_state,
+    set_rng,
+)
+from moetrain.train.checkpoint.layout import FORMAT_VERSION, checkpoint_name, hash_share, write_meta_and_publish
+from moetrain.train.checkpoint.reading import quiet_dcp, read_entries
+
+
+def save_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, tmp: Path, group: Any, asynchronous: bool
+) -> Future | None:
+    """Write model, optimizer and this rank's RNG into ``tmp``; with ``asynchronous`` the tensors are staged
+    (copied) now and written in a thread (the returned future)."""
+    entries = owned_copies({**model_entries(model), **optimizer_entries(model, optimizer), **rng_entries(rank)})
+    writer = FileSystemWriter(str(tmp))
+    with quiet_dcp():
+        if asynchronous:
+            return dcp.async_save(entries, storage_writer=writer, process_group=group, no_dist=group is None)
+        dcp.save(entries, storage_writer=writer, process_group=group, no_dist=group is None)
+    return None
+
+
+def schedule_meta(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """The JSON part of the optimizer: its param groups' hyperparameters and the LR schedule's position."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    return {"scheduler": sched, "param_groups": groups}
+
+
+def load_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, meta: dict[str, Any]) -> None:
+    sched = dict(meta["scheduler"])
+    sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
+    scheduler.load_state_dict(sched)
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        for key in ("lr", "initial_lr"):
+            if key in saved:
+                group[key] = saved[key]
+
+
+def load_state(
+    path: Path,
+    meta: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+    seed: int,
+    group: Any,
+) -> None:
+    """Read into fresh tensors (every check first), then copy into model, optimizer, schedule and RNG."""
+    distributed = group is not None
+    model_t = model_entries(model)
+    if meta.get("kind") == "weights":  # an imported model (moetrain-export --from-hf): weights only
+        copy_into(model_t, read_entries(path, model_t, (), group, distributed))
+        return
+    optim_t = optimizer_entries(model, optimizer)
+    rng_keys = tuple(rng_entries(rank))
+    buffers = read_entries(path, {**model_t, **optim_t}, rng_keys, group, distributed)
+    copy_into(model_t, buffers)
+    set_optimizer_state(model, optimizer, buffers)
+    load_schedule(optimizer, scheduler, meta)
+    if all(k in buffers for k in rng_keys if not k.endswith(".cuda")):
+        set_rng(buffers, rank)
+    else:  # a rank the saving job did not have
+        reseed_rank(seed, int(meta["step"]), rank)
+
+
+def publish_weights(model: nn.Module, cfg: TrainConfig, ckpt_dir: Path, extra: dict[str, Any]) -> Path:
+    """A weights-only checkpoint ``ckpt_dir/step_000000`` (an import: the model, no optimizer), written,
+    hashed and published by the same rename as a training checkpoint."""
+    final = ckpt_dir / checkpoint_name(0)
+    tmp = ckpt_dir / (final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with quiet_dcp():
+        dcp.save(owned_copies(model_entries(model)), storage_writer=FileSystemWriter(str(tmp)), no_dist=True)
+    meta = {
+        "format": FORMAT_VERSION,
+        "kind": "weights",
+        "step": 0,
+        "ep": 1,
+        "world_size": 1,
+        "arch": arch_of(cfg, model),
+        "config": to_dict(cfg),
+        **extra,
+        "files": hash_share(tmp),
+    }
+    if final.exists():
+        shutil.rmtree(final)
+    write_meta_and_publish(tmp, final, meta)
+    return final

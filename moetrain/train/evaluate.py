@@ -1,0 +1,57 @@
+"""Evaluation: the loss over the whole validation split, and MaxVio of the load summed over it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moetrain.data import val_batches
+from moetrain.parallel.context import ParallelContext
+from moetrain.train.metrics import MetricRecorder
+from moetrain.train.module import TrainModule
+from moetrain.train.moe_metrics import val_moe_metrics
+
+
+@torch.no_grad()
+def evaluate(
+    module: TrainModule, val: np.ndarray, micro_batch_size: int, pc: ParallelContext, bits_per_byte: bool
+) -> dict[str, Any]:
+    """``val/loss`` (nats per token over every validation token, float64 sums), ``val/ppl``, ``val/bpb`` for the
+    byte tokenizer, and ``val/maxvio_global`` (Wang et al. 2024) with its per-layer values.
+
+    Each rank evaluates its share of every global batch of ``micro_batch_size x W`` sequences; a rank whose
+    share is empty still runs a one-row forward (it joins its EP group's all-to-alls) and records zeros.
+    """
+    model = module.model
+    model.eval()
+    layers = sorted(model.moe_layers())
+    rec = MetricRecorder()
+    zero = torch.zeros((), dtype=torch.float64, device=pc.device)
+    for batch in val_batches(val, micro_batch_size * pc.world_size, pc.rank, pc.world_size):
+        empty = batch.shape[0] == 0
+        tokens = torch.as_tensor(val[:1], dtype=torch.long) if empty else batch
+        tokens = tokens.to(pc.device)
+        out = module.eval_forward(tokens[:, :-1])
+        if empty:
+            rec.record("val/loss_sum", zero, "sum")
+            rec.record("val/tokens", zero, "sum")
+        else:
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+            rec.record("val/loss_sum", ce.double(), "sum")
+            rec.record("val/tokens", zero + tokens[:, 1:].numel(), "sum")
+        for i, s in out.moe_stats.items():
+            rec.record(f"val/layer_{i}/load", torch.zeros_like(s.load_N) if empty else s.load_N, "sum")
+    reduced = rec.reduce(pc)
+    loss = 0.0
+    if "val/loss_sum" in reduced:
+        loss = (reduced.tensor("val/loss_sum") / reduced.tensor("val/tokens").clamp_min(1)).item()
+    metrics: dict[str, Any] = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    if bits_per_byte:
+        metrics["val/bpb"] = loss / math.log(2)
+    metrics.update(val_moe_metrics(reduced, layers))
+    model.train()
+    return metrics

@@ -1,0 +1,122 @@
+"""Metrics recorded where they arise, each with a declared reduction, reduced across ranks in one place.
+
+OLMo-core's ``record_metric(name, value, reduce_type)`` shape: the train module
+records each micro-batch's values (``train/loss`` as a mean, per-expert loads as
+sums, ...); :meth:`MetricRecorder.reduce` then combines micro-batches and ranks
+with one all-reduce per (operation, dtype), on the device, with no host sync.
+The values become Python numbers only when a step is logged
+(:meth:`ReducedMetrics.host`). Every logged number is thus a property of the
+step's global batch (DESIGN.md, "Parallel layout").
+
+Reductions, over every value recorded under one name on every rank:
+
+* ``sum``: the total (loads, token and row counts);
+* ``mean``: the total divided by the number of values (a loss averaged over
+  micro-batches and ranks: each micro-batch counts once);
+* ``max``: the largest.
+
+Values may be scalars or vectors (a per-expert load is one ``[N]`` vector).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from moetrain.parallel.context import ParallelContext
+
+Reduce = Literal["sum", "mean", "max"]
+REDUCTIONS: tuple[str, ...] = ("sum", "mean", "max")
+
+
+@dataclass
+class MetricRecorder:
+    """Accumulates recorded values on the device over one step's micro-batches (or one evaluation)."""
+
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    reductions: dict[str, str] = field(default_factory=dict)
+
+    def record(self, name: str, value: torch.Tensor, reduce: Reduce = "mean") -> None:
+        """Add one value of ``name`` (detached; float tensors keep their dtype, others become fp32)."""
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"metric {name}: reduce must be one of {REDUCTIONS}, not {reduce!r}")
+        value = value.detach()
+        if not value.is_floating_point():
+            value = value.float()
+        if name not in self.values:
+            self.values[name] = value.clone()
+            self.counts[name] = 1
+            self.reductions[name] = reduce
+            return
+        if self.reductions[name] != reduce:
+            raise ValueError(f"metric {name}: recorded with reduce={self.reductions[name]} and {reduce}")
+        old = self.values[name]
+        self.values[name] = torch.maximum(old, value) if reduce == "max" else old + value
+        self.counts[name] += 1
+
+    def reduce(self, pc: ParallelContext) -> ReducedMetrics:
+        """Combine over ranks: one all-reduce per (sum or max, dtype) of every value flattened together."""
+        totals = dict(self.values)
+        counts = {k: float(n) for k, n in self.counts.items()}
+        if pc.distributed:
+            for op in ("sum", "max"):
+                names = sorted(k for k, r in self.reductions.items() if (r == "max") == (op == "max"))
+                for dtype in sorted({totals[k].dtype for k in names}, key=str):
+                    _all_reduce_flat(pc, op, [k for k in names if totals[k].dtype == dtype], totals)
+            mean_names = sorted(k for k, r in self.reductions.items() if r == "mean")
+            if mean_names:  # how many values each rank contributed (a rank may have had no batch)
+                n = torch.tensor([counts[k] for k in mean_names], dtype=torch.float64, device=pc.device)
+                pc.all_reduce_sum(n)
+                counts.update(zip(mean_names, n.tolist()))
+        return ReducedMetrics(totals, counts, dict(self.reductions))
+
+
+def _all_reduce_flat(pc: ParallelContext, op: str, names: list[str], totals: dict[str, torch.Tensor]) -> None:
+    if not names:
+        return
+    flat = torch.cat([totals[k].reshape(-1) for k in names])
+    pc.all_reduce_max(flat) if op == "max" else pc.all_reduce_sum(flat)
+    offset = 0
+    for k in names:  # scalars stay 0-d, vectors keep their length
+        size = totals[k].numel()
+        totals[k] = flat[offset : offset + size].view_as(totals[k])
+        offset += size
+
+
+@dataclass
+class ReducedMetrics:
+    """A step's metrics after the cross-rank reduction, still on the device."""
+
+    totals: dict[str, torch.Tensor]
+    """Sums (also of the ``mean`` metrics, before the division) and maxima."""
+    counts: dict[str, float]
+    reductions: dict[str, str]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.totals
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The reduced value on the device (for a ``mean`` metric: the total; see :meth:`host`)."""
+        return self.totals[name]
+
+    def host(self) -> dict[str, Any]:
+        """Every metric as Python numbers (lists for vectors), ``mean`` ones divided by their count in float64:
+        one device-to-host copy."""
+        names = list(self.totals)
+        if not names:
+            return {}
+        flat = torch.cat([self.totals[k].reshape(-1).double() for k in names]).tolist()
+        out: dict[str, Any] = {}
+        offset = 0
+        for k in names:
+            t = self.totals[k]
+            vals = flat[offset : offset + t.numel()]
+            offset += t.numel()
+            value: Any = vals[0] if t.dim() == 0 else vals
+            if self.reductions[k] == "mean":
+                value = value / self.counts[k] if t.dim() == 0 else [v / self.counts[k] for v in value]
+            out[k] = value
+        return out

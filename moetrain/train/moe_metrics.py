@@ -1,0 +1,116 @@
+"""The MoE layers' statistics as recorded metrics, and the DESIGN.md keys derived from their reduced values.
+
+:func:`record_moe` records one forward's :class:`~moetrain.moe.layer.MoEStats`
+per layer under raw names (loads and counts as sums, per-token means as means);
+after the cross-rank reduction :func:`moe_log_metrics` derives the logged keys
+(``moe/layer_{i}/load``, ``maxvio``, ``drop_frac``, ``device_load``, the
+all-to-all traffic, ``moe/maxvio``) and :func:`val_moe_metrics` the validation
+MaxVio of the load summed over the whole split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moetrain.moe.layer import MoEStats
+from moetrain.moe.stats import device_load, maxvio
+from moetrain.train.metrics import MetricRecorder, ReducedMetrics
+
+COMM_SUMS = {
+    "comm_rows": "rows_sent",
+    "comm_bytes": "bytes_sent",
+    "comm_local_rows": "rows_local",
+    "comm_total_rows": "rows_total",
+    "recv_rows": "recv_rows_W",
+    "recv_dropped": "dropped",
+}
+"""Raw all-to-all counters (summed over micro-batches and ranks) -> :class:`CommStats` fields."""
+
+
+def record_moe(rec: MetricRecorder, stats: dict[int, MoEStats], prefix: str = "moe") -> None:
+    """Record one forward's statistics of every MoE layer."""
+    for i, s in stats.items():
+        p = f"{prefix}/layer_{i}"
+        rec.record(f"{p}/load", s.load_N, "sum")
+        for name, value in (("selected", s.num_selected), ("dropped", s.num_dropped)):
+            if value is not None:
+                rec.record(f"{p}/{name}", value, "sum")
+        for name, value in (("devices_per_token", s.devices_per_token), ("router_entropy", s.router_entropy)):
+            if value is not None:
+                rec.record(f"{p}/{name}", value, "mean")
+        if s.comm is not None:  # expert parallelism: all-to-all counters (recv_rows is a [W] vector)
+            for name, attr in COMM_SUMS.items():
+                rec.record(f"{p}/{name}", getattr(s.comm, attr), "sum")
+        for name, value in s.losses.items():
+            rec.record(f"{p}/loss/{name}", value, "mean")
+
+
+def stacked_loads(reduced: ReducedMetrics, layers: list[int], prefix: str = "moe") -> torch.Tensor | None:
+    """The reduced per-expert loads as one ``[L, N]`` tensor (``None`` without MoE layers)."""
+    loads = [reduced.tensor(f"{prefix}/layer_{i}/load") for i in layers if f"{prefix}/layer_{i}/load" in reduced]
+    return torch.stack(loads) if loads else None
+
+
+def moe_log_metrics(
+    reduced: ReducedMetrics, host: dict[str, Any], layers: list[int], groups: dict[int, int]
+) -> dict[str, Any]:
+    """The logged DESIGN.md keys of a training step (``host`` = ``reduced.host()``)."""
+    load_LN = stacked_loads(reduced, layers)
+    if load_LN is None:
+        return {}
+    vio_L = maxvio(load_LN)
+    out: dict[str, Any] = {}
+    for j, i in enumerate(layers):
+        p = f"moe/layer_{i}"
+        out[f"{p}/load"] = [round(c) for c in load_LN[j].tolist()]
+        out[f"{p}/maxvio"] = vio_L[j].item()
+        out[f"{p}/drop_frac"] = host.get(f"{p}/dropped", 0.0) / max(host.get(f"{p}/selected", 0.0), 1.0)
+        for name in ("devices_per_token", "router_entropy"):
+            if f"{p}/{name}" in host:
+                out[f"{p}/{name}"] = host[f"{p}/{name}"]
+        if groups.get(i, 1) > 1:
+            dev_load_G = device_load(load_LN[j], groups[i])
+            out[f"{p}/device_load"] = [round(c) for c in dev_load_G.tolist()]
+            out[f"{p}/device_maxvio"] = maxvio(dev_load_G).item()
+        out.update(comm_metrics(host, p))
+        out.update({k: v for k, v in host.items() if k.startswith(f"{p}/loss/")})
+    out["moe/maxvio"] = vio_L.mean().item()
+    return out
+
+
+def comm_metrics(host: dict[str, Any], p: str) -> dict[str, Any]:
+    """Logged communication metrics of one layer from the step's sums over micro-batches and ranks.
+
+    ``comm_rows`` / ``comm_bytes``: (token, rank) rows and payload bytes sent to
+    other ranks in the step (all ranks); ``local_frac``: fraction of the
+    (token, rank) rows whose destination was the sender itself; ``recv_rows``:
+    expert rows each rank computed (list by global rank); ``recv_maxvio``: MaxVio
+    of that list (Wang et al. 2024, eq. 4, over ranks instead of experts);
+    ``recv_dropped``: assignments dropped by the receive budget.
+    """
+    if f"{p}/comm_rows" not in host:
+        return {}
+    recv = host[f"{p}/recv_rows"]
+    recv = recv if isinstance(recv, list) else [recv]
+    return {
+        f"{p}/comm_rows": round(host[f"{p}/comm_rows"]),
+        f"{p}/comm_bytes": round(host[f"{p}/comm_bytes"]),
+        f"{p}/local_frac": host[f"{p}/comm_local_rows"] / max(host[f"{p}/comm_total_rows"], 1.0),
+        f"{p}/recv_rows": [round(c) for c in recv],
+        f"{p}/recv_maxvio": maxvio(torch.tensor(recv)).item(),
+        f"{p}/recv_dropped": round(host[f"{p}/recv_dropped"]),
+    }
+
+
+def val_moe_metrics(reduced: ReducedMetrics, layers: list[int]) -> dict[str, Any]:
+    """``val/layer_{i}/maxvio_global`` and their mean ``val/maxvio_global``: MaxVio of the load summed over the
+    whole validation split (Wang et al. 2024's MaxVio_global)."""
+    load_LN = stacked_loads(reduced, layers, prefix="val")
+    if load_LN is None:
+        return {}
+    vio = maxvio(load_LN)
+    out: dict[str, Any] = {f"val/layer_{i}/maxvio_global": vio[j].item() for j, i in enumerate(layers)}
+    out["val/maxvio_global"] = vio.mean().item()
+    return out

@@ -1,0 +1,96 @@
+"""moetrain's own engine as a train module (see :mod:`moetrain.train.module` for the protocol)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetrain.config import TrainConfig
+from moetrain.model.transformer import ModelOutput, Transformer
+from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.grad_sync import clip_grad_norm, sync_gradients
+from moetrain.train.checkpoint import native
+from moetrain.train.guards import NonFiniteGuard
+from moetrain.train.metrics import MetricRecorder, ReducedMetrics
+from moetrain.train.module import StepInfo, autocast_dtype
+from moetrain.train.optim import build_optimizer, build_scheduler
+from moetrain.train.step import accumulate_gradients, routing_prepass
+
+
+class NativeTrainModule:
+    """moetrain's own engine: AdamW with decay on matrices, warmup + cosine, DP/EDP gradient sync, global-norm
+    clipping, bf16 autocast (fp32 router), ``trainer.nonfinite``; checkpoints as resharding DCP shards."""
+
+    engine = "native"
+
+    def __init__(self, cfg: TrainConfig, model: Transformer, pc: ParallelContext) -> None:
+        self.cfg, self.model, self.pc = cfg, model, pc
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.dtype = autocast_dtype(cfg.trainer.precision, pc.device)
+        self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.nonfinite_max_skips, pc.is_main)
+        self.global_scope = cfg.moe.balance.scope == "global"
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.dtype is None:
+            return torch.autocast(self.pc.device.type, enabled=False)
+        return torch.autocast(self.pc.device.type, dtype=self.dtype)
+
+    def train_batch(self, micro: list[torch.Tensor], rec: MetricRecorder) -> None:
+        self.model.train()
+        counts = None
+        if self.global_scope and (len(micro) > 1 or self.pc.distributed):
+            counts = routing_prepass(self.model, micro, self.pc, self.autocast)
+        accumulate_gradients(self.model, self._backward, micro, rec, self.autocast, self.pc.device, counts)
+
+    @staticmethod
+    def _backward(loss: torch.Tensor, num_micro: int) -> None:
+        (loss / num_micro).backward()
+
+    def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:
+        """Sync, clip, check, step. Non-expert gradients are averaged over all W ranks, experts over their
+        EDP group (both / W); each expert shard counts once in the global norm."""
+        sync_gradients(self.model, self.pc)
+        grad_norm = clip_grad_norm(self.model, self.pc, self.cfg.optim.grad_clip)
+        losses = {"loss": reduced.tensor("train/loss"), "aux loss": reduced.tensor("train/aux_loss")}
+        if not self.nonfinite.check(step, {**losses, "gradient norm": grad_norm}):  # trainer.nonfinite=skip
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepInfo(grad_norm, False, {"train/nonfinite_skips": self.nonfinite.skipped})
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepInfo(grad_norm, True)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def eval_forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+        with self.autocast():
+            return self.model(tokens_BS)
+
+    # ------------------------------------------------------------ checkpoint
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            **native.schedule_meta(self.optimizer, self.scheduler),
+            "nonfinite_skips": self.nonfinite.skipped,
+        }
+
+    def save_checkpoint(self, tmp: Path, group: Any, asynchronous: bool) -> Future | None:
+        return native.save_state(self.model, self.optimizer, self.pc.rank, tmp, group, asynchronous)
+
+    def check_checkpoint(self, path: Path, meta: dict[str, Any]) -> None:
+        """Any world size and EP size loads (the entries are per global expert)."""
+
+    def load_checkpoint(self, path: Path, meta: dict[str, Any], group: Any) -> None:
+        seed = self.cfg.trainer.seed
+        native.load_state(path, meta, self.model, self.optimizer, self.scheduler, self.pc.rank, seed, group)
+        self.nonfinite.skipped = int(meta.get("nonfinite_skips", 0))
+
+    def close(self) -> None:
+        """Nothing to release."""

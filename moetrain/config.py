@@ -352,6 +352,15 @@ RECV_OVERFLOWS = ("drop", "error")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+def resolve_num_groups(moe: MoEConfig, ep: int) -> int:
+    """The device groups of device-limited routing: ``moe.router.num_groups``, or the EP size when unset.
+
+    Resolved once, when a model is built; the model carries it (``Transformer.num_groups``), so a trained model
+    routes the same whatever EP size later loads it.
+    """
+    return moe.router.num_groups if moe.router.num_groups is not None else ep
+
+
 def _fail(key: str, value: Any, rule: str) -> None:
     raise ConfigError(f"{key}={value!r}: {rule}")
 

@@ -158,7 +158,7 @@ def test_local_dispatcher_dropless_gather_path_equals_the_masked_scatter_path():
     outs = []
     for slots in (K, None):
         d = LocalDispatcher(N)
-        rows, counts, weight, handle, _ = d.dispatch(
+        rows, counts, weight, handle, *_ = d.dispatch(
             x, token_idx, idx.reshape(-1), w.reshape(-1), slots_per_token=slots
         )
         assert counts.tolist() == torch.bincount(idx.reshape(-1), minlength=N).tolist()

@@ -149,14 +149,27 @@ def capacity_keep(
     """
     e_A = expert_idx_TK.reshape(-1)
     p_A = priority_TK.detach().reshape(-1).double().masked_fill(~keep_TK.reshape(-1), float("-inf"))
-    # Sort by priority descending, then stably by expert: experts contiguous, best first.
-    order = p_A.argsort(descending=True, stable=True)
-    order = order[e_A[order].argsort(stable=True)]
-    counts_N = torch.zeros(num_experts, dtype=torch.long, device=e_A.device).scatter_add_(0, e_A, torch.ones_like(e_A))
-    starts_N = counts_N.cumsum(0) - counts_N
-    rank_sorted = torch.arange(e_A.numel(), device=e_A.device) - starts_N[e_A[order]]
-    rank_A = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    rank_A = rank_within_segment(e_A, p_A, num_experts)
     return keep_TK & (rank_A < cap).view_as(keep_TK)
+
+
+def rank_within_segment(segment_A: torch.Tensor, priority_A: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Each element's rank among the elements of its segment, by descending priority (ties in index order).
+
+    One stable sort by priority descending, then one stable sort by segment:
+    segments contiguous, best first; an element's rank is its position minus its
+    segment's start. ``segment_A`` must lie in ``[0, num_segments)``. Used for
+    capacity (segments = experts or devices) and for the receive budget of the
+    all-to-all dispatcher (segments = destination ranks).
+    """
+    order = priority_A.argsort(descending=True, stable=True)
+    order = order[segment_A[order].argsort(stable=True)]
+    counts_S = torch.zeros(num_segments, dtype=torch.long, device=segment_A.device).scatter_add_(
+        0, segment_A, torch.ones_like(segment_A)
+    )
+    starts_S = counts_S.cumsum(0) - counts_S
+    rank_sorted = torch.arange(segment_A.numel(), device=segment_A.device) - starts_S[segment_A[order]]
+    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
 
 
 def device_capacity_keep(

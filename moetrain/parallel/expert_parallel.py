@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetrain.moe.dispatch import AllToAllDispatcher, CommStats
+from moetrain.moe.dispatch import LocalDispatcher
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.fused import FusedLocalDispatcher
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.stats import maxvio
+from moetrain.parallel.all_to_all import AllToAllDispatcher, CommStats, local_expert_slice
 from moetrain.parallel.context import ParallelContext
 
 
@@ -35,13 +37,9 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 @torch.no_grad()
 def shard_experts(experts: GroupedExperts, ep_size: int, ep_rank: int) -> None:
     """Keep experts ``[ep_rank * N / ep, (ep_rank + 1) * N / ep)`` of ``w13`` / ``w2``; record their global offset."""
-    n = experts.num_global_experts
-    if n % ep_size:
-        raise ValueError(f"{n} experts cannot be split over {ep_size} EP ranks")
-    if experts.num_experts != n:
+    if experts.num_experts != experts.num_global_experts:
         raise ValueError("experts are already sharded")
-    e = n // ep_size
-    lo = ep_rank * e
+    lo, e = local_expert_slice(experts.num_global_experts, ep_size, ep_rank)
     experts.w13 = nn.Parameter(experts.w13[lo : lo + e].clone())
     experts.w2 = nn.Parameter(experts.w2[lo : lo + e].clone())
     experts.num_experts = e
@@ -53,8 +51,8 @@ def apply_expert_parallel(
 ) -> nn.Module:
     """Shard each MoE layer's experts over ``pc``'s EP group and give it an :class:`AllToAllDispatcher`.
 
-    A no-op when ``pc.ep_size == 1`` (the single-process :class:`LocalDispatcher`
-    stays). Call before the optimizer is built (the expert parameters are
+    A no-op when ``pc.ep_size == 1`` (the single-process dispatcher chosen when
+    the model was built stays). Call before the optimizer is built (the expert parameters are
     replaced by their local slices). Returns ``model``.
     """
     if pc.ep_size == 1:
@@ -72,6 +70,16 @@ def apply_expert_parallel(
             max_recv_factor=max_recv_factor,
             overflow=recv_overflow,
         )
+    return model
+
+
+def use_unfused_dispatch(model: nn.Module) -> nn.Module:
+    """Give every MoE layer that has the CPU fast path (:class:`~moetrain.moe.fused.FusedLocalDispatcher`)
+    the plain :class:`~moetrain.moe.dispatch.LocalDispatcher`: the experts' own forward runs on every
+    forward (for an engine whose module hooks must see it, e.g. DeepSpeed's). Returns ``model``."""
+    for layer in moe_layers(model).values():
+        if isinstance(layer.dispatcher, FusedLocalDispatcher):
+            layer.dispatcher = LocalDispatcher(layer.dispatcher.num_local_experts)
     return model
 
 

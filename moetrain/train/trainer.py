@@ -190,8 +190,10 @@ class Trainer:
     def _build_checkpointer(self) -> Checkpointer:
         return Checkpointer(self)
 
-    def _forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
-        return self.model(tokens_BS)
+    def _forward(
+        self, tokens_BS: torch.Tensor, global_counts: dict[int, dict[str, torch.Tensor]] | None = None
+    ) -> ModelOutput:
+        return self.model(tokens_BS, global_counts=global_counts)
 
     def _backward(self, loss: torch.Tensor, num_micro: int) -> None:
         """Accumulate the gradient of one micro-batch's loss, scaled to the mean over micro-batches."""
@@ -248,6 +250,7 @@ class Trainer:
         acc = self._new_accumulator()
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
+        counts = None
         if self.cfg.moe.balance.scope == "global" and (len(micro) > 1 or self.pc.distributed):
 
             def routing_forward(mb: torch.Tensor) -> dict[int, MoEStats]:
@@ -257,22 +260,17 @@ class Trainer:
             rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=rng_devices):
                 counts = global_routing_counts(routing_forward, micro, self.pc.all_reduce_sum)
-            for i, layer in self.moe_layers.items():
-                layer.global_counts = counts.get(i)
-        try:
-            for mb in micro:
-                mb = mb.to(self.device, non_blocking=True)
-                with self._autocast():
-                    out: ModelOutput = self._forward(mb[:, :-1])
-                    loss_lm = lm_loss(out.logits, mb[:, 1:])
-                    aux = out.aux_loss
-                self._backward(loss_lm + aux, len(micro))
-                lm_sum += loss_lm.detach()
-                aux_sum += aux.detach()
-                acc.add(out.moe_stats)
-        finally:
-            for layer in self.moe_layers.values():
-                layer.global_counts = None
+        for mb in micro:
+            mb = mb.to(self.device, non_blocking=True)
+            with self._autocast():
+                kw = {} if counts is None else {"global_counts": counts}  # DeepSpeed's _forward takes no counts yet
+                out: ModelOutput = self._forward(mb[:, :-1], **kw)
+                loss_lm = lm_loss(out.logits, mb[:, 1:])
+                aux = out.aux_loss
+            self._backward(loss_lm + aux, len(micro))
+            lm_sum += loss_lm.detach()
+            aux_sum += aux.detach()
+            acc.add(out.moe_stats)
         return lm_sum, aux_sum, acc, len(micro)
 
     def train_step(self, global_batch: torch.Tensor) -> dict[str, Any]:

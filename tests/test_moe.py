@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from moetrain.config import BalanceConfig, MoEConfig, RouterConfig
 from moetrain.moe import MoELayer, maxvio
 from moetrain.moe.balance import expert_balance_loss, router_z_loss
-from moetrain.moe.routing import capacity, capacity_keep, topk_experts
+from moetrain.moe.capacity import capacity, capacity_keep
+from moetrain.moe.routing import topk_experts
 
 pytestmark = pytest.mark.unit
 

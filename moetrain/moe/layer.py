@@ -23,18 +23,12 @@ from moetrain.moe.balance import (
     sequence_balance_loss,
     smooth_load_loss,
 )
+from moetrain.moe.capacity import capacity, capacity_keep, device_capacity_keep, drop_priority
 from moetrain.moe.dispatch import DeviceCapacity, Dispatcher, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts, SwiGLU
 from moetrain.moe.fused import FusedLocalDispatcher
 from moetrain.moe.router import Router, capacity_factors
-from moetrain.moe.routing import (
-    Routing,
-    capacity,
-    capacity_keep,
-    device_capacity_keep,
-    drop_priority,
-    protected_sequences,
-)
+from moetrain.moe.routing import Routing, protected_sequences
 from moetrain.moe.stats import router_entropy
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moetrain.moe.capacity import device_budget, rank_within_segment
 from moetrain.moe.dispatch import (
     DeviceCapacity,
     Dispatched,
@@ -28,7 +29,6 @@ from moetrain.moe.dispatch import (
     count_per_bin,
     inverse_permutation,
 )
-from moetrain.moe.routing import device_budget, rank_within_segment
 
 META_BYTES = 2 * 8 + 4
 """Bytes of routing metadata per (token, expert) assignment sent: int64 row index, int64 local expert, fp32 weight."""

@@ -352,6 +352,27 @@ RECV_OVERFLOWS = ("drop", "error")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+def resolve_num_groups(moe: MoEConfig, ep: int) -> int:
+    """The device groups of device-limited routing: ``moe.router.num_groups``, or the EP size when unset.
+
+    Resolved once, when a model is built; the model carries it (``Transformer.num_groups``), so a trained model
+    routes the same whatever EP size later loads it.
+    """
+    return moe.router.num_groups if moe.router.num_groups is not None else ep
+
+
+def ep_layout_error(world_size: int, ep: int, num_experts: int | None = None) -> str | None:
+    """The one check that W ranks split into EP groups of ``ep`` and the experts over each group (a
+    :class:`ConfigError` line, or ``None``)."""
+    if ep <= 0:
+        return f"parallel.ep={ep}: must be > 0"
+    if world_size % ep:
+        return f"parallel.ep={ep}: must divide the world size ({world_size})"
+    if num_experts is not None and num_experts % ep:
+        return f"parallel.ep={ep}: must divide moe.num_experts={num_experts}"
+    return None
+
+
 def _fail(key: str, value: Any, rule: str) -> None:
     raise ConfigError(f"{key}={value!r}: {rule}")
 
@@ -419,12 +440,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     p = cfg.parallel
     _positive("parallel.ep", p.ep)
     _choice("parallel.backend", p.backend, BACKENDS)
-    if world_size % p.ep:
-        _fail("parallel.ep", p.ep, f"must divide the world size ({world_size})")
-    if moe.num_experts % p.ep:
-        _fail("parallel.ep", p.ep, f"must divide moe.num_experts={moe.num_experts}")
+    layout_error = ep_layout_error(world_size, p.ep, moe.num_experts)
+    if layout_error:
+        raise ConfigError(layout_error)
 
-    from moetrain.moe.routing import DROP_POLICIES, STRATEGIES  # registries live with the math
+    from moetrain.moe.capacity import DROP_POLICIES  # registries live with the math
+    from moetrain.moe.routing import STRATEGIES
 
     _choice("moe.router.strategy", r.strategy, tuple(STRATEGIES))
     _choice("moe.router.score_fn", r.score_fn, SCORE_FNS)
@@ -437,7 +458,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         value = getattr(r, key)
         if value is not None and value <= 0:
             _fail(f"moe.router.{key}", value, "must be > 0 or null (dropless)")
-    groups = r.num_groups if r.num_groups is not None else cfg.parallel.ep
+    groups = resolve_num_groups(moe, cfg.parallel.ep)
     if r.num_groups is not None:
         _positive("moe.router.num_groups", r.num_groups)
     if moe.num_experts % groups:

@@ -46,7 +46,7 @@ def _user_error_kinds() -> dict[type[BaseException], str]:
     except ImportError:  # pragma: no cover - hydra is a dependency
         pass
     try:
-        from moetrain.moe.dispatch import RecvOverflowError
+        from moetrain.parallel.all_to_all import RecvOverflowError
 
         kinds[RecvOverflowError] = "moe.max_recv_factor guardrail"
     except ImportError:  # pragma: no cover - the dispatcher always exists

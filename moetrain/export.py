@@ -50,15 +50,15 @@ from typing import Any
 
 import torch
 
-from moetrain.config import ModelConfig, MoEConfig, TrainConfig, from_dict, to_dict
+from moetrain.config import ModelConfig, MoEConfig, TrainConfig, from_dict, resolve_num_groups, to_dict
 from moetrain.errors import guarded_main
 from moetrain.model.transformer import Transformer, build_model, is_moe_layer
 from moetrain.train.checkpoint import (
     CheckpointError,
-    load_model_weights,
     read_meta,
     resolve_checkpoint,
 )
+from moetrain.train.weights import load_model_weights
 
 
 class ExportError(ValueError):
@@ -72,7 +72,8 @@ def load_checkpoint_model(ckpt: str | Path) -> tuple[Transformer, TrainConfig, d
     meta = read_meta(path)
     cfg = from_dict(meta["config"])
     vocab = int(meta["arch"]["vocab_size"])
-    model = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=int(meta.get("ep", 1)))
+    num_groups = meta["arch"].get("num_groups")  # carried by the checkpoint: no EP size needed
+    model = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=int(meta.get("ep", 1)), num_groups=num_groups)
     load_model_weights(model, path)
     return model.eval(), cfg, meta
 
@@ -95,21 +96,6 @@ def export_safetensors(model: Transformer, cfg: TrainConfig, out_dir: Path, step
     save_file(full_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = {"format": "moetrain", "moetrain": to_dict(cfg), "vocab_size": model.vocab_size, "step": step}
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-
-
-def load_safetensors_model(out_dir: str | Path) -> tuple[Transformer, TrainConfig]:
-    """Rebuild a model written by :func:`export_safetensors` (no pickle: safetensors + JSON)."""
-    from safetensors.torch import load_file
-
-    out_dir = Path(out_dir)
-    config = json.loads((out_dir / "config.json").read_text())
-    cfg = from_dict(config["moetrain"])
-    model = build_model(cfg.model, cfg.moe, int(config["vocab_size"]), cfg.data.seq_len, ep=cfg.parallel.ep)
-    state = load_file(str(out_dir / "model.safetensors"))
-    if cfg.model.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True)
-    return model.eval(), cfg
 
 
 # ------------------------------------------------------------------ HF mapping
@@ -141,7 +127,7 @@ def hf_architecture(cfg: TrainConfig, model: Transformer | None = None) -> str:
         raise refuse("moe.router.score_fn", r.score_fn, "Mixtral / Qwen2-MoE route with softmax scores")
     if r.scaling_factor != 1.0:
         raise refuse("moe.router.scaling_factor", r.scaling_factor, "routed scaling is not in Mixtral / Qwen2-MoE")
-    groups = r.num_groups or cfg.parallel.ep
+    groups = model.num_groups if model is not None else resolve_num_groups(moe, cfg.parallel.ep)
     if r.topk_groups is not None and r.topk_groups < groups:
         raise refuse("moe.router.topk_groups", r.topk_groups, "device-limited routing is not in Mixtral / Qwen2-MoE")
     if r.eval_capacity_factor is not None:

@@ -9,7 +9,7 @@ states under the chosen EP / DP / ZeRO stage plus an activation estimate,
 all-to-all bytes per step for unrestricted top-K and for device-limited top-M
 routing, and an estimated step time.
 
-All-to-all volume follows the dispatcher (``moetrain.moe.dispatch.AllToAllDispatcher``):
+All-to-all volume follows the dispatcher (``moetrain.parallel.all_to_all.AllToAllDispatcher``):
 a token is sent once to each *other* EP rank holding one of its experts (its hidden
 row, ``D x bytes``), with ``META_BYTES`` of metadata per (token, expert) assignment,
 and one combined row per (token, rank) comes back. :func:`dispatch_bytes` computes
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moetrain.config import TrainConfig
+from moetrain.config import TrainConfig, resolve_num_groups
 from moetrain.errors import guarded_main
-from moetrain.model.transformer import is_moe_layer
-from moetrain.moe.dispatch import META_BYTES
+from moetrain.model.transformer import build_model, total_and_active
 from moetrain.moe.routing import topk_experts
+from moetrain.parallel.all_to_all import META_BYTES
 
 
 @dataclass
@@ -53,36 +53,16 @@ class Cluster:
 
 
 def param_counts(cfg: TrainConfig, vocab_size: int) -> dict[str, int]:
-    """Exact parameter counts by part (the same layout ``build_model`` creates)."""
-    m, moe = cfg.model, cfg.moe
-    D, L = m.dim, m.n_layers
-    n_kv = m.n_kv_heads or m.n_heads
-    head = D // m.n_heads
-    attn = D * m.n_heads * head * 2 + D * n_kv * head * 2 + 2 * D  # q, o, k, v; two norms
-    dense_ffn = 3 * D * m.ffn_hidden_size
-    expert = 3 * D * moe.expert_hidden_size
-    shared = 3 * D * (moe.shared_hidden_size or moe.expert_hidden_size) * moe.num_shared_experts
-    router = moe.num_experts * D + (moe.num_experts * D if moe.router.strategy == "noisy_topk" else 0)
-    n_moe = sum(is_moe_layer(m, i) for i in range(L))
-    embed = vocab_size * D
-    head_w = 0 if m.tie_embeddings else vocab_size * D
-    return {
-        "embedding": embed,
-        "lm_head": head_w,
-        "attention": L * attn + D,  # + final norm
-        "dense_ffn": (L - n_moe) * dense_ffn,
-        "router": n_moe * router,
-        "shared_experts": n_moe * shared,
-        "routed_experts": n_moe * moe.num_experts * expert,
-        "routed_experts_active": n_moe * moe.top_k * expert,
-        "moe_layers": n_moe,
-    }
+    """Exact parameter counts by part: :meth:`~moetrain.model.transformer.Transformer.param_counts` of the
+    model the config builds, built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.moe, vocab_size, cfg.data.seq_len, ep=cfg.parallel.ep)
+    return model.param_counts()
 
 
 def totals(counts: dict[str, int]) -> tuple[int, int]:
     """(total, active) parameters: active counts K of N routed experts."""
-    base = sum(v for k, v in counts.items() if k not in ("routed_experts", "routed_experts_active", "moe_layers"))
-    return base + counts["routed_experts"], base + counts["routed_experts_active"]
+    return total_and_active(counts)
 
 
 def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
@@ -134,7 +114,7 @@ def simulated_remote_ranks(cfg: TrainConfig, ep: int, samples: int = 4096, seed:
     moe, r = cfg.moe, cfg.moe.router
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(samples, moe.num_experts, generator=g)
-    groups = r.num_groups or ep
+    groups = resolve_num_groups(moe, ep)
     idx = topk_experts(scores, moe.top_k, groups, r.topk_groups, r.group_score)
     parts = [dispatch_bytes(idx, ep, rank, moe.num_experts, 1, 1) for rank in range(ep)]
     rows = sum(p["rows_sent"] for p in parts) / (ep * samples)

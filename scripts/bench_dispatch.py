@@ -3,8 +3,8 @@
 For each EP size (gloo processes on this machine; NCCL on GPUs with ``--backend
 nccl``) and each M (device-limited routing: a token's K experts lie on at most M
 ranks, DeepSeek-V2 sec. 2.2.3), it times dispatch + expert stand-in + combine,
-forward and backward, of :class:`moetrain.moe.dispatch.AllToAllDispatcher` with
-``dedup=True`` and ``dedup=False`` in the same run, interleaved, and reads the
+forward and backward, of :class:`moetrain.parallel.all_to_all.AllToAllDispatcher` and
+:class:`NaiveAllToAllDispatcher` in the same run, interleaved, and reads the
 bytes each rank sent to the other ranks from the dispatcher's own counters
 (``comm_bytes``: dispatch rows + metadata + combine rows). Rows per token count
 every (token, rank) row, the ones a rank keeps for itself included.
@@ -28,8 +28,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moetrain.moe.dispatch import AllToAllDispatcher, CommStats
+from moetrain.moe.dispatch import count_per_bin, inverse_permutation
 from moetrain.moe.routing import topk_experts
+from moetrain.parallel.all_to_all import AllToAllDispatcher, CommStats
+
+
+class NaiveAllToAllDispatcher(AllToAllDispatcher):
+    """The naive dispatcher, the benchmark's baseline: one row per (token, expert), in (destination,
+    assignment) order, instead of one per (token, destination rank)."""
+
+    def _rows(self, T: int, token_idx_A: torch.Tensor, dest_A: torch.Tensor) -> tuple[Any, ...]:
+        A = token_idx_A.numel()
+        order = (dest_A * max(A, 1) + torch.arange(A, device=dest_A.device)).argsort()
+        row_of_A = inverse_permutation(order)
+        return count_per_bin(dest_A, self.ep_size), row_of_A, lambda n: token_idx_A[order[:n]]
 
 
 def _free_port() -> int:
@@ -76,10 +88,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Any
             x = torch.randn(args.tokens, args.dim, device=device).requires_grad_()
             w_A.requires_grad_()
             disps = {
-                name: AllToAllDispatcher(
-                    args.experts, world, rank, dist.group.WORLD, rank, world, dedup=name == "dedup"
-                )
-                for name in ("dedup", "naive")
+                name: cls(args.experts, world, rank, dist.group.WORLD, rank, world)
+                for name, cls in (("dedup", AllToAllDispatcher), ("naive", NaiveAllToAllDispatcher))
             }
             scale_E = torch.rand(args.experts // world, device=device) + 0.5
             times: dict[str, list[float]] = {name: [] for name in disps}

@@ -172,7 +172,7 @@ class DeepSpeedMoE(nn.Module):
         super().__init__()
         from deepspeed.moe.layer import MoE
 
-        from moetrain.model.layers import SwiGLU
+        from moetrain.moe.experts import SwiGLU
 
         if not torch.distributed.is_initialized():
             init_single_rank_group(device)
@@ -185,7 +185,7 @@ class DeepSpeedMoE(nn.Module):
             use_rts=False,
             min_capacity=0,
         ).to(device)
-        from moetrain.model.layers import SwiGLU as Shared
+        from moetrain.moe.experts import SwiGLU as Shared
 
         self.shared = Shared(shape.dim, shape.shared * shape.hidden).to(device) if shape.shared else None
 

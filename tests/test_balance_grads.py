@@ -152,9 +152,7 @@ def test_global_scope_gradient_uses_global_f_and_local_p(loss, score_fn):
             c = {"expert": st.sel_counts_N, "tokens": torch.tensor([float(st.num_tokens)]), "sent": st.sent_G}
             counts = c if counts is None else {k: counts[k] + v for k, v in c.items()}
     assert counts is not None
-    layer.global_counts = counts
-    _, stats = layer(x)
-    layer.global_counts = None
+    _, stats = layer(x, global_counts=counts)
     W = layer.router.weight
     (got,) = torch.autograd.grad(stats.aux_loss, W)
     ref_value = reference_loss(loss, x.view(-1, D), W, score_fn, None, counts)

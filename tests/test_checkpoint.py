@@ -18,11 +18,11 @@ from moetrain.train.checkpoint import (
     CheckpointError,
     complete_checkpoints,
     latest_checkpoint,
-    load_model_weights,
     resolve_checkpoint,
     truncate_metrics,
 )
 from moetrain.train.trainer import Trainer
+from moetrain.train.weights import load_model_weights
 from tests.conftest import tiny_train_config
 from tests.distributed import run_distributed
 

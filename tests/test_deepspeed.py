@@ -469,7 +469,7 @@ def test_deepspeed_checkpoint_loads_unsharded_for_export_and_inference(tmp_path_
                 torch.testing.assert_close(full[name], p, rtol=0, atol=0, msg=name)
     out_dir = tmp_path_factory.mktemp("ds_export")
     written = export(ckpt, out_dir, hf="none")
-    from moetrain.export import load_safetensors_model
+    from tests.exported import load_safetensors_model
 
     exported, _ = load_safetensors_model(out_dir)
     assert written["safetensors"] and all(torch.equal(p, full[n]) for n, p in exported.named_parameters())

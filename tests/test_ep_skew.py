@@ -30,8 +30,8 @@ import torch.distributed as dist
 from moetrain.config import BalanceConfig, ModelConfig, MoEConfig, ParallelConfig, RouterConfig
 from moetrain.data import rank_slice
 from moetrain.model import build_model
-from moetrain.moe.dispatch import AllToAllDispatcher
 from moetrain.parallel import apply_expert_parallel, clip_grad_norm, init_parallel
+from moetrain.parallel.all_to_all import AllToAllDispatcher
 from tests import spawned
 from tests.ep_parity import assert_grads_equal_reference, ep_backward, model_loss
 

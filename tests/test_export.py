@@ -15,12 +15,12 @@ from moetrain.export import (
     hf_architecture,
     import_hf,
     load_checkpoint_model,
-    load_safetensors_model,
     main,
     permute_heads,
 )
 from moetrain.train.trainer import Trainer
 from tests.conftest import tiny_train_config
+from tests.exported import load_safetensors_model
 
 
 def needs(*modules: str) -> None:

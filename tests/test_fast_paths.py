@@ -122,7 +122,7 @@ def dispatched(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, mats: torch.
     T, K = idx.shape
     d = LocalDispatcher(mats.shape[0])
     token_idx = torch.arange(T).repeat_interleave(K)
-    rows, counts, weight, handle, _ = d.dispatch(
+    rows, counts, weight, handle, *_ = d.dispatch(
         x.to(dtype), token_idx, idx.reshape(-1), w.reshape(-1), slots_per_token=K
     )
     assert rows.dtype == dtype and weight.dtype == torch.float32
@@ -204,19 +204,25 @@ def test_local_swiglu_moe_equals_slot_loop_forward_and_every_gradient(routing, n
 def test_fused_local_path_taken_only_where_it_applies():
     from moetrain.config import MoEConfig
     from moetrain.moe import MoELayer
+    from moetrain.moe.fused import FusedLocalDispatcher
+    from moetrain.parallel import use_unfused_dispatch
 
     layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8))
+    assert isinstance(layer.dispatcher, FusedLocalDispatcher)  # one process's choice, made at build time
     x = torch.randn(2, 3, 16)
-    assert layer._fused_local(x.view(-1, 16))
+    assert layer.dispatcher.supports(x.view(-1, 16), layer.experts)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer._fused_local(x.view(-1, 16))
-    assert not layer._fused_local(x.view(-1, 16).bfloat16())
+        assert not layer.dispatcher.supports(x.view(-1, 16), layer.experts)
+    assert not layer.dispatcher.supports(x.view(-1, 16).bfloat16(), layer.experts)
+    use_unfused_dispatch(layer)
+    assert type(layer.dispatcher) is LocalDispatcher
 
 
 @pytest.mark.parametrize("shared", [0, 1])
-def test_moe_layer_fused_path_equals_generic_path(monkeypatch, shared):
+def test_moe_layer_fused_path_equals_generic_path(shared):
     from moetrain.config import MoEConfig
     from moetrain.moe import MoELayer
+    from moetrain.moe.fused import FusedLocalDispatcher
 
     torch.manual_seed(3)
     layer = MoELayer(16, MoEConfig(num_experts=6, top_k=2, expert_hidden_size=8, num_shared_experts=shared))
@@ -226,8 +232,8 @@ def test_moe_layer_fused_path_equals_generic_path(monkeypatch, shared):
     x = torch.randn(2, 5, 16, requires_grad=True)
     params = [x, *layer.parameters()]
     results = []
-    for fused in (True, False):
-        monkeypatch.setattr(MoELayer, "_fused_local", lambda self, x_TD, f=fused: f)
+    for dispatcher in (FusedLocalDispatcher(6), LocalDispatcher(6)):
+        layer.dispatcher = dispatcher
         y, stats = layer(x)
         loss = y.square().sum() + stats.aux_loss
         results.append((y, stats.load_N, *torch.autograd.grad(loss, params)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from moetrain.moe.routing import capacity_keep, drop_priority
+from moetrain.moe.capacity import capacity_keep, drop_priority
 
 pytestmark = pytest.mark.unit
 
@@ -221,7 +221,7 @@ def test_noisy_topk_preset_adds_the_load_loss_in_training_from_zero_initialised_
 
 
 def test_device_level_dropping_never_drops_protected_assignments_even_past_the_budget():
-    from moetrain.moe.routing import device_capacity_keep
+    from moetrain.moe.capacity import device_capacity_keep
 
     # 4 experts in 2 groups, K = 1, everything on group 0: budget ceil(4 / 2) = 2.
     idx = torch.tensor([[0], [1], [0], [1]])

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from moetrain.config import BalanceConfig, MoEConfig, RouterConfig
 from moetrain.moe import MoELayer, maxvio
 from moetrain.moe.balance import expert_balance_loss, router_z_loss
-from moetrain.moe.routing import capacity, capacity_keep, topk_experts
+from moetrain.moe.capacity import capacity, capacity_keep
+from moetrain.moe.routing import topk_experts
 
 pytestmark = pytest.mark.unit
 
@@ -158,7 +159,7 @@ def test_local_dispatcher_dropless_gather_path_equals_the_masked_scatter_path():
     outs = []
     for slots in (K, None):
         d = LocalDispatcher(N)
-        rows, counts, weight, handle, _ = d.dispatch(
+        rows, counts, weight, handle, *_ = d.dispatch(
             x, token_idx, idx.reshape(-1), w.reshape(-1), slots_per_token=slots
         )
         assert counts.tolist() == torch.bincount(idx.reshape(-1), minlength=N).tolist()

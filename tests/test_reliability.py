@@ -22,13 +22,13 @@ from moetrain.train.checkpoint import (
     complete_checkpoints,
     hash_share,
     latest_checkpoint,
-    load_model_weights,
     read_meta,
     resume_target,
 )
 from moetrain.train.guards import NonFiniteError
 from moetrain.train.rundir import RunDirError, RunDirLock, preflight
 from moetrain.train.trainer import Trainer
+from moetrain.train.weights import load_model_weights
 from tests.conftest import cli_corpus_overrides, tiny_train_config
 from tests.distributed import run_distributed
 

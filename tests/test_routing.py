@@ -11,11 +11,10 @@ from hypothesis import strategies as st
 
 from moetrain.config import MoEConfig, RouterConfig
 from moetrain.moe import MoELayer
+from moetrain.moe.capacity import capacity_keep, device_capacity_keep
 from moetrain.moe.routing import (
     STRATEGIES,
     RouteSpec,
-    capacity_keep,
-    device_capacity_keep,
     expert_choice_capacity,
     hash_experts,
     route_expert_choice,

@@ -1,4 +1,6 @@
-"""Building blocks of the plain Transformer: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+"""Building blocks of the plain Transformer: RMSNorm, RoPE, GQA attention, KV cache.
+
+The SwiGLU MLP of the dense layers is :class:`moetrain.moe.experts.SwiGLU` (the shared experts' too).
 
 Shape suffixes: B batch, S sequence, D model dim, H query heads, G kv heads,
 Dh head dim, F MLP hidden size.
@@ -95,16 +97,3 @@ class Attention(nn.Module):
             mask = torch.ones(S, pos + S, dtype=torch.bool, device=x_BSD.device).tril(diagonal=pos)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
-
-
-class SwiGLU(nn.Module):
-    """Dense SwiGLU MLP (Shazeer 2020): w2(silu(x w1) * (x w3))."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moetrain.config import ModelConfig, MoEConfig
-from moetrain.model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
+from moetrain.config import ModelConfig, MoEConfig, resolve_num_groups
+from moetrain.model.layers import Attention, KVCache, RMSNorm, rope_tables
 from moetrain.moe.balance import pooled_expert_balance_loss
+from moetrain.moe.experts import SwiGLU
 from moetrain.moe.layer import MoELayer, MoEStats
 
 
@@ -49,11 +50,12 @@ class Block(nn.Module):
         token_ids_BS: torch.Tensor,
         cache: KVCache | None = None,
         pos: int = 0,
+        global_counts: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, pos)
         h = self.ffn_norm(x_BSD)
         if self.is_moe:
-            y, stats = self.ffn(h, token_ids_BS)
+            y, stats = self.ffn(h, token_ids_BS, global_counts)
             return x_BSD + y, stats
         return x_BSD + self.ffn(h), None
 
@@ -87,7 +89,11 @@ def pooled_loss(moe_cfg: MoEConfig, stats: dict[int, MoEStats]) -> torch.Tensor 
 
 
 class Transformer(nn.Module):
-    """Token embedding, N pre-norm blocks, final RMSNorm, LM head (optionally tied)."""
+    """Token embedding, N pre-norm blocks, final RMSNorm, LM head (optionally tied).
+
+    ``num_groups``: the device groups of device-limited routing, resolved once by :func:`build_model` and
+    carried by the model (and each MoE layer), so inference and export need no EP size.
+    """
 
     def __init__(
         self, cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int, max_seq_len: int, num_groups: int = 1
@@ -95,6 +101,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
+        self.num_groups = num_groups
         self.embed = nn.Embedding(vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, moe_cfg, i, num_groups, vocab_size) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -149,40 +156,87 @@ class Transformer(nn.Module):
         global_counts: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> ModelOutput:
         """Logits for tokens at positions [pos, pos + S); ``caches`` (from :meth:`new_kv_caches`)
-        hold the keys and values of the earlier positions for incremental decoding."""
+        hold the keys and values of the earlier positions for incremental decoding.
+
+        ``global_counts``: the step's f-type routing counts by MoE layer index
+        (:func:`~moetrain.moe.layer.global_routing_counts`, ``moe.balance.scope=global``); layer i's balance
+        losses use ``global_counts[i]`` instead of this batch's counts.
+        """
         S = tokens_BS.shape[1]
         if pos + S > self.max_seq_len:
             raise ValueError(f"positions up to {pos + S} exceed the model's max_seq_len {self.max_seq_len}")
         x = self.embed(tokens_BS)
-        for i, layer in self.moe_layers().items():
-            layer.global_counts = global_counts.get(i) if global_counts else None
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
-            if caches is None:
+            counts = global_counts.get(block.layer_idx) if global_counts is not None else None
+            if caches is None and counts is None:
                 x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS)
+            elif caches is None:
+                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, None, pos, counts)
             else:
-                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, caches[i], pos)
+                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, caches[i], pos, counts)
             if s is not None:
                 stats[block.layer_idx] = s
         return ModelOutput(self.lm_head(self.norm(x)), stats, pooled_loss(self.moe_cfg, stats))
 
-    def num_params(self, active: bool = False, embeddings: bool = True) -> int:
-        """Parameter count of the whole model; ``active`` counts only K of N routed experts per MoE layer.
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts by part, the one counting rule (``moetrain.plan`` reports these too).
 
-        Under expert parallelism a rank holds N / ep experts; they are scaled up to N
-        (expert tensors are stacked on dim 0), so the count does not depend on ep.
+        Parts: ``embedding``, ``lm_head`` (0 when tied), ``attention`` (with every
+        norm), ``dense_ffn``, ``router``, ``shared_experts``, ``routed_experts``
+        (all N experts: under expert parallelism a rank's N / ep experts are
+        scaled up to N, so the count does not depend on ep) and
+        ``routed_experts_active`` (K of the N per MoE layer), plus ``moe_layers``.
         """
-        total = 0
+        moe = self.moe_cfg
+        out = dict.fromkeys(PARAM_PARTS, 0)
         for name, p in self.named_parameters():
             n = p.numel()
-            if not embeddings and name in ("embed.weight", "lm_head.weight"):
-                continue
             if name.endswith(("experts.w13", "experts.w2")):
-                n = n // p.shape[0] * self.moe_cfg.num_experts
-            if active and name.endswith(("experts.w13", "experts.w2")):
-                n = n * self.moe_cfg.top_k // self.moe_cfg.num_experts
-            total += n
-        return total
+                n = n // p.shape[0] * moe.num_experts
+                out["routed_experts_active"] += n * moe.top_k // moe.num_experts
+            out[_param_part(name)] += n
+        out["moe_layers"] = len(self.moe_layers())
+        return out
+
+    def num_params(self, active: bool = False, embeddings: bool = True) -> int:
+        """Parameter count of the whole model (:meth:`param_counts`); ``active`` counts only K of N routed
+        experts per MoE layer; ``embeddings=False`` leaves out the embedding and the LM head."""
+        total, active_total = total_and_active(self.param_counts(), embeddings)
+        return active_total if active else total
+
+
+def total_and_active(counts: dict[str, int], embeddings: bool = True) -> tuple[int, int]:
+    """(total, active) parameters from :meth:`Transformer.param_counts`: active counts K of N routed experts."""
+    skip = {"routed_experts", "routed_experts_active", "moe_layers"} | (
+        set() if embeddings else {"embedding", "lm_head"}
+    )
+    base = sum(v for k, v in counts.items() if k not in skip)
+    return base + counts["routed_experts"], base + counts["routed_experts_active"]
+
+
+PARAM_PARTS = (
+    "embedding", "lm_head", "attention", "dense_ffn", "router", "shared_experts",
+    "routed_experts", "routed_experts_active", "moe_layers",
+)  # fmt: skip
+"""The parts of :meth:`Transformer.param_counts`."""
+
+
+def _param_part(name: str) -> str:
+    """The part of :meth:`Transformer.param_counts` a parameter belongs to, by its name."""
+    if name == "embed.weight":
+        return "embedding"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if ".ffn.experts." in name:
+        return "routed_experts"
+    if ".ffn.router." in name:
+        return "router"
+    if ".ffn.shared." in name:
+        return "shared_experts"
+    if ".ffn." in name:
+        return "dense_ffn"
+    return "attention"
 
 
 def vocab_for(cfg: ModelConfig, tokenizer_vocab: int) -> int:
@@ -204,13 +258,16 @@ def build_model(
     max_seq_len: int,
     ep: int = 1,
     seed: int | None = None,
+    num_groups: int | None = None,
 ) -> Transformer:
     """Build the plain model from config dataclasses (no Hydra needed).
 
-    ``vocab_size`` is the model's (see :func:`vocab_for`); device-limited routing
-    groups default to the EP ranks (``moe.router.num_groups`` overrides).
+    ``vocab_size`` is the model's (see :func:`vocab_for`). ``num_groups``: the
+    device groups of a trained model (its checkpoint's ``arch``); else resolved
+    from the config and the EP size (:func:`~moetrain.config.resolve_num_groups`).
     """
-    num_groups = moe_cfg.router.num_groups or ep
+    if num_groups is None:
+        num_groups = resolve_num_groups(moe_cfg, ep)
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

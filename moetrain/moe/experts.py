@@ -33,8 +33,8 @@ from torch import nn
 
 
 def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
-    """Whether ``torch._grouped_mm`` runs its own kernels for these rows: on CPU (fp32/bf16, measured
-    faster than a per-expert loop, see scripts/bench_moe.py) and on CUDA in bf16 on sm90/sm100 (elsewhere
+    """Whether ``torch._grouped_mm`` runs its own kernels for these rows: on CPU (fp32/bf16: one call
+    for all experts instead of a per-expert loop, see ``scripts/bench_moe.py``) and on CUDA in bf16 on sm90/sm100 (elsewhere
     on CUDA it loops over the groups after copying the offsets to the host), with every matrix dimension
     ``dims`` a multiple of 16 bytes (the kernel's stride rule)."""
     if not hasattr(torch, "_grouped_mm") or any(d * x.element_size() % 16 for d in dims):
@@ -157,13 +157,24 @@ def segment_gemm(
     raise ValueError(f"unknown segment GEMM backend {backend!r}: one of {GEMM_BACKENDS}")
 
 
-def swiglu_backward(h13_RF2: torch.Tensor, da_RF: torch.Tensor) -> torch.Tensor:
-    """d/d[h1 | h3] of ``a = silu(h1) * h3`` given ``da``, written into the two halves of one buffer (no ``cat``)."""
+def silu_into_grad_buffer(h13_RF2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new buffer for d/d[h1 | h3] whose d/dh3 half holds silu(h1), and that half: a caller that needs
+    silu(h1) itself (to recompute the activation) then hands the buffer to :func:`swiglu_backward`."""
+    hidden = h13_RF2.shape[1] // 2
+    dh13_RF2 = torch.empty_like(h13_RF2)
+    return dh13_RF2, torch.ops.aten.silu.out(h13_RF2[:, :hidden], out=dh13_RF2[:, hidden:])
+
+
+def swiglu_backward(h13_RF2: torch.Tensor, da_RF: torch.Tensor, dh13_RF2: torch.Tensor | None = None) -> torch.Tensor:
+    """d/d[h1 | h3] of ``a = silu(h1) * h3`` given ``da``, written into the two halves of one buffer (no ``cat``).
+
+    ``dh13_RF2``: the buffer from :func:`silu_into_grad_buffer` (silu(h1) already in its d/dh3 half), else a new one.
+    """
     hidden = da_RF.shape[1]
     h1, h3 = h13_RF2[:, :hidden], h13_RF2[:, hidden:]
-    dh13_RF2 = torch.empty_like(h13_RF2)
+    if dh13_RF2 is None:
+        dh13_RF2, _ = silu_into_grad_buffer(h13_RF2)
     dh1, dh3 = dh13_RF2[:, :hidden], dh13_RF2[:, hidden:]
-    torch.ops.aten.silu.out(h1, out=dh3)
     dh3.mul_(da_RF)  # d/dh3 = da * silu(h1)
     torch.mul(da_RF, h3, out=dh1)
     torch.ops.aten.silu_backward.grad_input(dh1, h1, grad_input=dh1)  # d/dh1 = da * h3 * silu'(h1)
@@ -282,3 +293,16 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, weight_R: torch.Tensor | None = None) -> torch.Tensor:
         dtype = x_RD.dtype
         return grouped_swiglu(x_RD, self.w13.to(dtype), self.w2.to(dtype), counts_E, weight_R, self.gemm_backend)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP (Shazeer 2020): w2(silu(x w1) * (x w3)): the shared experts and the dense layers' FFN."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -4,9 +4,8 @@ Shape suffixes: T tokens, D model dim, K slots per token, R = T*K rows in
 expert-sorted order, E experts, F expert hidden size.
 
 On CPU a fresh buffer above glibc's mmap threshold (32 MiB) is page-faulted in
-on first touch, which costs several times the pass that fills it (~15 ms for a
-48 MiB [R, D] buffer on the 2-core machine of ``scripts/bench_moe.py``,
-against ~3 ms for a gather into it). The generic path (``LocalDispatcher`` +
+on first touch, which costs several times the pass that fills it (timings:
+``scripts/bench_moe.py``). The generic path (``LocalDispatcher`` +
 ``GroupedExperts``) holds three or four [R, D] tensors per layer (the gathered
 rows, the experts' output, its gradient, the rows' gradient); this one holds
 none. Everything runs one expert at a time on small temporaries that stay in
@@ -21,8 +20,14 @@ silu(h1) * h3 (it needs silu(h1) for d/dh3 anyway).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from moetrain.moe.dispatch import Combined, DeviceCapacity, LocalDispatcher
+from moetrain.moe.experts import GroupedExperts, silu_into_grad_buffer, swiglu_backward
 
 
 class LocalSwiGLUMoE(torch.autograd.Function):
@@ -31,8 +36,8 @@ class LocalSwiGLUMoE(torch.autograd.Function):
     ``order_R`` sorts the T*K token-major slots by expert (stable), ``inverse_R``
     undoes it, ``counts`` are the rows per expert (a host list: CPU only). The
     GEMMs are the same per-expert ``torch.mm`` calls CPU ``torch._grouped_mm``
-    makes (measured as fast as it, weight gradients included); the SwiGLU
-    backward writes d/dh1 and d/dh3 into the two halves of one buffer (no
+    makes (weight gradients included); the SwiGLU backward
+    (:func:`~moetrain.moe.experts.swiglu_backward`) writes d/dh1 and d/dh3 into the two halves of one buffer (no
     ``cat``). Empty experts get zero weight gradients. Saved tensors are never
     modified, so a retained graph can run backward again.
     """
@@ -90,25 +95,18 @@ class LocalSwiGLUMoE(torch.autograd.Function):
                 continue
             w_n1 = weight_R[s:t, None]
             h13 = next(h13_iter)
-            h1, h3 = h13[:, :hidden], h13[:, hidden:]
-            dh13 = torch.empty_like(h13)
-            dh1, dh3 = dh13[:, :hidden], dh13[:, hidden:]
-            silu_h1 = torch.ops.aten.silu.out(h1, out=dh3)  # silu(h1), kept in the d/dh3 half until it becomes d/dh3
-            a = silu_h1 * h3  # the forward's a, recomputed
+            dh13, silu_h1 = silu_into_grad_buffer(h13)  # silu(h1), kept in the d/dh3 half until it becomes d/dh3
+            a = silu_h1 * h13[:, hidden:]  # the forward's a, recomputed
             # second GEMM: g = dy[tokens]; da = w * (g W2^T); dw = <a W2, g> = <a, g W2^T>; dW2 = a^T (w g)
             g_nD = grad_TD.index_select(0, token_R[s:t])
             da = torch.mm(g_nD, w2_EFD[e].t())
             if dot_R is not None:
-                torch.linalg.vecdot(a, da, out=dot_R[s:t])  # 6x faster than a batched 1xF @ Fx1 bmm here
+                torch.linalg.vecdot(a, da, out=dot_R[s:t])  # one fused row-wise dot, not a batched 1xF @ Fx1 bmm
             if dw2 is not None:
                 torch.mm(a.t(), g_nD.mul_(w_n1), out=dw2[e])
             if not (need_x or need_w13):
                 continue
-            da.mul_(w_n1)
-            # SwiGLU backward into the two halves of one buffer
-            silu_h1.mul_(da)  # d/dh3 = da * silu(h1)
-            torch.mul(da, h3, out=dh1)
-            torch.ops.aten.silu_backward.grad_input(dh1, h1, grad_input=dh1)  # d/dh1 = da * h3 * silu'(h1)
+            dh13 = swiglu_backward(h13, da.mul_(w_n1), dh13)
             # first GEMM: dW13 = x[tokens]^T dh13; dx[tokens] += dh13 W13^T
             if dw13 is not None:
                 torch.mm(x_TD.index_select(0, token_R[s:t]).t(), dh13, out=dw13[e])
@@ -149,3 +147,40 @@ def local_swiglu_moe(
     inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(order_R.numel()))
     counts = torch.bincount(expert_idx_A, minlength=E).tolist()
     return LocalSwiGLUMoE.apply(x_TD, weight_TK, w13_EDF2, w2_EFD, order_R, inverse_R, counts)
+
+
+class FusedLocalDispatcher(LocalDispatcher):
+    """One process: :func:`local_swiglu_moe` (dispatch, experts and combine as one node, no [T*K, D]
+    tensors) where it applies, the :class:`~moetrain.moe.dispatch.LocalDispatcher` path otherwise.
+
+    The MoE layer's default dispatcher, chosen when the model is built;
+    :func:`moetrain.parallel.apply_expert_parallel` replaces it with the
+    all-to-all one and :func:`moetrain.parallel.use_unfused_dispatch` with the
+    plain :class:`~moetrain.moe.dispatch.LocalDispatcher` (for an engine whose
+    hooks must see the experts' forward, which the fused node never calls).
+    """
+
+    @staticmethod
+    def supports(x_TD: torch.Tensor, experts: nn.Module) -> bool:
+        """Whether the fused node computes what ``experts`` would: plain :class:`GroupedExperts` (not a
+        subclass such as DeepSpeed's adopted experts, whose module hooks must see their forward),
+        CPU and fp32 (:func:`fused_local_supported`)."""
+        return type(experts) is GroupedExperts and fused_local_supported(x_TD, experts.w13, experts.w2)
+
+    def run(
+        self,
+        experts: nn.Module,
+        x_TD: torch.Tensor,
+        token_idx_A: torch.Tensor,
+        expert_idx_A: torch.Tensor,
+        weight_A: torch.Tensor,
+        slots_per_token: int | None = None,
+        device_capacity: DeviceCapacity | None = None,
+    ) -> Combined:
+        """The fused node for a dropless batch (``slots_per_token``, token-major slots), else dispatch + experts
+        + combine."""
+        if slots_per_token is None or device_capacity is not None or not self.supports(x_TD, experts):
+            return super().run(experts, x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token, device_capacity)
+        shape_TK: Any = (x_TD.shape[0], slots_per_token)
+        w13, w2 = experts.w13, experts.w2
+        return Combined(local_swiglu_moe(x_TD, expert_idx_A.view(shape_TK), weight_A.view(shape_TK), w13, w2))

@@ -8,14 +8,12 @@ G device groups.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config import MoEConfig
-from moetrain.model.layers import SwiGLU
 from moetrain.moe.balance import (
     comm_balance_loss,
     device_balance_loss,
@@ -25,21 +23,17 @@ from moetrain.moe.balance import (
     sequence_balance_loss,
     smooth_load_loss,
 )
-from moetrain.moe.dispatch import CommStats, DeviceCapacity, Dispatcher, LocalDispatcher, kept_after_dispatch
-from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.fused import fused_local_supported, local_swiglu_moe
-from moetrain.moe.routing import (
-    STRATEGIES,
-    RouteSpec,
-    Routing,
-    capacity,
-    capacity_keep,
-    device_capacity_keep,
-    drop_priority,
-    hash_experts,
-    protected_sequences,
-)
+from moetrain.moe.capacity import capacity, capacity_keep, device_capacity_keep, drop_priority
+from moetrain.moe.dispatch import DeviceCapacity, Dispatcher, kept_after_dispatch
+from moetrain.moe.experts import GroupedExperts, SwiGLU
+from moetrain.moe.fused import FusedLocalDispatcher
+from moetrain.moe.router import Router, capacity_factors
+from moetrain.moe.routing import Routing, protected_sequences
 from moetrain.moe.stats import router_entropy
+
+if TYPE_CHECKING:
+    from moetrain.config import MoEConfig
+    from moetrain.parallel.all_to_all import CommStats
 
 
 @dataclass
@@ -117,75 +111,6 @@ def global_routing_counts(
     return totals
 
 
-class Router(nn.Module):
-    """fp32 linear router, the loss-free balancing bias (a buffer, never trained) and,
-    for ``strategy=noisy_topk`` only, the trainable noise projection W_noise."""
-
-    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int, vocab_size: int | None = None) -> None:
-        super().__init__()
-        r = cfg.router
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        self.hash_table: torch.Tensor | None
-        if r.strategy == "hash" and r.hash_table == "balanced":
-            if vocab_size is None:
-                raise ValueError("router.hash_table=balanced needs the vocabulary size")
-            # The random hash until the corpus frequencies are known (moetrain.model.apply.apply_balanced_hash);
-            # saved with the model, so a checkpoint routes as it was trained.
-            ids = torch.arange(vocab_size)
-            self.register_buffer("hash_table", hash_experts(ids, cfg.num_experts, cfg.top_k, r.hash_seed))
-        else:
-            self.hash_table = None
-        if r.strategy == "noisy_topk":
-            # Shazeer et al. 2017, eq. 4: zero-initialised there; the model's init_weights re-draws it.
-            self.noise_weight: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_experts, dim))
-        else:
-            self.register_parameter("noise_weight", None)
-        self.noise_std = r.noise_std
-        self.bias_update_rate = r.bias_update_rate
-        self.spec = RouteSpec(
-            num_experts=cfg.num_experts,
-            top_k=cfg.top_k,
-            score_fn=r.score_fn,
-            normalize=r.norm_topk_prob,
-            scaling_factor=r.scaling_factor,
-            num_groups=num_groups,
-            topk_groups=r.topk_groups,
-            group_score=r.group_score,
-            capacity_factor=r.capacity_factor,
-            hash_seed=r.hash_seed,
-        )
-        eval_c = r.eval_capacity_factor if r.eval_capacity_factor is not None else r.capacity_factor
-        self.eval_spec = replace(self.spec, capacity_factor=eval_c)
-        self.route_fn = STRATEGIES[r.strategy]
-
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x32_TD = x_TD.float()
-            logits_TN = F.linear(x32_TD, self.weight.float())
-            noise_TN = scale_TN = None
-            if self.noise_weight is not None and self.training:
-                # StandardNormal() * Softplus(x W_noise) (Shazeer et al. 2017, eq. 4), training only.
-                scale_TN = F.softplus(F.linear(x32_TD, self.noise_weight.float())) * self.noise_std
-                noise_TN = torch.randn_like(logits_TN) * scale_TN
-        bias = self.expert_bias if self.bias_update_rate > 0 else None
-        spec = self.spec if self.training else self.eval_spec
-        table = {} if self.hash_table is None else {"hash_table_VK": self.hash_table}
-        r = self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN, **table)
-        return r if noise_TN is None else replace(r, noise_TN=noise_TN, noise_scale_TN=scale_TN)
-
-    @torch.no_grad()
-    def update_bias(self, load_N: torch.Tensor) -> None:
-        """b_i += u * sign(mean_j c_j - c_i) (Wang et al. 2024, Algorithm 1).
-
-        ``load_N`` must be the step's load summed over all data-parallel ranks and
-        micro-batches, so every rank applies the same update.
-        """
-        if self.bias_update_rate > 0:
-            load = load_N.to(self.expert_bias.device, torch.float32)
-            self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the experts compute in: autocast's for ``x``'s device while autocast is on (e.g. bf16 under
     ``trainer.precision=bf16``, whose residual stream stays fp32), else ``x``'s own."""
@@ -198,13 +123,22 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class MoELayer(nn.Module):
     """Routed experts (sharded by the dispatcher under EP) plus optional shared experts.
 
-    ``global_counts`` (set by the trainer before a forward, ``None`` otherwise)
-    holds the step's f-type counts summed over micro-batches and ranks
-    (:func:`global_routing_counts`); while set, every f*P balance loss uses them
-    (global-batch balance, ``moe.balance.scope=global``).
+    ``num_groups``: the device groups of device-limited routing, resolved when
+    the model is built (:func:`moetrain.config.resolve_num_groups`) and kept
+    here, so the layer routes the same whatever process runs it. ``dispatcher``:
+    how rows reach the experts and come back (:class:`~moetrain.moe.dispatch.Dispatcher`);
+    one process's :class:`~moetrain.moe.fused.FusedLocalDispatcher` unless given,
+    replaced from outside under expert parallelism.
     """
 
-    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int = 1, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        cfg: MoEConfig,
+        num_groups: int = 1,
+        vocab_size: int | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
@@ -213,10 +147,21 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden_size)
         shared_hidden = (cfg.shared_hidden_size or cfg.expert_hidden_size) * cfg.num_shared_experts
         self.shared = SwiGLU(dim, shared_hidden) if cfg.num_shared_experts > 0 else None
-        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
-        self.global_counts: dict[str, torch.Tensor] | None = None
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else FusedLocalDispatcher(cfg.num_experts)
 
-    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        token_ids_BS: torch.Tensor | None = None,
+        global_counts: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, MoEStats]:
+        """The layer's output and statistics.
+
+        ``global_counts``: the step's f-type counts summed over micro-batches and
+        ranks (:func:`~moetrain.moe.stats.global_routing_counts`); when given, every
+        f*P balance loss uses them instead of this micro-batch's (global-batch
+        balance, ``moe.balance.scope=global``).
+        """
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         T = x_TD.shape[0]
@@ -226,12 +171,6 @@ class MoELayer(nn.Module):
 
         # Every slot kept (token choice, nothing dropped): no boolean indexing, so no host sync on GPU.
         dropless = keep_TK is r.keep_TK and self.cfg.router.strategy != "expert_choice"
-        if dropless and self._fused_local(x_TD):
-            y_TD = local_swiglu_moe(x_TD, r.expert_idx_TK, r.weight_TK, self.experts.w13, self.experts.w2)
-            if self.shared is not None:
-                y_TD = y_TD + self.shared(x_TD)
-            return y_TD.view(B, S, D), self._stats(r, r.keep_TK, keep_TK, B, S)
-
         # The experts (routed and shared) and the all-to-all see the compute dtype; the router stayed fp32.
         xc_TD = x_TD.to(compute_dtype(x_TD))
         # Flat kept assignments (token-major), dispatched, computed (each row scaled by its weight), combined.
@@ -243,34 +182,19 @@ class MoELayer(nn.Module):
             token_idx_A, expert_idx_A, weight_A = token_idx_A[keep_A], expert_idx_A[keep_A], weight_A[keep_A]
             if device_capacity is not None:
                 device_capacity = device_capacity._replace(priority_A=device_capacity.priority_A[keep_A])
-        d = self.dispatcher.dispatch(
-            xc_TD,
-            token_idx_A,
-            expert_idx_A,
-            weight_A,
-            slots_per_token=K if dropless else None,
-            device_capacity=device_capacity,
-        )
-        if d.comm is not None and d.comm.keep_A is not None:  # dropped at the receivers (device level, budget)
-            keep_TK = kept_after_dispatch(keep_TK, d.comm.keep_A)
-        y_TD = self.dispatcher.combine(self.experts(d.rows_RD, d.counts_E, d.weight_R), d.handle).to(x_TD.dtype)
+        out = self.dispatcher.run(
+            self.experts, xc_TD, token_idx_A, expert_idx_A, weight_A,
+            slots_per_token=K if dropless else None, device_capacity=device_capacity,
+        )  # fmt: skip
+        if out.keep_A is not None:  # dropped at the receivers (device level, budget)
+            keep_TK = kept_after_dispatch(keep_TK, out.keep_A)
+        y_TD = out.y_TD.to(x_TD.dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(xc_TD)  # added in x's dtype (the residual stream's)
 
-        stats = self._stats(r, r.keep_TK, keep_TK, B, S)
-        stats.comm = d.comm
+        stats = self._stats(r, r.keep_TK, keep_TK, B, S, global_counts)
+        stats.comm = out.comm
         return y_TD.view(B, S, D), stats
-
-    def _fused_local(self, x_TD: torch.Tensor) -> bool:
-        """Whether the dropless forward takes :func:`~moetrain.moe.fused.local_swiglu_moe` (dispatch, experts
-        and combine as one node, no [T*K, D] tensors; measured faster in ``scripts/bench_moe.py``): one
-        process (the plain :class:`LocalDispatcher`), plain :class:`GroupedExperts` (not a subclass such
-        as DeepSpeed's, whose module hooks must see the experts' forward), CPU and fp32."""
-        return (
-            type(self.dispatcher) is LocalDispatcher
-            and type(self.experts) is GroupedExperts
-            and fused_local_supported(x_TD, self.experts.w13, self.experts.w2)
-        )
 
     def _drop(self, r: Routing, token_ids_BS: torch.Tensor | None) -> tuple[torch.Tensor, DeviceCapacity | None]:
         """Capacity: the kept slots after per-expert and (training only) device-level dropping, and the
@@ -289,8 +213,8 @@ class MoELayer(nn.Module):
         """
         rc = self.cfg.router
         keep_TK = r.keep_TK
-        cap_factor = rc.capacity_factor if self.training else rc.eval_capacity_factor
-        if cap_factor is not None and rc.strategy != "expert_choice":
+        cap_factor = capacity_factors(rc, self.training).drop
+        if cap_factor is not None:
             cap = capacity(r.expert_idx_TK.shape[0], self.num_experts, self.top_k, cap_factor)
             priority_TK = drop_priority(r.scores_TN, r.expert_idx_TK, rc.drop_policy)
             keep_TK = capacity_keep(r.expert_idx_TK, priority_TK, keep_TK, self.num_experts, cap)
@@ -315,9 +239,9 @@ class MoELayer(nn.Module):
         keep_TK: torch.Tensor,
         B: int,
         S: int,
+        global_counts: dict[str, torch.Tensor] | None = None,
     ) -> MoEStats:
-        b = self.cfg.balance
-        N, G, K = self.num_experts, self.num_groups, self.top_k
+        N, G = self.num_experts, self.num_groups
         T = B * S
         idx_TK = r.expert_idx_TK
         dev = idx_TK.device
@@ -334,7 +258,7 @@ class MoELayer(nn.Module):
             devices_per_token = (kept_hits_TG > 0).float().sum(dim=1).mean()
 
         # f-type statistics: this micro-batch's, or the step's global ones (Qiu et al. 2025).
-        g = self.global_counts
+        g = global_counts
         counts_f = g["expert"] if g is not None else sel_counts_N
         tokens_f = g["tokens"].reshape(()) if g is not None else T
         sent_f = g.get("sent", sent_G) if g is not None else sent_G
@@ -344,27 +268,7 @@ class MoELayer(nn.Module):
         if self.cfg.router.score_fn == "sigmoid":
             s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)
         p_N = s_TN.mean(0)
-        losses: dict[str, torch.Tensor] = {}
-        if b.expert_coef > 0 and b.expert_form == "per_layer":  # the transformers form is pooled over layers
-            losses["expert"] = b.expert_coef * expert_balance_loss(counts_f, p_N, tokens_f, K)
-        if b.device_coef > 0 and G > 1:
-            losses["device"] = b.device_coef * device_balance_loss(counts_f, p_N, tokens_f, K, G)
-        if b.comm_coef > 0 and sent_f is not None:
-            m = self.cfg.router.topk_groups or min(K, G)
-            losses["comm"] = b.comm_coef * comm_balance_loss(sent_f, p_N, tokens_f, m)
-        if b.seq_coef > 0:
-            sel_TN = torch.zeros(T, N, device=dev).scatter_add_(1, idx_TK, selected_TK.float())
-            counts_BN = sel_TN.view(B, S, N).sum(dim=1)
-            losses["seq"] = b.seq_coef * sequence_balance_loss(counts_BN, s_TN.view(B, S, N), K)
-        if b.z_loss_coef > 0:
-            losses["z"] = b.z_loss_coef * router_z_loss(r.logits_TN)
-        if b.importance_coef > 0:
-            gates_TN = torch.zeros(T, N, device=load_N.device).scatter_add(
-                1, idx_TK, r.weight_TK * selected_TK.to(r.weight_TK.dtype)
-            )
-            losses["importance"] = b.importance_coef * importance_loss(gates_TN)
-        if b.load_coef > 0 and r.noise_TN is not None and r.noise_scale_TN is not None:  # training only
-            losses["load"] = b.load_coef * smooth_load_loss(r.logits_TN, r.logits_TN + r.noise_TN, r.noise_scale_TN, K)
+        losses = self._losses(r, selected_TK, s_TN, p_N, (counts_f, tokens_f, sent_f), B, S)
         aux = sum(losses.values(), torch.zeros((), device=load_N.device))
         num_selected = selected_TK.sum()
         return MoEStats(
@@ -381,3 +285,35 @@ class MoELayer(nn.Module):
             num_groups=G,
             mean_scores_N=p_N,
         )
+
+    def _losses(
+        self, r: Routing, selected_TK: torch.Tensor, s_TN: torch.Tensor, p_N: torch.Tensor,
+        f: tuple[torch.Tensor, torch.Tensor | int, torch.Tensor | None], B: int, S: int,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Each enabled weighted balance loss; ``f`` = (selections per expert, tokens, tokens sent per group)."""
+        b = self.cfg.balance
+        N, G, K = self.num_experts, self.num_groups, self.top_k
+        T, idx_TK, dev = B * S, r.expert_idx_TK, r.expert_idx_TK.device
+        counts_f, tokens_f, sent_f = f
+        losses: dict[str, torch.Tensor] = {}
+        if b.expert_coef > 0 and b.expert_form == "per_layer":  # the transformers form is pooled over layers
+            losses["expert"] = b.expert_coef * expert_balance_loss(counts_f, p_N, tokens_f, K)
+        if b.device_coef > 0 and G > 1:
+            losses["device"] = b.device_coef * device_balance_loss(counts_f, p_N, tokens_f, K, G)
+        if b.comm_coef > 0 and sent_f is not None:
+            m = self.cfg.router.topk_groups or min(K, G)
+            losses["comm"] = b.comm_coef * comm_balance_loss(sent_f, p_N, tokens_f, m)
+        if b.seq_coef > 0:
+            sel_TN = torch.zeros(T, N, device=dev).scatter_add_(1, idx_TK, selected_TK.float())
+            counts_BN = sel_TN.view(B, S, N).sum(dim=1)
+            losses["seq"] = b.seq_coef * sequence_balance_loss(counts_BN, s_TN.view(B, S, N), K)
+        if b.z_loss_coef > 0:
+            losses["z"] = b.z_loss_coef * router_z_loss(r.logits_TN)
+        if b.importance_coef > 0:
+            gates_TN = torch.zeros(T, N, device=dev).scatter_add(
+                1, idx_TK, r.weight_TK * selected_TK.to(r.weight_TK.dtype)
+            )
+            losses["importance"] = b.importance_coef * importance_loss(gates_TN)
+        if b.load_coef > 0 and r.noise_TN is not None and r.noise_scale_TN is not None:  # training only
+            losses["load"] = b.load_coef * smooth_load_loss(r.logits_TN, r.logits_TN + r.noise_TN, r.noise_scale_TN, K)
+        return losses

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moetrain.config import ConfigError, ParallelConfig
+from moetrain.config import ConfigError, ParallelConfig, ep_layout_error
 
 
 @dataclass
@@ -130,12 +130,9 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 def check_layout(world_size: int, ep: int, num_experts: int | None = None) -> None:
     """Raise one :class:`ConfigError` line when W, ``parallel.ep`` and ``num_experts`` do not divide."""
-    if ep <= 0:
-        raise ConfigError(f"parallel.ep={ep}: must be > 0")
-    if world_size % ep:
-        raise ConfigError(f"parallel.ep={ep}: must divide the world size ({world_size} ranks)")
-    if num_experts is not None and num_experts % ep:
-        raise ConfigError(f"parallel.ep={ep}: must divide moe.num_experts={num_experts}")
+    error = ep_layout_error(world_size, ep, num_experts)
+    if error:
+        raise ConfigError(error)
 
 
 def build_groups(world_size: int, rank: int, ep: int) -> tuple[Any, Any]:

@@ -7,7 +7,8 @@
 * :mod:`~moetrain.train.checkpoint.native`: the native engine's DCP files;
 * :mod:`~moetrain.train.checkpoint.manager`: when to save, publishing, resuming, over the stateful parts.
 
-DeepSpeed's files are defined in :mod:`moetrain.train.deepspeed.checkpoint`.
+DeepSpeed's files are defined in :mod:`moetrain.train.deepspeed.checkpoint`; loading only the weights of
+either engine's checkpoint (export, inference) is :func:`moetrain.train.weights.load_model_weights`.
 """
 
 from moetrain.train.checkpoint.compat import arch_of, flat_config, resume_target
@@ -26,7 +27,7 @@ from moetrain.train.checkpoint.layout import (
     verify_checkpoint,
 )
 from moetrain.train.checkpoint.manager import CheckpointManager
-from moetrain.train.checkpoint.reading import load_model_weights, read_entries
+from moetrain.train.checkpoint.reading import read_entries
 
 __all__ = [
     "FORMAT_VERSION",
@@ -39,7 +40,6 @@ __all__ = [
     "flat_config",
     "hash_share",
     "latest_checkpoint",
-    "load_model_weights",
     "model_entries",
     "optimizer_entries",
     "read_entries",

@@ -35,14 +35,20 @@ def arch_of(cfg: TrainConfig, model: Any) -> dict[str, Any]:
     """The keys that fix the model's tensors, and its vocabulary size (a checkpoint must agree on all)."""
     arch = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in ARCH_KEYS}
     arch["vocab_size"] = int(model.vocab_size)
+    arch["num_groups"] = int(model.num_groups)
     return arch
+
+
+ROUTING_ARCH_KEYS = ("num_groups",)
+"""Recorded with the architecture (so inference and export need no EP size) but fixing no tensor: a resume on
+another EP size with ``moe.router.num_groups`` unset regroups the experts, as that size's fresh run would."""
 
 
 def check_arch(ckpt: Path, meta: dict[str, Any], arch: dict[str, Any]) -> None:
     """Raise on the first architecture key where the checkpoint and this run differ."""
     saved = meta.get("arch", {})
     for key, value in arch.items():
-        if key in saved and saved[key] != value:
+        if key in saved and key not in ROUTING_ARCH_KEYS and saved[key] != value:
             raise CheckpointError(
                 f"{ckpt / META_FILE}: {key}={saved[key]!r} in the checkpoint but {value!r} in this run"
             )

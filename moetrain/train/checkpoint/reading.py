@@ -20,18 +20,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from moetrain.train.checkpoint.entries import copy_into, model_entries
 from moetrain.train.checkpoint.layout import (
     CheckpointError,
     agree,
     one_line,
-    read_meta,
-    resolve_checkpoint,
-    verify_checkpoint,
 )
 
 SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
@@ -156,32 +151,3 @@ def read_entries(
     except Exception as e:
         raise CheckpointError(f"{ckpt}: cannot read tensor data ({one_line(e)})") from None
     return buffers
-
-
-# ---------------------------------------------------------- model-only loading
-def load_model_weights(model: nn.Module, ckpt: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's model weights into ``model`` (this process's experts); returns its meta.
-
-    Works in one process on any checkpoint (any EP / world size it was saved
-    with). Used by export and inference.
-    """
-    path = resolve_checkpoint(ckpt)
-    meta = read_meta(path)
-    verify_checkpoint(path, meta)
-    wanted = model_entries(model)
-    if meta.get("engine") == "deepspeed":
-        from moetrain.train.deepspeed.checkpoint import read_deepspeed_entries  # the format, not the package
-
-        buffers = read_deepspeed_entries(path)
-        for key, t in wanted.items():
-            if key not in buffers:
-                raise CheckpointError(f"{path}: DeepSpeed's files hold no {key.removeprefix('model.')}")
-            if buffers[key].shape != t.shape:
-                raise CheckpointError(
-                    f"{path}: {key.removeprefix('model.')} has shape {tuple(buffers[key].shape)}, "
-                    f"the model {tuple(t.shape)}"
-                )
-    else:
-        buffers = read_entries(path, wanted)
-    copy_into(wanted, buffers)
-    return meta

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from moetrain.config import ConfigError, TrainConfig
 from moetrain.model.transformer import ModelOutput, Transformer
 from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.expert_parallel import use_unfused_dispatch
 from moetrain.parallel.grad_sync import clip_grad_norm
 from moetrain.train.checkpoint import native
 from moetrain.train.deepspeed.checkpoint import check_layout, load_files, make_loading_safe, save_files
@@ -151,6 +152,7 @@ class DeepSpeedTrainModule:
         if self.own_clip:
             ds_config = {**ds_config, "gradient_clipping": 0.0}
         adopt_experts(self.model, pc.ep_size)
+        use_unfused_dispatch(self.model)  # DeepSpeed's module hooks must see the experts' forward
         groups_ = split_moe_param_groups(param_groups(self.model, cfg.optim.weight_decay))
         self.optimizer = adamw(groups_, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)

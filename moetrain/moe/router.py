@@ -1,0 +1,109 @@
+"""The router of an MoE layer, and the one reading of its capacity factors.
+
+Shape suffixes: T tokens, D model dim, N routed experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.moe.routing import STRATEGIES, RouteSpec, Routing, hash_experts
+
+if TYPE_CHECKING:
+    from moetrain.config import MoEConfig, RouterConfig
+
+
+class CapacityFactors(NamedTuple):
+    """The capacity factors in force in one mode (training or evaluation)."""
+
+    route: float | None
+    """Expert choice's c, each expert taking k = ceil(T c / N) tokens (Zhou et al. 2022, eq. 1; ``None`` =
+    ``top_k``): exact by construction, inside the routing. ``None`` for token choice."""
+    drop: float | None
+    """Token choice's per-expert capacity factor f, C = ceil(f T K / N) (GShard; Switch eq. 3), applied after
+    the routing by the MoE layer; ``None`` = dropless (and always for expert choice)."""
+
+
+def capacity_factors(rc: RouterConfig, training: bool) -> CapacityFactors:
+    """The one reading of ``router.capacity_factor`` / ``router.eval_capacity_factor``.
+
+    Token choice: ``capacity_factor`` in training, ``eval_capacity_factor`` at evaluation (unset: dropless).
+    Expert choice: ``capacity_factor`` as c, at evaluation ``eval_capacity_factor`` when set, else the same c.
+    """
+    if rc.strategy == "expert_choice":
+        c = rc.eval_capacity_factor if not training and rc.eval_capacity_factor is not None else rc.capacity_factor
+        return CapacityFactors(route=c, drop=None)
+    return CapacityFactors(route=None, drop=rc.capacity_factor if training else rc.eval_capacity_factor)
+
+
+class Router(nn.Module):
+    """fp32 linear router, the loss-free balancing bias (a buffer, never trained) and,
+    for ``strategy=noisy_topk`` only, the trainable noise projection W_noise."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, num_groups: int, vocab_size: int | None = None) -> None:
+        super().__init__()
+        r = cfg.router
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        self.hash_table: torch.Tensor | None
+        if r.strategy == "hash" and r.hash_table == "balanced":
+            if vocab_size is None:
+                raise ValueError("router.hash_table=balanced needs the vocabulary size")
+            # The random hash until the corpus frequencies are known (moetrain.model.apply.apply_balanced_hash);
+            # saved with the model, so a checkpoint routes as it was trained.
+            ids = torch.arange(vocab_size)
+            self.register_buffer("hash_table", hash_experts(ids, cfg.num_experts, cfg.top_k, r.hash_seed))
+        else:
+            self.hash_table = None
+        if r.strategy == "noisy_topk":
+            # Shazeer et al. 2017, eq. 4: zero-initialised there; the model's init_weights re-draws it.
+            self.noise_weight: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_experts, dim))
+        else:
+            self.register_parameter("noise_weight", None)
+        self.noise_std = r.noise_std
+        self.bias_update_rate = r.bias_update_rate
+        self.spec = RouteSpec(
+            num_experts=cfg.num_experts,
+            top_k=cfg.top_k,
+            score_fn=r.score_fn,
+            normalize=r.norm_topk_prob,
+            scaling_factor=r.scaling_factor,
+            num_groups=num_groups,
+            topk_groups=r.topk_groups,
+            group_score=r.group_score,
+            capacity_factor=capacity_factors(r, training=True).route,
+            hash_seed=r.hash_seed,
+        )
+        self.eval_spec = replace(self.spec, capacity_factor=capacity_factors(r, training=False).route)
+        self.route_fn = STRATEGIES[r.strategy]
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x32_TD = x_TD.float()
+            logits_TN = F.linear(x32_TD, self.weight.float())
+            noise_TN = scale_TN = None
+            if self.noise_weight is not None and self.training:
+                # StandardNormal() * Softplus(x W_noise) (Shazeer et al. 2017, eq. 4), training only.
+                scale_TN = F.softplus(F.linear(x32_TD, self.noise_weight.float())) * self.noise_std
+                noise_TN = torch.randn_like(logits_TN) * scale_TN
+        bias = self.expert_bias if self.bias_update_rate > 0 else None
+        spec = self.spec if self.training else self.eval_spec
+        table = {} if self.hash_table is None else {"hash_table_VK": self.hash_table}
+        r = self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN, **table)
+        return r if noise_TN is None else replace(r, noise_TN=noise_TN, noise_scale_TN=scale_TN)
+
+    @torch.no_grad()
+    def update_bias(self, load_N: torch.Tensor) -> None:
+        """b_i += u * sign(mean_j c_j - c_i) (Wang et al. 2024, Algorithm 1).
+
+        ``load_N`` must be the step's load summed over all data-parallel ranks and
+        micro-batches, so every rank applies the same update.
+        """
+        if self.bias_update_rate > 0:
+            load = load_N.to(self.expert_bias.device, torch.float32)
+            self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))

@@ -1,0 +1,117 @@
+"""The package's shape: no import cycles between moetrain's modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "moetrain"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
+
+
+def _imported(tree: ast.AST, here: str, is_package: bool) -> set[str]:
+    """Modules an import names, at any depth (function-level imports too), except under ``if TYPE_CHECKING``."""
+    out: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = here.split(".") if is_package else here.split(".")[:-1]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
+                base = ".".join([*pkg, base] if base else pkg)
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+        stack.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """moetrain module -> the moetrain modules its imports execute.
+
+    Importing ``a.b.c`` runs the package ``a.b``'s ``__init__`` first, so an
+    import of a module in another package also depends on that package's
+    ``__init__`` (a package's own modules importing each other do not).
+    """
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        deps: set[str] = set()
+        own_pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for target in _imported(ast.parse(path.read_text()), name, path.name == "__init__.py"):
+            if not target.startswith("moetrain"):
+                continue
+            parts = target.split(".")
+            for i in range(2, len(parts) + 1):
+                mod = ".".join(parts[:i])
+                if mod not in files or mod == name:
+                    continue
+                is_pkg = files[mod].name == "__init__.py"
+                if i == len(parts) or (is_pkg and not own_pkg.startswith(mod)):
+                    deps.add(mod)
+        graph[name] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph())
+    assert not found, "import cycles (modules that import each other, directly or through others):\n" + "\n".join(
+        " <-> ".join(c) for c in found
+    )
+
+
+if __name__ == "__main__":
+    for c in cycles(import_graph()):
+        print(" <-> ".join(c))

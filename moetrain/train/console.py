@@ -46,10 +46,11 @@ def setup_run_logging(run_dir: Path | None, is_main: bool) -> _ConsoleHandler | 
     if not is_main:
         return None
     console = _ConsoleHandler()
-    handlers: list[logging.Handler] = [console]
-    if run_dir is not None:
+    handlers: list[logging.Handler] = []
+    if run_dir is not None:  # the file first: a line seen on the console is already in train.log
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
+    handlers.append(console)
     for h in handlers:
         h.setFormatter(logging.Formatter("%(message)s"))
         setattr(h, _HANDLER_TAG, True)

@@ -50,6 +50,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
     """Share the token embedding and LM head weights."""
+    qk_norm: bool = False
+    """RMSNorm over each head's query and key before RoPE (Qwen3, OLMo-2); off = plain attention."""
     init_std: float = 0.02
     """Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
 
@@ -144,6 +146,8 @@ class MoEConfig:
     """Shared experts every token goes through (DeepSeekMoE); one fused SwiGLU of this many widths."""
     shared_hidden_size: int | None = None
     """Hidden size of one shared expert; ``None`` = ``expert_hidden_size``."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(x w_g), one learned gate per token (Qwen2-MoE); off = ungated."""
     max_recv_factor: float | None = None
     """Rows a rank may receive per layer, relative to the balanced share (EP guardrail); ``None`` = off."""
     recv_overflow: str = "drop"

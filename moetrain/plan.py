@@ -59,9 +59,11 @@ def param_counts(cfg: TrainConfig, vocab_size: int) -> dict[str, int]:
     n_kv = m.n_kv_heads or m.n_heads
     head = D // m.n_heads
     attn = D * m.n_heads * head * 2 + D * n_kv * head * 2 + 2 * D  # q, o, k, v; two norms
+    attn += 2 * head if m.qk_norm else 0  # per-head q and k norms
     dense_ffn = 3 * D * m.ffn_hidden_size
     expert = 3 * D * moe.expert_hidden_size
     shared = 3 * D * (moe.shared_hidden_size or moe.expert_hidden_size) * moe.num_shared_experts
+    shared += D if moe.shared_expert_gate and moe.num_shared_experts > 0 else 0  # the sigmoid gate w_g
     router = moe.num_experts * D + (moe.num_experts * D if moe.router.strategy == "noisy_topk" else 0)
     n_moe = sum(is_moe_layer(m, i) for i in range(L))
     embed = vocab_size * D

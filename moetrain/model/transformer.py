@@ -34,7 +34,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.qk_norm, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_idx)
         self.ffn: nn.Module = (

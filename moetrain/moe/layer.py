@@ -213,6 +213,9 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden_size)
         shared_hidden = (cfg.shared_hidden_size or cfg.expert_hidden_size) * cfg.num_shared_experts
         self.shared = SwiGLU(dim, shared_hidden) if cfg.num_shared_experts > 0 else None
+        # Qwen2-MoE's sigmoid gate on the shared experts; absent (no parameter) by default.
+        gated = cfg.shared_expert_gate and self.shared is not None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if gated else None
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
         self.global_counts: dict[str, torch.Tensor] | None = None
 
@@ -229,7 +232,7 @@ class MoELayer(nn.Module):
         if dropless and self._fused_local(x_TD):
             y_TD = local_swiglu_moe(x_TD, r.expert_idx_TK, r.weight_TK, self.experts.w13, self.experts.w2)
             if self.shared is not None:
-                y_TD = y_TD + self.shared(x_TD)
+                y_TD = y_TD + self._shared(x_TD)
             return y_TD.view(B, S, D), self._stats(r, r.keep_TK, keep_TK, B, S)
 
         # The experts (routed and shared) and the all-to-all see the compute dtype; the router stayed fp32.
@@ -255,11 +258,19 @@ class MoELayer(nn.Module):
             keep_TK = kept_after_dispatch(keep_TK, d.comm.keep_A)
         y_TD = self.dispatcher.combine(self.experts(d.rows_RD, d.counts_E, d.weight_R), d.handle).to(x_TD.dtype)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(xc_TD)  # added in x's dtype (the residual stream's)
+            y_TD = y_TD + self._shared(xc_TD)  # added in x's dtype (the residual stream's)
 
         stats = self._stats(r, r.keep_TK, keep_TK, B, S)
         stats.comm = d.comm
         return y_TD.view(B, S, D), stats
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output, times sigmoid(x w_g) per token when ``moe.shared_expert_gate`` is on."""
+        assert self.shared is not None
+        y_TD = self.shared(x_TD)
+        if self.shared_gate is None:
+            return y_TD
+        return torch.sigmoid(self.shared_gate(x_TD)) * y_TD  # [T, 1] * [T, D] (Qwen2-MoE)
 
     def _fused_local(self, x_TD: torch.Tensor) -> bool:
         """Whether the dropless forward takes :func:`~moetrain.moe.fused.local_swiglu_moe` (dispatch, experts

@@ -449,12 +449,24 @@ def set_rng(entries: dict[str, torch.Tensor], rank: int) -> None:
 def arch_of(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
     arch = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in ARCH_KEYS}
     arch["vocab_size"] = vocab_size
-    return arch
+    return effective_arch(arch)
+
+
+def effective_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """``arch`` with ``moe.shared_hidden_size`` as the width it builds: ``None`` means ``expert_hidden_size``
+    (and nothing without shared experts), so equal models never differ on how the width was written."""
+    out = dict(arch)
+    if "moe.shared_hidden_size" in out:
+        shared = out.get("moe.num_shared_experts", 1)
+        out["moe.shared_hidden_size"] = (
+            (out["moe.shared_hidden_size"] or out.get("moe.expert_hidden_size")) if shared else None
+        )
+    return out
 
 
 def check_arch(ckpt: Path, meta: dict[str, Any], arch: dict[str, Any]) -> None:
     """Raise on the first architecture key where the checkpoint and this run differ."""
-    saved = meta.get("arch", {})
+    saved, arch = effective_arch(meta.get("arch", {})), effective_arch(arch)
     for key, value in arch.items():
         if key in saved and saved[key] != value:
             raise CheckpointError(

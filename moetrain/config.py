@@ -195,8 +195,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay (never on norms, biases and embeddings)."""
     beta1: float = 0.9
+    """AdamW beta1 (first-moment decay)."""
     beta2: float = 0.95
+    """AdamW beta2 (second-moment decay)."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
 
@@ -252,12 +255,18 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases (offline unless a key is set)."""
+
     mode: str = "auto"
     """``auto`` (online if ``WANDB_API_KEY`` is set, else offline), ``online``, ``offline``, ``disabled``."""
     project: str = "moetrain"
+    """W&B project."""
     entity: str | None = None
+    """W&B entity (user or team); ``None`` = the account's default."""
     group: str | None = None
+    """W&B run group; ``None`` = none (a torchrun sweep sets the sweep's name)."""
     tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
     name: str | None = None
     """Run name; ``None`` = the run directory's name."""
     load_charts: bool = True
@@ -266,11 +275,15 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
+    """Metric sinks beyond ``metrics.jsonl`` and the console."""
+
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class ParallelConfig:
+    """Process layout (world size comes from torchrun / SLURM)."""
+
     ep: int = 1
     """Expert-parallel size: experts are split over this many ranks."""
     backend: str = "auto"

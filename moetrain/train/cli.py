@@ -250,11 +250,28 @@ def run_dir_override(argv: list[str]) -> str | None:
     return values[-1] if values and values[-1] not in ("", "null") else None
 
 
+def print_help(args: list[str]) -> int:
+    """``moetrain-train [overrides] --help``: every key with its default (after the overrides) and its
+    documentation, from the config dataclasses (:mod:`moetrain.config_docs`)."""
+    from moetrain.config_docs import composed_defaults, help_text
+
+    overrides = [a for a in args if not a.startswith("-") and not a.startswith("hydra")]
+    try:
+        cfg = composed_defaults(overrides)
+    except Exception as e:  # a bad override: say it in one line, as a run would
+        print(f"moetrain: config error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    print(help_text(cfg), end="")
+    return 0
+
+
 def main() -> None:
     """``moetrain-train``. With ``run_dir=X`` Hydra's output dir is X too, without Hydra's own files
     (``.hydra/``, ``train.log``), so nothing is written elsewhere and nothing in X before the run's checks;
     an X that Hydra created for a run that stopped before writing anything is removed again."""
     argv = strip_launcher_args(sys.argv)
+    if any(a in ("--help", "-h") for a in argv[1:]):
+        sys.exit(print_help(argv[1:]))
     run_dir = run_dir_override(argv[1:])
     existed = run_dir is None or Path(run_dir).exists()
     if run_dir is not None:

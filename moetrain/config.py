@@ -270,7 +270,8 @@ class WandbConfig:
     name: str | None = None
     """Run name; ``None`` = the run directory's name."""
     load_charts: bool = True
-    """Log the per-expert load of each MoE layer as a bar chart too."""
+    """Log pictures of the load too: at every log step one heatmap of all MoE layers' per-expert load
+    (``moe/load_by_layer``), at every evaluation the run's load heatmap so far (``moe/load_heatmap``)."""
 
 
 @dataclass

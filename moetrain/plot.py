@@ -102,6 +102,26 @@ def load_heatmap_figure(records: list[dict[str, Any]], title: str = "") -> Any:
     return fig
 
 
+def step_load_figure(loads: dict[str, list[float]], step: int) -> Any:
+    """One step's load as one heatmap: MoE layers (rows) x experts (columns), colour = share of the layer's
+    assignments (what W&B shows at every log step, instead of a bar chart per layer)."""
+    plt = _pyplot()
+    keys = sorted(loads, key=lambda k: int(LAYER_KEY.match(k).group(1)))  # type: ignore[union-attr]
+    counts = np.array([loads[k] for k in keys], dtype=float)  # [L, N]
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    n_layers, n = share.shape
+    fig, ax = plt.subplots(figsize=(min(3 + 0.18 * n, 14), min(1.6 + 0.22 * n_layers, 14)))
+    im = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
+    ax.set_yticks(range(n_layers), [k.split("/")[1].removeprefix("layer_") for k in keys], fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    fig.colorbar(im, ax=ax, label=f"share of tokens (1/N = {1 / max(n, 1):.3f})")
+    ax.set_title(f"tokens per expert, step {step}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _lines(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, out: Path, logy: bool = False) -> bool:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
@@ -240,10 +260,16 @@ def _main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="PNG figures from moetrain run directories (metrics.jsonl).")
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or a sweep directory")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/plots, or ./plots)")
+    p.add_argument("--html", action="store_true", help="also write OUT/report.html: figures, final metrics, config")
     args = p.parse_args(argv)
     out = args.out or (args.runs[0] / "plots" if len(args.runs) == 1 else Path("plots"))
-    for path in plot_runs(args.runs, out):
+    figures = plot_runs(args.runs, out)
+    for path in figures:
         print(path)
+    if args.html:
+        from moetrain.report import write_report
+
+        print(write_report(expand_runs(args.runs), figures, out))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 steps=${NEWCOMER_STEPS:-4}
+deps_python=${NEWCOMER_DEPS_PYTHON:-$repo/.venv/bin/python}  # whose packages the clone's .venv sees
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/moetrain-newcomer.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 export WANDB_MODE=offline WANDB_SILENT=true MOETRAIN_CACHE="$tmp/cache"
@@ -19,9 +20,9 @@ git clone --quiet "$repo" "$tmp/moetrain"
 cd "$tmp/moetrain"
 if [ -z "${NEWCOMER_FRESH:-}" ]; then
   # Same packages as this checkout's .venv, without downloading them again (its own .pth files stay inactive).
-  "$repo/.venv/bin/python" -m venv --without-pip .venv
+  "$deps_python" -m venv --without-pip .venv
   site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  "$repo/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/_newcomer_deps.pth"
+  "$deps_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/_newcomer_deps.pth"
 fi
 
 say "scripts/setup.sh transformers,plot (the README's install, with the extras export and plots need)"

@@ -10,7 +10,11 @@ repo=$PWD
 py=${PYTHON:-$repo/.venv/bin/python}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/moetrain-wheel.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
-"$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$tmp/dist" .
+# Build with .venv's setuptools when it is recent enough (no download), else in pip's isolated build env.
+isolation=()
+"$py" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 70)' 2>/dev/null \
+  && isolation=(--no-build-isolation)
+"$py" -m pip wheel --quiet --disable-pip-version-check --no-deps "${isolation[@]}" -w "$tmp/dist" .
 "$py" -m venv --without-pip "$tmp/venv"
 deps=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 site=$("$tmp/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

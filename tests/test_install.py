@@ -46,15 +46,25 @@ def fresh_venv(root: Path) -> Path:
     return python
 
 
+def build_isolation() -> list[str]:
+    """``--no-build-isolation`` when this interpreter's setuptools builds moetrain (>= 70: bdist_wheel built in),
+    so nothing is downloaded; else pip's isolated build environment."""
+    try:
+        import setuptools
+    except ImportError:
+        return []
+    return ["--no-build-isolation"] if int(setuptools.__version__.split(".")[0]) >= 70 else []
+
+
 def pip_install(python: Path, *args: str) -> None:
     cmd = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"]
-    proc = subprocess.run([*cmd, "--no-build-isolation", *args], capture_output=True, text=True)
+    proc = subprocess.run([*cmd, *build_isolation(), *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def build_wheel(out: Path) -> Path:
     """``pip wheel`` of this checkout into ``out``; the wheel's path."""
-    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out)]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *build_isolation(), "-w", str(out)]
     proc = subprocess.run([*cmd, str(REPO)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return next(out.glob("moetrain-*.whl"))

@@ -102,7 +102,7 @@ def hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: dict[str, i
     import transformers
 
     m, moe = cfg.model, cfg.moe
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": m.dim,
         "num_hidden_layers": m.n_layers,
@@ -128,7 +128,7 @@ def hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: dict[str, i
             sliding_window=None,
             router_jitter_noise=0.0,
         )
-    qwen = {
+    qwen: dict[str, Any] = {
         "intermediate_size": m.ffn_hidden_size,
         "moe_intermediate_size": moe.expert_hidden_size,
         "num_experts": moe.num_experts,

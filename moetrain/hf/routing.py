@@ -71,7 +71,7 @@ def deepseek_config(cfg: TrainConfig, vocab_size: int) -> Any:
     shared_width = (moe.shared_hidden_size or moe.expert_hidden_size) * moe.num_shared_experts
     if moe.num_shared_experts and shared_width % moe.expert_hidden_size:
         raise ExportError(f"moe.shared_hidden_size={moe.shared_hidden_size}: DeepSeek's shared width is a multiple")
-    sizes = {
+    sizes: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": m.dim,
         "intermediate_size": m.ffn_hidden_size,

@@ -10,6 +10,7 @@ alphabet, each byte its own token, in byte order), so
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from moetrain.data.tokenizer import ByteTokenizer, build_tokenizer
 
@@ -30,7 +31,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def byte_tokenizer_fast():  # type: ignore[no-untyped-def]
+def byte_tokenizer_fast() -> Any:
     """A ``PreTrainedTokenizerFast`` giving moetrain's byte ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -27,7 +27,7 @@ import torch
 
 from moetrain.config import TrainConfig
 from moetrain.hf.mapping import ExportError
-from moetrain.model.transformer import Transformer, is_moe_layer
+from moetrain.model.transformer import Transformer
 
 
 def _groups(cfg: TrainConfig) -> tuple[int, int]:
@@ -91,10 +91,8 @@ def deepseek_config(cfg: TrainConfig, vocab_size: int) -> Any:
 def router_state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     """Each MoE layer's router weight (and the V3 bias) under transformers' names."""
     out = {}
-    for i, block in enumerate(model.blocks):
-        if not is_moe_layer(model.cfg, i):
-            continue
-        router = block.ffn.router
+    for i, layer in model.moe_layers().items():
+        router = layer.router
         out[f"model.layers.{i}.mlp.gate.weight"] = router.weight.detach().float().cpu().contiguous()
         if arch == "deepseek_v3":
             bias = router.expert_bias if router.bias_update_rate > 0 else torch.zeros_like(router.expert_bias)

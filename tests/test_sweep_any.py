@@ -16,6 +16,8 @@ from moetrain.launch.sweep import sweep_rows
 from moetrain.plot import dropped_keys, run_labels
 
 REPO = Path(__file__).resolve().parents[1]
+DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DIST_AT_IMPORT = {k: os.environ.get(k) for k in DIST_KEYS}
 
 
 @pytest.mark.e2e
@@ -91,7 +93,8 @@ def test_submitit_tasks_take_submitit_s_torch_distributed_environment(monkeypatc
         "SLURM_JOB_NODELIST": "gpu[07-08]",
     }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "unset")  # recorded, so the teardown removes what the export sets
+        monkeypatch.delenv(key)
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
     cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -112,3 +115,8 @@ def test_submitit_tasks_take_submitit_s_torch_distributed_environment(monkeypatc
     assert os.environ["MASTER_PORT"] == str(ref.master_port) == str(master_port("140123"))
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == cuda  # moetrain picks the GPU by LOCAL_RANK
     assert master_port("140123") != master_port("160123")  # 20000 + id % 20000 gave these the same port
+
+
+def test_the_slurm_test_leaves_no_rank_behind():
+    """Runs after the test above: its exported RANK / WORLD_SIZE must not leak into later tests' subprocesses."""
+    assert {k: os.environ.get(k) for k in DIST_KEYS} == DIST_AT_IMPORT

@@ -50,6 +50,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
     """Share the token embedding and LM head weights."""
+    qk_norm: bool = False
+    """RMSNorm over each head's query and key before RoPE (Qwen3, OLMo-2); off = plain attention."""
     init_std: float = 0.02
     """Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
 
@@ -144,6 +146,8 @@ class MoEConfig:
     """Shared experts every token goes through (DeepSeekMoE); one fused SwiGLU of this many widths."""
     shared_hidden_size: int | None = None
     """Hidden size of one shared expert; ``None`` = ``expert_hidden_size``."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(x w_g), one learned gate per token (Qwen2-MoE); off = ungated."""
     max_recv_factor: float | None = None
     """Rows a rank may receive per layer, relative to the balanced share (EP guardrail); ``None`` = off."""
     recv_overflow: str = "drop"
@@ -191,8 +195,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay (never on norms, biases and embeddings)."""
     beta1: float = 0.9
+    """AdamW beta1 (first-moment decay)."""
     beta2: float = 0.95
+    """AdamW beta2 (second-moment decay)."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
 
@@ -248,25 +255,36 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases (offline unless a key is set)."""
+
     mode: str = "auto"
     """``auto`` (online if ``WANDB_API_KEY`` is set, else offline), ``online``, ``offline``, ``disabled``."""
     project: str = "moetrain"
+    """W&B project."""
     entity: str | None = None
+    """W&B entity (user or team); ``None`` = the account's default."""
     group: str | None = None
+    """W&B run group; ``None`` = none (a torchrun sweep sets the sweep's name)."""
     tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
     name: str | None = None
     """Run name; ``None`` = the run directory's name."""
     load_charts: bool = True
-    """Log the per-expert load of each MoE layer as a bar chart too."""
+    """Log pictures of the load too: at every log step one heatmap of all MoE layers' per-expert load
+    (``moe/load_by_layer``), at every evaluation the run's load heatmap so far (``moe/load_heatmap``)."""
 
 
 @dataclass
 class LoggerConfig:
+    """Metric sinks beyond ``metrics.jsonl`` and the console."""
+
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class ParallelConfig:
+    """Process layout (world size comes from torchrun / SLURM)."""
+
     ep: int = 1
     """Expert-parallel size: experts are split over this many ranks."""
     backend: str = "auto"

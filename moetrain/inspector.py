@@ -26,11 +26,26 @@ import torch
 from moetrain.errors import guarded_main
 from moetrain.model.transformer import Transformer
 
-# Categorical colours for expert ids (expert e uses PALETTE[e % len]).
+# Categorical colours for expert ids: expert e uses PALETTE[e % 16] and PATTERNS[e // 16 % 4] (64 distinct).
 PALETTE = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
     "#9c755f", "#bab0ac", "#1f77b4", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
 ]  # fmt: skip
+
+
+PATTERNS = [
+    "",
+    "repeating-linear-gradient(45deg, rgba(255,255,255,.55) 0 2px, transparent 2px 6px)",
+    "radial-gradient(rgba(255,255,255,.7) 1.2px, transparent 1.4px) 0 0 / 5px 5px",
+    "repeating-linear-gradient(0deg, rgba(0,0,0,.45) 0 2px, transparent 2px 5px)",
+]
+"""Overlays on the colour, by expert // 16: solid, diagonal stripes, dots, horizontal bars."""
+
+
+def expert_style(e: int) -> str:
+    """CSS ``background`` of expert ``e``: one of 16 colours x 4 patterns, distinct for up to 64 experts."""
+    colour, pattern = PALETTE[e % len(PALETTE)], PATTERNS[(e // len(PALETTE)) % len(PATTERNS)]
+    return f"{pattern}, {colour}" if pattern else colour
 
 
 @dataclass
@@ -128,15 +143,13 @@ def terminal_table(pieces: list[str], routes: dict[int, LayerRoutes]) -> str:
 def html_page(pieces: list[str], routes: dict[int, LayerRoutes], title: str) -> str:
     """A self-contained page: per layer, the text with each token coloured by its top expert."""
     num_experts = 1 + max((e for r in routes.values() for es in r.experts for e in es), default=0)
-    legend = "".join(
-        f'<span class="tok" style="background:{PALETTE[e % len(PALETTE)]}">e{e}</span>' for e in range(num_experts)
-    )
+    legend = "".join(f'<span class="tok" style="background:{expert_style(e)}">e{e}</span>' for e in range(num_experts))
     sections = []
     for i, r in routes.items():
         spans = []
         for t, piece in enumerate(pieces):
             tip = ", ".join(f"e{e} {w:.3f}" for e, w in zip(r.experts[t], r.weights[t])) or "dropped"
-            colour = PALETTE[r.experts[t][0] % len(PALETTE)] if r.experts[t] else "#ddd"
+            colour = expert_style(r.experts[t][0]) if r.experts[t] else "#ddd"
             text = html.escape(_show(piece))
             spans.append(f'<span class="tok" style="background:{colour}" title="{html.escape(tip)}">{text}</span>')
             if piece == "\n":

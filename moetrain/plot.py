@@ -8,8 +8,13 @@ Figures (in ``--out``, default ``RUN_DIR/plots`` for one run, ``./plots`` for se
 * ``drop_frac.png``          fraction of assignments dropped by capacity (when logged);
 * ``devices_per_token.png``  distinct device groups per token (when logged).
 
-Several run directories (or a sweep directory, whose job folders are expanded)
-are overlaid, labelled by folder name. ``load_heatmap_figure`` is also what the
+Several run directories (or a sweep directory of any Hydra launcher, whose job
+folders are expanded) are overlaid, each labelled by what sets it apart: the
+overrides the runs do not share (``job.json`` or Hydra's ``.hydra/overrides.yaml``),
+else the ``config.yaml`` keys whose values differ, else the folder name. A
+drop-fraction figure is drawn only for layers where something was dropped.
+``--html`` also writes ``report.html``: one page with the figures and the
+run's config (:mod:`moetrain.report`). ``load_heatmap_figure`` is also what the
 W&B sink logs as an image during training.
 """
 
@@ -24,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from moetrain.errors import guarded_main
+from moetrain.run_records import read_metrics
 
 LAYER_KEY = re.compile(r"^moe/layer_(\d+)/(load|maxvio|drop_frac|devices_per_token)$")
 
@@ -37,20 +43,6 @@ def _pyplot() -> Any:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise SystemExit("moetrain-plot needs matplotlib: pip install 'moetrain[plot]'") from e
     return plt
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``RUN_DIR/metrics.jsonl`` (a line cut by a crash is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (is {run_dir} a moetrain run directory?)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +89,26 @@ def load_heatmap_figure(records: list[dict[str, Any]], title: str = "") -> Any:
     return fig
 
 
+def step_load_figure(loads: dict[str, list[float]], step: int) -> Any:
+    """One step's load as one heatmap: MoE layers (rows) x experts (columns), colour = share of the layer's
+    assignments (what W&B shows at every log step, instead of a bar chart per layer)."""
+    plt = _pyplot()
+    keys = sorted(loads, key=lambda k: int(LAYER_KEY.match(k).group(1)))  # type: ignore[union-attr]
+    counts = np.array([loads[k] for k in keys], dtype=float)  # [L, N]
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    n_layers, n = share.shape
+    fig, ax = plt.subplots(figsize=(min(3 + 0.18 * n, 14), min(1.6 + 0.22 * n_layers, 14)))
+    im = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
+    ax.set_yticks(range(n_layers), [k.split("/")[1].removeprefix("layer_") for k in keys], fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    fig.colorbar(im, ax=ax, label=f"share of tokens (1/N = {1 / max(n, 1):.3f})")
+    ax.set_title(f"tokens per expert, step {step}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _lines(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, out: Path, logy: bool = False) -> bool:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
@@ -122,25 +134,75 @@ def _lines(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, 
     return True
 
 
-def expand_runs(paths: list[Path]) -> dict[str, Path]:
-    """Run directories by label: a sweep directory expands to its job folders."""
-    runs: dict[str, Path] = {}
+def run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories: each path itself, or a sweep directory's job folders."""
+    from moetrain.launch.sweep import job_dirs
+
+    out: list[Path] = []
     for p in paths:
         if (p / "metrics.jsonl").is_file():
-            runs[p.name] = p
-        else:
-            jobs = sorted(q.parent for q in p.glob("*/metrics.jsonl"))
-            if not jobs:
-                raise SystemExit(f"moetrain-plot: {p}: no metrics.jsonl here or in its subfolders")
-            for j in jobs:
-                runs[f"{p.name}/{j.name}"] = j
-    return runs
+            out.append(p)
+            continue
+        jobs = [j for j in job_dirs(p) if (j / "metrics.jsonl").is_file()] if p.is_dir() else []
+        if not jobs:
+            raise SystemExit(f"moetrain-plot: {p}: no metrics.jsonl here or in its subfolders")
+        out += jobs
+    return out
+
+
+IGNORED_CONFIG_KEYS = ("run_dir", "logger.", "checkpoint.dir", "data.cache_dir", "trainer.resume")
+
+
+def _config_differences(dirs: list[Path]) -> list[list[str]] | None:
+    """Per run, the ``config.yaml`` keys (``key=value``) whose values are not the same in every run."""
+    from omegaconf import OmegaConf
+
+    from moetrain.train.checkpoint import flat_config
+
+    if not all((d / "config.yaml").is_file() for d in dirs):
+        return None
+    flats = [flat_config(OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))) for d in dirs]  # type: ignore[arg-type]
+    keys = sorted({k for f in flats for k in f if not k.startswith(IGNORED_CONFIG_KEYS)})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    return [[f"{k}={f.get(k)}" for k in differing] for f in flats]
+
+
+def run_labels(dirs: list[Path]) -> list[str]:
+    """A label per run: the overrides it does not share with the others, else its differing config keys,
+    else its folder name; made unique with the folder name when two would read the same."""
+    from moetrain.launch.sweep import distinct_overrides, job_meta
+
+    if len(dirs) == 1:
+        return [dirs[0].name]
+    metas = [job_meta(d) for d in dirs]
+    parts: list[list[str]] | None = None
+    if all("overrides" in m for m in metas):
+        parts = distinct_overrides([m["overrides"] for m in metas])
+    if not parts or not any(parts):
+        parts = _config_differences(dirs)
+    labels = [" ".join(p) or "(defaults)" for p in parts] if parts and any(parts) else [d.name for d in dirs]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} [{d.parent.name}/{d.name}]" for label, d in zip(labels, dirs)]
+    return labels
+
+
+def expand_runs(paths: list[Path]) -> dict[str, Path]:
+    """Run directories by label (see :func:`run_labels`); a sweep directory expands to its job folders."""
+    dirs = run_dirs(paths)
+    return dict(zip(run_labels(dirs), dirs))
+
+
+def dropped_keys(runs: dict[str, list[dict]], metric: str) -> list[str]:
+    """``moe/layer_i/<metric>`` keys that are above zero somewhere (a dropless layer draws no flat line)."""
+    keys = {k for records in runs.values() for r in records for k in r if k.endswith(f"/{metric}")}
+    return sorted(k for k in keys if any(float(r.get(k) or 0) > 0 for rs in runs.values() for r in rs))
 
 
 def plot_runs(paths: list[Path], out: Path) -> list[Path]:
     """Write the figures for one or several runs; return the files written."""
     plt = _pyplot()
-    runs = {name: read_metrics(d) for name, d in expand_runs(paths).items()}
+    dirs = expand_runs(paths)
+    runs = {name: read_metrics(d) for name, d in dirs.items()}
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if _lines(plt, runs, ["train/loss", "val/loss"], "loss (nats/token)", out / "loss.png"):
@@ -166,16 +228,18 @@ def plot_runs(paths: list[Path], out: Path) -> list[Path]:
     for name, records in runs.items():
         if not moe_layers(records) or not any(k.endswith("/load") for r in records for k in r):
             continue
-        fname = "load_heatmap.png" if len(runs) == 1 else f"load_heatmap_{name.replace('/', '_')}.png"
+        fname = "load_heatmap.png" if len(runs) == 1 else f"load_heatmap_{dirs[name].parent.name}_{dirs[name].name}.png"
         fig = load_heatmap_figure(records, title=f"{name}: tokens per expert")
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         written.append(out / fname)
 
-    for metric, ylabel in (("drop_frac", "dropped fraction"), ("devices_per_token", "device groups per token")):
-        keys = sorted({k for r in runs.values() for rec in r for k in rec if k.endswith(f"/{metric}")})
-        if keys and _lines(plt, runs, keys, ylabel, out / f"{metric}.png"):
-            written.append(out / f"{metric}.png")
+    keys = dropped_keys(runs, "drop_frac")
+    if keys and _lines(plt, runs, keys, "dropped fraction", out / "drop_frac.png"):
+        written.append(out / "drop_frac.png")
+    keys = sorted({k for r in runs.values() for rec in r for k in rec if k.endswith("/devices_per_token")})
+    if keys and _lines(plt, runs, keys, "device groups per token", out / "devices_per_token.png"):
+        written.append(out / "devices_per_token.png")
     return written
 
 
@@ -183,10 +247,16 @@ def _main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="PNG figures from moetrain run directories (metrics.jsonl).")
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or a sweep directory")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/plots, or ./plots)")
+    p.add_argument("--html", action="store_true", help="also write OUT/report.html: figures, final metrics, config")
     args = p.parse_args(argv)
     out = args.out or (args.runs[0] / "plots" if len(args.runs) == 1 else Path("plots"))
-    for path in plot_runs(args.runs, out):
+    figures = plot_runs(args.runs, out)
+    for path in figures:
         print(path)
+    if args.html:
+        from moetrain.report import write_report
+
+        print(write_report(expand_runs(args.runs), figures, out))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,8 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-# Editable "compat" mode puts the checkout on sys.path, so Hydra's plugin scan finds
-# hydra_plugins/ (the torchrun launcher); the default editable finder hides it.
+# Editable "compat" mode puts the checkout on sys.path (as CI tests it). Every other install mode works too:
+# `pip install -e .`, `pip install .` and the wheel (tests/test_install.py, scripts/wheel_check.sh).
 editable=(--config-settings editable_mode=compat -e)
 case "${1:-}" in
   "") "${pip[@]}" "${editable[@]}" . ;;

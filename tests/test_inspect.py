@@ -87,3 +87,13 @@ def test_inspect_and_generate_cli_on_a_trained_checkpoint(tmp_path, capsys):
     assert (tmp_path / "r.html").read_text().count("<h2>layer") == 1
     generate_main([str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "8", "--seed", "1"])
     assert capsys.readouterr().out.startswith("def ")
+
+
+@pytest.mark.unit
+def test_expert_styles_are_distinct_for_64_experts():
+    from moetrain.inspector import LayerRoutes, expert_style, html_page
+
+    styles = [expert_style(e) for e in range(64)]
+    assert len(set(styles)) == 64
+    page = html_page(["a", "b"], {1: LayerRoutes(experts=[[63], [15]], weights=[[1.0], [1.0]])}, "t")
+    assert expert_style(63) in page and expert_style(15) in page and expert_style(31) in page  # legend too

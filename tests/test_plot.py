@@ -69,3 +69,26 @@ def test_plot_a_sweep_overlays_runs(tmp_path):
     assert {"loss.png", "maxvio.png", "load_heatmap_sweep_0.png", "load_heatmap_sweep_1.png"} <= names
     with pytest.raises(SystemExit, match=r"no metrics\.jsonl"):
         main([str(tmp_path / "figs")])
+
+
+@needs_matplotlib
+def test_dropless_run_draws_no_drop_fraction_and_html_report_has_everything(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_run(run, skew=1.0)
+    text = (run / "metrics.jsonl").read_text().replace('"moe/layer_2/drop_frac": 0.01', '"moe/layer_2/drop_frac": 0.0')
+    (run / "metrics.jsonl").write_text(text)
+    (run / "config.yaml").write_text("optim:\n  lr: 0.002\n")
+    main([str(run), "--html"])
+    names = {p.name for p in (run / "plots").iterdir()}
+    assert "drop_frac.png" not in names and "report.html" in names
+    page = (run / "plots" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(names) - 1  # every figure embedded
+    assert "lr: 0.002" in page and "val/loss" in page and "load heatmap" in page
+
+
+@needs_matplotlib
+def test_step_load_figure_has_one_row_per_layer():
+    from moetrain.plot import step_load_figure
+
+    fig = step_load_figure({f"moe/layer_{i}/load": [1, 2, 3, 4] * 16 for i in range(1, 61)}, step=7)
+    assert fig.axes[0].images[0].get_array().shape == (60, 64)

@@ -101,7 +101,10 @@ def test_cli_default_corpus_writes_metrics_and_wandb_offline_and_loss_decreases(
     assert [h["_step"] for h in logged] == [5, 10, 15, 20, 25, 30]
     assert logged[-1]["moe/layer_1/load"] == load
     assert logged[-1]["moe/layer_1/maxvio"] == pytest.approx(train[-1]["moe/layer_1/maxvio"])
-    assert any("moe/layer_1/load_chart_table/_type" in h for h in history)  # the bar chart
+    pictures = [h for h in history if "moe/load_by_layer/_type" in h]  # one heatmap of all layers per log step
+    assert [h["_step"] for h in pictures] == [5, 10, 15, 20, 25, 30]
+    assert pictures[0]["moe/load_by_layer/_type"] == "image-file"
+    assert not any("load_chart" in key for h in history for key in h)  # no table + bar chart per layer
     assert [h["_step"] for h in history if "val/loss" in h] == [0, 15, 30]
     assert any("val/maxvio_global" in h for h in history)
     heatmaps = [h for h in history if "moe/load_heatmap/_type" in h]  # the load heatmap image, at evaluations

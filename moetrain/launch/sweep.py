@@ -1,9 +1,12 @@
 """Sweep summary: one row per job (overrides, status, final val loss, val MaxVio_global, tokens/s).
 
 Written by the torchrun launcher when a sweep ends, and printable later with
-``moetrain-sweep-summary SWEEP_DIR``. A job's numbers come from its run
-directory: ``summary.json`` (written by a run that finished) or, for a run that
-stopped early, the last records of its ``metrics.jsonl``.
+``moetrain-sweep-summary SWEEP_DIR`` for any Hydra sweep: the torchrun
+launcher's (``job.json`` per job), Hydra's basic launcher and the SLURM
+(submitit) launcher (``.hydra/overrides.yaml`` and ``.hydra/hydra.yaml`` per
+job). A job's numbers come from its run directory: ``summary.json`` (written by
+a run that finished) or, for a run that stopped early, the last records of its
+``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,33 @@ def _metrics(job_dir: Path) -> tuple[dict[str, Any], list[float]]:
     return last, tps
 
 
+def _hydra_job(job_dir: Path) -> dict[str, Any]:
+    """``{"num": n, "overrides": [...]}`` from the ``.hydra/`` folder Hydra writes in every job's output dir."""
+    from omegaconf import OmegaConf
+
+    hydra = job_dir / ".hydra"
+    meta: dict[str, Any] = {}
+    if (hydra / "overrides.yaml").is_file():
+        meta["overrides"] = [str(o) for o in OmegaConf.to_container(OmegaConf.load(hydra / "overrides.yaml"))]  # type: ignore[union-attr]
+    if (hydra / "hydra.yaml").is_file():
+        num = OmegaConf.select(OmegaConf.load(hydra / "hydra.yaml"), "hydra.job.num", default=None)
+        if isinstance(num, int):
+            meta["num"] = num
+    return meta
+
+
+def job_meta(job_dir: str | Path) -> dict[str, Any]:
+    """A job's number and overrides: the torchrun launcher's ``job.json``, else Hydra's ``.hydra/`` files."""
+    job_dir = Path(job_dir)
+    if (job_dir / "job.json").is_file():
+        return json.loads((job_dir / "job.json").read_text())
+    return _hydra_job(job_dir)
+
+
 def read_job(job_dir: str | Path) -> dict[str, Any]:
     """The summary row of one job directory."""
     job_dir = Path(job_dir)
-    meta = json.loads((job_dir / "job.json").read_text()) if (job_dir / "job.json").exists() else {}
+    meta = job_meta(job_dir)
     last, tps = _metrics(job_dir)
     done = json.loads((job_dir / "summary.json").read_text()) if (job_dir / "summary.json").exists() else None
     if (job_dir / "failed.json").exists():
@@ -59,10 +85,23 @@ def read_job(job_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def job_dirs(sweep_dir: str | Path) -> list[Path]:
+    """The job folders of a sweep: those holding ``job.json`` (torchrun launcher), ``.hydra/overrides.yaml``
+    (Hydra's basic and SLURM launchers) or ``metrics.jsonl``."""
+    marks = ("job.json", ".hydra/overrides.yaml", "metrics.jsonl")
+    return sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and any((p / m).is_file() for m in marks))
+
+
 def sweep_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of every job directory (a folder holding ``job.json``) under ``sweep_dir``, by job number."""
-    rows = [read_job(p.parent) for p in Path(sweep_dir).glob("*/job.json")]
+    """Rows of every job directory under ``sweep_dir``, by job number."""
+    rows = [read_job(p) for p in job_dirs(sweep_dir)]
     return sorted(rows, key=lambda r: (str(type(r["job"])), r["job"]))
+
+
+def distinct_overrides(overrides: list[list[str]]) -> list[list[str]]:
+    """Each job's overrides without those every job shares (what tells the jobs apart)."""
+    common = set.intersection(*(set(o) for o in overrides)) if overrides else set()
+    return [[o for o in ovs if o not in common] for ovs in overrides]
 
 
 def _fmt(value: Any) -> str:
@@ -102,7 +141,10 @@ def _main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"moetrain-sweep-summary: {args.sweep_dir}: not a directory")
     rows = sweep_rows(args.sweep_dir)
     if not rows:
-        raise SystemExit(f"moetrain-sweep-summary: {args.sweep_dir}: no sweep jobs (no */job.json)")
+        raise SystemExit(
+            f"moetrain-sweep-summary: {args.sweep_dir}: no sweep jobs (no */job.json, */.hydra/overrides.yaml "
+            "or */metrics.jsonl)"
+        )
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
 
 

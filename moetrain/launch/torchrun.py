@@ -63,10 +63,40 @@ class TorchrunLauncherConf:
     """Extra environment variables for every job (e.g. NCCL settings)."""
 
 
-def register() -> None:
+def store_conf() -> None:
+    """Store ``hydra/launcher=torchrun`` in Hydra's config store (what the ``hydra_plugins`` module does on import)."""
     ConfigStore.instance().store(
         group="hydra/launcher", name="torchrun", node=TorchrunLauncherConf, provider="moetrain"
     )
+
+
+def register() -> None:
+    """Store ``hydra/launcher=torchrun`` and make sure Hydra knows its class, however moetrain was installed
+    (called by the ``moetrain-train`` entry point before Hydra starts)."""
+    store_conf()
+    register_plugin_class()
+
+
+def register_plugin_class() -> None:
+    """Register the ``hydra_plugins`` launcher class with Hydra's plugin registry (its public
+    ``Plugins.register``).
+
+    Hydra finds plugins by walking the ``hydra_plugins`` namespace package's directories with
+    ``pkgutil``. A wheel or ``pip install .`` puts ``hydra_plugins/`` in site-packages, where that
+    walk finds it; the default editable install (PEP 660) maps the package through an import hook
+    instead, which ``pkgutil`` cannot list, so Hydra answered ``Unknown plugin class``. Importing
+    the module by name works in every install mode, so moetrain registers the class itself.
+    """
+    import importlib
+
+    from hydra.core.plugins import Plugins
+
+    module_name, _, class_name = TorchrunLauncherConf._target_.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:  # a source tree without hydra_plugins/ on the path: hydra/launcher=torchrun is unavailable
+        return
+    Plugins.instance().register(getattr(module, class_name))
 
 
 @dataclass

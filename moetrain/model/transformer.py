@@ -35,7 +35,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.qk_norm, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_idx)
         self.ffn: nn.Module = (
@@ -232,7 +232,7 @@ def _param_part(name: str) -> str:
         return "routed_experts"
     if ".ffn.router." in name:
         return "router"
-    if ".ffn.shared." in name:
+    if ".ffn.shared" in name:  # the shared experts and their gate
         return "shared_experts"
     if ".ffn." in name:
         return "dense_ffn"

@@ -147,6 +147,9 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden_size)
         shared_hidden = (cfg.shared_hidden_size or cfg.expert_hidden_size) * cfg.num_shared_experts
         self.shared = SwiGLU(dim, shared_hidden) if cfg.num_shared_experts > 0 else None
+        # Qwen2-MoE's sigmoid gate on the shared experts; absent (no parameter) by default.
+        gated = cfg.shared_expert_gate and self.shared is not None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if gated else None
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else FusedLocalDispatcher(cfg.num_experts)
 
     def forward(
@@ -190,11 +193,19 @@ class MoELayer(nn.Module):
             keep_TK = kept_after_dispatch(keep_TK, out.keep_A)
         y_TD = out.y_TD.to(x_TD.dtype)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(xc_TD)  # added in x's dtype (the residual stream's)
+            y_TD = y_TD + self._shared(xc_TD)  # added in x's dtype (the residual stream's)
 
         stats = self._stats(r, r.keep_TK, keep_TK, B, S, global_counts)
         stats.comm = out.comm
         return y_TD.view(B, S, D), stats
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output, times sigmoid(x w_g) per token when ``moe.shared_expert_gate`` is on."""
+        assert self.shared is not None
+        y_TD = self.shared(x_TD)
+        if self.shared_gate is None:
+            return y_TD
+        return torch.sigmoid(self.shared_gate(x_TD)) * y_TD  # [T, 1] * [T, D] (Qwen2-MoE)
 
     def _drop(self, r: Routing, token_ids_BS: torch.Tensor | None) -> tuple[torch.Tensor, DeviceCapacity | None]:
         """Capacity: the kept slots after per-expert and (training only) device-level dropping, and the

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from moetrain.config import ConfigError, TrainConfig, config_keys, to_dict, validate
+from moetrain.config_docs import config_dir, register_schema
 from moetrain.errors import USER_ERROR_EXIT_CODE, user_error
 from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
@@ -31,18 +31,7 @@ NONFINITE_EXIT_CODE = 3
 """Exit status of a run stopped by a non-finite loss or gradient norm (user errors exit 2)."""
 
 
-def config_dir() -> str:
-    """The Hydra config groups: the installed ``moetrain.configs`` package data, or, in a
-    source checkout installed in editable mode, the repository's ``configs/``."""
-    from importlib import resources
-    from importlib.util import find_spec
-
-    if find_spec("moetrain.configs") is not None:
-        return str(resources.files("moetrain.configs"))
-    return str(Path(__file__).resolve().parents[2] / "configs")
-
-
-ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+register_schema()
 register_torchrun_launcher()  # hydra/launcher=torchrun (the class itself lives in hydra_plugins/)
 
 
@@ -255,11 +244,28 @@ def run_dir_override(argv: list[str]) -> str | None:
     return values[-1] if values and values[-1] not in ("", "null") else None
 
 
+def print_help(args: list[str]) -> int:
+    """``moetrain-train [overrides] --help``: every key with its default (after the overrides) and its
+    documentation, from the config dataclasses (:mod:`moetrain.config_docs`)."""
+    from moetrain.config_docs import composed_defaults, help_text
+
+    overrides = [a for a in args if not a.startswith("-") and not a.startswith("hydra")]
+    try:
+        cfg = composed_defaults(overrides)
+    except Exception as e:  # a bad override: say it in one line, as a run would
+        print(f"moetrain: config error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    print(help_text(cfg), end="")
+    return 0
+
+
 def main() -> None:
     """``moetrain-train``. With ``run_dir=X`` Hydra's output dir is X too, without Hydra's own files
     (``.hydra/``, ``train.log``), so nothing is written elsewhere and nothing in X before the run's checks;
     an X that Hydra created for a run that stopped before writing anything is removed again."""
     argv = strip_launcher_args(sys.argv)
+    if any(a in ("--help", "-h") for a in argv[1:]):
+        sys.exit(print_help(argv[1:]))
     run_dir = run_dir_override(argv[1:])
     existed = run_dir is None or Path(run_dir).exists()
     if run_dir is not None:

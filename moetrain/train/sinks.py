@@ -60,7 +60,8 @@ class WandbSink:
     """Logs to Weights & Biases; offline runs land in ``RUN_DIR/wandb`` for ``wandb sync``.
 
     Per-expert loads are logged as lists under their DESIGN.md keys and, for a
-    person to read at a glance, as a bar chart per layer (``moe/layer_{i}/load_chart``).
+    person to read at a glance, as one heatmap per log step of every MoE layer's load
+    (``moe/load_by_layer``, :func:`load_pictures`).
     """
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any]) -> None:
@@ -84,11 +85,7 @@ class WandbSink:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         data: dict[str, Any] = dict(metrics)
         if self.cfg.load_charts:
-            for key, value in metrics.items():
-                if key.startswith("moe/layer_") and key.endswith("/load") and isinstance(value, list):
-                    table = self._wandb.Table(data=[[e, c] for e, c in enumerate(value)], columns=["expert", "tokens"])
-                    title = f"{key.removesuffix('/load')} tokens per expert (step {step})"
-                    data[f"{key}_chart"] = self._wandb.plot.bar(table, "expert", "tokens", title=title)
+            data.update(load_pictures(self._wandb, step, metrics))
         loads = {k: v for k, v in metrics.items() if k.startswith("moe/layer_") and k.endswith("/load")}
         if loads:
             self._load_history.append({"step": step, **loads})
@@ -113,3 +110,23 @@ class WandbSink:
 
     def close(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def load_pictures(wandb: Any, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``{"moe/load_by_layer": image}``: the step's per-expert load of every MoE layer in one heatmap
+    (layers x experts; one picture per log step however many layers), or ``{}`` without matplotlib
+    (the ``plot`` extra) or without loads."""
+    loads = {k: v for k, v in metrics.items() if k.startswith("moe/layer_") and k.endswith("/load")}
+    loads = {k: v for k, v in loads.items() if isinstance(v, list) and v}
+    if not loads:
+        return {}
+    try:
+        import matplotlib.pyplot as plt
+
+        from moetrain.plot import step_load_figure
+    except ImportError:
+        return {}
+    fig = step_load_figure(loads, step)
+    image = wandb.Image(fig)
+    plt.close(fig)
+    return {"moe/load_by_layer": image}

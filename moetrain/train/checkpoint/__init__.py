@@ -11,7 +11,7 @@ DeepSpeed's files are defined in :mod:`moetrain.train.deepspeed.checkpoint`; loa
 either engine's checkpoint (export, inference) is :func:`moetrain.train.weights.load_model_weights`.
 """
 
-from moetrain.train.checkpoint.compat import arch_of, flat_config, resume_target
+from moetrain.train.checkpoint.compat import arch_of, check_arch, flat_config, resume_target
 from moetrain.train.checkpoint.entries import model_entries, optimizer_entries
 from moetrain.train.checkpoint.layout import (
     FORMAT_VERSION,
@@ -35,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "arch_of",
+    "check_arch",
     "checkpoint_name",
     "complete_checkpoints",
     "flat_config",

@@ -23,10 +23,12 @@ ARCH_KEYS = (
     ("model", "first_k_dense"),
     ("model", "moe_every"),
     ("model", "tie_embeddings"),
+    ("model", "qk_norm"),
     ("moe", "num_experts"),
     ("moe", "expert_hidden_size"),
     ("moe", "num_shared_experts"),
     ("moe", "shared_hidden_size"),
+    ("moe", "shared_expert_gate"),
 )
 """Config keys that fix the model's tensors: a checkpoint must agree on all of them."""
 
@@ -36,7 +38,19 @@ def arch_of(cfg: TrainConfig, model: Any) -> dict[str, Any]:
     arch = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in ARCH_KEYS}
     arch["vocab_size"] = int(model.vocab_size)
     arch["num_groups"] = int(model.num_groups)
-    return arch
+    return effective_arch(arch)
+
+
+def effective_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """``arch`` with ``moe.shared_hidden_size`` as the width it builds: ``None`` means ``expert_hidden_size``
+    (and nothing without shared experts), so equal models never differ on how the width was written."""
+    out = dict(arch)
+    if "moe.shared_hidden_size" in out:
+        shared = out.get("moe.num_shared_experts", 1)
+        out["moe.shared_hidden_size"] = (
+            (out["moe.shared_hidden_size"] or out.get("moe.expert_hidden_size")) if shared else None
+        )
+    return out
 
 
 ROUTING_ARCH_KEYS = ("num_groups",)
@@ -46,7 +60,7 @@ another EP size with ``moe.router.num_groups`` unset regroups the experts, as th
 
 def check_arch(ckpt: Path, meta: dict[str, Any], arch: dict[str, Any]) -> None:
     """Raise on the first architecture key where the checkpoint and this run differ."""
-    saved = meta.get("arch", {})
+    saved, arch = effective_arch(meta.get("arch", {})), effective_arch(arch)
     for key, value in arch.items():
         if key in saved and key not in ROUTING_ARCH_KEYS and saved[key] != value:
             raise CheckpointError(

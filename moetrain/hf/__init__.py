@@ -1,0 +1,1 @@
+"""``transformers`` interop: architecture mapping, DeepSeek routing configs, tokenizer files."""

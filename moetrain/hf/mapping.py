@@ -1,0 +1,348 @@
+"""moetrain <-> ``transformers`` architectures: which one a config maps onto, its config, and the tensor names.
+
+Three architectures map exactly (same logits):
+
+- **Mixtral** (``MixtralForCausalLM``; Jiang et al. 2024): every layer MoE, no
+  shared experts, softmax top-K with the K weights renormalised.
+- **Qwen2-MoE** (``Qwen2MoeForCausalLM``): the same routing (renormalised or
+  not), shared experts multiplied by ``sigmoid(x w_g)``, dense layers anywhere
+  (``mlp_only_layers``). With ``moe.shared_expert_gate=true`` the gate is
+  moetrain's own; without it the export writes ``w_g = 0`` (gate 1/2 for every
+  token) and doubles the shared down-projection, which is exact in floating point.
+- **Qwen3-MoE** (``Qwen3MoeForCausalLM``): ``model.qk_norm=true`` (per-head RMSNorm
+  of q and k), no shared experts, dense layers anywhere.
+
+RoPE: moetrain rotates interleaved pairs ``(x[2j], x[2j+1])`` (Su et al. 2021,
+eq. 34), ``transformers`` rotates halves ``(x[j], x[j + Dh/2])``
+(``rotate_half``). Both use frequency ``theta^(-2j/Dh)`` for pair j, so
+permuting each head's rows of ``W_q`` and ``W_k`` (and the q/k norm weights) by
+``[0, 2, 4, ..., 1, 3, ...]`` gives the same attention scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moetrain.config import ModelConfig, MoEConfig, TrainConfig, resolve_num_groups
+from moetrain.model.transformer import Transformer, is_moe_layer
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+"""``model_type`` of each ``transformers`` architecture moetrain maps onto exactly."""
+
+
+class ExportError(ValueError):
+    """The model cannot be exported in the requested form (one line: what and why)."""
+
+
+def rope_permutation(head_dim: int) -> torch.Tensor:
+    """Row order taking interleaved RoPE pairs to rotate-half layout: ``[0, 2, ..., Dh-2, 1, 3, ..., Dh-1]``."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def permute_heads(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
+    """Permute each head's rows of a q/k projection ``[n_heads * Dh, D]`` (or a norm weight ``[Dh]``, n_heads=1)."""
+    head_dim = w.shape[0] // n_heads
+    perm = rope_permutation(head_dim)
+    if inverse:
+        perm = torch.argsort(perm)
+    return w.reshape(n_heads, head_dim, -1)[:, perm].reshape_as(w)
+
+
+def _refuse(key: str, value: Any, why: str) -> ExportError:
+    return ExportError(f"{key}={value!r}: {why}; transformers has no architecture that computes this")
+
+
+def check_routing(cfg: TrainConfig, model: Transformer | None) -> bool:
+    """Raise unless the routing is plain softmax top-K (what Mixtral / Qwen route with); returns whether the
+    K weights are renormalised."""
+    r = cfg.moe.router
+    if r.strategy not in ("topk", "topk_softmax"):
+        raise _refuse("moe.router.strategy", r.strategy, "only plain token-choice top-K maps")
+    if r.score_fn != "softmax":
+        raise _refuse("moe.router.score_fn", r.score_fn, "Mixtral / Qwen2-MoE route with softmax scores")
+    if r.scaling_factor != 1.0:
+        raise _refuse("moe.router.scaling_factor", r.scaling_factor, "routed scaling is not in Mixtral / Qwen2-MoE")
+    groups = model.num_groups if model is not None else resolve_num_groups(cfg.moe, cfg.parallel.ep)
+    if r.topk_groups is not None and r.topk_groups < groups:
+        raise _refuse("moe.router.topk_groups", r.topk_groups, "device-limited routing is not in Mixtral / Qwen2-MoE")
+    if r.eval_capacity_factor is not None:
+        raise _refuse("moe.router.eval_capacity_factor", r.eval_capacity_factor, "capacity drops tokens at inference")
+    if model is not None and r.bias_update_rate > 0:
+        biases = [layer.router.expert_bias for layer in model.moe_layers().values()]
+        if any(b.abs().max() > 0 for b in biases):
+            raise _refuse("moe.router.bias_update_rate", r.bias_update_rate, "the loss-free bias changes expert choice")
+    return r.norm_topk_prob or r.strategy == "topk_softmax"  # softmax over the K logits = renormalised
+
+
+def hf_architecture(cfg: TrainConfig, model: Transformer | None = None) -> str:
+    """``mixtral``, ``qwen2_moe`` or ``qwen3_moe``; :class:`ExportError` naming the first key that does not map."""
+    m, moe = cfg.model, cfg.moe
+    renormalised = check_routing(cfg, model)
+    if m.qk_norm:
+        if moe.num_shared_experts:
+            raise _refuse(
+                "moe.num_shared_experts", moe.num_shared_experts, "Qwen3-MoE (q/k norms) has no shared expert"
+            )
+        return "qwen3_moe"
+    if moe.num_shared_experts == 0:
+        if m.first_k_dense != 0 or m.moe_every != 1:
+            raise _refuse(
+                "model.first_k_dense", m.first_k_dense, "Mixtral has MoE in every layer (and no shared experts)"
+            )
+        if not renormalised:
+            raise _refuse("moe.router.norm_topk_prob", cfg.moe.router.norm_topk_prob, "Mixtral renormalises")
+        return "mixtral"
+    return "qwen2_moe"
+
+
+def hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: dict[str, int] | None = None) -> Any:
+    """The ``transformers`` config of ``arch`` with moetrain's sizes (and the tokenizer's special-token ids)."""
+    import transformers
+
+    m, moe = cfg.model, cfg.moe
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": m.dim,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads or m.n_heads,
+        "head_dim": m.dim // m.n_heads,
+        "max_position_embeddings": cfg.data.seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "tie_word_embeddings": m.tie_embeddings,
+        "num_experts_per_tok": moe.top_k,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "torch_dtype": "float32",
+        **(special or {}),
+    }
+    if arch == "mixtral":
+        return transformers.MixtralConfig(
+            **common,
+            intermediate_size=moe.expert_hidden_size,
+            num_local_experts=moe.num_experts,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+        )
+    qwen: dict[str, Any] = {
+        "intermediate_size": m.ffn_hidden_size,
+        "moe_intermediate_size": moe.expert_hidden_size,
+        "num_experts": moe.num_experts,
+        "norm_topk_prob": moe.router.norm_topk_prob or moe.router.strategy == "topk_softmax",
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(m.n_layers) if not is_moe_layer(m, i)],
+        "use_sliding_window": False,
+    }
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, **qwen, attention_bias=False)
+    shared = (moe.shared_hidden_size or moe.expert_hidden_size) * moe.num_shared_experts
+    return transformers.Qwen2MoeConfig(**common, **qwen, shared_expert_intermediate_size=shared, qkv_bias=False)
+
+
+def hf_class(arch: str) -> Any:
+    """The ``transformers`` causal-LM class of ``arch``."""
+    import transformers
+
+    return {
+        "mixtral": transformers.MixtralForCausalLM,
+        "qwen2_moe": transformers.Qwen2MoeForCausalLM,
+        "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+    }[arch]
+
+
+def _expert_names(arch: str) -> tuple[str, str, str]:
+    """(gate, up, down) names of one expert's linears in the per-expert (transformers 4) layout."""
+    return ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+
+
+ATTN_MAP = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+}
+DENSE_MAP = {"ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w3.weight": "mlp.up_proj.weight"}
+DENSE_MAP["ffn.w2.weight"] = "mlp.down_proj.weight"
+SHARED_MAP = {"ffn.shared.w1.weight": "shared_expert.gate_proj.weight"}
+SHARED_MAP["ffn.shared.w3.weight"] = "shared_expert.up_proj.weight"
+
+
+def _attention_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, p: str, h: str) -> dict[str, torch.Tensor]:
+    """One block's norms and attention under transformers names (q/k rows in rotate-half order)."""
+    out = {h + theirs: sd[p + ours] for ours, theirs in ATTN_MAP.items()}
+    out[h + "self_attn.q_proj.weight"] = permute_heads(sd[p + "attn.wq.weight"], m.n_heads)
+    out[h + "self_attn.k_proj.weight"] = permute_heads(sd[p + "attn.wk.weight"], m.n_kv_heads or m.n_heads)
+    if m.qk_norm:
+        out[h + "self_attn.q_norm.weight"] = permute_heads(sd[p + "attn.q_norm.weight"], 1)
+        out[h + "self_attn.k_norm.weight"] = permute_heads(sd[p + "attn.k_norm.weight"], 1)
+    return out
+
+
+def _experts_to_hf(sd: dict[str, torch.Tensor], p: str, e: str, arch: str, fused: bool) -> dict[str, torch.Tensor]:
+    """One MoE layer's router and routed experts (fused transformers-5 tensors, or per expert)."""
+    out = {e + "gate.weight": sd[p + "ffn.router.weight"]}
+    w13, w2 = sd[p + "ffn.experts.w13"], sd[p + "ffn.experts.w2"]  # [N, D, 2F], [N, F, D]
+    if fused:
+        out[e + "experts.gate_up_proj"] = w13.transpose(1, 2).contiguous()  # [N, 2F, D]: gate rows, then up
+        out[e + "experts.down_proj"] = w2.transpose(1, 2).contiguous()  # [N, D, F]
+        return out
+    g_name, u_name, d_name = _expert_names(arch)
+    F_ = w2.shape[1]
+    for j in range(w13.shape[0]):
+        out[f"{e}experts.{j}.{g_name}.weight"] = w13[j, :, :F_].T.contiguous()
+        out[f"{e}experts.{j}.{u_name}.weight"] = w13[j, :, F_:].T.contiguous()
+        out[f"{e}experts.{j}.{d_name}.weight"] = w2[j].T.contiguous()
+    return out
+
+
+def _shared_to_hf(sd: dict[str, torch.Tensor], p: str, e: str, dim: int) -> dict[str, torch.Tensor]:
+    """Qwen2-MoE's gated shared expert: moetrain's gate, or w_g = 0 with the down-projection doubled."""
+    out = {e + theirs: sd[p + ours] for ours, theirs in SHARED_MAP.items()}
+    if p + "ffn.shared_gate.weight" in sd:
+        out[e + "shared_expert.down_proj.weight"] = sd[p + "ffn.shared.w2.weight"]
+        out[e + "shared_expert_gate.weight"] = sd[p + "ffn.shared_gate.weight"]
+    else:  # sigmoid(0) = 1/2 exactly; twice the down-projection cancels it exactly.
+        out[e + "shared_expert.down_proj.weight"] = sd[p + "ffn.shared.w2.weight"] * 2.0
+        out[e + "shared_expert_gate.weight"] = torch.zeros(1, dim)
+    return out
+
+
+def to_hf_state(model: Transformer, arch: str, hf_keys: set[str]) -> dict[str, torch.Tensor]:
+    """moetrain tensors under ``transformers`` names; fused (transformers 5) or per-expert experts by ``hf_keys``."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    m = model.cfg
+    mlp = "block_sparse_moe" if arch == "mixtral" and any(".block_sparse_moe." in k for k in hf_keys) else "mlp"
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    if "lm_head.weight" in hf_keys:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(m.n_layers):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        out.update(_attention_to_hf(sd, m, p, h))
+        if not is_moe_layer(m, i):
+            out.update({h + theirs: sd[p + ours] for ours, theirs in DENSE_MAP.items()})
+            continue
+        e = f"{h}{mlp}."
+        out.update(_experts_to_hf(sd, p, e, arch, e + "experts.gate_up_proj" in hf_keys))
+        if arch == "qwen2_moe":
+            out.update(_shared_to_hf(sd, p, e, m.dim))
+    return out
+
+
+def _dense_layers(hf_cfg: Any) -> list[int]:
+    """The indices of the dense (MLP-only) layers of a transformers MoE config."""
+    if hf_cfg.model_type == "mixtral":
+        return []
+    n = hf_cfg.num_hidden_layers
+    step = hf_cfg.decoder_sparse_step
+    return [i for i in range(n) if i in hf_cfg.mlp_only_layers or not (hf_cfg.num_experts > 0 and (i + 1) % step == 0)]
+
+
+def check_importable(hf_cfg: Any) -> None:
+    """Raise :class:`ExportError` (one line) unless moetrain computes what this transformers config computes."""
+    mtype = hf_cfg.model_type
+    if mtype not in ARCHS:
+        raise ExportError(f"model_type={mtype!r}: only {', '.join(ARCHS)} import into moetrain")
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu":
+        raise ExportError(f"hidden_act={hf_cfg.hidden_act!r}: moetrain's experts are SwiGLU (silu)")
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+    if head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
+        raise ExportError(f"head_dim={head_dim}: moetrain needs head_dim * num_attention_heads == hidden_size")
+    biased = getattr(hf_cfg, "qkv_bias", False) or getattr(hf_cfg, "attention_bias", False)
+    if mtype != "mixtral" and (biased or getattr(hf_cfg, "use_sliding_window", False)):
+        raise ExportError(f"{mtype}: attention biases / sliding windows are not in moetrain")
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ExportError(f"rope_type={rope.get('rope_type')!r}: moetrain has plain RoPE only")
+    dense = _dense_layers(hf_cfg)
+    k = len(dense) if dense == list(range(len(dense))) else -1
+    if k < 0 or (mtype != "mixtral" and k == hf_cfg.num_hidden_layers):
+        raise ExportError(f"mlp_only_layers={dense}: moetrain's dense layers are the first k (model.first_k_dense)")
+
+
+def config_from_hf(hf_cfg: Any) -> TrainConfig:
+    """The moetrain config of a Mixtral / Qwen2-MoE / Qwen3-MoE ``transformers`` config."""
+    check_importable(hf_cfg)
+    mtype = hf_cfg.model_type
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    mixtral = mtype == "mixtral"
+    shared = 0 if mtype != "qwen2_moe" else hf_cfg.shared_expert_intermediate_size
+    cfg = TrainConfig()
+    cfg.model = ModelConfig(
+        vocab_size=hf_cfg.vocab_size,
+        dim=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_heads=hf_cfg.num_attention_heads,
+        n_kv_heads=hf_cfg.num_key_value_heads,
+        ffn_hidden_size=hf_cfg.intermediate_size,
+        first_k_dense=len(_dense_layers(hf_cfg)),
+        moe_every=1,
+        rope_theta=float(rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))),
+        norm_eps=hf_cfg.rms_norm_eps,
+        tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+        qk_norm=mtype == "qwen3_moe",
+    )
+    expert_hidden = hf_cfg.intermediate_size if mixtral else hf_cfg.moe_intermediate_size
+    cfg.moe = MoEConfig(
+        num_experts=hf_cfg.num_local_experts if mixtral else hf_cfg.num_experts,
+        top_k=hf_cfg.num_experts_per_tok,
+        expert_hidden_size=expert_hidden,
+        num_shared_experts=1 if shared else 0,
+        shared_hidden_size=shared if shared and shared != expert_hidden else None,
+        shared_expert_gate=bool(shared),
+    )
+    cfg.moe.router.norm_topk_prob = True if mixtral else bool(hf_cfg.norm_topk_prob)
+    cfg.moe.balance.expert_coef = float(getattr(hf_cfg, "router_aux_loss_coef", 0.01) or 0.0)
+    return cfg
+
+
+def _attention_from_hf(state: dict[str, torch.Tensor], m: ModelConfig, p: str, h: str) -> dict[str, torch.Tensor]:
+    """One block's norms and attention from transformers names (q/k rows back to interleaved order)."""
+    out = {p + ours: state[h + theirs] for ours, theirs in ATTN_MAP.items()}
+    out[p + "attn.wq.weight"] = permute_heads(state[h + "self_attn.q_proj.weight"], m.n_heads, inverse=True)
+    out[p + "attn.wk.weight"] = permute_heads(
+        state[h + "self_attn.k_proj.weight"], m.n_kv_heads or m.n_heads, inverse=True
+    )
+    if m.qk_norm:
+        out[p + "attn.q_norm.weight"] = permute_heads(state[h + "self_attn.q_norm.weight"], 1, inverse=True)
+        out[p + "attn.k_norm.weight"] = permute_heads(state[h + "self_attn.k_norm.weight"], 1, inverse=True)
+    return out
+
+
+def _experts_from_hf(state: dict[str, torch.Tensor], p: str, e: str, arch: str, n: int) -> dict[str, torch.Tensor]:
+    """One MoE layer's router and routed experts as moetrain's stacked ``w13`` / ``w2``."""
+    out = {p + "ffn.router.weight": state[e + "gate.weight"], p + "ffn.router.expert_bias": torch.zeros(n)}
+    if e + "experts.gate_up_proj" in state:
+        out[p + "ffn.experts.w13"] = state[e + "experts.gate_up_proj"].transpose(1, 2).contiguous()
+        out[p + "ffn.experts.w2"] = state[e + "experts.down_proj"].transpose(1, 2).contiguous()
+        return out
+    g, u, d = _expert_names(arch)
+    w13 = [torch.cat([state[f"{e}experts.{j}.{g}.weight"], state[f"{e}experts.{j}.{u}.weight"]]).T for j in range(n)]
+    out[p + "ffn.experts.w13"] = torch.stack(w13).contiguous()
+    out[p + "ffn.experts.w2"] = torch.stack([state[f"{e}experts.{j}.{d}.weight"].T for j in range(n)]).contiguous()
+    return out
+
+
+def from_hf_state(state: dict[str, torch.Tensor], hf_cfg: Any) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """A Mixtral / Qwen2-MoE / Qwen3-MoE state dict and config as a moetrain config and ``Transformer`` state."""
+    cfg = config_from_hf(hf_cfg)
+    m, arch = cfg.model, hf_cfg.model_type
+    mlp = "block_sparse_moe" if any(".block_sparse_moe." in key for key in state) else "mlp"
+    out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
+    out["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    for i in range(m.n_layers):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        out.update(_attention_from_hf(state, m, p, h))
+        if not is_moe_layer(m, i):
+            out.update({p + ours: state[h + theirs] for ours, theirs in DENSE_MAP.items()})
+            continue
+        e = f"{h}{mlp}."
+        out.update(_experts_from_hf(state, p, e, arch, cfg.moe.num_experts))
+        if arch == "qwen2_moe":
+            out.update({p + ours: state[e + theirs] for ours, theirs in SHARED_MAP.items()})
+            out[p + "ffn.shared.w2.weight"] = state[e + "shared_expert.down_proj.weight"]
+            out[p + "ffn.shared_gate.weight"] = state[e + "shared_expert_gate.weight"]
+    return cfg, out

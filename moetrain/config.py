@@ -385,7 +385,7 @@ def ep_layout_error(world_size: int, ep: int, num_experts: int | None = None) ->
     if ep <= 0:
         return f"parallel.ep={ep}: must be > 0"
     if world_size % ep:
-        return f"parallel.ep={ep}: must divide the world size ({world_size})"
+        return f"parallel.ep={ep}: must divide the world size ({world_size} rank{'s' if world_size != 1 else ''})"
     if num_experts is not None and num_experts % ep:
         return f"parallel.ep={ep}: must divide moe.num_experts={num_experts}"
     return None

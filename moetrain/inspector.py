@@ -64,17 +64,17 @@ class _CapturingDispatcher:
     def __init__(self, inner: Any, layer: int, into: dict[int, Any]) -> None:
         self.inner, self.layer, self.into = inner, layer, into
 
-    def dispatch(self, x_TD: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, weight_A: torch.Tensor,
-                 *rest: Any, **kw: Any) -> Any:  # fmt: skip
+    def run(self, experts: Any, x_TD: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
+            weight_A: torch.Tensor, *rest: Any, **kw: Any) -> Any:  # fmt: skip
         self.into[self.layer] = (
             x_TD.shape[0],
             token_idx_A.clone(),
             expert_idx_A.clone(),
             weight_A.detach().float().clone(),
         )
-        return self.inner.dispatch(x_TD, token_idx_A, expert_idx_A, weight_A, *rest, **kw)
+        return self.inner.run(experts, x_TD, token_idx_A, expert_idx_A, weight_A, *rest, **kw)
 
-    def __getattr__(self, name: str) -> Any:  # combine, last, num_local_experts, ...
+    def __getattr__(self, name: str) -> Any:  # dispatch, combine, num_local_experts, ...
         return getattr(self.inner, name)
 
 
@@ -90,8 +90,8 @@ def routes_for(model: Transformer, tokens_BS: torch.Tensor) -> dict[int, LayerRo
     originals = {}
     for i, layer in model.moe_layers().items():
         originals[i] = layer.dispatcher
-        # A wrapper, not a patched method: the layer then takes its generic dispatch path (its fused
-        # single-process path, equal in value, never calls a dispatcher).
+        # A wrapper around whatever dispatcher the layer has (the fused one included): it sees every kept
+        # assignment the layer hands over.
         layer.dispatcher = _CapturingDispatcher(layer.dispatcher, i, captured)  # type: ignore[assignment]
     try:
         model.eval()

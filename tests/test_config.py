@@ -45,7 +45,7 @@ def cfg_with(**changes) -> TrainConfig:
         ({"moe__router__num_groups": 3}, "moe.router.num_groups=3: must divide moe.num_experts=8"),
         ({"optim__lr": -1.0}, "optim.lr=-1.0: must be > 0"),
         ({"data__val_fraction": 1.5}, "data.val_fraction=1.5: must be in (0, 1)"),
-        ({"parallel__ep": 3}, "parallel.ep=3: must divide the world size (1)"),
+        ({"parallel__ep": 3}, "parallel.ep=3: must divide the world size (1 rank)"),
         ({"logger__wandb__mode": "sometimes"}, "logger.wandb.mode='sometimes': must be one of"),
     ],
 )

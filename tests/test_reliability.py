@@ -129,12 +129,10 @@ def test_nonfinite_step_is_not_applied_then_stops_or_skips(tmp_path):
     before = weights(tr)
     poison_step(tr, 2)
     res = tr.train_step(tr.loader.next_batch())
-    assert res["extra"]["train/nonfinite_skips"] == 1 and tr.step == 2
+    assert res.info.extra["train/nonfinite_skips"] == 1 and tr.step == 2
     assert all(torch.equal(v, before[k]) for k, v in weights(tr).items())  # bias buffers included
     res = tr.train_step(tr.loader.next_batch())  # step 3 trains again
-    assert math.isfinite(res["loss"].item()) and not torch.equal(
-        weights(tr)["lm_head.weight"], before["lm_head.weight"]
-    )
+    assert math.isfinite(res.loss.item()) and not torch.equal(weights(tr)["lm_head.weight"], before["lm_head.weight"])
     poison_step(tr, 4)
     with pytest.raises(NonFiniteError, match="after 1 skipped steps"):
         tr.train_step(tr.loader.next_batch())
@@ -549,4 +547,5 @@ def test_plus_unknown_key_is_refused_and_an_explicit_run_dir_leaves_nothing_else
         "config.yaml",
         "metrics.jsonl",
         "summary.json",
+        "train.log",
     ]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig
-from moetrain.model.layers import Attention, KVCache, RMSNorm, SwiGLU, rope_tables
+from moetrain.model.layers import Attention, KVCache, RMSNorm, SwiGLU, document_ids, document_layout, rope_tables
 from moetrain.moe.balance import pooled_expert_balance_loss
 from moetrain.moe.layer import MoELayer, MoEStats
 
@@ -49,8 +49,9 @@ class Block(nn.Module):
         token_ids_BS: torch.Tensor,
         cache: KVCache | None = None,
         pos: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, pos)
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, pos, mask)
         h = self.ffn_norm(x_BSD)
         if self.is_moe:
             y, stats = self.ffn(h, token_ids_BS)
@@ -87,12 +88,23 @@ def pooled_loss(moe_cfg: MoEConfig, stats: dict[int, MoEStats]) -> torch.Tensor 
 
 
 class Transformer(nn.Module):
-    """Token embedding, N pre-norm blocks, final RMSNorm, LM head (optionally tied)."""
+    """Token embedding, N pre-norm blocks, final RMSNorm, LM head (optionally tied).
+
+    ``doc_eos`` (``data.doc_mask``): packed rows are split into documents after each ``doc_eos``
+    token; attention stays inside a document and RoPE positions restart at each one.
+    """
 
     def __init__(
-        self, cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int, max_seq_len: int, num_groups: int = 1
+        self,
+        cfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        vocab_size: int,
+        max_seq_len: int,
+        num_groups: int = 1,
+        doc_eos: int | None = None,
     ) -> None:
         super().__init__()
+        self.doc_eos = doc_eos
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.embed = nn.Embedding(vocab_size, cfg.dim)
@@ -141,17 +153,33 @@ class Transformer(nn.Module):
         head_dim = self.cfg.dim // self.cfg.n_heads
         return [KVCache(batch, n_kv, max_len, head_dim, w.device, dtype or w.dtype) for _ in self.blocks]
 
-    def forward(self, tokens_BS: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> ModelOutput:
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        pos: int = 0,
+        doc_ids_BS: torch.Tensor | None = None,
+    ) -> ModelOutput:
         """Logits for tokens at positions [pos, pos + S); ``caches`` (from :meth:`new_kv_caches`)
-        hold the keys and values of the earlier positions for incremental decoding."""
+        hold the keys and values of the earlier positions for incremental decoding.
+
+        ``doc_ids_BS`` (non-decreasing along each row; default: from ``doc_eos`` when set, without
+        caches) masks attention across documents and restarts positions per document."""
         S = tokens_BS.shape[1]
         if pos + S > self.max_seq_len:
             raise ValueError(f"positions up to {pos + S} exceed the model's max_seq_len {self.max_seq_len}")
+        if doc_ids_BS is None and self.doc_eos is not None and caches is None:
+            doc_ids_BS = document_ids(tokens_BS, self.doc_eos)
+        cos, sin, mask = self.rope_cos, self.rope_sin, None
+        if doc_ids_BS is not None:
+            if caches is not None:
+                raise ValueError("document masking (doc_ids_BS) is not supported with KV caches")
+            cos, sin, mask = document_layout(doc_ids_BS, self.rope_cos[:S], self.rope_sin[:S])
         x = self.embed(tokens_BS)
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
             if caches is None:
-                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS)
+                x, s = block(x, cos, sin, tokens_BS, None, 0, mask)
             else:
                 x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, caches[i], pos)
             if s is not None:
@@ -196,6 +224,7 @@ def build_model(
     max_seq_len: int,
     ep: int = 1,
     seed: int | None = None,
+    doc_eos: int | None = None,
 ) -> Transformer:
     """Build the plain model from config dataclasses (no Hydra needed).
 
@@ -206,5 +235,5 @@ def build_model(
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups)
-    return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups)
+            return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups, doc_eos)
+    return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups, doc_eos)

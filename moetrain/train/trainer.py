@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moetrain.config import TrainConfig, to_dict
-from moetrain.data import GlobalBatchLoader, build_tokenizer, prepare_data, rank_slice, split_micro_batches, val_batches
+from moetrain.data import build_loader, build_tokenizer, prepare_data, rank_slice, split_micro_batches, val_batches
 from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile
 from moetrain.model.transformer import ModelOutput, Transformer, build_model, vocab_for
 from moetrain.moe.layer import MoEStats, global_routing_counts
@@ -153,11 +153,14 @@ class Trainer:
         self.pc.barrier()
         if not self.pc.is_main:
             self.data = prepare_data(cfg.data, self.tokenizer)
-        self.loader = GlobalBatchLoader(self.data.train, t.global_batch_size, cfg.data.seed)
+        self.loader = build_loader(self.data, t.global_batch_size, cfg.data.seed)
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.pc.world_size)
 
         vocab = vocab_for(cfg.model, self.tokenizer.vocab_size)
-        full = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed)
+        doc_eos = self.tokenizer.eos_id if cfg.data.doc_mask else None
+        full = build_model(
+            cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed, doc_eos=doc_eos
+        )
         apply_balanced_hash(full, self.data.train)  # moe.router.hash_table=balanced: from the corpus frequencies
         # Same seed on every rank, then keep the local expert shards: EP=N starts from EP=1's exact weights.
         self.model: Transformer = apply_expert_parallel(  # type: ignore[assignment]
@@ -407,6 +410,7 @@ class Trainer:
                         "train/tokens": self.tokens_seen,
                         **res["extra"],
                         **res["acc"].metrics(res["n"]),
+                        **self.loader.metrics(),  # a mixture's realised source proportions
                     }
                     self._log(metrics)
                     last.update(metrics)

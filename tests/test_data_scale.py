@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +36,7 @@ def texts(n: int = 40) -> list[str]:
     return [f"doc {i} " + "héllo " * (i % 9) + "x" * (i % 5) for i in range(n)]
 
 
-def dataset(items: list[str]):
+def dataset(items: list[str]) -> Any:
     import datasets
 
     return datasets.Dataset.from_dict({"text": items})
@@ -82,7 +84,7 @@ def test_interrupted_tokenisation_resumes_without_duplicated_or_missing_document
     monkeypatch.setattr(shards_mod, "BATCH_DOCS", 4)
     items = texts(60)
 
-    def stop_after(n: int):
+    def stop_after(n: int) -> Callable[[int], None]:
         def on_batch(done: int) -> None:
             if done >= n:
                 raise KeyboardInterrupt
@@ -96,7 +98,7 @@ def test_interrupted_tokenisation_resumes_without_duplicated_or_missing_document
     assert complete and not (directory / "index.json").exists()
     # a crash while writing the next shard: its tokens are there, its marker is not, and a temp file lingers
     tokens_path, _, _ = shards_mod.shard_files(directory, len(complete))
-    np.save(tokens_path, np.zeros(3, dtype=np.uint16))
+    tokens_path.write_bytes(b"\0" * 6)
     (directory / ".shard_00099.npy.1.tmp").write_bytes(b"partial")
     with pytest.raises(KeyboardInterrupt):  # a second interruption, later
         build(directory, items, on_batch=stop_after(45))

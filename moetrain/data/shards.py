@@ -3,21 +3,23 @@
 A split's token stream (each document's ids followed by the EOS id, documents in
 order) is stored as consecutive shards in one directory::
 
-    shard_00000.npy        tokens (uint16 when the vocabulary fits, else uint32), memory-mapped when read
+    shard_00000.bin        raw tokens (uint16 when the vocabulary fits, else uint32), memory-mapped when read
     shard_00000.docs.npy   int64 end offset of every document inside the shard (the document index)
-    shard_00000.json       {"first_doc", "documents", "tokens"}: written last, it marks the shard complete
+    shard_00000.json       {"first_doc", "documents", "tokens", "dtype"}: written last, it marks the shard complete
     index.json             written when the whole split is done: {"shards", "documents", "tokens", "dtype"}
 
 A shard holds whole documents and is closed as soon as it reaches ``shard_tokens``
 tokens, so its boundaries depend only on the documents and ``shard_tokens``, not
-on the number of workers. Every file is written to a temporary name and renamed.
+on the number of workers. Tokens are appended to the open shard's temporary file
+batch by batch; every file is renamed into place once complete.
 An interrupted build resumes after its last complete shard: the files of later
 (incomplete) shards are deleted and tokenisation restarts at the first document
 that no complete shard holds, so no document is missing or duplicated. A lock
 file serialises builders of the same directory (ranks, concurrent jobs).
 
-Memory: the open shard (``shard_tokens`` tokens) plus the batches in flight
-(``2 * num_proc`` batches of :data:`BATCH_DOCS` documents), whatever the corpus size.
+Memory: the batches in flight (``2 * num_proc`` batches of :data:`BATCH_DOCS`
+documents) and the open shard's document index (8 bytes a document), whatever the
+corpus size; the open shard's tokens go straight to its file.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write through ``write(file)`` to a temporary file in the same directory, then ``os.replace``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -66,12 +68,12 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 def shard_files(directory: Path, i: int) -> tuple[Path, Path, Path]:
     """Tokens, document index and completion marker of shard ``i``."""
     stem = directory / f"shard_{i:05d}"
-    return stem.with_suffix(".npy"), stem.with_suffix(".docs.npy"), stem.with_suffix(".json")
+    return stem.with_suffix(".bin"), stem.with_suffix(".docs.npy"), stem.with_suffix(".json")
 
 
 def complete_shards(directory: Path) -> list[dict[str, int]]:
     """Metadata of shards 0, 1, ... up to the first one that is not complete."""
-    out = []
+    out: list[dict[str, int]] = []
     while True:
         tokens, docs, marker = shard_files(directory, len(out))
         if not (marker.exists() and tokens.exists() and docs.exists()):
@@ -136,9 +138,13 @@ class ShardWriter:
     def __init__(self, directory: Path, shard_tokens: int, index: int, first_doc: int, dtype: np.dtype) -> None:
         self.directory, self.shard_tokens, self.dtype = directory, shard_tokens, dtype
         self.index, self.first_doc = index, first_doc
-        self.parts: list[np.ndarray] = []
+        self.file: IO[bytes] | None = None
         self.ends: list[np.ndarray] = []
         self.tokens = 0
+
+    def _tmp(self) -> Path:
+        path = shard_files(self.directory, self.index)[0]
+        return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
     def add(self, tokens: np.ndarray, ends: np.ndarray) -> None:
         """Append whole documents (``ends`` cumulative within ``tokens``), flushing full shards."""
@@ -150,7 +156,9 @@ class ShardWriter:
             stop_doc = min(k, len(ends) - 1)
             stop = int(ends[stop_doc])
             first = int(np.searchsorted(ends, start, side="right"))
-            self.parts.append(tokens[start:stop])
+            if self.file is None:
+                self.file = open(self._tmp(), "wb")  # noqa: SIM115 - open across add() calls until flush/abort
+            self.file.write(np.ascontiguousarray(tokens[start:stop], dtype=self.dtype).data)
             self.ends.append(ends[first : stop_doc + 1] - start + self.tokens)
             self.tokens += stop - start
             start = stop
@@ -158,17 +166,26 @@ class ShardWriter:
                 self.flush()
 
     def flush(self) -> None:
-        """Write the open shard (tokens, index, then the completion marker) and start the next one."""
-        if not self.tokens:
+        """Publish the open shard (tokens, index, then the completion marker) and start the next one."""
+        if self.file is None:
             return
+        self.file.close()
+        self.file = None
         tokens_path, docs_path, marker = shard_files(self.directory, self.index)
-        tokens = np.concatenate(self.parts).astype(self.dtype, copy=False)
+        os.replace(self._tmp(), tokens_path)
         ends = np.concatenate(self.ends).astype(np.int64, copy=False)
-        atomic_write(tokens_path, lambda f: np.save(f, tokens))
         atomic_write(docs_path, lambda f: np.save(f, ends))
-        _write_json(marker, {"first_doc": self.first_doc, "documents": len(ends), "tokens": int(self.tokens)})
+        info = {"first_doc": self.first_doc, "documents": len(ends), "tokens": int(self.tokens)}
+        _write_json(marker, {**info, "dtype": self.dtype.name})
         self.index, self.first_doc = self.index + 1, self.first_doc + len(ends)
-        self.parts, self.ends, self.tokens = [], [], 0
+        self.ends, self.tokens = [], 0
+
+    def abort(self) -> None:
+        """Drop the open shard (an interrupted build; the next build restarts it)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self._tmp().unlink(missing_ok=True)
 
 
 @contextmanager
@@ -222,11 +239,15 @@ def write_split(
         rest = docs.select(range(first_doc, len(docs))) if first_doc else docs
         texts = (batch["text"] for batch in rest.iter(batch_size=BATCH_DOCS))
         done = first_doc
-        for tokens, ends in _encoded(texts, tokenizer, num_proc):
-            writer.add(tokens, ends)
-            done += len(ends)
-            if on_batch is not None:
-                on_batch(done)
+        try:
+            for tokens, ends in _encoded(texts, tokenizer, num_proc):
+                writer.add(tokens, ends)
+                done += len(ends)
+                if on_batch is not None:
+                    on_batch(done)
+        except BaseException:
+            writer.abort()
+            raise
         writer.flush()
         shards = complete_shards(directory)
         index = {
@@ -247,10 +268,12 @@ class TokenStream:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.index = json.loads((directory / "index.json").read_text())
-        self.shards = [np.load(shard_files(directory, i)[0], mmap_mode="r") for i in range(self.index["shards"])]
+        dtype = np.dtype(self.index["dtype"])
+        paths = [shard_files(directory, i)[0] for i in range(self.index["shards"])]
+        self.shards = [np.memmap(path, dtype=dtype, mode="r") for path in paths]
         sizes = [len(s) for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self.dtype = self.shards[0].dtype if self.shards else token_dtype(0)
+        self.dtype = dtype
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -268,3 +268,23 @@ def test_trainer_mixture_with_doc_mask_resumes_exactly_and_logs_proportions(tmp_
     assert [got[s] for s in (3, 4)] == [ref[s] for s in (3, 4)]
     last = [r for r in records(tmp_path / "straight") if "data/source/code" in r][-1]
     assert last["data/source/code"] == 0.75 and last["data/source/prose"] == 0.25  # 4 x 8 rows, 24 + 8
+
+
+@pytest.mark.e2e
+def test_prepare_data_command_builds_the_cache_the_trainer_reuses(tmp_path: Path) -> None:
+    from moetrain.data.prepare import compose_data_config, prepare
+
+    paths = write_corpus(tmp_path / "docs", 12)
+    overrides = ["data=files", "data.paths=[" + ",".join(paths) + "]", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_data_config([*overrides, "data.seq_len=16", "data.shard_tokens=100"])
+    (summary,) = prepare(cfg, progress=False)
+    assert summary["train_documents"] + summary["val_documents"] == 12
+    assert len(list(Path(summary["directory"]).glob("train/shard_*.bin"))) > 1
+
+    class NoEncode(ByteTokenizer):
+        def encode(self, text: str) -> np.ndarray:
+            raise AssertionError("the trainer re-tokenised a prepared corpus")
+
+    assert len(prepare_data(cfg, NoEncode()).train) > 0  # same key: served from the prepared shards
+    with pytest.raises(ConfigError, match=r"^data\.shard_tokens=0: must be > 0$"):
+        compose_data_config([*overrides, "data.shard_tokens=0"])

@@ -203,6 +203,9 @@ class DataConfig:
     """Tokens per token-file shard (also the bound on tokenisation memory, about 2-4 bytes per token)."""
     num_proc: int = 0
     """Tokenisation worker processes; 0 = one per CPU core for corpora over 64 MB of text, else in-process."""
+    streaming: bool = False
+    """Hub datasets only: read the dataset as a stream (``load_dataset(..., streaming=True)``) while tokenising,
+    instead of downloading and converting it whole first."""
 
     def __post_init__(self) -> None:
         self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
@@ -529,6 +532,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     if d.source == "files" and not d.paths:
         _fail("data.paths", d.paths, "must list at least one file when data.source=files")
     _positive("data.shard_tokens", d.shard_tokens)
+    if d.streaming and (d.source in ("stdlib", "files") or d.sources):
+        _fail(
+            "data.streaming", d.streaming, "is for one hub dataset (data.source=<name>), not stdlib, files or sources"
+        )
     if d.num_proc < 0:
         _fail("data.num_proc", d.num_proc, "must be >= 0 (0 = automatic)")
     names = [s.name for s in d.sources]

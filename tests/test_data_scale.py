@@ -288,3 +288,35 @@ def test_prepare_data_command_builds_the_cache_the_trainer_reuses(tmp_path: Path
     assert len(prepare_data(cfg, NoEncode()).train) > 0  # same key: served from the prepared shards
     with pytest.raises(ConfigError, match=r"^data\.shard_tokens=0: must be > 0$"):
         compose_data_config([*overrides, "data.shard_tokens=0"])
+
+
+@pytest.mark.unit
+def test_streaming_a_dataset_gives_the_same_splits_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from moetrain.data.corpus import load_documents
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = [{"body": t} for t in texts(50)] + [{"body": "  "}] + [{"body": f"late {i}"} for i in range(9)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"source": str(folder), "text_field": "body", "val_fraction": 0.3, "cache_dir": str(tmp_path / "c")}
+    whole = [list(d["text"]) for d in load_documents(DataConfig(**base))]
+    streamed = load_documents(DataConfig(**base, streaming=True))
+    assert [[b for batch in d.iter(batch_size=7) for b in batch["text"]] for d in streamed] == whole
+
+    monkeypatch.setattr(shards_mod, "BATCH_DOCS", 5)
+
+    def stop(done: int) -> None:
+        if done >= 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_split(tmp_path / "s", streamed[0], ByteTokenizer(), 40, on_batch=stop)
+    write_split(tmp_path / "s", streamed[0], ByteTokenizer(), 40)
+    stream = TokenStream(tmp_path / "s")
+    np.testing.assert_array_equal(stream.read(0, len(stream)), tokenize_documents(whole[0], ByteTokenizer()))
+    data = prepare_data(DataConfig(**base, streaming=True, seq_len=8), ByteTokenizer())
+    assert len(data.train) == len(stream) // 9
+    with pytest.raises(ConfigError, match=r"^data\.streaming=True: is for one hub dataset"):
+        validate(TrainConfig(data=DataConfig(streaming=True)))

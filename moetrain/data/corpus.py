@@ -315,11 +315,16 @@ def split_by_hash(keys: Iterable[str], val_fraction: float, seed: int) -> np.nda
 
 
 def load_documents(cfg: DataConfig):
-    """The corpus of ``cfg`` as ``(train, val)`` ``datasets.Dataset`` with columns ``text`` and ``source``.
+    """The corpus of ``cfg`` as ``(train, val)`` ``datasets.Dataset`` with columns ``text`` and ``source``
+    (with ``data.streaming``: ``datasets.IterableDataset`` with column ``text``).
 
     Raises :class:`DataError` (one line naming the path or key) on bad input.
     """
     what = f"data.source={cfg.source!r}"
+    if cfg.streaming:
+        from moetrain.data.streaming import load_streaming
+
+        return load_streaming(cfg)
     if cfg.source == "stdlib":
         docs = _load_stdlib(cfg)
     elif cfg.source == "files":

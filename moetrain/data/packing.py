@@ -28,8 +28,8 @@ FORMAT_VERSION = 2
 """Bump when the stream layout changes, so old caches are not reused (2: sharded token files)."""
 
 
-def cache_key(cfg: Any, tokenizer: Any) -> str:
-    """Hash of everything the token streams of ``cfg`` (a ``DataConfig`` or ``SourceConfig``) depend on."""
+def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
+    """Hash of everything the token streams of ``cfg`` depend on."""
     key = {
         "format": FORMAT_VERSION,
         "source": cfg.source,
@@ -41,6 +41,8 @@ def cache_key(cfg: Any, tokenizer: Any) -> str:
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
     }
+    if getattr(cfg, "streaming", False):  # a stream skips the whole-corpus split rule: its own cache
+        key["streaming"] = True
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -63,12 +65,14 @@ def build_token_streams(cfg: DataConfig, tokenizer: Any, progress: bool = False)
     docs = dict(zip(("train", "val"), load_documents(cfg)))
     meta: dict[str, Any] = {"source": cfg.source, "tokenizer": tokenizer.name}
     for split, ds in docs.items():
-        num_proc = auto_num_proc(cfg.num_proc, ds.data.nbytes)
+        sized = hasattr(ds, "__len__")  # a stream's size is unknown: as big as a corpus gets
+        num_proc = auto_num_proc(cfg.num_proc, ds.data.nbytes if sized else 2**62)
         report = None
         if progress:
+            total = f"/{len(ds)}" if sized else ""
 
-            def report(done: int, split: str = split, total: int = len(ds)) -> None:
-                print(f"\r{directory.name} {split}: {done}/{total} documents", end="", flush=True)
+            def report(done: int, split: str = split, total: str = total) -> None:
+                print(f"\r{directory.name} {split}: {done}{total} documents", end="", flush=True)
 
         index = write_split(directory / split, ds, tokenizer, cfg.shard_tokens, num_proc, report)
         if progress:

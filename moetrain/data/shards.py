@@ -222,7 +222,7 @@ def write_split(
     num_proc: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Tokenise the ``text`` column of the ``datasets.Dataset`` ``docs`` into shards in ``directory``.
+    """Tokenise the ``text`` column of ``docs`` (a ``datasets.Dataset`` or ``IterableDataset``) into shards.
 
     Resumes a partial build; returns (and writes) ``index.json``. ``on_batch(documents_done)``
     is called after each batch (progress; tests interrupt the build from it).
@@ -236,7 +236,11 @@ def write_split(
         first_doc = shards[-1]["first_doc"] + shards[-1]["documents"] if shards else 0
         dtype = token_dtype(tokenizer.vocab_size)
         writer = ShardWriter(directory, shard_tokens, len(shards), first_doc, dtype)
-        rest = docs.select(range(first_doc, len(docs))) if first_doc else docs
+        sized = hasattr(docs, "__len__")  # a Dataset; an IterableDataset (data.streaming) is skipped into
+        if first_doc:
+            rest = docs.select(range(first_doc, len(docs))) if sized else docs.skip(first_doc)
+        else:
+            rest = docs
         texts = (batch["text"] for batch in rest.iter(batch_size=BATCH_DOCS))
         done = first_doc
         try:
@@ -256,7 +260,7 @@ def write_split(
             "tokens": sum(s["tokens"] for s in shards),
             "dtype": dtype.name,
         }
-        if index["documents"] != len(docs):
+        if sized and index["documents"] != len(docs):
             raise RuntimeError(f"{directory}: {index['documents']} documents in the shards, {len(docs)} expected")
         _write_json(index_path, index)
         return index

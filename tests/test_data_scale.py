@@ -13,6 +13,7 @@ import torch
 from moetrain.config import ConfigError, DataConfig, ModelConfig, MoEConfig, SourceConfig, TrainConfig, validate
 from moetrain.data import (
     ByteTokenizer,
+    ConcatRows,
     GlobalBatchLoader,
     MixtureLoader,
     PackedSequences,
@@ -25,6 +26,7 @@ from moetrain.data import (
     write_split,
 )
 from moetrain.data import shards as shards_mod
+from moetrain.data.packing import token_counts
 from moetrain.data.sampling import mixture_choices
 from moetrain.model.layers import document_ids
 from moetrain.model.transformer import build_model
@@ -120,6 +122,8 @@ def test_packed_sequences_straddle_shards_and_loader_resumes_mid_shard_bitwise(t
     np.testing.assert_array_equal(packed[np.arange(len(plain))[::-1]], plain[::-1])
     np.testing.assert_array_equal(packed[3:9], plain[3:9])
     np.testing.assert_array_equal(np.asarray(packed), plain)
+    both = ConcatRows([packed, plain[:5]])
+    np.testing.assert_array_equal(token_counts(both, 300), np.bincount(np.asarray(both).reshape(-1), minlength=300))
 
     loader, reference = GlobalBatchLoader(packed, 5, seed=3), GlobalBatchLoader(plain, 5, seed=3)
     for _ in range(7):  # into the second epoch, mid-shard

@@ -174,6 +174,20 @@ class ConcatRows:
         return out if dtype is None else out.astype(dtype)
 
 
+def token_counts(seqs: Any, size: int) -> np.ndarray:
+    """How often each id in ``[0, size)`` occurs in the rows ``seqs`` (ndarray, :class:`PackedSequences` or
+    :class:`ConcatRows`), read shard by shard: nothing the size of the corpus is copied into memory."""
+    if isinstance(seqs, ConcatRows):
+        return sum((token_counts(p, size) for p in seqs.parts), np.zeros(size, dtype=np.int64))
+    if not isinstance(seqs, PackedSequences):
+        return np.bincount(np.asarray(seqs).reshape(-1), minlength=size)[:size]
+    counts, end = np.zeros(size, dtype=np.int64), seqs.rows * seqs.width
+    for shard, start in zip(seqs.stream.shards, seqs.stream.offsets):
+        if start < end:
+            counts += np.bincount(shard[: end - start], minlength=size)[:size]
+    return counts
+
+
 def pack_stream(stream: TokenStream, seq_len: int, rows: int | None = None) -> np.ndarray | PackedSequences:
     """The windows of ``stream``: a plain memory-mapped view when it is one shard, else :class:`PackedSequences`."""
     if len(stream.shards) == 1:

@@ -30,6 +30,7 @@ from moetrain.data.packing import token_counts
 from moetrain.data.sampling import mixture_choices
 from moetrain.model.layers import document_ids
 from moetrain.model.transformer import build_model
+from tests import spawned
 from tests.test_data import write_corpus
 
 
@@ -242,6 +243,54 @@ def test_document_mask_logits_equal_each_document_alone(n_kv_heads: int) -> None
 
 
 # ----------------------------------------------------------------------------- trainer
+
+
+def mixture_config(root: Path, **trainer_kw: Any) -> TrainConfig:
+    """A tiny run on a 3:1 mixture of two small corpora, document masking on."""
+    from tests.conftest import tiny_train_config
+    from tests.conftest import write_corpus as write_code
+
+    cfg = tiny_train_config(root, **trainer_kw)
+    code, prose = write_code(root / "code"), write_corpus(root / "prose", 12)
+    cfg.data.sources = [
+        SourceConfig(name="code", source="files", paths=code, weight=0.75),
+        SourceConfig(name="prose", source="files", paths=prose, weight=0.25),
+    ]
+    cfg.data.shard_tokens, cfg.data.doc_mask = 500, True
+    cfg.trainer.eval_at_start, cfg.trainer.eval_every = False, 0
+    cfg.checkpoint.enabled = False
+    return cfg
+
+
+def _mixture_two_ranks(rank: int, world: int, tmp: str) -> list[float]:
+    """Two steps of :func:`mixture_config` on ``world`` gloo ranks (rank 0 tokenises, the other waits)."""
+    import torch.distributed as dist
+
+    from moetrain.parallel.context import init_parallel
+    from moetrain.train.trainer import Trainer
+
+    root = Path(tmp) / "mixture"
+    box = [mixture_config(root, micro_batch_size=2) if rank == 0 else None]  # rank 0 writes the corpora
+    dist.broadcast_object_list(box, src=0)
+    cfg = box[0]
+    assert cfg is not None
+    trainer = Trainer(cfg, root / f"rank{rank}", init_parallel(cfg.parallel, "cpu"))
+    return [trainer.train_step(trainer.loader.next_batch())["loss"].item() for _ in range(2)]
+
+
+spawned.register(2, "data/mixture_doc_mask", _mixture_two_ranks)
+
+
+@pytest.mark.parity
+def test_mixture_with_doc_mask_trains_the_same_on_two_ranks(tmp_path: Path) -> None:
+    """The global batch of a mixture, hence the loss, does not depend on the world size or micro-batch split."""
+    from moetrain.train.trainer import Trainer
+
+    cfg = mixture_config(tmp_path)
+    one = Trainer(cfg, tmp_path / "one")
+    ref = [one.train_step(one.loader.next_batch())["loss"].item() for _ in range(2)]
+    for losses in spawned.result(2, "data/mixture_doc_mask"):
+        assert losses == pytest.approx(ref, rel=1e-5)
 
 
 @pytest.mark.parity

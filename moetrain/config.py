@@ -157,6 +157,24 @@ class MoEConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources``): a corpus like ``data.source`` and its sampling weight."""
+
+    name: str = ""
+    """Name in metrics (``data/source/<name>``); unique within the mixture."""
+    source: str = "stdlib"
+    """``stdlib``, ``files`` (``paths``) or a hub dataset name, as ``data.source``."""
+    paths: list[str] = field(default_factory=list)
+    """Files or globs when ``source=files``."""
+    hub_config: str | None = None
+    """Hub dataset configuration name."""
+    text_field: str = "text"
+    """Column holding the text."""
+    weight: float = 1.0
+    """Sampling weight (normalised over the mixture): the share of training sequences drawn from this source."""
+
+
+@dataclass
 class DataConfig:
     """Corpus, tokenizer, packing."""
 
@@ -180,6 +198,21 @@ class DataConfig:
     """Seed of the split and of the per-epoch shuffle."""
     cache_dir: str | None = None
     """Where tokenised data is cached; ``None`` = ``$MOETRAIN_CACHE`` or ``~/.cache/moetrain``."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture (each entry a :class:`SourceConfig`); empty = the single corpus of ``source``."""
+    doc_mask: bool = False
+    """Mask attention across document boundaries (the token after each EOS starts a document) inside a
+    packed sequence, and restart RoPE positions per document."""
+    shard_tokens: int = 2**26
+    """Tokens per token-file shard (also the bound on tokenisation memory, about 2-4 bytes per token)."""
+    num_proc: int = 0
+    """Tokenisation worker processes; 0 = one per CPU core for corpora over 64 MB of text, else in-process."""
+    streaming: bool = False
+    """Hub datasets only: read the dataset as a stream (``load_dataset(..., streaming=True)``) while tokenising,
+    instead of downloading and converting it whole first."""
+
+    def __post_init__(self) -> None:
+        self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
 
 
 @dataclass
@@ -537,6 +570,21 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         _positive("data.max_val_sequences", d.max_val_sequences)
     if d.source == "files" and not d.paths:
         _fail("data.paths", d.paths, "must list at least one file when data.source=files")
+    _positive("data.shard_tokens", d.shard_tokens)
+    if d.streaming and (d.source in ("stdlib", "files") or d.sources):
+        _fail(
+            "data.streaming", d.streaming, "is for one hub dataset (data.source=<name>), not stdlib, files or sources"
+        )
+    if d.num_proc < 0:
+        _fail("data.num_proc", d.num_proc, "must be >= 0 (0 = automatic)")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        if not s.name or s.name in names[:i]:
+            _fail(f"data.sources[{i}].name", s.name, "every source needs a unique, non-empty name")
+        if not (math.isfinite(s.weight) and s.weight > 0):
+            _fail(f"data.sources[{i}].weight", s.weight, "must be a finite number > 0")
+        if s.source == "files" and not s.paths:
+            _fail(f"data.sources[{i}].paths", s.paths, "must list at least one file when source=files")
 
     o = cfg.optim
     _positive("optim.lr", o.lr)

@@ -102,7 +102,7 @@ def test_split_disjoint_deterministic_and_order_free(tmp_path: Path) -> None:
     train, val = load_documents(files_cfg(tmp_path, paths, seed=1))
     train_keys, val_keys = set(train["source"]), set(val["source"])
     assert train_keys.isdisjoint(val_keys)
-    assert train_keys | val_keys == set(paths)
+    assert train_keys | val_keys == {Path(p).name for p in paths}  # relative to the corpus folder
     assert len(val_keys) >= 1 and len(train_keys) >= 1
     assert train.column_names == ["text", "source"]
 
@@ -115,7 +115,13 @@ def test_split_disjoint_deterministic_and_order_free(tmp_path: Path) -> None:
     # the text of each document is kept whole
     doc = dict(zip(train["source"], train["text"]))
     some = next(iter(doc))
-    assert doc[some] == Path(some).read_text(encoding="utf-8")
+    assert doc[some] == (tmp_path / "docs" / some).read_text(encoding="utf-8")
+
+    moved = tmp_path / "elsewhere" / "corpus"  # moving the corpus keeps its split
+    moved.parent.mkdir()
+    (tmp_path / "docs").rename(moved)
+    after = load_documents(files_cfg(tmp_path, [str(moved / Path(p).name) for p in paths], seed=1))
+    assert set(after[1]["source"]) == val_keys
 
 
 def test_split_keeps_one_document_on_each_side() -> None:
@@ -141,9 +147,9 @@ def test_jsonl_parquet_and_text_loading(tmp_path: Path) -> None:
     train, val = load_documents(cfg)
     docs = dict(zip(list(train["source"]) + list(val["source"]), list(train["text"]) + list(val["text"])))
     assert len(docs) == 10
-    assert docs[f"{jsonl}:3"] == "json row 3"
-    assert docs[f"{parquet}:0"] == "parquet row 0"
-    assert docs[str(tmp_path / "c.md")] == "# markdown doc\nline two\n"
+    assert docs["a.jsonl:3"] == "json row 3"  # keys relative to the folder holding every file
+    assert docs["b.parquet:0"] == "parquet row 0"
+    assert docs["c.md"] == "# markdown doc\nline two\n"
     assert train.column_names == ["text", "source"]
 
 

@@ -2,23 +2,37 @@
 
 from moetrain.data.corpus import DataError, cache_root, load_documents, split_by_hash, stdlib_files
 from moetrain.data.loader import (
-    GlobalBatchLoader,
     PackedData,
+    build_loader,
     prepare_data,
     rank_slice,
     split_micro_batches,
     val_batches,
 )
-from moetrain.data.packing import cache_key, pack_sequences, token_dtype, token_streams, tokenize_documents
+from moetrain.data.packing import (
+    ConcatRows,
+    PackedSequences,
+    cache_key,
+    pack_sequences,
+    token_streams,
+    tokenize_documents,
+)
+from moetrain.data.sampling import GlobalBatchLoader, MixtureLoader
+from moetrain.data.shards import TokenStream, token_dtype, write_split
 from moetrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
     "ByteTokenizer",
+    "ConcatRows",
     "DataError",
     "GlobalBatchLoader",
     "HFTokenizer",
+    "MixtureLoader",
     "PackedData",
+    "PackedSequences",
+    "TokenStream",
     "Tokenizer",
+    "build_loader",
     "build_tokenizer",
     "cache_key",
     "cache_root",
@@ -33,4 +47,5 @@ __all__ = [
     "token_streams",
     "tokenize_documents",
     "val_batches",
+    "write_split",
 ]

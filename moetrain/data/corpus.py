@@ -12,7 +12,8 @@ Three sources (``data.source``):
   has one, otherwise its ``train`` split is split like the local sources.
 
 Every document has a stable key (``source`` column: the relative path, ``path:row``
-or ``split:row``). A document goes to validation iff ``sha1(f"{seed}:{key}")``,
+or ``split:row``; for ``data.source=files`` paths are relative to the deepest folder
+holding every file, so moving or copying the corpus keeps its split). A document goes to validation iff ``sha1(f"{seed}:{key}")``,
 read as a number in [0, 1), is below ``val_fraction``: the split does not depend
 on file order or on the other documents, except that at least one document is
 always moved to each side. Empty (whitespace-only) documents are dropped.
@@ -25,6 +26,7 @@ import hashlib
 import os
 import sys
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,12 @@ def resolve_paths(patterns: list[str]) -> list[Path]:
     return out
 
 
+def relative_names(paths: list[Path]) -> list[str]:
+    """Each path relative to the deepest folder holding all of them (POSIX form): the documents' keys."""
+    root = os.path.commonpath([str(p.resolve().parent) for p in paths])
+    return [Path(os.path.relpath(p.resolve(), root)).as_posix() for p in paths]
+
+
 def corpus_fingerprint(cfg: DataConfig) -> dict[str, Any]:
     """What identifies the raw corpus, cheaply (stat only): part of the token cache key."""
     if cfg.source == "stdlib":
@@ -128,7 +136,9 @@ def corpus_fingerprint(cfg: DataConfig) -> dict[str, Any]:
             "bytes": sum(p.stat().st_size for p in files),
         }
     if cfg.source == "files":
-        return {"files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in resolve_paths(cfg.paths)]}
+        paths = resolve_paths(cfg.paths)
+        names = relative_names(paths)
+        return {"files": [[n, p.stat().st_size, p.stat().st_mtime_ns] for n, p in zip(names, paths)]}
     fingerprint: dict[str, Any] = {"hub": cfg.source, "hub_config": cfg.hub_config}
     if os.path.isdir(cfg.source):  # a local dataset folder: its files' stats, like source=files
         files = sorted(p for p in Path(cfg.source).rglob("*") if p.is_file() and ".cache" not in p.parts)
@@ -194,6 +204,7 @@ def _load_files(cfg: DataConfig):
     import datasets
 
     paths = resolve_paths(cfg.paths)
+    names = dict(zip(paths, relative_names(paths)))
     hf_cache = cache_root(cfg) / "hf_datasets"
     parts = []
     i = 0
@@ -205,13 +216,13 @@ def _load_files(cfg: DataConfig):
                 run.append(paths[i])
                 i += 1
             ds = _load_local("text", run, hf_cache, sample_by="document")
-            parts.append(_with_source(ds, [str(p) for p in run]))
+            parts.append(_with_source(ds, [names[p] for p in run]))
             continue
         path = paths[i]
         i += 1
         builder = "json" if suffix in JSON_SUFFIXES else "parquet"
         ds = _text_column(_load_local(builder, [path], hf_cache), cfg.text_field, str(path))
-        parts.append(_with_source(ds, [f"{path}:{row}" for row in range(len(ds))]))
+        parts.append(_with_source(ds, [f"{names[path]}:{row}" for row in range(len(ds))]))
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
@@ -252,6 +263,8 @@ def _load_hub(cfg: DataConfig):
 # ----------------------------------------------------------------------------- split
 
 
+CHUNK_ROWS = 4096
+"""Rows per chunk when a whole column is scanned (empty-document check, split keys)."""
 MAX_MISSING_TEXT_FRACTION = 0.1
 """Rows without a text value (the ``data.text_field`` key absent or null) beyond this fraction stop the run."""
 
@@ -264,16 +277,19 @@ def _drop_empty(ds, what: str):
     """
     import pyarrow.compute as pc
 
-    text = ds.with_format("arrow")["text"]
-    missing = text.null_count
+    missing, masks = 0, []
+    for batch in ds.with_format("arrow").iter(batch_size=CHUNK_ROWS):  # chunk by chunk: bounded memory
+        text = batch["text"]
+        missing += text.null_count
+        keep = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(text, ""))), 0)
+        masks.append(np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool))
+    keep = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
     if missing:
-        share = missing / len(text)
-        line = f"{what}: {missing} of {len(text)} rows have no text value (data.text_field)"
+        share = missing / len(keep)
+        line = f"{what}: {missing} of {len(keep)} rows have no text value (data.text_field)"
         if share > MAX_MISSING_TEXT_FRACTION:
             raise DataError(f"{line}: more than {MAX_MISSING_TEXT_FRACTION:.0%}, check the field name and the data")
         print(f"moetrain: warning: {line}; they are skipped", flush=True)
-    keep = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(text, ""))), 0)
-    keep = np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)
     if not keep.any():
         raise DataError(f"{what}: the corpus is empty (no non-empty documents)")
     return ds if keep.all() else ds.select(np.flatnonzero(keep))
@@ -285,11 +301,11 @@ def _hash_unit(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_by_hash(keys: list[str], val_fraction: float, seed: int) -> np.ndarray:
+def split_by_hash(keys: Iterable[str], val_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask, True = validation; at least one document on each side (needs >= 2 keys)."""
-    if len(keys) < 2:
-        raise DataError(f"data: need at least 2 non-empty documents to split train/val, got {len(keys)}")
-    h = np.array([_hash_unit(seed, k) for k in keys])
+    h = np.fromiter((_hash_unit(seed, k) for k in keys), dtype=np.float64)
+    if len(h) < 2:
+        raise DataError(f"data: need at least 2 non-empty documents to split train/val, got {len(h)}")
     is_val = h < val_fraction
     if not is_val.any():
         is_val[np.argmin(h)] = True
@@ -299,11 +315,16 @@ def split_by_hash(keys: list[str], val_fraction: float, seed: int) -> np.ndarray
 
 
 def load_documents(cfg: DataConfig):
-    """The corpus of ``cfg`` as ``(train, val)`` ``datasets.Dataset`` with columns ``text`` and ``source``.
+    """The corpus of ``cfg`` as ``(train, val)`` ``datasets.Dataset`` with columns ``text`` and ``source``
+    (with ``data.streaming``: ``datasets.IterableDataset`` with column ``text``).
 
     Raises :class:`DataError` (one line naming the path or key) on bad input.
     """
     what = f"data.source={cfg.source!r}"
+    if cfg.streaming:
+        from moetrain.data.streaming import load_streaming
+
+        return load_streaming(cfg)
     if cfg.source == "stdlib":
         docs = _load_stdlib(cfg)
     elif cfg.source == "files":
@@ -313,5 +334,6 @@ def load_documents(cfg: DataConfig):
         if val is not None:
             return _drop_empty(docs, what + " train"), _drop_empty(val, what + " validation")
     docs = _drop_empty(docs, what)
-    is_val = split_by_hash(list(docs["source"]), cfg.val_fraction, cfg.seed)
+    keys = (k for batch in docs.select_columns(["source"]).iter(batch_size=CHUNK_ROWS) for k in batch["source"])
+    is_val = split_by_hash(keys, cfg.val_fraction, cfg.seed)
     return docs.select(np.flatnonzero(~is_val)), docs.select(np.flatnonzero(is_val))

@@ -11,109 +11,92 @@ micro-batches with :func:`split_micro_batches`. Resuming needs only
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-import numpy as np
 import torch
 
 from moetrain.config import DataConfig
 from moetrain.data.corpus import DataError
-from moetrain.data.packing import pack_sequences, token_streams
+from moetrain.data.packing import ConcatRows, pack_stream, token_streams
+from moetrain.data.sampling import GlobalBatchLoader, MixtureLoader, to_long
+
+Sequences = Any
+"""Rows ``[n, seq_len + 1]``: an ndarray, :class:`~moetrain.data.packing.PackedSequences` or
+:class:`~moetrain.data.mixture.ConcatRows` (anything with ``len``, ``shape`` and row indexing)."""
 
 
 @dataclass
 class PackedData:
-    """Training and validation sequences, ``[n, seq_len + 1]`` each (memory-mapped, read-only)."""
+    """Training and validation sequences, ``[n, seq_len + 1]`` each (memory-mapped, read-only).
 
-    train: np.ndarray
-    val: np.ndarray
-    vocab_size: int
-
-
-def prepare_data(cfg: DataConfig, tokenizer) -> PackedData:
-    """Load (or build and cache) the token streams of ``cfg`` and cut them into sequences.
-
-    ``val`` keeps the first ``cfg.max_val_sequences`` sequences when that is set.
-    Raises :class:`DataError` when either split is shorter than one sequence.
+    For a mixture (``data.sources``), ``sources`` holds each source's training sequences and
+    ``weights`` their normalised weights; ``train`` and ``val`` are then all sources' rows.
     """
+
+    train: Sequences
+    val: Sequences
+    vocab_size: int
+    sources: dict[str, Sequences] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def _prepare_one(cfg: DataConfig, tokenizer: Any, max_val: int | None) -> tuple[Sequences, Sequences]:
+    """(train, val) sequences of one corpus; :class:`DataError` when a split is shorter than one sequence."""
     train_stream, val_stream = token_streams(cfg, tokenizer)
-    train = pack_sequences(train_stream, cfg.seq_len)
-    val = pack_sequences(val_stream, cfg.seq_len)
-    if cfg.max_val_sequences is not None:
-        val = val[: cfg.max_val_sequences]
+    train = pack_stream(train_stream, cfg.seq_len)
+    val = pack_stream(val_stream, cfg.seq_len, max_val)
     for name, seqs, stream in (("train", train, train_stream), ("val", val, val_stream)):
         if len(seqs) < 1:
             raise DataError(
-                f"data.seq_len={cfg.seq_len}: the {name} split has {stream.shape[0]} tokens, fewer than one "
-                f"sequence of seq_len + 1 (use a larger corpus, a smaller seq_len or another val_fraction)"
+                f"data.seq_len={cfg.seq_len}: the {name} split of data.source={cfg.source!r} has {len(stream)} "
+                f"tokens, fewer than one sequence of seq_len + 1 (use a larger corpus, a smaller seq_len or "
+                f"another val_fraction)"
             )
-    return PackedData(train=train, val=val, vocab_size=tokenizer.vocab_size)
+    return train, val
 
 
-def _to_long(rows: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(rows, dtype=np.int64))
+def source_configs(cfg: DataConfig) -> dict[str, DataConfig]:
+    """Each mixture source as a single-corpus ``DataConfig`` (tokenizer, split and cache settings shared)."""
+    return {
+        s.name: replace(
+            cfg, source=s.source, paths=list(s.paths), hub_config=s.hub_config, text_field=s.text_field, sources=[]
+        )
+        for s in cfg.sources
+    }
 
 
-class GlobalBatchLoader:
-    """Infinite stream of global batches ``[global_batch_size, seq_len + 1]`` (int64).
+def prepare_data(cfg: DataConfig, tokenizer: Any) -> PackedData:
+    """Load (or build and cache) the token streams of ``cfg`` and cut them into sequences.
 
-    Epoch e visits every sequence once in the order ``default_rng([seed, e]).permutation(n)``;
-    a batch that runs past the end of an epoch continues with the next epoch's
-    permutation. Nothing depends on the world size.
+    ``val`` keeps the first ``cfg.max_val_sequences`` sequences when that is set (for a
+    mixture: of each source, ``round(max_val_sequences * weight)``, at least one).
+    Raises :class:`DataError` when either split is shorter than one sequence.
     """
+    if not cfg.sources:
+        train, val = _prepare_one(cfg, tokenizer, cfg.max_val_sequences)
+        return PackedData(train=train, val=val, vocab_size=tokenizer.vocab_size)
+    total = sum(s.weight for s in cfg.sources)
+    weights = {s.name: s.weight / total for s in cfg.sources}
+    trains, vals = {}, []
+    for name, sub in source_configs(cfg).items():
+        cap = None if cfg.max_val_sequences is None else max(1, round(cfg.max_val_sequences * weights[name]))
+        trains[name], val = _prepare_one(sub, tokenizer, cap)
+        vals.append(val)
+    return PackedData(
+        train=ConcatRows(list(trains.values())),
+        val=ConcatRows(vals),
+        vocab_size=tokenizer.vocab_size,
+        sources=trains,
+        weights=weights,
+    )
 
-    def __init__(self, seqs: np.ndarray, global_batch_size: int, seed: int) -> None:
-        if global_batch_size <= 0:
-            raise ValueError(f"global_batch_size={global_batch_size}: must be > 0")
-        if len(seqs) == 0:
-            raise ValueError("GlobalBatchLoader needs at least one sequence")
-        self.seqs = seqs
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._perm_epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.seqs))
-            self._perm_epoch = epoch
-        return self._perm
-
-    def next_indices(self) -> np.ndarray:
-        """Sequence indices of the next global batch (advances the loader)."""
-        parts, need = [], self.global_batch_size
-        while need > 0:
-            perm = self._permutation(self.epoch)
-            take = perm[self.position : self.position + need]
-            parts.append(take)
-            need -= len(take)
-            self.position += len(take)
-            if self.position == len(perm):
-                self.epoch, self.position = self.epoch + 1, 0
-        return np.concatenate(parts)
-
-    def next_batch(self) -> torch.Tensor:
-        """The next global batch as a LongTensor ``[global_batch_size, seq_len + 1]``."""
-        return _to_long(self.seqs[self.next_indices()])
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        return self.next_batch()
-
-    def state_dict(self) -> dict[str, int]:
-        """Where the next batch starts: ``{"epoch": e, "position": p}``."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume so that the following batches equal those of the saved loader."""
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < len(self.seqs):
-            raise ValueError(f"loader state {state} does not fit {len(self.seqs)} sequences")
-        self.epoch, self.position = epoch, position
+def build_loader(data: PackedData, global_batch_size: int, seed: int) -> GlobalBatchLoader | MixtureLoader:
+    """The training loader of ``data``: one source's :class:`GlobalBatchLoader` or a :class:`MixtureLoader`."""
+    if data.sources:
+        return MixtureLoader(data.sources, data.weights, global_batch_size, seed)
+    return GlobalBatchLoader(data.train, global_batch_size, seed)
 
 
 def rank_slice(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -134,7 +117,7 @@ def split_micro_batches(batch: torch.Tensor, micro_batch_size: int) -> list[torc
     return list(batch.split(micro_batch_size))
 
 
-def val_batches(seqs: np.ndarray, batch_size: int, rank: int, world_size: int) -> Iterator[torch.Tensor]:
+def val_batches(seqs: Sequences, batch_size: int, rank: int, world_size: int) -> Iterator[torch.Tensor]:
     """This rank's part of the validation set, batch by batch, in the fixed order of ``seqs``.
 
     The set is cut into consecutive global batches of ``batch_size`` sequences
@@ -152,4 +135,4 @@ def val_batches(seqs: np.ndarray, batch_size: int, rank: int, world_size: int) -
     for start in range(0, len(seqs), batch_size):
         b = min(batch_size, len(seqs) - start)
         lo, hi = start + rank * b // world_size, start + (rank + 1) * b // world_size
-        yield _to_long(seqs[lo:hi])
+        yield to_long(seqs[lo:hi])

@@ -1,40 +1,34 @@
-"""Tokenise documents into one token stream per split, cache it, cut it into sequences.
+"""Tokenise documents into one sharded token stream per split, cache it, cut it into sequences.
 
 Each document is tokenised, followed by the EOS id, and all documents of a split
-are concatenated in order into one stream. Streams are cached as ``.npy`` files
-(uint16 when the vocabulary fits, else int32) under
-``<cache root>/tokens/<key>/``, where the key hashes everything the stream
-depends on (corpus fingerprint, text field, split, tokenizer, format version) but
-not ``seq_len``: the stream is cut into windows at load time, as a view of the
-memory-mapped file. Files are written to a temporary name and ``os.replace``-d,
-so ranks racing to build the same cache all end up reading a complete file.
+are concatenated in order into one stream, stored as sharded token files
+(:mod:`moetrain.data.shards`) under ``<cache root>/tokens/<key>/<split>/``, where
+the key hashes everything the stream depends on (corpus fingerprint, text field,
+split, tokenizer, format version) but not ``seq_len`` nor the shard size: the
+stream is cut into windows at load time (:class:`PackedSequences`, a view of the
+memory-mapped shards; windows may straddle shards). Any run with the same corpus
+and tokenizer reuses the cache; an interrupted build resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import numpy as np
 
 from moetrain.config import DataConfig
 from moetrain.data.corpus import DataError, cache_root, corpus_fingerprint, load_documents
+from moetrain.data.shards import TokenStream, atomic_write, auto_num_proc, encode_batch, write_split
 
-FORMAT_VERSION = 1
-"""Bump when the stream layout changes, so old caches are not reused."""
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab <= 65535), else int32."""
-    return np.dtype(np.uint16 if vocab_size <= 65535 else np.int32)
+FORMAT_VERSION = 2
+"""Bump when the stream layout changes, so old caches are not reused (2: sharded token files)."""
 
 
-def cache_key(cfg: DataConfig, tokenizer) -> str:
+def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     """Hash of everything the token streams of ``cfg`` depend on."""
     key = {
         "format": FORMAT_VERSION,
@@ -47,66 +41,159 @@ def cache_key(cfg: DataConfig, tokenizer) -> str:
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
     }
+    if getattr(cfg, "streaming", False):  # a stream skips the whole-corpus split rule: its own cache
+        key["streaming"] = True
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def tokenize_documents(texts: Iterable[str], tokenizer) -> np.ndarray:
-    """One stream: each document's ids followed by ``tokenizer.eos_id``."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
-    pieces = []
-    for text in texts:
-        ids = np.asarray(tokenizer.encode(text))
-        if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-            raise ValueError(f"tokenizer {tokenizer.name} produced ids outside [0, {tokenizer.vocab_size})")
-        pieces.append(ids.astype(dtype, copy=False))
-        pieces.append(eos)
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+def tokenize_documents(texts: Iterable[str], tokenizer: Any) -> np.ndarray:
+    """One stream: each document's ids followed by ``tokenizer.eos_id`` (in memory; small inputs)."""
+    tokens, _ = encode_batch(tokenizer, list(texts))
+    return tokens
 
 
-def _iter_texts(ds, batch_size: int = 1024) -> Iterator[str]:
-    for batch in ds.iter(batch_size=batch_size):
-        yield from batch["text"]
+def token_directory(cfg: DataConfig, tokenizer: Any) -> Path:
+    """``<cache root>/tokens/<cache key>``: the shards of ``cfg``'s train and val splits."""
+    return cache_root(cfg) / "tokens" / cache_key(cfg, tokenizer)
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write(file)`` to a temporary file in the same directory, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def build_token_streams(cfg: DataConfig, tokenizer: Any, progress: bool = False) -> Path:
+    """Tokenise ``cfg``'s corpus into sharded token files (resuming a partial build); returns the directory."""
+    directory = token_directory(cfg, tokenizer)
+    if all((directory / split / "index.json").exists() for split in ("train", "val")):
+        return directory
+    docs = dict(zip(("train", "val"), load_documents(cfg)))
+    meta: dict[str, Any] = {"source": cfg.source, "tokenizer": tokenizer.name}
+    for split, ds in docs.items():
+        sized = hasattr(ds, "__len__")  # a stream's size is unknown: as big as a corpus gets
+        num_proc = auto_num_proc(cfg.num_proc, ds.data.nbytes if sized else 2**62)
+        report = None
+        if progress:
+            total = f"/{len(ds)}" if sized else ""
+
+            def report(done: int, split: str = split, total: str = total) -> None:
+                print(f"\r{directory.name} {split}: {done}{total} documents", end="", flush=True)
+
+        index = write_split(directory / split, ds, tokenizer, cfg.shard_tokens, num_proc, report)
+        if progress:
+            print()
+        meta[f"{split}_documents"], meta[f"{split}_tokens"] = index["documents"], index["tokens"]
+    atomic_write(directory / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return directory
 
 
-def token_streams(cfg: DataConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def token_streams(cfg: DataConfig, tokenizer: Any) -> tuple[TokenStream, TokenStream]:
     """The (train, val) token streams of ``cfg``, memory-mapped from the cache (built on a miss)."""
-    directory = cache_root(cfg) / "tokens" / cache_key(cfg, tokenizer)
-    train_path, val_path = directory / "train.npy", directory / "val.npy"
-    if not (train_path.exists() and val_path.exists()):
-        train_docs, val_docs = load_documents(cfg)
-        train = tokenize_documents(_iter_texts(train_docs), tokenizer)
-        val = tokenize_documents(_iter_texts(val_docs), tokenizer)
-        directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(val_path, lambda f: np.save(f, val))
-        _atomic_write(train_path, lambda f: np.save(f, train))
-        meta = {
-            "source": cfg.source,
-            "tokenizer": tokenizer.name,
-            "train_documents": len(train_docs),
-            "val_documents": len(val_docs),
-            "train_tokens": int(train.size),
-            "val_tokens": int(val.size),
-        }
-        _atomic_write(directory / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    directory = build_token_streams(cfg, tokenizer)
     try:
-        return np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
+        return TokenStream(directory / "train"), TokenStream(directory / "val")
+    except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"data cache {directory} is unreadable ({exc}); delete it to rebuild") from exc
+
+
+class PackedSequences:
+    """Non-overlapping windows ``[n, seq_len + 1]`` of a sharded :class:`TokenStream`, read on demand.
+
+    Row ``w`` is tokens ``[w * (seq_len + 1), (w + 1) * (seq_len + 1))`` of the stream (the ragged
+    tail is dropped), whichever shards hold them; indexing returns ndarrays of the stream's dtype.
+    """
+
+    def __init__(self, stream: TokenStream, seq_len: int, rows: int | None = None) -> None:
+        self.stream, self.width = stream, seq_len + 1
+        n = len(stream) // self.width
+        self.rows = n if rows is None else min(rows, n)
+        self.dtype = stream.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.width)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def _row(self, i: int) -> np.ndarray:
+        if not -self.rows <= i < self.rows:
+            raise IndexError(f"row {i} out of range for {self.rows} sequences")
+        i %= self.rows
+        return self.stream.read(i * self.width, (i + 1) * self.width)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return np.asarray(self._row(int(key)))
+        rows = range(self.rows)[key] if isinstance(key, slice) else np.asarray(key).reshape(-1)
+        out = np.empty((len(rows), self.width), dtype=self.dtype)
+        for j, i in enumerate(rows):
+            out[j] = self._row(int(i))
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Every row (materialised: for small splits and statistics)."""
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+class ConcatRows:
+    """The rows of several row sets (ndarrays or :class:`PackedSequences`) one after another."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)])
+        self.width = parts[0].shape[1]
+        self.dtype = np.result_type(*(p.dtype for p in parts))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.offsets[-1]), self.width)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key).reshape(-1)
+        rows = np.where(rows < 0, rows + len(self), rows)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows), self.width), dtype=self.dtype)
+        for p in np.unique(part):
+            sel = np.flatnonzero(part == p)
+            out[sel] = self.parts[p][rows[sel] - self.offsets[p]]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Every row (materialised)."""
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def token_counts(seqs: Any, size: int) -> np.ndarray:
+    """How often each id in ``[0, size)`` occurs in the rows ``seqs`` (ndarray, :class:`PackedSequences` or
+    :class:`ConcatRows`), read shard by shard: nothing the size of the corpus is copied into memory."""
+    if isinstance(seqs, ConcatRows):
+        return sum((token_counts(p, size) for p in seqs.parts), np.zeros(size, dtype=np.int64))
+    if not isinstance(seqs, PackedSequences):
+        return np.bincount(np.asarray(seqs).reshape(-1), minlength=size)[:size]
+    counts, end = np.zeros(size, dtype=np.int64), seqs.rows * seqs.width
+    for shard, start in zip(seqs.stream.shards, seqs.stream.offsets):
+        if start < end:
+            counts += np.bincount(shard[: end - start], minlength=size)[:size]
+    return counts
+
+
+def pack_stream(stream: TokenStream, seq_len: int, rows: int | None = None) -> np.ndarray | PackedSequences:
+    """The windows of ``stream``: a plain memory-mapped view when it is one shard, else :class:`PackedSequences`."""
+    if len(stream.shards) == 1:
+        seqs = pack_sequences(stream.shards[0], seq_len)
+        return seqs if rows is None else seqs[:rows]
+    return PackedSequences(stream, seq_len, rows)
 
 
 def pack_sequences(stream: np.ndarray, seq_len: int) -> np.ndarray:

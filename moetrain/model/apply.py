@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from moetrain.data.packing import token_counts
 from moetrain.model.transformer import Transformer
 from moetrain.moe.routing import balanced_hash_table
 
@@ -78,8 +78,7 @@ def apply_balanced_hash(model: Transformer, train_tokens: Any) -> Transformer:
     if not layers:
         return model
     table = layers[0].router.hash_table
-    ids = np.asarray(train_tokens).reshape(-1)  # a read-only memory map is fine: nothing is copied into torch
-    counts = torch.from_numpy(np.bincount(ids, minlength=table.shape[0])[: table.shape[0]])
+    counts = torch.from_numpy(token_counts(train_tokens, table.shape[0]))  # shard by shard, nothing copied
     balanced = balanced_hash_table(counts, model.moe_cfg.num_experts, model.moe_cfg.top_k)
     for layer in layers:
         layer.router.hash_table.copy_(balanced.to(layer.router.hash_table.device))

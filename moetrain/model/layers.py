@@ -42,6 +42,27 @@ def apply_rope(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor)
     return out.flatten(-2).type_as(x_BHSD)
 
 
+def document_ids(tokens_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Document index of every token of packed rows: the token after each EOS starts a new document."""
+    is_eos = (tokens_BS == eos_id).long()
+    return torch.cumsum(is_eos, dim=1) - is_eos  # EOS belongs to the document it ends
+
+
+def document_layout(
+    doc_BS: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token RoPE tables ``[B, 1, S, Dh/2]`` with positions restarting at each document, and the
+    block-diagonal causal mask ``[B, 1, S, S]`` (True = attend: same document, not in the future)."""
+    B, S = doc_BS.shape
+    idx = torch.arange(S, device=doc_BS.device).expand(B, S)
+    starts = torch.ones_like(doc_BS, dtype=torch.bool)
+    starts[:, 1:] = doc_BS[:, 1:] != doc_BS[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    positions_BS = idx - first
+    mask = (doc_BS[:, :, None] == doc_BS[:, None, :]) & torch.ones(S, S, dtype=torch.bool, device=doc_BS.device).tril()
+    return cos_SD[positions_BS].unsqueeze(1), sin_SD[positions_BS].unsqueeze(1), mask.unsqueeze(1)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer for incremental decoding."""
 
@@ -81,18 +102,25 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         pos: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tokens at positions [pos, pos + S); with a cache, attend to every earlier position too."""
+        """Tokens at positions [pos, pos + S); with a cache, attend to every earlier position too.
+
+        With a document ``mask`` ``[B, 1, S, S]`` (:func:`document_layout`), ``cos`` / ``sin`` are
+        already per token (``[B, 1, S, Dh/2]``) and attention stays inside each document."""
         B, S, _ = x_BSD.shape
         q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over Dh, per head and position
-        cos, sin = cos[pos : pos + S], sin[pos : pos + S]
+        if mask is None:
+            cos, sin = cos[pos : pos + S], sin[pos : pos + S]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
-        if cache is None or (pos == 0 and S > 1):
+        if mask is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif cache is None or (pos == 0 and S > 1):
             if cache is not None:
                 cache.update(pos, k, v)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig, resolve_num_groups
-from moetrain.model.layers import Attention, KVCache, RMSNorm, rope_tables
+from moetrain.model.layers import Attention, KVCache, RMSNorm, document_ids, document_layout, rope_tables
 from moetrain.moe.balance import pooled_expert_balance_loss
 from moetrain.moe.experts import SwiGLU
 from moetrain.moe.layer import MoELayer, MoEStats
@@ -51,8 +51,9 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         pos: int = 0,
         global_counts: dict[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, pos)
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, pos, mask)
         h = self.ffn_norm(x_BSD)
         if self.is_moe:
             y, stats = self.ffn(h, token_ids_BS, global_counts)
@@ -93,12 +94,22 @@ class Transformer(nn.Module):
 
     ``num_groups``: the device groups of device-limited routing, resolved once by :func:`build_model` and
     carried by the model (and each MoE layer), so inference and export need no EP size.
+
+    ``doc_eos`` (``data.doc_mask``): packed rows are split into documents after each ``doc_eos``
+    token; attention stays inside a document and RoPE positions restart at each one.
     """
 
     def __init__(
-        self, cfg: ModelConfig, moe_cfg: MoEConfig, vocab_size: int, max_seq_len: int, num_groups: int = 1
+        self,
+        cfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        vocab_size: int,
+        max_seq_len: int,
+        num_groups: int = 1,
+        doc_eos: int | None = None,
     ) -> None:
         super().__init__()
+        self.doc_eos = doc_eos
         self.cfg, self.moe_cfg = cfg, moe_cfg
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.num_groups = num_groups
@@ -154,27 +165,33 @@ class Transformer(nn.Module):
         caches: list[KVCache] | None = None,
         pos: int = 0,
         global_counts: dict[int, dict[str, torch.Tensor]] | None = None,
+        doc_ids_BS: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for tokens at positions [pos, pos + S); ``caches`` (from :meth:`new_kv_caches`)
         hold the keys and values of the earlier positions for incremental decoding.
 
         ``global_counts``: the step's f-type routing counts by MoE layer index
         (:func:`~moetrain.moe.layer.global_routing_counts`, ``moe.balance.scope=global``); layer i's balance
-        losses use ``global_counts[i]`` instead of this batch's counts.
+        losses use ``global_counts[i]`` instead of this batch's counts. ``doc_ids_BS`` (non-decreasing along
+        each row; default: from ``doc_eos`` when set, without caches) masks attention across documents and
+        restarts positions per document.
         """
         S = tokens_BS.shape[1]
         if pos + S > self.max_seq_len:
             raise ValueError(f"positions up to {pos + S} exceed the model's max_seq_len {self.max_seq_len}")
+        if doc_ids_BS is None and self.doc_eos is not None and caches is None:
+            doc_ids_BS = document_ids(tokens_BS, self.doc_eos)
+        cos, sin, mask = self.rope_cos, self.rope_sin, None
+        if doc_ids_BS is not None:
+            if caches is not None:
+                raise ValueError("document masking (doc_ids_BS) is not supported with KV caches")
+            cos, sin, mask = document_layout(doc_ids_BS, self.rope_cos[:S], self.rope_sin[:S])
         x = self.embed(tokens_BS)
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
             counts = global_counts.get(block.layer_idx) if global_counts is not None else None
-            if caches is None and counts is None:
-                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS)
-            elif caches is None:
-                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, None, pos, counts)
-            else:
-                x, s = block(x, self.rope_cos, self.rope_sin, tokens_BS, caches[i], pos, counts)
+            cache = caches[i] if caches is not None else None
+            x, s = block(x, cos, sin, tokens_BS, cache, pos, counts, mask)
             if s is not None:
                 stats[block.layer_idx] = s
         return ModelOutput(self.lm_head(self.norm(x)), stats, pooled_loss(self.moe_cfg, stats))
@@ -259,6 +276,7 @@ def build_model(
     ep: int = 1,
     seed: int | None = None,
     num_groups: int | None = None,
+    doc_eos: int | None = None,
 ) -> Transformer:
     """Build the plain model from config dataclasses (no Hydra needed).
 
@@ -271,5 +289,5 @@ def build_model(
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups)
-    return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups)
+            return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups, doc_eos)
+    return Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups, doc_eos)

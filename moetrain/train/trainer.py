@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moetrain.config import TrainConfig, to_dict
-from moetrain.data import GlobalBatchLoader, build_tokenizer, prepare_data, rank_slice, split_micro_batches
+from moetrain.data import build_loader, build_tokenizer, prepare_data, rank_slice, split_micro_batches
 from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile
 from moetrain.model.transformer import Transformer, build_model, vocab_for
 from moetrain.parallel.context import ParallelContext
@@ -45,7 +45,8 @@ __all__ = ["StepOutput", "Trainer", "lm_loss"]
 class Progress:
     """The loop's position, saved in ``meta.json``: steps and tokens done, the loader's place in the data."""
 
-    loader: GlobalBatchLoader
+    loader: Any
+    """A :func:`~moetrain.data.build_loader` loader (one source or a mixture): ``next_batch``, state dict."""
     step: int = 0
     tokens_seen: int = 0
 
@@ -101,11 +102,13 @@ def setup_torch(cfg: TrainConfig) -> None:
     torch.manual_seed(t.seed)
 
 
-def build_parallel_model(cfg: TrainConfig, vocab: int, train_tokens: Any, pc: ParallelContext) -> Transformer:
+def build_parallel_model(
+    cfg: TrainConfig, vocab: int, train_tokens: Any, pc: ParallelContext, doc_eos: int | None = None
+) -> Transformer:
     """The model with the same seed on every rank, its local expert shards kept (EP=N starts from EP=1's exact
     weights), then activation checkpointing and compilation as configured."""
     t = cfg.trainer
-    full = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed)
+    full = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed, doc_eos=doc_eos)
     apply_balanced_hash(full, train_tokens)  # moe.router.hash_table=balanced: from the corpus frequencies
     model: Transformer = apply_expert_parallel(full, pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow).to(pc.device)  # type: ignore[assignment]
     if t.activation_checkpointing:
@@ -141,9 +144,10 @@ class Trainer:
         if not self.pc.is_main:
             self.data = prepare_data(cfg.data, self.tokenizer)
         t = cfg.trainer
-        self.progress = Progress(GlobalBatchLoader(self.data.train, t.global_batch_size, cfg.data.seed))
+        self.progress = Progress(build_loader(self.data, t.global_batch_size, cfg.data.seed))
         vocab = vocab_for(cfg.model, self.tokenizer.vocab_size)
-        model = build_parallel_model(cfg, vocab, self.data.train, self.pc)
+        doc_eos = self.tokenizer.eos_id if cfg.data.doc_mask else None  # data.doc_mask: documents split at EOS
+        model = build_parallel_model(cfg, vocab, self.data.train, self.pc, doc_eos)
         self.module: TrainModule = build_train_module(cfg, model, self.pc)
         self.moe_layers = model.moe_layers()
         self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
@@ -164,7 +168,7 @@ class Trainer:
         return self.module.optimizer  # type: ignore[attr-defined, no-any-return]
 
     @property
-    def loader(self) -> GlobalBatchLoader:
+    def loader(self) -> Any:
         return self.progress.loader
 
     @property
@@ -221,6 +225,7 @@ class Trainer:
             "train/tokens": self.progress.tokens_seen,
             **out.info.extra,
             **moe_log_metrics(out.reduced, host, sorted(self.moe_layers), groups),
+            **self.loader.metrics(),  # a mixture's realised source proportions
         }
 
     # ------------------------------------------------------------------- loop

@@ -95,6 +95,8 @@ RESUME_FREE_KEYS = (
     "trainer.nonfinite",
     "trainer.nonfinite_max_skips",
     "data.cache_dir",
+    "data.num_proc",
+    "data.shard_tokens",
     "engine.zero_stage",
     "engine.reduce_bucket_size",
     "engine.overlap_comm",

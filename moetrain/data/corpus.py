@@ -22,7 +22,6 @@ always moved to each side. Empty (whitespace-only) documents are dropped.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import sys
 import sysconfig
@@ -33,16 +32,14 @@ from typing import Any
 import numpy as np
 
 from moetrain.config import DataConfig
+from moetrain.data.errors import DataError, _first_line, _hash_unit
+from moetrain.data.streaming import load_streaming
 
 STDLIB_SKIP_PARTS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
-
-
-class DataError(ValueError):
-    """Bad data input (missing file, empty corpus, missing column, ...); the message names it."""
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -144,14 +141,6 @@ def corpus_fingerprint(cfg: DataConfig) -> dict[str, Any]:
         files = sorted(p for p in Path(cfg.source).rglob("*") if p.is_file() and ".cache" not in p.parts)
         fingerprint["files"] = [[p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     return fingerprint
-
-
-def _first_line(exc: BaseException) -> str:
-    """``Type: first line`` of the innermost cause (loaders wrap the useful error)."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _load_local(builder: str, files: list[Path], cache_dir: Path, what: str = "data.paths", **kwargs: Any):
@@ -295,12 +284,6 @@ def _drop_empty(ds, what: str):
     return ds if keep.all() else ds.select(np.flatnonzero(keep))
 
 
-def _hash_unit(seed: int, key: str) -> float:
-    """A stable number in [0, 1) for ``(seed, key)``."""
-    digest = hashlib.sha1(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
 def split_by_hash(keys: Iterable[str], val_fraction: float, seed: int) -> np.ndarray:
     """Boolean mask, True = validation; at least one document on each side (needs >= 2 keys)."""
     h = np.fromiter((_hash_unit(seed, k) for k in keys), dtype=np.float64)
@@ -322,8 +305,6 @@ def load_documents(cfg: DataConfig):
     """
     what = f"data.source={cfg.source!r}"
     if cfg.streaming:
-        from moetrain.data.streaming import load_streaming
-
         return load_streaming(cfg)
     if cfg.source == "stdlib":
         docs = _load_stdlib(cfg)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from moetrain.config import DataConfig
-from moetrain.data.corpus import DataError, _first_line, _hash_unit
+from moetrain.data.errors import DataError, _first_line, _hash_unit
 
 
 def _non_empty(batch: dict[str, list]) -> list[bool]:

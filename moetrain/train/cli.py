@@ -233,7 +233,7 @@ def check_known_keys(dcfg: DictConfig) -> None:
     data.pop("hydra", None)
     for key in sorted(flat_config(data)):
         if key not in known and not any(key.startswith(f"{k}.") for k in known):  # list / dict values
-            raise ConfigError(f"{key}: unknown key (see moetrain/config.py for every key)")
+            raise ConfigError(f"{key}: unknown key (moetrain-train --help lists every key)")
 
 
 def run_dir_override(argv: list[str]) -> str | None:

@@ -1,0 +1,275 @@
+"""The run's keys: data, optimizer, trainer, logging, parallel layout, checkpoints, engine, and the root
+:class:`TrainConfig`; conversion to and from plain dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from moetrain.config.errors import ConfigError
+from moetrain.config.model import ModelConfig, MoEConfig
+
+
+@dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources``): a corpus like ``data.source`` and its sampling weight."""
+
+    name: str = ""
+    """Name in metrics (``data/source/<name>``); unique within the mixture."""
+    source: str = "stdlib"
+    """``stdlib``, ``files`` (``paths``) or a hub dataset name, as ``data.source``."""
+    paths: list[str] = field(default_factory=list)
+    """Files or globs when ``source=files``."""
+    hub_config: str | None = None
+    """Hub dataset configuration name."""
+    text_field: str = "text"
+    """Column holding the text."""
+    weight: float = 1.0
+    """Sampling weight (normalised over the mixture): the share of training sequences drawn from this source."""
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer, packing."""
+
+    source: str = "stdlib"
+    """``stdlib`` (the running Python's standard library source), ``files`` (``paths``), or a hub dataset name."""
+    paths: list[str] = field(default_factory=list)
+    """Local text / .jsonl / .parquet files or globs when ``source=files``."""
+    hub_config: str | None = None
+    """Hub dataset configuration name (e.g. ``wikitext-2-raw-v1``)."""
+    text_field: str = "text"
+    """Column holding the text in JSONL / Parquet / hub datasets."""
+    tokenizer: str = "byte"
+    """``byte`` (256 bytes + specials) or a Hugging Face tokenizer name or path."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    val_fraction: float = 0.02
+    """Fraction of documents (files, for the stdlib corpus) held out for validation."""
+    max_val_sequences: int | None = 256
+    """Cap on validation sequences (the first ones of the fixed val order); ``None`` = all."""
+    seed: int = 1234
+    """Seed of the split and of the per-epoch shuffle."""
+    cache_dir: str | None = None
+    """Where tokenised data is cached; ``None`` = ``$MOETRAIN_CACHE`` or ``~/.cache/moetrain``."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture (each entry a :class:`SourceConfig`); empty = the single corpus of ``source``."""
+    doc_mask: bool = False
+    """Mask attention across document boundaries (the token after each EOS starts a document) inside a
+    packed sequence, and restart RoPE positions per document."""
+    shard_tokens: int = 2**26
+    """Tokens per token-file shard (also the bound on tokenisation memory, about 2-4 bytes per token)."""
+    num_proc: int = 0
+    """Tokenisation worker processes; 0 = one per CPU core for corpora over 64 MB of text, else in-process."""
+    streaming: bool = False
+    """Hub datasets only: read the dataset as a stream (``load_dataset(..., streaming=True)``) while tokenising,
+    instead of downloading and converting it whole first."""
+
+    def __post_init__(self) -> None:
+        self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = 2e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (never on norms, biases and embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1 (first-moment decay)."""
+    beta2: float = 0.95
+    """AdamW beta2 (second-moment decay)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    max_steps: int = 300
+    """Optimizer steps."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all ranks and micro-batches."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one rank; accumulation = global / (micro * world)."""
+    log_every: int = 10
+    """Log train metrics every n steps (and at the last step)."""
+    eval_every: int = 100
+    """Evaluate on the validation split every n steps (and at the end); 0 = only at the end."""
+    eval_at_start: bool = True
+    """Also evaluate before the first step (the starting validation loss, logged at step 0)."""
+    seed: int = 0
+    """Seed of the model init and of every random draw in training."""
+    deterministic: bool = False
+    """Use deterministic algorithms (bitwise-repeatable runs on the same topology)."""
+    device: str = "auto"
+    """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``."""
+    precision: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` (autocast: fp32 weights and residual stream,
+    bf16 GEMMs; the MoE router stays fp32 while dispatch and experts run in bf16; DeepSpeed: bf16 weights,
+    fp32 master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
+    peak_tflops: float | None = None
+    """Peak device TFLOP/s for MFU; ``None`` = a table for known GPUs, else a measured GEMM rate."""
+    progress: bool = True
+    """Show a console progress bar."""
+    num_threads: int | None = None
+    """CPU threads for torch (``None`` = torch's default)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward (less memory, about one more forward)."""
+    compile: bool = False
+    """``torch.compile`` region by region (inductor): dense blocks whole; in MoE blocks the norms, attention,
+    router and shared experts (dispatch, experts and combine stay eager)."""
+    resume: str = "auto"
+    """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Config keys (``optim.lr``) or whole sections (``optim``) a resume may change; any other change of a
+    key that shapes the run (model, routing, data, batch, optimizer, seed) is refused. See the README."""
+    nonfinite: str = "stop"
+    """A non-finite loss or gradient norm: ``stop`` (the update is not applied; the run ends with one line)
+    or ``skip`` (the update is not applied; training goes on, at most ``nonfinite_max_skips`` times)."""
+    nonfinite_max_skips: int = 10
+    """``nonfinite=skip``: steps that may be skipped over the whole run before it stops."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (offline unless a key is set)."""
+
+    mode: str = "auto"
+    """``auto`` (online if ``WANDB_API_KEY`` is set, else offline), ``online``, ``offline``, ``disabled``."""
+    project: str = "moetrain"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (user or team); ``None`` = the account's default."""
+    group: str | None = None
+    """W&B run group; ``None`` = none (a torchrun sweep sets the sweep's name)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
+    name: str | None = None
+    """Run name; ``None`` = the run directory's name."""
+    load_charts: bool = True
+    """Log pictures of the load too: at every log step one heatmap of all MoE layers' per-expert load
+    (``moe/load_by_layer``), at every evaluation the run's load heatmap so far (``moe/load_heatmap``)."""
+
+
+@dataclass
+class LoggerConfig:
+    """Metric sinks beyond ``metrics.jsonl`` and the console."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout (world size comes from torchrun / SLURM)."""
+
+    ep: int = 1
+    """Expert-parallel size: experts are split over this many ranks."""
+    backend: str = "auto"
+    """``auto`` (nccl on GPU, gloo on CPU), ``nccl`` or ``gloo``."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded, atomic checkpoints (``moetrain.train.checkpoint``)."""
+
+    enabled: bool = True
+    """Write checkpoints at all."""
+    every: int = 100
+    """Save every n optimizer steps and at the last step; 0 = only at the last step."""
+    keep_last: int = 2
+    """Keep the newest n complete checkpoints; 0 = keep all."""
+    async_save: bool = False
+    """Write in a background thread (``torch.distributed.checkpoint.async_save``) while training goes on."""
+    dir: str | None = None
+    """Where checkpoints go; ``None`` = ``RUN_DIR/checkpoints``."""
+
+
+@dataclass
+class EngineConfig:
+    """Which training engine runs the step (``configs/engine/``).
+
+    ``native``: moetrain's own loop (gradient sync, clipping, AdamW, DCP
+    checkpoints). ``deepspeed``: the same model, data, routing and metrics
+    through ``deepspeed.initialize`` (``moetrain.train.deepspeed.module``): ZeRO for the
+    non-expert parameters, experts in DeepSpeed's expert-data-parallel groups,
+    DeepSpeed's precision, accumulation, clipping and checkpoints.
+    """
+
+    name: str = "native"
+    """``native`` or ``deepspeed``."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage for the non-expert parameters: 0, 1 or 2 (3 is refused by DeepSpeed for MoE layers)."""
+    loss_scale: float = 0.0
+    """fp16 only: a static loss scale, or 0 for dynamic loss scaling."""
+    initial_scale_power: int = 16
+    """fp16 dynamic loss scaling starts at 2**this."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the dynamic scale doubles."""
+    min_loss_scale: float = 1.0
+    """fp16: the dynamic scale never drops below this."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO: elements per gradient reduction bucket."""
+    overlap_comm: bool = False
+    """ZeRO: overlap the gradient reduction with the backward."""
+    config_json: str | None = None
+    """A DeepSpeed JSON file merged over the generated config (its keys win); see the README "Engines" section."""
+
+
+@dataclass
+class TrainConfig:
+    """The root config of ``moetrain-train``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run_dir: str | None = None
+    """Where the run writes; ``None`` = Hydra's output directory (or ``runs/<time>`` without Hydra)."""
+
+
+def config_keys(cfg: Any, prefix: str = "") -> set[str]:
+    """Every leaf key of a config dataclass, dotted (``model.dim``, ``moe.router.strategy``)."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= config_keys(value, f"{prefix}{f.name}.")
+        else:
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config dataclass (for saving and logging)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any], cls: type = TrainConfig) -> Any:
+    """Rebuild a (nested) config dataclass from :func:`to_dict` output; unknown keys fail."""
+    kwargs = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{cls.__name__}.{key}: unknown key")
+        sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = from_dict(value, sub)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

@@ -1,0 +1,317 @@
+"""Every value and cross-field rule of a :class:`~moetrain.config.run.TrainConfig`, section by section.
+
+:func:`validate` raises :class:`~moetrain.config.errors.ConfigError` with one line naming the key, its
+value and the rule, before any model or data is built. The registries of routing strategies and drop
+policies live with their math (``moetrain.moe``) and are read from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from moetrain.config.errors import ConfigError
+from moetrain.config.model import ModelConfig, MoEConfig, resolve_num_groups
+from moetrain.config.run import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, TrainerConfig, config_keys
+
+SCORE_FNS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "topk_sum")
+EXPERT_FORMS = ("per_layer", "transformers")
+HASH_TABLES = ("random", "balanced")
+BALANCE_SCOPES = ("micro_batch", "global")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINES = ("native", "deepspeed")
+ZERO_STAGES = (0, 1, 2)
+BACKENDS = ("auto", "nccl", "gloo")
+RECV_OVERFLOWS = ("drop", "error")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def ep_layout_error(world_size: int, ep: int, num_experts: int | None = None) -> str | None:
+    """The one check that W ranks split into EP groups of ``ep`` and the experts over each group (a
+    :class:`ConfigError` line, or ``None``)."""
+    if ep <= 0:
+        return f"parallel.ep={ep}: must be > 0"
+    if world_size % ep:
+        return f"parallel.ep={ep}: must divide the world size ({world_size} rank{'s' if world_size != 1 else ''})"
+    if num_experts is not None and num_experts % ep:
+        return f"parallel.ep={ep}: must divide moe.num_experts={num_experts}"
+    return None
+
+
+def _fail(key: str, value: Any, rule: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if value is None or value <= 0:
+        _fail(key, value, "must be > 0")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, f"must be one of {', '.join(choices)}")
+
+
+def float_values(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Every float value of a (nested) config dataclass by dotted key (``optim.lr``); ints and bools excluded."""
+    out: dict[str, float] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(float_values(value, key + "."))
+        elif isinstance(value, float):
+            out[key] = value
+    return out
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
+    """Check every value and cross-field rule; raise :class:`ConfigError` on the first break."""
+    for key, value in float_values(cfg).items():  # NaN passes every `< 0` test below: refuse it first
+        if not math.isfinite(value):
+            _fail(key, value, "must be a finite number")
+    _model(cfg.model)
+    _moe(cfg.moe)
+    _parallel(cfg, world_size)
+    _router(cfg)
+    _balance(cfg)
+    _data(cfg.data)
+    _optim(cfg.optim)
+    _trainer(cfg.trainer, world_size)
+    _checkpoint(cfg.checkpoint)
+    _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    validate_engine(cfg, world_size)
+    return cfg
+
+
+def _model(m: ModelConfig) -> None:
+    for key in ("dim", "n_layers", "n_heads", "ffn_hidden_size", "vocab_multiple"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.vocab_size is not None:
+        _positive("model.vocab_size", m.vocab_size)
+    if m.dim % m.n_heads:
+        _fail("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        _fail("model.dim", m.dim, "head dim (dim / n_heads) must be even for RoPE")
+    n_kv = m.n_kv_heads or m.n_heads
+    _positive("model.n_kv_heads", n_kv)
+    if m.n_heads % n_kv:
+        _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    if not 0 <= m.first_k_dense <= m.n_layers:
+        _fail("model.first_k_dense", m.first_k_dense, f"must be in [0, model.n_layers={m.n_layers}]")
+    _positive("model.moe_every", m.moe_every)
+    _positive("model.init_std", m.init_std)
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
+
+
+def _moe(moe: MoEConfig) -> None:
+    for key in ("num_experts", "top_k", "expert_hidden_size"):
+        _positive(f"moe.{key}", getattr(moe, key))
+    if moe.top_k > moe.num_experts:
+        _fail("moe.top_k", moe.top_k, f"must be <= moe.num_experts={moe.num_experts}")
+    if moe.num_shared_experts < 0:
+        _fail("moe.num_shared_experts", moe.num_shared_experts, "must be >= 0")
+    if moe.shared_hidden_size is not None:
+        _positive("moe.shared_hidden_size", moe.shared_hidden_size)
+    if moe.max_recv_factor is not None and moe.max_recv_factor < 1.0:
+        _fail("moe.max_recv_factor", moe.max_recv_factor, "must be >= 1 (1 = the balanced share)")
+    _choice("moe.recv_overflow", moe.recv_overflow, RECV_OVERFLOWS)
+
+
+def _parallel(cfg: TrainConfig, world_size: int) -> None:
+    moe = cfg.moe
+    p = cfg.parallel
+    _positive("parallel.ep", p.ep)
+    _choice("parallel.backend", p.backend, BACKENDS)
+    layout_error = ep_layout_error(world_size, p.ep, moe.num_experts)
+    if layout_error:
+        raise ConfigError(layout_error)
+
+
+def _router(cfg: TrainConfig) -> None:
+    moe, r = cfg.moe, cfg.moe.router
+    from moetrain.moe.capacity import DROP_POLICIES  # registries live with the math
+    from moetrain.moe.routing import STRATEGIES
+
+    _choice("moe.router.strategy", r.strategy, tuple(STRATEGIES))
+    _choice("moe.router.score_fn", r.score_fn, SCORE_FNS)
+    _choice("moe.router.group_score", r.group_score, GROUP_SCORES)
+    _choice("moe.router.drop_policy", r.drop_policy, DROP_POLICIES)
+    _positive("moe.router.scaling_factor", r.scaling_factor)
+    if r.bias_update_rate < 0:
+        _fail("moe.router.bias_update_rate", r.bias_update_rate, "must be >= 0")
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(r, key)
+        if value is not None and value <= 0:
+            _fail(f"moe.router.{key}", value, "must be > 0 or null (dropless)")
+    groups = resolve_num_groups(moe, cfg.parallel.ep)
+    if r.num_groups is not None:
+        _positive("moe.router.num_groups", r.num_groups)
+    if moe.num_experts % groups:
+        _fail("moe.router.num_groups", groups, f"must divide moe.num_experts={moe.num_experts}")
+    if r.topk_groups is not None:
+        _positive("moe.router.topk_groups", r.topk_groups)
+        if r.topk_groups > groups:
+            _fail("moe.router.topk_groups", r.topk_groups, f"must be <= the number of groups ({groups})")
+        if r.topk_groups * (moe.num_experts // groups) < moe.top_k:
+            _fail(
+                "moe.router.topk_groups",
+                r.topk_groups,
+                f"M groups of {moe.num_experts // groups} experts cannot hold moe.top_k={moe.top_k}",
+            )
+    if r.group_score == "topk_sum" and r.topk_groups and moe.top_k % r.topk_groups:
+        _fail("moe.router.group_score", r.group_score, "topk_sum needs moe.top_k divisible by topk_groups")
+    _positive("moe.router.noise_std", r.noise_std)
+    if not 0.0 <= r.device_protect_fraction <= 1.0:
+        _fail("moe.router.device_protect_fraction", r.device_protect_fraction, "must be in [0, 1]")
+    if r.device_capacity_factor is not None:
+        _positive("moe.router.device_capacity_factor", r.device_capacity_factor)
+        if groups < 2:
+            _fail("moe.router.device_capacity_factor", r.device_capacity_factor, "needs 2+ device groups")
+    if r.strategy == "expert_choice" and r.topk_groups is not None:
+        _fail("moe.router.topk_groups", r.topk_groups, "device-limited routing needs a token-choice strategy")
+    if r.strategy in ("topk_softmax", "noisy_topk", "expert_choice") and r.score_fn != "softmax":
+        _fail("moe.router.score_fn", r.score_fn, f"strategy {r.strategy} is defined with softmax scores")
+    _choice("moe.router.hash_table", r.hash_table, HASH_TABLES)
+    if r.hash_table != "random" and r.strategy != "hash":
+        _fail("moe.router.hash_table", r.hash_table, "needs router.strategy=hash")
+    if r.strategy == "hash" and r.bias_update_rate > 0:
+        _fail("moe.router.bias_update_rate", r.bias_update_rate, "hash routing ignores the bias; set 0")
+
+
+def _balance(cfg: TrainConfig) -> None:
+    moe, r, b = cfg.moe, cfg.moe.router, cfg.moe.balance
+    groups = resolve_num_groups(moe, cfg.parallel.ep)
+    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef", "load_coef"):
+        if getattr(b, key) < 0:
+            _fail(f"moe.balance.{key}", getattr(b, key), "must be >= 0")
+    _choice("moe.balance.scope", b.scope, BALANCE_SCOPES)
+    _choice("moe.balance.expert_form", b.expert_form, EXPERT_FORMS)
+    if b.expert_form == "transformers" and b.scope == "global":
+        _fail("moe.balance.expert_form", b.expert_form, "pools one forward's layers; use moe.balance.scope=micro_batch")
+    if r.zero_init and r.strategy != "noisy_topk":
+        _fail("moe.router.zero_init", r.zero_init, "needs router.strategy=noisy_topk (else every token ties)")
+    if b.load_coef > 0 and moe.top_k >= moe.num_experts:
+        _fail("moe.balance.load_coef", b.load_coef, "needs moe.top_k < moe.num_experts (a (k+1)-th expert)")
+    if b.load_coef > 0 and r.strategy != "noisy_topk":
+        _fail(
+            "moe.balance.load_coef", b.load_coef, "needs router.strategy=noisy_topk (the load is a noise probability)"
+        )
+    for key in ("device_coef", "comm_coef"):
+        if getattr(b, key) > 0 and groups < 2:
+            _fail(f"moe.balance.{key}", getattr(b, key), "needs 2+ device groups (router.num_groups or parallel.ep)")
+
+
+def _data(d: DataConfig) -> None:
+    _positive("data.seq_len", d.seq_len)
+    if not 0.0 < d.val_fraction < 1.0:
+        _fail("data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    if d.max_val_sequences is not None:
+        _positive("data.max_val_sequences", d.max_val_sequences)
+    if d.source == "files" and not d.paths:
+        _fail("data.paths", d.paths, "must list at least one file when data.source=files")
+    _positive("data.shard_tokens", d.shard_tokens)
+    if d.streaming and (d.source in ("stdlib", "files") or d.sources):
+        _fail(
+            "data.streaming", d.streaming, "is for one hub dataset (data.source=<name>), not stdlib, files or sources"
+        )
+    if d.num_proc < 0:
+        _fail("data.num_proc", d.num_proc, "must be >= 0 (0 = automatic)")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        if not s.name or s.name in names[:i]:
+            _fail(f"data.sources[{i}].name", s.name, "every source needs a unique, non-empty name")
+        if not (math.isfinite(s.weight) and s.weight > 0):
+            _fail(f"data.sources[{i}].weight", s.weight, "must be a finite number > 0")
+        if s.source == "files" and not s.paths:
+            _fail(f"data.sources[{i}].paths", s.paths, "must list at least one file when source=files")
+
+
+def _optim(o: OptimConfig) -> None:
+    _positive("optim.lr", o.lr)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        _fail("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    if o.warmup_steps < 0:
+        _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            _fail(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
+    if o.grad_clip < 0:
+        _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _positive("optim.eps", o.eps)
+
+
+def _trainer(t: TrainerConfig, world_size: int) -> None:
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    if t.eval_every < 0:
+        _fail("trainer.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
+    if t.global_batch_size % (t.micro_batch_size * world_size):
+        _fail(
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be divisible by trainer.micro_batch_size={t.micro_batch_size} x world size={world_size}",
+        )
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    if t.peak_tflops is not None:
+        _positive("trainer.peak_tflops", t.peak_tflops)
+    if t.num_threads is not None:
+        _positive("trainer.num_threads", t.num_threads)
+
+    if not t.resume:
+        _fail("trainer.resume", t.resume, "must be auto, none or a checkpoint path")
+    known = config_keys(TrainConfig())
+    for key in t.resume_allow_changes:
+        if key not in known and not any(k.startswith(f"{key}.") for k in known):
+            _fail("trainer.resume_allow_changes", key, "is not a config key or section (e.g. optim.lr, optim)")
+    _choice("trainer.nonfinite", t.nonfinite, NONFINITE_POLICIES)
+    if t.nonfinite_max_skips < 0:
+        _fail("trainer.nonfinite_max_skips", t.nonfinite_max_skips, "must be >= 0")
+
+
+def _checkpoint(ck: CheckpointConfig) -> None:
+    if ck.every < 0:
+        _fail("checkpoint.every", ck.every, "must be >= 0 (0 = only at the last step)")
+    if ck.keep_last < 0:
+        _fail("checkpoint.keep_last", ck.keep_last, "must be >= 0 (0 = keep all)")
+    if ck.dir is not None and not ck.dir:
+        _fail("checkpoint.dir", ck.dir, "must be a path or null (RUN_DIR/checkpoints)")
+
+
+def validate_engine(cfg: TrainConfig, world_size: int = 1) -> None:
+    """The ``engine.*`` rules (and, for DeepSpeed, its generated-and-merged JSON)."""
+    e = cfg.engine
+    _choice("engine.name", e.name, ENGINES)
+    if e.name == "native":
+        if cfg.trainer.precision == "fp16":
+            _fail("trainer.precision", "fp16", "needs engine=deepspeed (its loss scaling); use bf16 or fp32")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        _fail("engine.name", e.name, "needs the deepspeed package: pip install 'moetrain[deepspeed]'")
+    if e.zero_stage not in ZERO_STAGES:
+        _fail("engine.zero_stage", e.zero_stage, "must be 0, 1 or 2 (DeepSpeed refuses ZeRO-3 with MoE layers)")
+    if e.loss_scale < 0:
+        _fail("engine.loss_scale", e.loss_scale, "must be >= 0 (0 = dynamic)")
+    if e.min_loss_scale <= 0:
+        _fail("engine.min_loss_scale", e.min_loss_scale, "must be > 0")
+    for key in ("loss_scale_window", "reduce_bucket_size"):
+        _positive(f"engine.{key}", getattr(e, key))
+    if cfg.checkpoint.async_save:
+        _fail("checkpoint.async_save", True, "is not supported with engine=deepspeed (DeepSpeed writes its own files)")
+    if cfg.trainer.nonfinite == "skip":
+        _fail(
+            "trainer.nonfinite",
+            "skip",
+            "needs engine=native (DeepSpeed's own fp16 loss scaling skips overflowing steps); use stop",
+        )
+    # The merged DeepSpeed JSON (engine.config_json) is checked by moetrain.train.deepspeed.config.

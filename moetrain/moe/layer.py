@@ -137,7 +137,7 @@ class Router(nn.Module):
         else:
             self.hash_table = None
         if r.strategy == "noisy_topk":
-            # Shazeer et al. 2017, eq. 4: zero-initialised there; the model's init_weights re-draws it.
+            # W_noise of Shazeer et al. 2017's eq. 4, zero-initialised in their appendix A; the model's init_weights re-draws it.
             self.noise_weight: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_experts, dim))
         else:
             self.register_parameter("noise_weight", None)

@@ -3,8 +3,9 @@
 Two studies, each a set of strategies trained on the same data, model and budget
 (one ``moetrain-train`` subprocess per (strategy, seed); the seed changes the
 initialisation and the data order). Every run: the tiny model on the default corpus,
-8 sequences of 128 byte tokens per step (``SETUP``), 200 steps by default; see
-docs/replication.md for the measured numbers.
+8 sequences of 128 byte tokens per step (``SETUP``); 200 steps for ``balancing`` and
+100 for ``device_limited`` by default (``STEPS``); see docs/replication.md for the
+measured numbers.
 
 * ``balancing`` — the Loss-Free Balancing paper's comparison (Wang et al. 2024,
   arXiv 2408.15664): the expert-level auxiliary loss (``aux_loss``, a1 = 0.01; the
@@ -49,16 +50,19 @@ from compare_balancing import plot_maxvio, summarise, train_command
 
 SETUP = ["model=tiny", "data=stdlib", "data.seq_len=128", "trainer.global_batch_size=8", "trainer.eval_at_start=false"]
 """Every run of both studies: the tiny model (6.9M parameters, 3.3M active) on the default corpus (the
-Python standard library's source, byte tokens), 8 sequences of 128 tokens per step (1,024 tokens). Sized so
-that 3 seeds x 4 strategies x 2 studies x 200 steps take about 80 minutes of one CPU thread on a shared 2-core
-machine; fewer tokens per step buys more steps, which the loss-free bias needs (u = 1e-3 moves it at most 0.2
-in 200 steps, against softmax scores of about 1/8)."""
+Python standard library's source, byte tokens), 8 sequences of 128 tokens per step (1,024 tokens). Sized for
+a shared 2-core CPU: about 2-4 minutes per 200-step run at nice 19 and one thread, depending on the other
+load; fewer tokens per step buys more steps, which the loss-free bias needs (u = 1e-3 moves it at most 0.2 in
+200 steps, against softmax scores of about 1/8)."""
 ACCUMULATE = ["trainer.micro_batch_size=2"]  # 4 micro-batches of 256 tokens per step
 WHOLE = ["trainer.micro_batch_size=8"]  # the step in one micro-batch
 FINE_32 = ["moe=default", "moe.num_experts=32", "moe.top_k=4", "moe.expert_hidden_size=128", "moe.router.num_groups=8"]
 """32 fine-grained experts top-4 in 8 groups of 4, so that even M = 1 group holds a token's 4 experts (16
 experts in groups of 2, ``compare_balancing.FINE_16``, cannot run M = 1); the same active compute as the
 default top-2 of 8 experts of 256."""
+STEPS = {"balancing": 200, "device_limited": 100}
+"""Default steps per study: the loss-free bias needs the longer run; device-limited routing is a property of the
+routing from the first step, and its 32-expert runs are the slower ones."""
 STUDIES: dict[str, dict[str, list[str]]] = {
     "balancing": {
         "aux_loss": ["moe=default", *ACCUMULATE],
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--study", choices=list(STUDIES), required=True)
     p.add_argument("--strategies", nargs="+", default=None, help="a subset of the study's strategies")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the study's STEPS)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--jobs", type=int, default=1, help="trainings at once")
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/replicate"))
     p.add_argument("--summarise-only", action="store_true", help="re-read finished runs, train nothing")
     args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = STEPS[args.study]
     strategies = STUDIES[args.study]
     names = args.strategies or list(strategies)
     unknown = [n for n in names if n not in strategies]

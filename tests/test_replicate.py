@@ -36,7 +36,7 @@ def test_every_replication_run_composes_and_validates(study, name):
     from moetrain.train.cli import config_dir
 
     rep = load_replicate()
-    args = Namespace(steps=200, log_every=5, threads=1)
+    args = Namespace(steps=rep.STEPS[study], log_every=5, threads=1)
     cmd = rep.train_command(
         [*rep.SETUP, *rep.STUDIES[study][name], f"trainer.num_threads={args.threads}", "trainer.seed=0"],
         args.steps,

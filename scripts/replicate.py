@@ -133,6 +133,21 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def add_paired_deltas(
+    results: dict[str, dict[str, Any]], runs_by_seed: dict[str, dict[int, dict[str, Any]]], reference: str
+) -> None:
+    """``val_loss_delta``: mean +- std over the seeds both have of (strategy - ``reference``) final val/loss.
+
+    The seed sets the initialisation and the data order of every strategy alike, so the paired difference
+    removes the seed-to-seed spread that the unpaired std columns carry."""
+    ref = runs_by_seed.get(reference, {})
+    for name, r in results.items():
+        common = sorted(set(runs_by_seed[name]) & set(ref))
+        if name != reference and common:
+            r["val_loss_delta"] = mean_std([runs_by_seed[name][s]["val_loss"] - ref[s]["val_loss"] for s in common])
+            r["delta_reference"] = reference
+
+
 def table(study: str, results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     pm = lambda ms, fmt: f"{ms[0]:{fmt}} ± {ms[1]:{fmt}}"  # noqa: E731
     lines = [
@@ -142,17 +157,25 @@ def table(study: str, results: dict[str, dict[str, Any]], args: argparse.Namespa
         "",
     ]
     groups = all("devices_per_token" in r for r in results.values())
-    header = "| strategy | val/loss | val/maxvio_global | moe/maxvio (mean) | moe/maxvio (last 20%) |"
-    lines += [
-        header + (" device groups per token (last 20%) |" if groups else ""),
-        "| --- " * (6 if groups else 5) + "|",
-    ]
+    ref = next((r["delta_reference"] for r in results.values() if "delta_reference" in r), None)
+    columns = ["strategy", "seeds", "val/loss"]
+    columns += [f"val/loss − {ref} (paired by seed)"] if ref else []
+    columns += ["val/maxvio_global", "moe/maxvio (mean)", "moe/maxvio (last 20%)"]
+    columns += ["device groups per token (last 20%)"] if groups else []
+    lines += ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
     for name, r in results.items():
-        lines.append(
-            f"| {name} | {pm(r['val_loss'], '.4f')} | {pm(r['val_maxvio_global'], '.3f')} | "
-            f"{pm(r['maxvio_mean'], '.3f')} | {pm(r['maxvio_tail'], '.3f')} |"
-            + (f" {pm(r['devices_per_token'], '.2f')} |" if groups else "")
-        )
+        cells = [name, str(r["seeds"]), pm(r["val_loss"], ".4f")]
+        if ref:
+            cells.append(
+                "(reference)"
+                if name == ref
+                else f"{r['val_loss_delta'][0]:+.4f} ± {r['val_loss_delta'][1]:.4f}"
+                if "val_loss_delta" in r
+                else ""
+            )
+        cells += [pm(r["val_maxvio_global"], ".3f"), pm(r["maxvio_mean"], ".3f"), pm(r["maxvio_tail"], ".3f")]
+        cells += [pm(r["devices_per_token"], ".2f")] if groups else []
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,15 +228,16 @@ def main(argv: list[str] | None = None) -> None:
             ]
             for run in runs:
                 run.result()
-    results = {}
-    for name in names:
-        per_seed = [
-            summarise_run(out / name / f"seed{seed}")
+    runs_by_seed = {
+        name: {
+            seed: summarise_run(out / name / f"seed{seed}")
             for seed in args.seeds
             if (out / name / f"seed{seed}" / "summary.json").is_file()
-        ]
-        if per_seed:
-            results[name] = aggregate(per_seed)
+        }
+        for name in names
+    }
+    results = {name: aggregate(list(r.values())) for name, r in runs_by_seed.items() if r}
+    add_paired_deltas(results, runs_by_seed, names[0])
     text = table(args.study, results, args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)

@@ -78,4 +78,16 @@ def test_aggregate_and_table(tmp_path):
     assert agg["devices_per_token"][0] == pytest.approx(1.35)
     assert agg["maxvio_curve"][2] == (pytest.approx(0.3), 0.0) and agg["seeds"] == 2
     text = rep.table("device_limited", {"m1": agg}, Namespace(steps=10, seeds=[0, 1], log_every=1))
-    assert "| m1 | 2.1000 ± 0.1414 | 0.300 ± 0.000 | 0.550 ± 0.000 | 0.950 ± 0.000 | 1.35 ± 0.14 |" in text
+    assert "| m1 | 2 | 2.1000 ± 0.1414 | 0.300 ± 0.000 | 0.550 ± 0.000 | 0.950 ± 0.000 | 1.35 ± 0.14 |" in text
+
+
+def test_paired_deltas_use_the_seeds_both_strategies_have():
+    rep = load_replicate()
+    runs = {
+        "ref": {0: {"val_loss": 2.0}, 1: {"val_loss": 2.4}, 2: {"val_loss": 2.1}},
+        "b": {0: {"val_loss": 2.1}, 1: {"val_loss": 2.5}},  # seed 2 not finished
+    }
+    results = {"ref": {}, "b": {}}
+    rep.add_paired_deltas(results, runs, "ref")
+    assert "val_loss_delta" not in results["ref"]
+    assert results["b"]["val_loss_delta"] == (pytest.approx(0.1), pytest.approx(0.0, abs=1e-12))

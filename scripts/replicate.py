@@ -1,8 +1,8 @@
 """Replicate the balancing papers' effects with error bars: several seeds per strategy, mean +- std.
 
 Two studies, each a set of strategies trained on the same data, model and budget
-(one ``moetrain-train`` subprocess per (strategy, seed); the seed changes the
-initialisation and the data order). Every run: the tiny model on the default corpus,
+(one ``moetrain-train`` subprocess per (strategy, seed); ``trainer.seed`` changes the
+initialisation; the data order is ``data.seed``'s, the same in every run). Every run: the tiny model on the default corpus,
 8 sequences of 128 byte tokens per step (``SETUP``); 200 steps for ``balancing`` and
 100 for ``device_limited`` by default (``STEPS``); see docs/replication.md for the
 measured numbers.
@@ -138,8 +138,8 @@ def add_paired_deltas(
 ) -> None:
     """``val_loss_delta``: mean +- std over the seeds both have of (strategy - ``reference``) final val/loss.
 
-    The seed sets the initialisation and the data order of every strategy alike, so the paired difference
-    removes the seed-to-seed spread that the unpaired std columns carry."""
+    The seed sets the initialisation of every strategy alike (the data order is ``data.seed``'s, the same in every
+    run), so the paired difference removes the seed-to-seed spread that the unpaired std columns carry."""
     ref = runs_by_seed.get(reference, {})
     for name, r in results.items():
         common = sorted(set(runs_by_seed[name]) & set(ref))

@@ -2,7 +2,7 @@
 
 For each EP size (gloo processes on this machine; NCCL on GPUs with ``--backend
 nccl``) and each M (device-limited routing: a token's K experts lie on at most M
-ranks, DeepSeek-V2 sec. 2.2.3), it times dispatch + expert stand-in + combine,
+ranks, DeepSeek-V2 sec. 2.2.2), it times dispatch + expert stand-in + combine,
 forward and backward, of :class:`moetrain.parallel.all_to_all.AllToAllDispatcher` and
 :class:`NaiveAllToAllDispatcher` in the same run, interleaved, and reads the
 bytes each rank sent to the other ranks from the dispatcher's own counters

@@ -81,11 +81,11 @@ def reference_loss(
         sent = counts["sent"].tolist()
     f = [N / (K * n_tok) * cnt[i] for i in range(N)]
     E = [list(range(d * (N // G), (d + 1) * (N // G))) for d in range(G)]
-    if loss == "expert":  # DeepSeek-V2 eq. 12-14
+    if loss == "expert":  # DeepSeek-V2 eq. 23-25
         value = sum(f[i] * P[i] for i in range(N))
-    elif loss == "device":  # eq. 15-17
+    elif loss == "device":  # eq. 26-28
         value = sum((sum(f[j] for j in E[d]) / len(E[d])) * sum(P[j] for j in E[d]) for d in range(G))
-    elif loss == "comm":  # eq. 18-20, M = the device limit (min(K, D) without one)
+    elif loss == "comm":  # eq. 29-31, M = the device limit (min(K, D) without one)
         M = topk_groups or min(K, G)
         value = sum(G / (M * n_tok) * sent[d] * sum(P[j] for j in E[d]) for d in range(G))
     elif loss == "seq":  # DeepSeek-V3 eq. 17-20: the expert-level formula per sequence, averaged

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.unit
 
 
 def gshard_position_keep(expert_idx_TK: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
-    """GShard Algorithm 2, literally: position_in_expert of the first choices is a cumulative count over tokens;
-    the second choices start after the expert's first-choice count; keep while position < capacity."""
+    """GShard Algorithm 1, literally: a loop over the tokens' first choices fills the counters c_e, then a loop
+    over their second choices continues the same counters; an assignment is kept while c_e < C."""
     T, K = expert_idx_TK.shape
     keep = torch.zeros(T, K, dtype=torch.bool)
     filled = [0] * num_experts

@@ -89,11 +89,11 @@ class BalanceConfig:
     """Auxiliary balance losses; each is off at coefficient 0."""
 
     expert_coef: float = 0.01
-    """alpha_1 of the expert-level loss L_ExpBal = a1 * sum_i f_i P_i (DeepSeek-V2 eq. 12; Switch)."""
+    """alpha_1 of the expert-level loss L_ExpBal = a1 * sum_i f_i P_i (DeepSeek-V2 eq. 23-25; Switch eq. 4-6)."""
     device_coef: float = 0.0
-    """alpha_2 of the device-level loss L_DevBal (DeepSeek-V2 eq. 14)."""
+    """alpha_2 of the device-level loss L_DevBal (DeepSeek-V2 eq. 26-28)."""
     comm_coef: float = 0.0
-    """alpha_3 of the communication balance loss L_CommBal (DeepSeek-V2 eq. 16)."""
+    """alpha_3 of the communication balance loss L_CommBal (DeepSeek-V2 eq. 29-31)."""
     seq_coef: float = 0.0
     """alpha of the DeepSeek-V3 sequence-wise balance loss (eq. 17-20)."""
     z_loss_coef: float = 0.0

@@ -22,7 +22,7 @@ def expert_balance_loss(
 ) -> torch.Tensor:
     """sum_i f_i P_i, the expert-level balance loss without its coefficient.
 
-    DeepSeek-V2 (arXiv 2405.04434) eq. 12-14: f_i = N / (K T) sum_t 1(token t
+    DeepSeek-V2 (arXiv 2405.04434) eq. 23-25: f_i = N / (K T) sum_t 1(token t
     selects expert i), P_i = (1/T) sum_t s_{i,t}. With K = 1, alpha times this is
     the Switch Transformer loss alpha * N * sum_i frac_i P_i (Fedus et al. 2021,
     eq. 4-6): f_i here already carries the factor N. Its minimum, at uniform
@@ -42,7 +42,7 @@ def device_balance_loss(
 ) -> torch.Tensor:
     """sum_d f'_d P'_d, the device-level balance loss L_DevBal without alpha_2.
 
-    DeepSeek-V2 (arXiv 2405.04434) eq. 15-17: f'_d = (1/|E_d|) sum_{j in E_d} f_j,
+    DeepSeek-V2 (arXiv 2405.04434) eq. 26-28: f'_d = (1/|E_d|) sum_{j in E_d} f_j,
     P'_d = sum_{j in E_d} P_j, with f_j, P_j of :func:`expert_balance_loss` and
     E_d the ``N / D`` consecutive experts of device group d. Minimum 1 at
     uniform routing (f'_d = 1, P'_d = 1/D).
@@ -59,7 +59,7 @@ def comm_balance_loss(
 ) -> torch.Tensor:
     """sum_d f''_d P''_d, the communication balance loss L_CommBal without alpha_3.
 
-    DeepSeek-V2 (arXiv 2405.04434) eq. 18-20: f''_d = D / (M T) sum_t 1(token t
+    DeepSeek-V2 (arXiv 2405.04434) eq. 29-31: f''_d = D / (M T) sum_t 1(token t
     is sent to device d), P''_d = sum_{j in E_d} P_j. ``sent_G[d]`` counts the
     tokens with at least one selected expert on device d; M is the device limit
     (``topk_groups``; callers without a limit pass min(K, D)). Minimum 1 when

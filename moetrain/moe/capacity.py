@@ -26,7 +26,7 @@ def drop_priority(scores_TN: torch.Tensor, expert_idx_TK: torch.Tensor, policy: 
     are dropped first, whatever their slot (Megatron-Core's ``probs`` policy; the
     rule DeepSeek-V2 states for its device-level dropping, sec. 2.2.4).
     ``position``: the order of the papers that fill expert buffers in sequence.
-    GShard (Lepikhin et al. 2020, Algorithm 2): every token's first choice is
+    GShard (Lepikhin et al. 2020, Algorithm 1): every token's first choice is
     placed before any second choice (the second choices' positions start after
     the expert's first-choice count), each choice in token order; Switch
     Transformer (Fedus et al. 2021, sec. 2.2, K = 1): token order. So slot k of

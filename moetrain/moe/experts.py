@@ -200,7 +200,7 @@ class GroupedSwiGLU(torch.autograd.Function):
     the activation before the down projection, so the combine that follows is a
     plain sum of each token's rows. ``w a W2 = (w a) W2`` exactly; ``w * a`` is
     computed in fp32 and the GEMM accumulates in fp32, so the weights are applied
-    with fp32 accumulation whatever the rows' dtype (DeepSeek-V2 eq. 6's
+    with fp32 accumulation whatever the rows' dtype (DeepSeek-V2 eq. 20's
     ``sum_i g_{i,t} FFN_i(u_t)``). Its gradient is the row-wise dot
     ``<a_r, dL/d(w a)_r>`` in fp32.
 

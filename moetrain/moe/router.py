@@ -22,7 +22,7 @@ class CapacityFactors(NamedTuple):
     """The capacity factors in force in one mode (training or evaluation)."""
 
     route: float | None
-    """Expert choice's c, each expert taking k = ceil(T c / N) tokens (Zhou et al. 2022, eq. 1; ``None`` =
+    """Expert choice's c, each expert taking k = ceil(T c / N) tokens (Zhou et al. 2022's k = n c / e; ``None`` =
     ``top_k``): exact by construction, inside the routing. ``None`` for token choice."""
     drop: float | None
     """Token choice's per-expert capacity factor f, C = ceil(f T K / N) (GShard; Switch eq. 3), applied after
@@ -61,7 +61,7 @@ class Router(nn.Module):
         else:
             self.hash_table = None
         if r.strategy == "noisy_topk":
-            # Shazeer et al. 2017, eq. 4: zero-initialised there; the model's init_weights re-draws it.
+            # W_noise of Shazeer et al. 2017's eq. 4, zero-initialised in their appendix A; init_weights re-draws it.
             self.noise_weight: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_experts, dim))
         else:
             self.register_parameter("noise_weight", None)

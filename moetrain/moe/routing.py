@@ -45,7 +45,7 @@ class Routing:
 
 
 def affinities(logits_TN: torch.Tensor, score_fn: str) -> torch.Tensor:
-    """s = softmax(x W_r) (GShard; DeepSeek-V2 eq. 9) or sigmoid(x W_r) (DeepSeek-V3 eq. 15)."""
+    """s = softmax(x W_r) (GShard; DeepSeek-V2 eq. 22) or sigmoid(x W_r) (DeepSeek-V3 eq. 15)."""
     if score_fn == "softmax":
         return logits_TN.softmax(dim=-1)
     if score_fn == "sigmoid":
@@ -58,7 +58,7 @@ def group_limited_mask(
 ) -> torch.Tensor:
     """Experts a token may use under device-limited routing, as a bool mask [T, N].
 
-    DeepSeek-V2 (arXiv 2405.04434, sec. 2.2.3): each token first selects the M
+    DeepSeek-V2 (arXiv 2405.04434, sec. 2.2.2): each token first selects the M
     devices whose best expert affinity is highest (``group_score="max"``), then
     top-K among the experts on those devices. DeepSeek-V3 (arXiv 2412.19437, sec.
     2.1.2, node-limited) scores a group by the sum of its top K/M affinities
@@ -97,7 +97,7 @@ def topk_experts(
 
 
 def gate_weights(scores_TN: torch.Tensor, idx_TK: torch.Tensor, normalize: bool, scaling_factor: float) -> torch.Tensor:
-    """g_{i,t} = s_{i,t} for the chosen experts (DeepSeek-V2 eq. 8), optionally
+    """g_{i,t} = s_{i,t} for the chosen experts (DeepSeek-V2 eq. 21), optionally
     renormalised over the K chosen (Mixtral's softmax over the top-K logits is the
     same thing; DeepSeek-V3 eq. 13 for sigmoid), times the routed scaling factor."""
     w_TK = scores_TN.gather(1, idx_TK)
@@ -163,7 +163,7 @@ def route_topk(
     eq. 3; DeepSeek-V3 eq. 16), restricted to the top-M groups when
     ``spec.topk_groups`` is set (DeepSeek-V2 device-limited routing; DeepSeek-V3
     node-limited with ``group_score=topk_sum``); g = s of the chosen experts
-    (GShard; DeepSeek-V2 eq. 8), optionally renormalised over the K chosen, times
+    (GShard; DeepSeek-V2 eq. 21), optionally renormalised over the K chosen, times
     the routed scaling factor. Weights come from s only, so the bias never enters
     the weights or the gradient. Sigmoid scores are always renormalised over the
     chosen experts (DeepSeek-V3 eq. 13). Switch Transformer routing (Fedus et al.
@@ -227,7 +227,7 @@ def route_noisy_topk(
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, factor: float) -> int:
-    """Tokens each expert takes under expert choice: k = ceil(T * c / N) (Zhou et al. 2022, eq. 1), at most T."""
+    """Tokens each expert takes under expert choice: k = ceil(T * c / N) (Zhou et al. 2022's k = n c / e), at most T."""
     return min(num_tokens, capacity(num_tokens, num_experts, 1, factor))
 
 
@@ -238,7 +238,7 @@ def route_expert_choice(
     token_ids_T: torch.Tensor | None = None,
     noise_TN: torch.Tensor | None = None,
 ) -> Routing:
-    """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368, sec. 3.1, eq. 1, ``strategy=expert_choice``).
+    """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368, ``strategy=expert_choice``).
 
     S = Softmax(X W_g) over experts; each expert i takes the k = ceil(T c / N)
     tokens with the highest S[:, i] (G, I = TopK(S^T, k)); the combine weight is
@@ -250,7 +250,7 @@ def route_expert_choice(
     Not causal at generation time: an expert's choice of token t depends on the
     scores of every other token of the batch, later positions of t's own
     sequence included, so autoregressive decoding cannot reproduce the routing
-    seen in training (Zhou et al. 2022, sec. 6, limitations). Use it for
+    seen in training (Zhou et al. 2022, their section on limitations). Use it for
     training comparisons, not for models meant to generate token by token.
     """
     T, N = logits_TN.shape
@@ -291,7 +291,7 @@ def _hash_salts(seed: int) -> tuple[int, int]:
 
 
 def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
-    """Fixed random map token id -> K distinct experts [T, K] (Roller et al. 2021, arXiv 2106.04426, sec. 3).
+    """Fixed random map token id -> K distinct experts [T, K] (Roller et al. 2021, arXiv 2106.04426, "Random Hash").
 
     Every (token id, expert i) pair gets a pseudo-random 32-bit key
     mix(mix(id xor s1) xor mix(i + s2)) with an integer hash ``mix`` and
@@ -310,7 +310,7 @@ def hash_experts(token_ids_T: torch.Tensor, num_experts: int, top_k: int, seed: 
 def balanced_hash_table(token_counts_V: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
     """Roller et al. 2021's balanced assignment: a [V, K] token id -> experts table from corpus frequencies.
 
-    "Balanced assignment" (arXiv 2106.04426, sec. 3): token ids are taken from the most to
+    "Balanced assignment" (arXiv 2106.04426, the hashing functions of Hash Layers): token ids are taken from the most to
     the least frequent and each goes to the expert with the least total frequency so far
     (for K > 1, to the K least-loaded experts, distinct; ties to the lower index), so every
     expert receives about the same number of the training corpus's tokens. Deterministic

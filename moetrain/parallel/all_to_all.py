@@ -133,7 +133,7 @@ class AllToAllDispatcher(DispatcherBase):
     expert ids): an assignment goes to EP rank ``expert // E`` (E = experts per
     rank). Assignments are grouped into (token, destination rank) *rows*: a
     token is sent **once per destination rank**, however many of its experts
-    live there (DeepSeek-V2, arXiv 2405.04434, sec. 2.2.3: with device-limited
+    live there (DeepSeek-V2, arXiv 2405.04434, sec. 2.2.2-2.2.3: with device-limited
     routing a token's communication is bounded by M devices). One small
     all-to-all exchanges the row and assignment counts; then the hidden rows
     (in the dtype given, the compute dtype) and the metadata (row index within

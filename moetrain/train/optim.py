@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moetrain.config import OptimConfig
 
@@ -13,7 +14,8 @@ NO_DECAY_SUFFIXES = ("embed.weight",)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay every matrix (and stacked expert tensor) except embeddings; never norms or biases."""
+    """Decay every matrix (and stacked expert tensor) except embeddings; never norms or biases. Under FSDP
+    each group is split in two: the plain (expert) parameters and the FSDP-sharded DTensors (``_fsdp``)."""
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -24,10 +26,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [
+    groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    if any(isinstance(p, DTensor) for p in decay + no_decay):  # FSDP: a foreach kernel takes one kind only
+        return [
+            {**g, "name": g["name"] + suffix, "params": [p for p in g["params"] if isinstance(p, DTensor) == sharded]}
+            for g in groups
+            for sharded, suffix in ((False, ""), (True, "_fsdp"))
+        ]
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

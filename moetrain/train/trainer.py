@@ -25,6 +25,7 @@ from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_
 from moetrain.model.transformer import Transformer, vocab_for
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import apply_expert_parallel
+from moetrain.parallel.fsdp import apply_fsdp
 from moetrain.parallel.meta_init import build_local_model
 from moetrain.train import hooks
 from moetrain.train.checkpoint import CheckpointManager, arch_of
@@ -105,7 +106,7 @@ def setup_torch(cfg: TrainConfig) -> None:
 def build_parallel_model(cfg: TrainConfig, vocab: int, train_tokens: Any, pc: ParallelContext) -> Transformer:
     """The model with the same seed on every rank, built on the meta device with only this rank's experts
     materialised (:func:`~moetrain.parallel.meta_init.build_local_model`: EP=N starts from EP=1's exact weights
-    and no rank ever holds every expert), then activation checkpointing and compilation as configured."""
+    and no rank ever holds every expert), then activation checkpointing, compilation and FSDP as configured."""
     t = cfg.trainer
     groups = resolve_num_groups(cfg.moe, cfg.parallel.ep)
     local = build_local_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, pc.ep_size, pc.ep_rank, t.seed, None, groups)
@@ -115,6 +116,8 @@ def build_parallel_model(cfg: TrainConfig, vocab: int, train_tokens: Any, pc: Pa
         apply_activation_checkpointing(model)
     if t.compile:
         apply_compile(model)
+    if cfg.parallel.fsdp:
+        apply_fsdp(model, pc)
     return model
 
 

@@ -35,7 +35,7 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext) -> nn.Module:
         return model
     mesh = dp_mesh(pc)
     ignored = set(expert_parameters(model))
-    blocks = model.blocks  # type: ignore[union-attr]
+    blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
     for i, block in enumerate(blocks):
         # the last block's parameters are needed at once by the backward: keep them gathered after forward
         fully_shard(block, mesh=mesh, ignored_params=ignored, reshard_after_forward=i < len(blocks) - 1)

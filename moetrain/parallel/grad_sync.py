@@ -89,7 +89,7 @@ def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> to
     mesh. ``max_norm <= 0`` or ``inf`` only measures.
     """
     dense, experts = split_parameters(model)
-    sharded = [p.grad.to_local() for p in dense if isinstance(p, DTensor) and p.grad is not None]
+    sharded = [p.grad.to_local() for p in dense if isinstance(p, DTensor) and isinstance(p.grad, DTensor)]
     dense = [p for p in dense if not isinstance(p, DTensor)]
     if pc.ep_size == 1:
         dense, experts = dense + experts, []

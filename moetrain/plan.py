@@ -122,12 +122,17 @@ def simulated_remote_ranks(cfg: TrainConfig, ep: int, samples: int = 4096, seed:
     return rows, assign
 
 
-def memory_per_gpu(cfg: TrainConfig, vocab_size: int, world: int, zero: int, micro_batch: int) -> dict[str, float]:
+def memory_per_gpu(
+    cfg: TrainConfig, vocab_size: int, world: int, zero: int, micro_batch: int, fsdp: bool = False
+) -> dict[str, float]:
     """GB per GPU: bf16 weights and grads, fp32 master weights + AdamW moments (16 B/param mixed precision),
     sharded by ZeRO stage over the data-parallel replicas; activations estimated per micro-batch.
 
     Non-expert parameters are replicated over all W ranks (ZeRO shards their optimizer
-    states over W); each rank holds N/ep experts, replicated over W/ep ranks.
+    states over W); each rank holds N/ep experts, replicated over W/ep ranks. ``fsdp``
+    (``parallel.fsdp``): the non-expert weights, grads and AdamW states are all sharded
+    over the W data-parallel ranks (the one block FSDP gathers at a time is left out);
+    the experts stay as without it.
     Activations: Korthikanti et al. 2022 (eq. 2, no recomputation) for attention,
     s b D (34 + 5 a s / D) bytes per layer, with the MLP part scaled by the MoE
     layer's (K + shared) / dense width.
@@ -145,6 +150,8 @@ def memory_per_gpu(cfg: TrainConfig, vocab_size: int, world: int, zero: int, mic
         return {"weights": 2.0 * n, "grads": grads, "optimizer": opt}
 
     d, e = part(dense, world), part(expert, edp)
+    if fsdp:  # every non-expert byte sharded over the W data-parallel ranks, whatever the ZeRO stage
+        d = {"weights": 2.0 * dense / world, "grads": 2.0 * dense / world, "optimizer": 12.0 * dense / world}
     m = cfg.model
     s, b, a = cfg.data.seq_len, micro_batch, m.n_heads
     act_layer = s * b * m.dim * (34 + 5 * a * s / m.dim)
@@ -200,6 +207,9 @@ def plan(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int = 1) -> 
     for k, v in memory_per_gpu(cfg, vocab_size, W, zero, micro).items():
         out[f"mem_{k}_gb"] = v
     out["mem_total_gb"] = sum(v for k, v in out.items() if k.startswith("mem_") and k.endswith("_gb"))
+    for k, v in memory_per_gpu(cfg, vocab_size, W, zero, micro, fsdp=True).items():
+        out[f"fsdp_mem_{k}_gb"] = v
+    out["fsdp_mem_total_gb"] = sum(memory_per_gpu(cfg, vocab_size, W, zero, micro, fsdp=True).values())
     return out
 
 
@@ -215,6 +225,10 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
         f"optimizer {p['mem_optimizer_gb']:.1f} GB, activations ~{p['mem_activations_gb']:.1f} GB "
         f"(micro-batch {cfg.trainer.micro_batch_size}) = {p['mem_total_gb']:.1f} of {cluster.gpu_mem_gb:.0f} GB"
         + ("  ** does not fit **" if p["mem_total_gb"] > cluster.gpu_mem_gb else ""),
+        f"memory/GPU with FSDP (parallel.fsdp=true: non-expert weights, grads, optimizer / DP={W}): "
+        f"weights {p['fsdp_mem_weights_gb']:.1f} GB, grads {p['fsdp_mem_grads_gb']:.1f} GB, "
+        f"optimizer {p['fsdp_mem_optimizer_gb']:.1f} GB, activations as above = {p['fsdp_mem_total_gb']:.1f} of {cluster.gpu_mem_gb:.0f} GB"
+        + ("  ** does not fit **" if p["fsdp_mem_total_gb"] > cluster.gpu_mem_gb else ""),
         f"all-to-all/step (fwd+bwd, all ranks): top-K {p['a2a_bytes_topk'] / 1e9:.2f} GB "
         f"({p['remote_ranks_topk']:.2f} other ranks/token)"
         + (

@@ -7,7 +7,16 @@ import torch
 
 from moetrain.config import ModelConfig, MoEConfig, TrainConfig
 from moetrain.model import build_model
-from moetrain.plan import Cluster, dispatch_bytes, expected_remote_ranks, param_counts, plan, report, totals
+from moetrain.plan import (
+    Cluster,
+    dispatch_bytes,
+    expected_remote_ranks,
+    memory_per_gpu,
+    param_counts,
+    plan,
+    report,
+    totals,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -101,3 +110,21 @@ def test_planned_bytes_equal_the_dispatchers_counters():
         # what this rank receives (and returns in the combine) = the other rank's rows sent here
         recv_rows = sum(1 for experts in other if any(e // 4 == rank for e in experts))
         assert counted == planned["send_bytes"] + recv_rows * 32 * 4
+
+
+def test_fsdp_memory_shards_the_non_expert_part_over_dp():
+    cfg = TrainConfig(model=ModelConfig(dim=1024, n_layers=8), moe=MoEConfig(num_experts=64, top_k=6))
+    cfg.parallel.ep = 8
+    W, vocab = 16, 32000
+    counts = param_counts(cfg, vocab)
+    dense = totals(counts)[0] - counts["routed_experts"]
+    plain = memory_per_gpu(cfg, vocab, W, zero=0, micro_batch=1)
+    fsdp = memory_per_gpu(cfg, vocab, W, zero=0, micro_batch=1, fsdp=True)
+    expert_bytes = counts["routed_experts"] / 8 * 16 / 1e9  # bf16 weights + grads + fp32 master and moments
+    # without FSDP every rank holds the non-expert part whole; with it, 1/W of it (W = DP for that part)
+    assert plain["weights"] + plain["grads"] + plain["optimizer"] == pytest.approx(16 * dense / 1e9 + expert_bytes)
+    assert fsdp["weights"] + fsdp["grads"] + fsdp["optimizer"] == pytest.approx(16 * dense / W / 1e9 + expert_bytes)
+    assert fsdp["activations"] == plain["activations"]
+    p = plan(cfg, Cluster(nodes=2, gpus_per_node=8), vocab, zero=0)
+    assert p["fsdp_mem_total_gb"] < p["mem_total_gb"]
+    assert "with FSDP" in report(cfg, Cluster(nodes=2, gpus_per_node=8), vocab, zero=0)

@@ -177,6 +177,10 @@ class ParallelConfig:
     """Expert-parallel size: experts are split over this many ranks."""
     backend: str = "auto"
     """``auto`` (nccl on GPU, gloo on CPU), ``nccl`` or ``gloo``."""
+    fsdp: bool = False
+    """Shard the non-expert parameters, gradients and AdamW states over the data-parallel ranks (FSDP2,
+    ``torch.distributed.fsdp.fully_shard`` per block and over the embedding and head); the routed experts stay
+    EP-sharded and synced over their EDP group. Native engine only; no checkpoints yet."""
 
 
 @dataclass

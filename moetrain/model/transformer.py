@@ -93,7 +93,8 @@ class Transformer(nn.Module):
     """Token embedding, N pre-norm blocks, final RMSNorm, LM head (optionally tied).
 
     ``num_groups``: the device groups of device-limited routing, resolved once by :func:`build_model` and
-    carried by the model (and each MoE layer), so inference and export need no EP size.
+    carried by the model (and each MoE layer), so inference and export need no EP size. ``skip_init``: leave
+    the parameters as constructed (the meta-device build, :mod:`moetrain.parallel.meta_init`, draws them itself).
 
     ``doc_eos`` (``data.doc_mask``): packed rows are split into documents after each ``doc_eos``
     token; attention stays inside a document and RoPE positions restart at each one.
@@ -107,6 +108,7 @@ class Transformer(nn.Module):
         max_seq_len: int,
         num_groups: int = 1,
         doc_eos: int | None = None,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         self.doc_eos = doc_eos
@@ -122,22 +124,35 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if not skip_init:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) for every matrix; residual-output projections (attention out,
         MLP/expert down) scaled by 1/sqrt(2 n_layers) (GPT-2, Radford et al. 2019);
-        norms at 1; loss-free biases at 0."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        norms at 1; loss-free biases at 0 (:meth:`init_std_of`, :meth:`zero_init`)."""
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            std = self.init_std_of(name, p)
+            if std is None:
                 p.fill_(1.0)
-            elif name.endswith(("attn.wo.weight", "w2.weight", "experts.w2")):
-                p.normal_(0.0, out_std, generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)
+        self.zero_init()
+
+    def init_std_of(self, name: str, p: torch.Tensor) -> float | None:
+        """The std of parameter ``name``'s normal draw; None for a vector (filled with 1). The one rule shared
+        by :meth:`init_weights` and the meta-device build (:mod:`moetrain.parallel.meta_init`)."""
+        if p.dim() == 1:
+            return None
+        std = self.cfg.init_std
+        if name.endswith(("attn.wo.weight", "w2.weight", "experts.w2")):
+            return std / math.sqrt(2 * self.cfg.n_layers)
+        return std
+
+    @torch.no_grad()
+    def zero_init(self) -> None:
+        """After the draws: loss-free biases at 0; with ``router.zero_init`` the router weights too."""
         for name, buf in self.named_buffers():
             if name.endswith("expert_bias"):
                 buf.zero_()

@@ -43,6 +43,15 @@ def shard_experts(experts: GroupedExperts, ep_size: int, ep_rank: int) -> None:
     experts.expert_offset = lo
 
 
+def _holds_local_slice(experts: GroupedExperts, ep_size: int, ep_rank: int) -> bool:
+    """Whether ``experts`` already hold exactly EP rank ``ep_rank``'s slice (and are not the whole layer)."""
+    lo, e = local_expert_slice(experts.num_global_experts, ep_size, ep_rank)
+    sharded = experts.num_experts != experts.num_global_experts
+    if sharded and (experts.expert_offset, experts.num_experts) != (lo, e):
+        raise ValueError(f"experts hold [{experts.expert_offset}, +{experts.num_experts}), EP rank wants [{lo}, +{e})")
+    return sharded
+
+
 def apply_expert_parallel(
     model: nn.Module, pc: ParallelContext, max_recv_factor: float | None = None, recv_overflow: str = "drop"
 ) -> nn.Module:
@@ -50,12 +59,14 @@ def apply_expert_parallel(
 
     A no-op when ``pc.ep_size == 1`` (the single-process dispatcher chosen when
     the model was built stays). Call before the optimizer is built (the expert parameters are
-    replaced by their local slices). Returns ``model``.
+    replaced by their local slices). Experts already holding this rank's slice (a model from
+    :func:`~moetrain.parallel.meta_init.build_local_model`) are kept as they are. Returns ``model``.
     """
     if pc.ep_size == 1:
         return model
     for idx, layer in moe_layers(model).items():
-        shard_experts(layer.experts, pc.ep_size, pc.ep_rank)
+        if not _holds_local_slice(layer.experts, pc.ep_size, pc.ep_rank):
+            shard_experts(layer.experts, pc.ep_size, pc.ep_rank)
         layer.dispatcher = AllToAllDispatcher(
             layer.experts.num_global_experts,
             pc.ep_size,

@@ -14,7 +14,9 @@ the step is the mean over ranks, L = (1/W) sum_r L_r. So dL/dtheta =
   group (the W/ep groups' copies of the shard) gives sum over all W ranks; divide
   by W. Averaging over the EDP group alone would be wrong by a factor ep.
 
-With these scalings EP=N training equals EP=1 on the same global batch.
+With these scalings EP=N training equals EP=1 on the same global batch. Under FSDP
+(:mod:`moetrain.parallel.fsdp`) the non-expert parameters are DTensors whose gradients FSDP already
+reduce-scattered as the same average; they are skipped here and their shards' norms summed over the mesh.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import expert_parameters
@@ -43,7 +46,7 @@ def _flat_all_reduce(grads: list[torch.Tensor], group: object, scale: float) -> 
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(replicated, expert) trainable parameters."""
+    """(replicated or FSDP-sharded, expert) trainable parameters."""
     expert_ids = {id(p) for p in expert_parameters(model)}
     params = [p for p in model.parameters() if p.requires_grad]
     return [p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids]
@@ -54,6 +57,7 @@ def sync_gradients(model: nn.Module, pc: ParallelContext) -> None:
     if not pc.distributed:
         return
     dense, experts = split_parameters(model)
+    dense = [p for p in dense if not isinstance(p, DTensor)]  # FSDP reduce-scattered these in the backward
     if pc.ep_size == 1:  # experts are replicated too: one flat all-reduce of everything
         dense, experts = dense + experts, []
     _flat_all_reduce([p.grad for p in dense if p.grad is not None], None, 1.0 / pc.world_size)
@@ -81,13 +85,20 @@ def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> to
 
     ||g||^2 = ||g_dense||^2 (identical on every rank, counted once) + sum over
     the EP group of ||g_shard||^2 (each expert shard counted once; the EDP copies
-    are identical after the sync). ``max_norm <= 0`` or ``inf`` only measures.
+    are identical after the sync); FSDP-sharded gradients add their local shards' squares summed over the
+    mesh. ``max_norm <= 0`` or ``inf`` only measures.
     """
     dense, experts = split_parameters(model)
+    sharded = [p.grad.to_local() for p in dense if isinstance(p, DTensor) and isinstance(p.grad, DTensor)]
+    dense = [p for p in dense if not isinstance(p, DTensor)]
     if pc.ep_size == 1:
         dense, experts = dense + experts, []
     device = next(model.parameters()).device
     sq_dense = _sq_norm([p.grad for p in dense if p.grad is not None], device)
+    if sharded:
+        sq_sharded = _sq_norm(sharded, device)
+        dist.all_reduce(sq_sharded, op=dist.ReduceOp.SUM)  # the FSDP mesh spans every rank
+        sq_dense = sq_dense + sq_sharded
     sq_expert = _sq_norm([p.grad for p in experts if p.grad is not None], device)
     if pc.ep_size > 1 and pc.ep_group is not None:
         dist.all_reduce(sq_expert, op=dist.ReduceOp.SUM, group=pc.ep_group)
@@ -95,9 +106,9 @@ def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> to
     if max_norm > 0 and not math.isinf(max_norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # the same rule as torch.nn.utils.clip_grad_norm_
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in dense + experts:
-            if p.grad is not None:
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        every = [p.grad for p in dense + experts if p.grad is not None] + sharded
+        for g in every:
+            by_dtype.setdefault(g.dtype, []).append(g)
         for dtype, grads in by_dtype.items():
             torch._foreach_mul_(grads, coef.to(dtype))
     return norm

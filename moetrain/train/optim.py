@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moetrain.config import OptimConfig
 
@@ -13,8 +14,10 @@ NO_DECAY_SUFFIXES = ("embed.weight",)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay every matrix (and stacked expert tensor) except embeddings; never norms or biases."""
-    decay, no_decay = [], []
+    """Decay every matrix (and stacked expert tensor) except embeddings; never norms or biases. Under FSDP
+    each group is split in two: the plain (expert) parameters and the FSDP-sharded DTensors (``_fsdp``)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -24,10 +27,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)]
+    if any(isinstance(p, DTensor) for p in decay + no_decay):  # FSDP: a foreach kernel takes one kind only
+        groups = [
+            (name + suffix, [p for p in params if isinstance(p, DTensor) == sharded], wd)
+            for name, params, wd in groups
+            for sharded, suffix in ((False, ""), (True, "_fsdp"))
+        ]
+    return [{"name": name, "params": params, "weight_decay": wd} for name, params, wd in groups]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

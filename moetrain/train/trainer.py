@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
-from moetrain.config import TrainConfig, to_dict
+from moetrain.config import TrainConfig, resolve_num_groups, to_dict
 from moetrain.data import build_loader, build_tokenizer, prepare_data, rank_slice, split_micro_batches
 from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile
-from moetrain.model.transformer import Transformer, build_model, vocab_for
+from moetrain.model.transformer import Transformer, vocab_for
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import apply_expert_parallel
+from moetrain.parallel.fsdp import apply_fsdp
+from moetrain.parallel.meta_init import build_local_model
 from moetrain.train import hooks
 from moetrain.train.checkpoint import CheckpointManager, arch_of
 from moetrain.train.console import LOG, LogSink, close_run_logging, setup_run_logging
@@ -105,16 +107,22 @@ def setup_torch(cfg: TrainConfig) -> None:
 def build_parallel_model(
     cfg: TrainConfig, vocab: int, train_tokens: Any, pc: ParallelContext, doc_eos: int | None = None
 ) -> Transformer:
-    """The model with the same seed on every rank, its local expert shards kept (EP=N starts from EP=1's exact
-    weights), then activation checkpointing and compilation as configured."""
+    """The model with the same seed on every rank, built on the meta device with only this rank's experts
+    materialised (:func:`~moetrain.parallel.meta_init.build_local_model`: EP=N starts from EP=1's exact weights
+    and no rank ever holds every expert), then activation checkpointing, compilation and FSDP as configured."""
     t = cfg.trainer
-    full = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=cfg.parallel.ep, seed=t.seed, doc_eos=doc_eos)
-    apply_balanced_hash(full, train_tokens)  # moe.router.hash_table=balanced: from the corpus frequencies
-    model: Transformer = apply_expert_parallel(full, pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow).to(pc.device)  # type: ignore[assignment]
+    groups = resolve_num_groups(cfg.moe, cfg.parallel.ep)
+    local = build_local_model(
+        cfg.model, cfg.moe, vocab, cfg.data.seq_len, pc.ep_size, pc.ep_rank, t.seed, None, groups, doc_eos
+    )
+    apply_balanced_hash(local, train_tokens)  # moe.router.hash_table=balanced: from the corpus frequencies
+    model: Transformer = apply_expert_parallel(local, pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow).to(pc.device)  # type: ignore[assignment]
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     if t.compile:
         apply_compile(model)
+    if cfg.parallel.fsdp:
+        apply_fsdp(model, pc)
     return model
 
 

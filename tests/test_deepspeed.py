@@ -115,7 +115,8 @@ def test_engine_key_errors(tmp_path):
 
 @pytest.mark.unit
 def test_deepspeed_launcher_local_rank_flag_is_stripped(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded, so the teardown removes what the flag sets
+    monkeypatch.delenv("LOCAL_RANK")
     argv = ["moetrain-train", "--local_rank=3", "engine=deepspeed", "trainer.max_steps=2"]
     assert strip_launcher_args(argv) == ["moetrain-train", "engine=deepspeed", "trainer.max_steps=2"]
     import os

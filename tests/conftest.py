@@ -53,11 +53,22 @@ def pytest_make_collect_report(collector: pytest.Collector):
         report.longrepr = f"unexpected module skip under CI=true (CI installs every extra): {skip_reason(report)}"
 
 
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""torch.distributed variables: an in-process test may set them (a DeepSpeed engine, a SLURM export); a
+later test's subprocess must not inherit them (it would think it is one rank of a job)."""
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+    dist_env = {k: os.environ.get(k) for k in DIST_ENV}
     yield
+    for key, value in dist_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def write_corpus(root, n_docs: int = 8) -> list[str]:

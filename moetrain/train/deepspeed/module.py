@@ -126,6 +126,7 @@ class DeepSpeedTrainModule:
         quiet_deepspeed()
         self.cfg, self.model, self.pc = cfg, model, pc
         self.ds: Any = None
+        self.set_local_rank = "LOCAL_RANK" not in os.environ  # ensure_process_group sets it; close() unsets
         self.owns_process_group = ensure_process_group()
         try:
             self._initialize()
@@ -254,3 +255,6 @@ class DeepSpeedTrainModule:
             dist.destroy_process_group()
             reset_deepspeed_groups()
             self.owns_process_group = False
+        if self.set_local_rank:  # leave the environment as it was (the Python API, a notebook)
+            os.environ.pop("LOCAL_RANK", None)
+            self.set_local_rank = False

@@ -89,21 +89,6 @@ def export_safetensors(model: Transformer, cfg: TrainConfig, out_dir: Path, step
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def load_safetensors_model(out_dir: str | Path) -> tuple[Transformer, TrainConfig]:
-    """Rebuild a model written by :func:`export_safetensors` (no pickle: safetensors + JSON)."""
-    from safetensors.torch import load_file
-
-    out_dir = Path(out_dir)
-    config = json.loads((out_dir / "config.json").read_text())
-    cfg = from_dict(config["moetrain"])
-    model = build_model(cfg.model, cfg.moe, int(config["vocab_size"]), cfg.data.seq_len, ep=cfg.parallel.ep)
-    state = load_file(str(out_dir / "model.safetensors"))
-    if cfg.model.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True)
-    return model.eval(), cfg
-
-
 def export_hf(model: Transformer, cfg: TrainConfig, out_dir: Path, arch: str | None = None) -> str:
     """Write a ``transformers`` folder for ``model`` (weights, config, tokenizer); returns the architecture."""
     import transformers

@@ -14,8 +14,9 @@ E local experts.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +64,17 @@ class DeviceCapacity(NamedTuple):
     """Each assignment's affinity (float; +inf for a protected sequence's tokens, which are never dropped)."""
 
 
-class Dispatcher(Protocol):
+class Dispatcher(ABC):
+    """Moves the kept (token, expert) assignments to their experts and back. A dispatcher implements
+    :meth:`dispatch` and :meth:`combine`; the MoE layer calls :meth:`run` (which a fused dispatcher may
+    replace by one node that never materialises the rows)."""
+
     num_local_experts: int
     expert_offset: int
     device_groups: int
     """Devices the experts are spread over (1 on one process; the EP size under expert parallelism)."""
 
+    @abstractmethod
     def dispatch(
         self,
         x_TD: torch.Tensor,
@@ -85,11 +91,10 @@ class Dispatcher(Protocol):
         case, which a dispatcher may handle without scatters. ``device_capacity``
         (only for ``device_groups > 1``): drop at the receiving devices, reported
         in :attr:`Dispatched.keep_A`."""
-        ...
 
+    @abstractmethod
     def combine(self, y_RD: torch.Tensor, handle: Any) -> torch.Tensor:
         """Sum of each token's (already weighted) expert rows, back in token order [T, D], accumulated in fp32."""
-        ...
 
     def run(
         self,
@@ -102,30 +107,6 @@ class Dispatcher(Protocol):
         device_capacity: DeviceCapacity | None = None,
     ) -> Combined:
         """Dispatch, ``experts(rows_RD, counts_E, weight_R)``, combine: the MoE layer's one call."""
-        ...
-
-
-class DispatcherBase:
-    """:meth:`Dispatcher.run` as :meth:`~Dispatcher.dispatch`, the experts' forward, :meth:`~Dispatcher.combine`."""
-
-    def dispatch(self, x_TD: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
-                 weight_A: torch.Tensor, slots_per_token: int | None = None,
-                 device_capacity: DeviceCapacity | None = None) -> Dispatched:  # fmt: skip
-        raise NotImplementedError
-
-    def combine(self, y_RD: torch.Tensor, handle: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-    def run(
-        self,
-        experts: nn.Module,
-        x_TD: torch.Tensor,
-        token_idx_A: torch.Tensor,
-        expert_idx_A: torch.Tensor,
-        weight_A: torch.Tensor,
-        slots_per_token: int | None = None,
-        device_capacity: DeviceCapacity | None = None,
-    ) -> Combined:
         d = self.dispatch(
             x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token=slots_per_token, device_capacity=device_capacity
         )
@@ -235,7 +216,7 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
-class LocalDispatcher(DispatcherBase):
+class LocalDispatcher(Dispatcher):
     """Single process: one stable sort of the assignments by expert, then gathers.
 
     Dropless (``slots_per_token`` given): rows are a permutation of the T*K slots,

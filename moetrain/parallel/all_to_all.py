@@ -24,7 +24,7 @@ from moetrain.moe.capacity import device_budget, rank_within_segment
 from moetrain.moe.dispatch import (
     DeviceCapacity,
     Dispatched,
-    DispatcherBase,
+    Dispatcher,
     PermuteRows,
     count_per_bin,
     inverse_permutation,
@@ -126,7 +126,7 @@ class _Sent:
     recv_assign: list[int]
 
 
-class AllToAllDispatcher(DispatcherBase):
+class AllToAllDispatcher(Dispatcher):
     """Expert-parallel dispatch and combine over one EP group by uneven all-to-all.
 
     Sender (this rank's T tokens, A kept (token, expert) assignments with global

@@ -58,20 +58,19 @@ class MetricRecorder:
         self.counts[name] += 1
 
     def reduce(self, pc: ParallelContext) -> ReducedMetrics:
-        """Combine over ranks: one all-reduce per (sum or max, dtype) of every value flattened together."""
+        """Combine over ranks: one all-reduce per (sum or max, dtype) of every value flattened together, and
+        one of the ``mean`` metrics' counts (a rank may have recorded fewer). No host synchronisation."""
         totals = dict(self.values)
-        counts = {k: float(n) for k, n in self.counts.items()}
+        mean_names = sorted(k for k, r in self.reductions.items() if r == "mean")
+        counts = torch.tensor([float(self.counts[k]) for k in mean_names], dtype=torch.float64)
         if pc.distributed:
             for op in ("sum", "max"):
                 names = sorted(k for k, r in self.reductions.items() if (r == "max") == (op == "max"))
                 for dtype in sorted({totals[k].dtype for k in names}, key=str):
                     _all_reduce_flat(pc, op, [k for k in names if totals[k].dtype == dtype], totals)
-            mean_names = sorted(k for k, r in self.reductions.items() if r == "mean")
-            if mean_names:  # how many values each rank contributed (a rank may have had no batch)
-                n = torch.tensor([counts[k] for k in mean_names], dtype=torch.float64, device=pc.device)
-                pc.all_reduce_sum(n)
-                counts.update(zip(mean_names, n.tolist()))
-        return ReducedMetrics(totals, counts, dict(self.reductions))
+            if mean_names:
+                counts = pc.all_reduce_sum(counts.to(pc.device))
+        return ReducedMetrics(totals, dict(zip(mean_names, counts)), dict(self.reductions))
 
 
 def _all_reduce_flat(pc: ParallelContext, op: str, names: list[str], totals: dict[str, torch.Tensor]) -> None:
@@ -92,7 +91,8 @@ class ReducedMetrics:
 
     totals: dict[str, torch.Tensor]
     """Sums (also of the ``mean`` metrics, before the division) and maxima."""
-    counts: dict[str, float]
+    counts: dict[str, torch.Tensor]
+    """How many values each ``mean`` metric summed over all ranks (0-d float64 tensors, on the device)."""
     reductions: dict[str, str]
 
     def __contains__(self, name: str) -> bool:
@@ -108,7 +108,11 @@ class ReducedMetrics:
         names = list(self.totals)
         if not names:
             return {}
-        flat = torch.cat([self.totals[k].reshape(-1).double() for k in names]).tolist()
+        counted = list(self.counts)
+        device = self.totals[names[0]].device
+        parts = [self.totals[k].reshape(-1).double() for k in names]
+        flat = torch.cat([*parts, *(self.counts[k].reshape(1).to(device) for k in counted)]).tolist()
+        count = dict(zip(counted, flat[len(flat) - len(counted) :]))
         out: dict[str, Any] = {}
         offset = 0
         for k in names:
@@ -117,6 +121,6 @@ class ReducedMetrics:
             offset += t.numel()
             value: Any = vals[0] if t.dim() == 0 else vals
             if self.reductions[k] == "mean":
-                value = value / self.counts[k] if t.dim() == 0 else [v / self.counts[k] for v in value]
+                value = value / count[k] if t.dim() == 0 else [v / count[k] for v in value]
             out[k] = value
         return out

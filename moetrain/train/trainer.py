@@ -72,7 +72,8 @@ class StepOutput:
     @property
     def loss(self) -> torch.Tensor:
         """The step's mean LM loss over every micro-batch of every rank."""
-        return self.reduced.tensor("train/loss") / self.reduced.counts["train/loss"]
+        counts = self.reduced.counts["train/loss"]
+        return self.reduced.tensor("train/loss") / counts.to(self.reduced.tensor("train/loss").dtype)
 
 
 @dataclass

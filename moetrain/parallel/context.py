@@ -15,8 +15,12 @@ Layout (DESIGN.md, "Parallel layout"), W ranks and expert-parallel size ``ep``:
 - expert data parallel (EDP): the ``W / ep`` ranks holding the same expert
   shard, ``{k, k + ep, k + 2 ep, ...}``; expert gradients are summed over it.
 
-The groups live on the context object that is passed explicitly (no module
-globals), like torchtitan's ``ParallelDims``.
+The groups come from one two-dimensional :class:`~torch.distributed.device_mesh.DeviceMesh` of shape
+``(W / ep, ep)`` with named dimensions ``("edp", "ep")``: row ``g`` is EP group ``g`` (contiguous ranks), column
+``k`` the EDP group of shard ``k`` (strided ranks); FSDP (:mod:`moetrain.parallel.fsdp`) shards the non-expert
+part over the two flattened (``"dp"``, all W ranks) and the experts over ``"edp"``, torchtitan's layout. The
+mesh and its groups live on the context object that is passed explicitly (no module globals), like
+torchtitan's ``ParallelDims``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moetrain.config import ConfigError, ParallelConfig, ep_layout_error
 
@@ -46,6 +51,8 @@ class ParallelContext:
     """This rank's expert-parallel group (``None`` when ``ep_size == 1``)."""
     edp_group: Any = None
     """This rank's expert-data-parallel group (``None`` when it is this rank alone)."""
+    mesh: DeviceMesh | None = None
+    """The ``("edp", "ep")`` device mesh over all W ranks (``None`` on one process)."""
     _host_groups: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -135,25 +142,16 @@ def check_layout(world_size: int, ep: int, num_experts: int | None = None) -> No
         raise ConfigError(error)
 
 
-def build_groups(world_size: int, rank: int, ep: int) -> tuple[Any, Any]:
-    """Create every EP and EDP group (all ranks must call this, in the same order); return this rank's.
-
-    EP groups are contiguous rank blocks, EDP groups strided (see the module docstring).
-    """
+def build_mesh(device_type: str, world_size: int, ep: int) -> DeviceMesh:
+    """The ``(W / ep, ep)`` mesh named ``("edp", "ep")`` (every rank must call this, in the same order)."""
     check_layout(world_size, ep)
-    ep_group = edp_group = None
-    if ep > 1:
-        for start in range(0, world_size, ep):
-            g = dist.new_group(list(range(start, start + ep)))
-            if start <= rank < start + ep:
-                ep_group = g
-    edp = world_size // ep
-    if edp > 1:
-        for k in range(ep):
-            ranks = list(range(k, world_size, ep))
-            g = dist.new_group(ranks) if edp < world_size else dist.group.WORLD
-            if rank % ep == k:
-                edp_group = g
+    return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("edp", "ep"))
+
+
+def mesh_groups(mesh: DeviceMesh) -> tuple[Any, Any]:
+    """This rank's (EP, EDP) process groups from the mesh; ``None`` for a dimension of size 1."""
+    ep_group = mesh.get_group("ep") if mesh["ep"].size() > 1 else None
+    edp_group = mesh.get_group("edp") if mesh["edp"].size() > 1 else None
     return ep_group, edp_group
 
 
@@ -191,7 +189,7 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int | 
     check_layout(world, cfg.ep, num_experts)
     dev = resolve_device(device, local_rank)
     backend = None
-    ep_group = edp_group = None
+    ep_group = edp_group = mesh = None
     if world > 1:
         backend = resolve_backend(cfg.backend, dev)
         if not dist.is_initialized():
@@ -203,7 +201,8 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int | 
                 world_size=world if elastic_store_needed() else -1,
             )
         backend = dist.get_backend()
-        ep_group, edp_group = build_groups(world, rank, cfg.ep)
+        mesh = build_mesh(dev.type, world, cfg.ep)
+        ep_group, edp_group = mesh_groups(mesh)
     return ParallelContext(
         rank=rank,
         world_size=world,
@@ -213,4 +212,5 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int | 
         ep_size=cfg.ep,
         ep_group=ep_group,
         edp_group=edp_group,
+        mesh=mesh,
     )

@@ -1,43 +1,101 @@
-"""FSDP2 over the data-parallel ranks for the non-expert part of the model (``parallel.fsdp=true``).
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor) for ``parallel.fsdp=true``: torchtitan's FSDP + EP layout.
 
-Each Transformer block is one ``fully_shard`` unit and the root (embedding, final norm, LM head, tied or not)
-another, over a one-dimensional ``DeviceMesh`` named ``dp`` spanning all W ranks: every non-expert parameter
-becomes a DTensor sharded on dim 0, gathered for its block's forward and backward, and its gradient is
-reduce-scattered as the average over W -- the same ``sum / W`` :func:`~moetrain.parallel.grad_sync.sync_gradients`
-applies to a replicated parameter. The routed experts are left out (``ignored_params``): they stay sharded over
-EP and :func:`~moetrain.parallel.grad_sync.sync_gradients` still reduces them over their EDP group.
-:func:`~moetrain.parallel.grad_sync.clip_grad_norm` adds the DTensor shards' squared norms over the mesh.
+The context's mesh (:attr:`~moetrain.parallel.context.ParallelContext.mesh`) has the named dimensions
+``("edp", "ep")``, shape ``(W / ep, ep)``:
 
-fp32 throughout (the CPU case); FSDP2's ``MixedPrecisionPolicy`` for bf16 on GPU is not wired yet.
+- **non-expert part** -- attention, norms, routers, shared experts, embedding, head: sharded over ``"dp"``, the
+  two dimensions flattened (all W ranks). Each Transformer block is one ``fully_shard`` unit, the root (embedding,
+  final norm, LM head, tied or not) another. A gradient is reduce-scattered as the average over W, the same
+  ``sum / W`` :func:`~moetrain.parallel.grad_sync.sync_gradients` applies to a replicated parameter.
+- **routed experts** -- already split over ``"ep"`` by :func:`~moetrain.parallel.expert_parallel.apply_expert_parallel`
+  (each rank holds ``N / ep`` experts); each MoE layer's :class:`~moetrain.moe.experts.GroupedExperts` is its own
+  ``fully_shard`` unit over ``"edp"``, the W / ep ranks holding the same experts, sharded on the stacked expert
+  dimension. Their local gradient already sums the EP group's tokens (the all-to-all's backward), so the
+  reduction over ``"edp"`` must be a sum divided by W, not the mean over ``"edp"``
+  (``set_gradient_divide_factor(W)``, DESIGN.md "Parallel layout"). With ``ep == W`` ("edp" of size 1) they stay
+  plain tensors, left out of the blocks' units.
+
+:func:`~moetrain.parallel.grad_sync.clip_grad_norm` sums the DTensor shards' squares over all ranks; the
+loss-free bias (a buffer) and the global-batch counts are untouched by FSDP.
+
+Precision (FSDP2's ``MixedPrecisionPolicy``): on a GPU with bf16 (``trainer.precision=bf16``, or ``auto``) the
+parameters are all-gathered and computed in bf16 and gradients reduced in fp32, and AdamW steps the fp32
+sharded master copy; each router is its own unit with the default (fp32) policy, so its weight is gathered in
+fp32 and the logits stay fp32 (Megatron-Core's ``moe_router_dtype=fp32``). CPU runs are fp32 throughout.
+
+Gradient accumulation: :func:`set_micro_batch_sync` keeps the gathered weights and the unsharded gradients
+between micro-batches (FSDP2's ``set_requires_gradient_sync(False)`` and ``set_reshard_after_backward(False)``):
+one all-gather of the weights and one reduce-scatter per step instead of one per micro-batch, at the cost of
+holding every unit's full parameters and gradients until the last micro-batch.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
+import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from moetrain.parallel.context import ParallelContext
-from moetrain.parallel.expert_parallel import expert_parameters
+from moetrain.parallel.expert_parallel import moe_layers, use_unfused_dispatch
 
 
 def dp_mesh(pc: ParallelContext) -> DeviceMesh:
-    """The data-parallel mesh over every rank (the non-expert parameters are replicated over all W)."""
-    return init_device_mesh(pc.device.type, (pc.world_size,), mesh_dim_names=("dp",))
+    """The ``"dp"`` mesh: the context mesh's two dimensions flattened (all W ranks, in rank order)."""
+    assert pc.mesh is not None, "FSDP needs the distributed context's mesh"
+    return pc.mesh["edp", "ep"]._flatten("dp")  # torchtitan's way to name a flattened dimension
 
 
-def apply_fsdp(model: nn.Module, pc: ParallelContext) -> nn.Module:
-    """``fully_shard`` each block, then the root, over :func:`dp_mesh`, the routed experts ignored; after
+def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """Parameters all-gathered and computed in ``param_dtype`` (bf16 on a GPU), gradients reduced in fp32; the
+    default policy (fp32 throughout) for ``None``."""
+    if param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """``fully_shard`` the routed experts of each MoE layer over ``"edp"``, each router (fp32 always), each block
+    and then the root over ``"dp"`` (module docstring), with :func:`mixed_precision` of ``param_dtype``. After
     :func:`~moetrain.parallel.expert_parallel.apply_expert_parallel`, activation checkpointing and compile, and
     before the optimizer is built (it must see the DTensor parameters). A no-op on one process. Returns
     ``model``."""
     if pc.world_size == 1:
         return model
-    mesh = dp_mesh(pc)
-    ignored = set(expert_parameters(model))
+    assert pc.mesh is not None, "FSDP needs the distributed context's mesh"
+    mp, edp, mesh = mixed_precision(param_dtype), pc.mesh["edp"], dp_mesh(pc)
+    ignored: set[nn.Parameter] = set()
+    if edp.size() > 1:
+        use_unfused_dispatch(model)  # the fused CPU path reads the weights outside the experts' forward
+    for layer in moe_layers(model).values():
+        if edp.size() > 1:
+            experts = cast(FSDPModule, fully_shard(layer.experts, mesh=edp, mp_policy=mp))
+            experts.set_gradient_divide_factor(float(pc.world_size))  # sum over EDP / W
+            if pc.backend == "gloo":  # no PREMUL_SUM in gloo: reduce-scatter a sum, then divide
+                experts.set_force_sum_reduction_for_comms(True)
+        else:
+            ignored |= set(layer.experts.parameters())
+        if param_dtype is not None:  # the router's weight is all-gathered and used in fp32 (fp32 logits)
+            fully_shard(layer.router, mesh=mesh, mp_policy=mixed_precision(None))
     blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
     for i, block in enumerate(blocks):
         # the last block's parameters are needed at once by the backward: keep them gathered after forward
-        fully_shard(block, mesh=mesh, ignored_params=ignored, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, ignored_params=ignored)
+        last = i == len(blocks) - 1
+        fully_shard(block, mesh=mesh, ignored_params=ignored, reshard_after_forward=not last, mp_policy=mp)
+    fully_shard(model, mesh=mesh, ignored_params=ignored, mp_policy=mp)
     return model
+
+
+def fsdp_units(model: nn.Module) -> list[FSDPModule]:
+    """Every ``fully_shard`` unit of the model (blocks, expert modules, routers, the root)."""
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def set_micro_batch_sync(model: nn.Module, last: bool) -> None:
+    """Before a micro-batch's backward: unless it is the ``last`` of the step, FSDP neither reduce-scatters the
+    gradients nor reshards the weights after it (module docstring). A no-op for a model without FSDP units."""
+    for unit in fsdp_units(model):
+        unit.set_requires_gradient_sync(last, recurse=False)
+        unit.set_reshard_after_backward(last, recurse=False)

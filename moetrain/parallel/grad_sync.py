@@ -15,8 +15,9 @@ the step is the mean over ranks, L = (1/W) sum_r L_r. So dL/dtheta =
   by W. Averaging over the EDP group alone would be wrong by a factor ep.
 
 With these scalings EP=N training equals EP=1 on the same global batch. Under FSDP
-(:mod:`moetrain.parallel.fsdp`) the non-expert parameters are DTensors whose gradients FSDP already
-reduce-scattered as the same average; they are skipped here and their shards' norms summed over the mesh.
+(:mod:`moetrain.parallel.fsdp`) the non-expert parameters, and the experts when ``W / ep > 1``, are DTensors
+whose gradients FSDP already reduce-scattered with the same scalings; they are skipped here and their shards'
+norms summed over all ranks.
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def sync_gradients(model: nn.Module, pc: ParallelContext) -> None:
-    """Non-expert grads: sum over all W ranks / W. Expert grads: sum over the EDP group / W (module docstring)."""
+    """Non-expert grads: sum over all W ranks / W. Expert grads: sum over the EDP group / W (module docstring).
+    DTensor (FSDP) parameters are skipped: FSDP reduce-scattered their gradients in the backward."""
     if not pc.distributed:
         return
     dense, experts = split_parameters(model)
-    dense = [p for p in dense if not isinstance(p, DTensor)]  # FSDP reduce-scattered these in the backward
+    dense = [p for p in dense if not isinstance(p, DTensor)]
+    experts = [p for p in experts if not isinstance(p, DTensor)]
     if pc.ep_size == 1:  # experts are replicated too: one flat all-reduce of everything
         dense, experts = dense + experts, []
     _flat_all_reduce([p.grad for p in dense if p.grad is not None], None, 1.0 / pc.world_size)
@@ -89,15 +92,16 @@ def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> to
     mesh. ``max_norm <= 0`` or ``inf`` only measures.
     """
     dense, experts = split_parameters(model)
-    sharded = [p.grad.to_local() for p in dense if isinstance(p, DTensor) and isinstance(p.grad, DTensor)]
+    sharded = [p.grad.to_local() for p in dense + experts if isinstance(p, DTensor) and isinstance(p.grad, DTensor)]
     dense = [p for p in dense if not isinstance(p, DTensor)]
+    experts = [p for p in experts if not isinstance(p, DTensor)]
     if pc.ep_size == 1:
         dense, experts = dense + experts, []
     device = next(model.parameters()).device
     sq_dense = _sq_norm([p.grad for p in dense if p.grad is not None], device)
-    if sharded:
+    if sharded:  # every DTensor shard (FSDP's "dp" and "edp" meshes) is held by exactly one rank
         sq_sharded = _sq_norm(sharded, device)
-        dist.all_reduce(sq_sharded, op=dist.ReduceOp.SUM)  # the FSDP mesh spans every rank
+        dist.all_reduce(sq_sharded, op=dist.ReduceOp.SUM)
         sq_dense = sq_dense + sq_sharded
     sq_expert = _sq_norm([p.grad for p in experts if p.grad is not None], device)
     if pc.ep_size > 1 and pc.ep_group is not None:

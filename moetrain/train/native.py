@@ -12,6 +12,7 @@ import torch
 from moetrain.config import TrainConfig
 from moetrain.model.transformer import ModelOutput, Transformer
 from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.fsdp import set_micro_batch_sync
 from moetrain.parallel.grad_sync import clip_grad_norm, sync_gradients
 from moetrain.train.checkpoint import native
 from moetrain.train.guards import NonFiniteGuard
@@ -34,6 +35,8 @@ class NativeTrainModule:
         self.dtype = autocast_dtype(cfg.trainer.precision, pc.device)
         self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.nonfinite_max_skips, pc.is_main)
         self.global_scope = cfg.moe.balance.scope == "global"
+        self._micro_done = 0
+        """Micro-batches of the current step whose backward has run (mod the step's count)."""
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
@@ -47,8 +50,9 @@ class NativeTrainModule:
             counts = routing_prepass(self.model, micro, self.pc, self.autocast)
         accumulate_gradients(self.model, self._backward, micro, rec, self.autocast, self.pc.device, counts)
 
-    @staticmethod
-    def _backward(loss: torch.Tensor, num_micro: int) -> None:
+    def _backward(self, loss: torch.Tensor, num_micro: int) -> None:
+        self._micro_done = (self._micro_done + 1) % num_micro
+        set_micro_batch_sync(self.model, last=self._micro_done == 0)  # FSDP: reduce after the last only
         (loss / num_micro).backward()
 
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:

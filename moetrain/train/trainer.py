@@ -34,7 +34,7 @@ from moetrain.train.evaluate import evaluate
 from moetrain.train.flops import flops_per_token, peak_tflops
 from moetrain.train.guards import StopSignals, exit_code_for
 from moetrain.train.metrics import MetricRecorder, ReducedMetrics
-from moetrain.train.module import StepInfo, TrainModule
+from moetrain.train.module import StepInfo, TrainModule, autocast_dtype
 from moetrain.train.moe_metrics import moe_log_metrics
 from moetrain.train.native import NativeTrainModule
 from moetrain.train.sinks import JSONLSink, MetricSink, WandbSink
@@ -123,7 +123,8 @@ def build_parallel_model(
     if t.compile:
         apply_compile(model)
     if cfg.parallel.fsdp:
-        apply_fsdp(model, pc)
+        cuda_dtype = autocast_dtype(t.precision, pc.device) if pc.device.type == "cuda" else None
+        apply_fsdp(model, pc, cuda_dtype)
     return model
 
 

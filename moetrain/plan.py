@@ -131,8 +131,8 @@ def memory_per_gpu(
     Non-expert parameters are replicated over all W ranks (ZeRO shards their optimizer
     states over W); each rank holds N/ep experts, replicated over W/ep ranks. ``fsdp``
     (``parallel.fsdp``): the non-expert weights, grads and AdamW states are all sharded
-    over the W data-parallel ranks (the one block FSDP gathers at a time is left out);
-    the experts stay as without it.
+    over the W data-parallel ranks, and the experts' over their W/ep expert-data-parallel
+    ranks (the units FSDP gathers at a time are left out).
     Activations: Korthikanti et al. 2022 (eq. 2, no recomputation) for attention,
     s b D (34 + 5 a s / D) bytes per layer, with the MLP part scaled by the MoE
     layer's (K + shared) / dense width.
@@ -150,8 +150,9 @@ def memory_per_gpu(
         return {"weights": 2.0 * n, "grads": grads, "optimizer": opt}
 
     d, e = part(dense, world), part(expert, edp)
-    if fsdp:  # every non-expert byte sharded over the W data-parallel ranks, whatever the ZeRO stage
+    if fsdp:  # every byte sharded over its data-parallel ranks (W, or W/ep for experts), whatever the ZeRO stage
         d = {"weights": 2.0 * dense / world, "grads": 2.0 * dense / world, "optimizer": 12.0 * dense / world}
+        e = {"weights": 2.0 * expert / edp, "grads": 2.0 * expert / edp, "optimizer": 12.0 * expert / edp}
     m = cfg.model
     s, b, a = cfg.data.seq_len, micro_batch, m.n_heads
     act_layer = s * b * m.dim * (34 + 5 * a * s / m.dim)
@@ -225,7 +226,7 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
         f"optimizer {p['mem_optimizer_gb']:.1f} GB, activations ~{p['mem_activations_gb']:.1f} GB "
         f"(micro-batch {cfg.trainer.micro_batch_size}) = {p['mem_total_gb']:.1f} of {cluster.gpu_mem_gb:.0f} GB"
         + ("  ** does not fit **" if p["mem_total_gb"] > cluster.gpu_mem_gb else ""),
-        f"memory/GPU with FSDP (parallel.fsdp=true: non-expert weights, grads, optimizer / DP={W}): "
+        f"memory/GPU with FSDP (parallel.fsdp=true: weights, grads, optimizer / DP={W}, experts' / EDP={W // cfg.parallel.ep}): "
         f"weights {p['fsdp_mem_weights_gb']:.1f} GB, grads {p['fsdp_mem_grads_gb']:.1f} GB, "
         f"optimizer {p['fsdp_mem_optimizer_gb']:.1f} GB, activations as above = {p['fsdp_mem_total_gb']:.1f} of {cluster.gpu_mem_gb:.0f} GB"
         + ("  ** does not fit **" if p["fsdp_mem_total_gb"] > cluster.gpu_mem_gb else ""),

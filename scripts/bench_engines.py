@@ -93,7 +93,7 @@ def main() -> None:
                     batch = tr.loader.next_batch()
                     res = tr.train_step(batch)
                     tokens[name] += batch.shape[0] * (batch.shape[1] - 1)
-                last[name] = res["loss"].item()
+                last[name] = res.loss.item()
                 pc.barrier()
                 times[name] += time.perf_counter() - t0
             done += n

@@ -282,20 +282,29 @@ def _balance_config(tmp_path: Path) -> Any:
 
 def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) -> dict[str, Any]:
     """Global-scope balance losses: logged values, gradients and the loss-free bias update are the same for
-    EP=2 x DP=2 and one process with gradient accumulation 1, 2 and 4 on the same global batch."""
+    EP=2 x DP=2, without and with FSDP (``parallel.fsdp``: the non-expert part sharded over all 4 ranks, the
+    experts over their 2 EDP ranks), and one process with gradient accumulation 1, 2 and 4 on the same global
+    batch."""
+    from torch.distributed.tensor import DTensor
+
     from moetrain.parallel.context import ParallelContext
     from moetrain.train.moe_metrics import moe_log_metrics
     from moetrain.train.trainer import Trainer
 
-    def step(micro: int, pcx: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def step(
+        micro: int, pcx: Any, fsdp: bool = False
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         c = copy.deepcopy(cfg)
         c.trainer.micro_batch_size = micro
-        c.parallel.ep = pcx.ep_size
-        t = Trainer(c, Path(tmp) / f"bal{micro}_{pcx.world_size}", pcx)
+        c.parallel.ep, c.parallel.fsdp = pcx.ep_size, fsdp
+        t = Trainer(c, Path(tmp) / f"bal{micro}_{pcx.world_size}_{fsdp}", pcx)
         batch = t.loader.next_batch()
         reduced = t.forward_backward(batch).reduce(pcx)
         sync_gradients(t.model, pcx)
-        grads = {name: p.grad.clone() for name, p in t.model.named_parameters()}
+        grads = {
+            name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+            for name, p in t.model.named_parameters()
+        }
         host = reduced.host()
         groups = {i: layer.num_groups for i, layer in t.moe_layers.items()}
         metrics = moe_log_metrics(reduced, host, sorted(t.moe_layers), groups)
@@ -307,20 +316,23 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
         logged["lm"] = host["train/loss"]
         return logged, grads, bias
 
-    ep_logged, ep_grads, ep_bias = step(1, pc)  # 8 sequences over 4 ranks: 2 micro-batches of 1 per rank
+    runs = {fsdp: step(1, pc, fsdp) for fsdp in (False, True)}  # 8 sequences over 4 ranks: 2 micro-batches of 1
+    ep_logged = runs[False][0]
     names = sorted(k.rsplit("/", 1)[1] for k in ep_logged if "/loss/" in k)
     assert names == ["comm", "device", "expert", "seq", "z"], names
-    e = ep_grads["blocks.1.ffn.experts.w13"].shape[0]
+    e = runs[False][1]["blocks.1.ffn.experts.w13"].shape[0]
     for micro in (8, 4, 2):  # one process: accumulation 1, 2, 4
         logged, grads, bias = step(micro, ParallelContext())
-        for k, v in logged.items():
-            assert ep_logged[k] == pytest.approx(v, rel=1e-5, abs=1e-8), f"accumulation {8 // micro}: {k}"
-        for name, g in grads.items():
-            if ".experts." in name:
-                g = g[pc.ep_rank * e : (pc.ep_rank + 1) * e]
-            torch.testing.assert_close(ep_grads[name], g, rtol=1e-4, atol=1e-7, msg=f"{8 // micro}: {name}")
-        for name, b in bias.items():
-            assert torch.equal(ep_bias[name], b), name
+        for fsdp, (ep_logged_f, ep_grads, ep_bias) in runs.items():
+            case = f"fsdp={fsdp}, accumulation {8 // micro}"
+            for k, v in logged.items():
+                assert ep_logged_f[k] == pytest.approx(v, rel=1e-5, abs=1e-8), f"{case}: {k}"
+            for name, g in grads.items():
+                if ".experts." in name:
+                    g = g[pc.ep_rank * e : (pc.ep_rank + 1) * e]
+                torch.testing.assert_close(ep_grads[name], g, rtol=1e-4, atol=1e-7, msg=f"{case}: {name}")
+            for name, b in bias.items():
+                assert torch.equal(ep_bias[name], b), f"{case}: {name}"
     return {"logged": ep_logged}
 
 
@@ -556,7 +568,8 @@ def test_kept_after_dispatch():
 @pytest.mark.parity
 def test_balance_losses_equal_for_one_process_accumulation_and_ep2_x_dp2(results):
     """The matrix of DESIGN.md's correctness bar: every global-scope balance loss (expert, device, comm, seq, z),
-    its gradient and the loss-free bias update: EP=2 x DP=2 = one process with accumulation 1 / 2 / 4."""
+    its gradient and the loss-free bias update: EP=2 x DP=2, with and without FSDP, = one process with
+    accumulation 1 / 2 / 4."""
     reports = results("ep2xdp2", "balance_matrix")
     assert all(r["logged"] == reports[0]["logged"] for r in reports)  # every rank logs the same numbers
 

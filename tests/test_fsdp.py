@@ -117,3 +117,50 @@ def test_fsdp_config_rules(tmp_path):
     bad.engine.name = "deepspeed"
     with pytest.raises(ConfigError, match=r"parallel\.fsdp=True: needs engine=native"):
         validate(bad, world_size=2)
+
+
+def _bf16_policy(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """The GPU policy (bf16 gather and compute, fp32 reduction, fp32 router unit) forced on CPU: the dtypes each
+    unit computes in, the gradients' dtypes, and the loss against the unsharded model under bf16 autocast."""
+    from torch.distributed.tensor import DTensor
+
+    from moetrain.model.transformer import build_model
+    from moetrain.parallel.context import init_parallel
+    from moetrain.parallel.fsdp import apply_fsdp
+
+    cfg = _cfg(Path(tmp) / "bf16")
+    pc = init_parallel(cfg.parallel, "cpu", num_experts=cfg.moe.num_experts)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
+    losses, seen = [], {}
+    for fsdp in (False, True):
+        model = build_model(cfg.model, cfg.moe, 256, 16, seed=0)
+        if fsdp:
+            apply_fsdp(model, pc, torch.bfloat16)
+            for name in ("blocks.1.ffn.router", "blocks.1.ffn.experts", "blocks.1.attn"):
+
+                def record(m: torch.nn.Module, _: Any, name: str = name) -> None:
+                    seen.setdefault(name, next(m.parameters()).dtype)  # the parameters the forward computes with
+
+                model.get_submodule(name).register_forward_pre_hook(record)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens)
+        loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
+        loss.backward()
+        losses.append(loss.item())
+    grads = {p.grad.dtype for p in model.parameters() if isinstance(p.grad, DTensor)}
+    return {"losses": losses, "seen": seen, "grad_dtypes": grads}
+
+
+spawned.register(2, "fsdp/bf16_policy", _bf16_policy)
+
+
+def test_fsdp_bf16_policy_gathers_bf16_keeps_the_router_fp32_and_steps_fp32_shards():
+    for res in spawned.result(2, "fsdp/bf16_policy"):
+        assert res["seen"] == {
+            "blocks.1.ffn.router": torch.float32,  # its own unit with the fp32 policy: fp32 logits
+            "blocks.1.ffn.experts": torch.bfloat16,
+            "blocks.1.attn": torch.bfloat16,
+        }
+        assert res["grad_dtypes"] == {torch.float32}  # reduced in fp32 into the fp32 shards AdamW steps
+        off, on = res["losses"]
+        assert on == pytest.approx(off, rel=2e-2)  # bf16 weights vs bf16 autocast of fp32 weights

@@ -112,7 +112,7 @@ def test_planned_bytes_equal_the_dispatchers_counters():
         assert counted == planned["send_bytes"] + recv_rows * 32 * 4
 
 
-def test_fsdp_memory_shards_the_non_expert_part_over_dp():
+def test_fsdp_memory_shards_the_non_expert_part_over_dp_and_the_experts_over_edp():
     cfg = TrainConfig(model=ModelConfig(dim=1024, n_layers=8), moe=MoEConfig(num_experts=64, top_k=6))
     cfg.parallel.ep = 8
     W, vocab = 16, 32000
@@ -121,9 +121,12 @@ def test_fsdp_memory_shards_the_non_expert_part_over_dp():
     plain = memory_per_gpu(cfg, vocab, W, zero=0, micro_batch=1)
     fsdp = memory_per_gpu(cfg, vocab, W, zero=0, micro_batch=1, fsdp=True)
     expert_bytes = counts["routed_experts"] / 8 * 16 / 1e9  # bf16 weights + grads + fp32 master and moments
-    # without FSDP every rank holds the non-expert part whole; with it, 1/W of it (W = DP for that part)
+    # without FSDP every rank holds the non-expert part whole; with it, 1/W of it (W = DP for that part), and
+    # 1/(W/ep) of its N/ep experts (their EDP ranks)
     assert plain["weights"] + plain["grads"] + plain["optimizer"] == pytest.approx(16 * dense / 1e9 + expert_bytes)
-    assert fsdp["weights"] + fsdp["grads"] + fsdp["optimizer"] == pytest.approx(16 * dense / W / 1e9 + expert_bytes)
+    edp = W // 8
+    want = 16 * dense / W / 1e9 + expert_bytes / edp
+    assert fsdp["weights"] + fsdp["grads"] + fsdp["optimizer"] == pytest.approx(want)
     assert fsdp["activations"] == plain["activations"]
     p = plan(cfg, Cluster(nodes=2, gpus_per_node=8), vocab, zero=0)
     assert p["fsdp_mem_total_gb"] < p["mem_total_gb"]

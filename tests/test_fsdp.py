@@ -36,7 +36,9 @@ def _cfg(tmp: Path) -> TrainConfig:
     return cfg
 
 
-def _train(rank: int, world: int, tmp: str, ep: int, fsdp: bool, ac: bool = False, compiled: bool = False) -> Any:
+def _train(
+    rank: int, world: int, tmp: str, ep: int, fsdp: bool, ac: bool = False, compiled: bool = False, keep: bool = True
+) -> Any:
     """STEPS steps of one case: losses, grad norms, full parameters, biases, validation loss on this rank."""
     from torch.distributed.tensor import DTensor
 
@@ -47,11 +49,12 @@ def _train(rank: int, world: int, tmp: str, ep: int, fsdp: bool, ac: bool = Fals
     cfg = _cfg(Path(tmp) / "fsdp")
     cfg.parallel.ep, cfg.parallel.fsdp = ep, fsdp
     cfg.trainer.activation_checkpointing, cfg.trainer.compile = ac, compiled
+    cfg.parallel.fsdp_keep_gathered = keep
     pc = init_parallel(cfg.parallel, "cpu", num_experts=cfg.moe.num_experts)
     original = trainer_mod.apply_compile
     trainer_mod.apply_compile = functools.partial(apply_compile, backend="aot_eager")  # no C++ builds in CI
     try:
-        t = trainer_mod.Trainer(copy.deepcopy(cfg), Path(tmp) / f"fsdp_{world}_{ep}_{fsdp}_{ac}_{compiled}", pc)
+        t = trainer_mod.Trainer(copy.deepcopy(cfg), Path(tmp) / f"fsdp_{world}_{ep}_{fsdp}_{ac}_{compiled}_{keep}", pc)
     finally:
         trainer_mod.apply_compile = original
     sharded = sorted(n for n, p in t.model.named_parameters() if isinstance(p, DTensor))
@@ -71,6 +74,7 @@ CASES: dict[int, dict[str, dict[str, Any]]] = {
         "ep1": {"ep": 1},
         "ep2": {"ep": 2},
         "ep2_ac_compile": {"ep": 2, "ac": True, "compiled": True},
+        "ep1_reshard_every_micro_batch": {"ep": 1, "keep": False},
     },
     4: {
         "ep2xdp2": {"ep": 2},
@@ -164,3 +168,66 @@ def test_fsdp_bf16_policy_gathers_bf16_keeps_the_router_fp32_and_steps_fp32_shar
         assert res["grad_dtypes"] == {torch.float32}  # reduced in fp32 into the fp32 shards AdamW steps
         off, on = res["losses"]
         assert on == pytest.approx(off, rel=2e-2)  # bf16 weights vs bf16 autocast of fp32 weights
+
+
+class _count_calls:
+    """Count the calls of ``module``'s functions ``names`` until :meth:`restore`."""
+
+    def __init__(self, module: Any, names: tuple[str, ...]) -> None:
+        self.module, self.counts = module, dict.fromkeys(names, 0)
+        self.originals = {name: getattr(module, name) for name in names}
+        for name in names:
+            setattr(module, name, self._counted(name))
+
+    def _counted(self, name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.counts[name] += 1
+            return self.originals[name](*args, **kwargs)
+
+        return call
+
+    def restore(self) -> None:
+        for name, fn in self.originals.items():
+            setattr(self.module, name, fn)
+
+
+def _collectives_per_step(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    """All-gathers and reduce-scatters of one FSDP step (EP=1: experts over EDP too) with 1 and 2 micro-batches
+    per rank on the same global batch, and the number of FSDP units."""
+    import torch.distributed as dist
+
+    from moetrain.parallel.context import init_parallel
+    from moetrain.parallel.fsdp import fsdp_units
+    from moetrain.train.trainer import Trainer
+
+    out: dict[str, Any] = {}
+    for micro, keep in ((4, True), (2, True), (2, False)):
+        cfg = _cfg(Path(tmp) / "count")
+        cfg.parallel.fsdp, cfg.trainer.micro_batch_size = True, micro
+        cfg.parallel.fsdp_keep_gathered = keep
+        pc = init_parallel(cfg.parallel, "cpu", num_experts=cfg.moe.num_experts)
+        t = Trainer(cfg, Path(tmp) / f"count_{micro}_{keep}", pc)
+        calls = _count_calls(dist, ("all_gather_single", "reduce_scatter_single"))
+        try:
+            t.train_step(t.loader.next_batch())
+        finally:
+            calls.restore()
+        out[f"{micro}/{keep}"] = {**calls.counts, "units": len(fsdp_units(t.model))}
+        t.close()
+    return out
+
+
+spawned.register(2, "fsdp/collectives", _collectives_per_step)
+
+
+def test_fsdp_gathers_and_reduces_once_per_step_whatever_the_accumulation():
+    """Between micro-batches (and from the routing pre-pass to the first) FSDP keeps the gathered weights and the
+    unsharded gradients: 2 micro-batches per rank cost the same all-gathers as 1 (each unit gathered once, and
+    once more in backward if it reshards after its forward) and one reduce-scatter per unit per step."""
+    for res in spawned.result(2, "fsdp/collectives"):
+        one, two, resharding = res["4/True"], res["2/True"], res["2/False"]
+        assert two["reduce_scatter_single"] == one["reduce_scatter_single"] == one["units"], res
+        assert two["all_gather_single"] == one["all_gather_single"] < 2 * one["units"], res
+        # parallel.fsdp_keep_gathered=false: a reduce-scatter per unit and micro-batch, and more all-gathers
+        assert resharding["reduce_scatter_single"] == 2 * one["units"], res
+        assert resharding["all_gather_single"] > two["all_gather_single"], res

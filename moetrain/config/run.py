@@ -181,6 +181,11 @@ class ParallelConfig:
     """Shard the non-expert parameters, gradients and AdamW states over the data-parallel ranks (FSDP2,
     ``torch.distributed.fsdp.fully_shard`` per block and over the embedding and head); the routed experts stay
     EP-sharded and synced over their EDP group. Native engine only; no checkpoints yet."""
+    fsdp_keep_gathered: bool = True
+    """With ``parallel.fsdp`` and gradient accumulation: keep the gathered weights and the unsharded gradients
+    between a step's micro-batches (one all-gather per unit and one reduce-scatter per step, while the
+    non-expert part is held whole for the step, as under ZeRO-2); ``false`` reshards after every micro-batch's
+    forward and backward (the least memory, an all-gather pair and a reduce-scatter per micro-batch)."""
 
 
 @dataclass

@@ -23,15 +23,17 @@ parameters are all-gathered and computed in bf16 and gradients reduced in fp32, 
 sharded master copy; each router is its own unit with the default (fp32) policy, so its weight is gathered in
 fp32 and the logits stay fp32 (Megatron-Core's ``moe_router_dtype=fp32``). CPU runs are fp32 throughout.
 
-Gradient accumulation: :func:`set_micro_batch_sync` keeps the gathered weights and the unsharded gradients
-between micro-batches (FSDP2's ``set_requires_gradient_sync(False)`` and ``set_reshard_after_backward(False)``):
-one all-gather of the weights and one reduce-scatter per step instead of one per micro-batch, at the cost of
-holding every unit's full parameters and gradients until the last micro-batch.
+Gradient accumulation (``parallel.fsdp_keep_gathered``, on by default): :func:`set_micro_batch_sync` keeps the
+gathered weights and the unsharded gradients between micro-batches (FSDP2's ``set_reshard_after_forward``,
+``set_reshard_after_backward`` and ``set_requires_gradient_sync``, all ``False`` but for the last micro-batch):
+the same all-gathers as one micro-batch and one reduce-scatter per unit per step instead of per micro-batch,
+at the cost of holding the non-expert part's full parameters and gradients through the step (ZeRO-2's memory
+for them). Off, every micro-batch reshards and reduce-scatters (ZeRO-3's memory).
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -40,6 +42,16 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import moe_layers, use_unfused_dispatch
+
+RESHARD_AFTER_FORWARD = "moetrain_reshard_after_forward"
+"""The attribute on each unit holding its configured ``reshard_after_forward`` (restored for a step's last
+micro-batch by :func:`set_micro_batch_sync`)."""
+
+
+def _shard(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True, **kw: Any) -> FSDPModule:
+    unit = cast(FSDPModule, fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, **kw))
+    setattr(unit, RESHARD_AFTER_FORWARD, reshard_after_forward)
+    return unit
 
 
 def dp_mesh(pc: ParallelContext) -> DeviceMesh:
@@ -71,20 +83,20 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype |
         use_unfused_dispatch(model)  # the fused CPU path reads the weights outside the experts' forward
     for layer in moe_layers(model).values():
         if edp.size() > 1:
-            experts = cast(FSDPModule, fully_shard(layer.experts, mesh=edp, mp_policy=mp))
+            experts = _shard(layer.experts, edp, mp_policy=mp)
             experts.set_gradient_divide_factor(float(pc.world_size))  # sum over EDP / W
             if pc.backend == "gloo":  # no PREMUL_SUM in gloo: reduce-scatter a sum, then divide
                 experts.set_force_sum_reduction_for_comms(True)
         else:
             ignored |= set(layer.experts.parameters())
         if param_dtype is not None:  # the router's weight is all-gathered and used in fp32 (fp32 logits)
-            fully_shard(layer.router, mesh=mesh, mp_policy=mixed_precision(None))
+            _shard(layer.router, mesh, mp_policy=mixed_precision(None))
     blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
     for i, block in enumerate(blocks):
         # the last block's parameters are needed at once by the backward: keep them gathered after forward
         last = i == len(blocks) - 1
-        fully_shard(block, mesh=mesh, ignored_params=ignored, reshard_after_forward=not last, mp_policy=mp)
-    fully_shard(model, mesh=mesh, ignored_params=ignored, mp_policy=mp)
+        _shard(block, mesh, not last, ignored_params=ignored, mp_policy=mp)
+    _shard(model, mesh, False, ignored_params=ignored, mp_policy=mp)  # the root keeps its weights for backward
     return model
 
 
@@ -94,8 +106,11 @@ def fsdp_units(model: nn.Module) -> list[FSDPModule]:
 
 
 def set_micro_batch_sync(model: nn.Module, last: bool) -> None:
-    """Before a micro-batch's backward: unless it is the ``last`` of the step, FSDP neither reduce-scatters the
-    gradients nor reshards the weights after it (module docstring). A no-op for a model without FSDP units."""
+    """Before a forward of the step: unless it is the ``last`` micro-batch's, the units keep their gathered weights
+    after forward and backward and their unsharded gradients (no reduce-scatter); the last reshards after
+    forward as configured (to save memory while the backward walks back), re-gathers in backward and
+    reduce-scatters the accumulated gradients (module docstring). A no-op for a model without FSDP units."""
     for unit in fsdp_units(model):
         unit.set_requires_gradient_sync(last, recurse=False)
         unit.set_reshard_after_backward(last, recurse=False)
+        unit.set_reshard_after_forward(last and getattr(unit, RESHARD_AFTER_FORWARD), recurse=False)

@@ -35,8 +35,8 @@ class NativeTrainModule:
         self.dtype = autocast_dtype(cfg.trainer.precision, pc.device)
         self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.nonfinite_max_skips, pc.is_main)
         self.global_scope = cfg.moe.balance.scope == "global"
-        self._micro_done = 0
-        """Micro-batches of the current step whose backward has run (mod the step's count)."""
+        self.keep_gathered = cfg.parallel.fsdp and cfg.parallel.fsdp_keep_gathered
+        self._micro_index = self._num_micro = 0
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
@@ -46,13 +46,27 @@ class NativeTrainModule:
     def train_batch(self, micro: list[torch.Tensor], rec: MetricRecorder) -> None:
         self.model.train()
         counts = None
+        self._micro_index, self._num_micro = 0, len(micro)
         if self.global_scope and (len(micro) > 1 or self.pc.distributed):
-            counts = routing_prepass(self.model, micro, self.pc, self.autocast)
-        accumulate_gradients(self.model, self._backward, micro, rec, self.autocast, self.pc.device, counts)
+            counts = routing_prepass(self._prepass_forward, micro, self.pc, self.autocast)
+        accumulate_gradients(self._forward, self._backward, micro, rec, self.autocast, self.pc.device, counts)
 
-    def _backward(self, loss: torch.Tensor, num_micro: int) -> None:
-        self._micro_done = (self._micro_done + 1) % num_micro
-        set_micro_batch_sync(self.model, last=self._micro_done == 0)  # FSDP: reduce after the last only
+    def _prepass_forward(self, tokens_BS: torch.Tensor, **kw: Any) -> ModelOutput:
+        """The routing pre-pass's forward: under FSDP the weights it gathers stay for the first micro-batch."""
+        if self.keep_gathered:
+            set_micro_batch_sync(self.model, last=False)
+        return self.model(tokens_BS, **kw)
+
+    def _forward(self, tokens_BS: torch.Tensor, **kw: Any) -> ModelOutput:
+        """The model on one micro-batch of the step; under FSDP, gathered and reduced as
+        ``parallel.fsdp_keep_gathered`` says (:func:`~moetrain.parallel.fsdp.set_micro_batch_sync`)."""
+        if self.keep_gathered:
+            set_micro_batch_sync(self.model, last=self._micro_index == self._num_micro - 1)
+        self._micro_index += 1
+        return self.model(tokens_BS, **kw)
+
+    @staticmethod
+    def _backward(loss: torch.Tensor, num_micro: int) -> None:
         (loss / num_micro).backward()
 
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:

@@ -181,6 +181,12 @@ class ParallelConfig:
     """Shard the non-expert parameters, gradients and AdamW states over the data-parallel ranks (FSDP2,
     ``torch.distributed.fsdp.fully_shard`` per block and over the embedding and head); the routed experts stay
     EP-sharded and synced over their EDP group. Native engine only; no checkpoints yet."""
+    bucket_mb: float = 25.0
+    """Native engine: gradients are all-reduced in buckets of about this many MiB (a bucket closes once it
+    reaches it), each launched during the last micro-batch's backward as soon as its gradients are final,
+    overlapping the rest of the backward (PyTorch DDP's ``bucket_cap_mb``, same default; the first bucket is
+    capped at 1 MiB as in DDP). Larger buckets mean fewer collectives, smaller ones an earlier start
+    (``moetrain.parallel.grad_buckets``)."""
 
 
 @dataclass

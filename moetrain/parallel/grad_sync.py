@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import expert_parameters
+from moetrain.parallel.grad_buckets import grad_reducer
 
 
 def _flat_all_reduce(grads: list[torch.Tensor], group: object, scale: float) -> None:
@@ -55,6 +56,10 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 def sync_gradients(model: nn.Module, pc: ParallelContext) -> None:
     """Non-expert grads: sum over all W ranks / W. Expert grads: sum over the EDP group / W (module docstring)."""
     if not pc.distributed:
+        return
+    reducer = grad_reducer(model)
+    if reducer is not None and reducer.in_flight:  # the last backward launched this sync in buckets: finish it
+        reducer.finish()  # (moetrain.parallel.grad_buckets); reducing again would double-reduce
         return
     dense, experts = split_parameters(model)
     dense = [p for p in dense if not isinstance(p, DTensor)]  # FSDP reduce-scattered these in the backward

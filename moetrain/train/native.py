@@ -12,6 +12,7 @@ import torch
 from moetrain.config import TrainConfig
 from moetrain.model.transformer import ModelOutput, Transformer
 from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.grad_buckets import apply_grad_buckets, grad_reducer
 from moetrain.parallel.grad_sync import clip_grad_norm, sync_gradients
 from moetrain.train.checkpoint import native
 from moetrain.train.guards import NonFiniteGuard
@@ -22,7 +23,8 @@ from moetrain.train.step import accumulate_gradients, routing_prepass
 
 
 class NativeTrainModule:
-    """moetrain's own engine: AdamW with decay on matrices, warmup + cosine, DP/EDP gradient sync, global-norm
+    """moetrain's own engine: AdamW with decay on matrices, warmup + cosine, DP/EDP gradient sync (bucketed,
+    overlapped with the last micro-batch's backward), global-norm
     clipping, bf16 autocast (fp32 router), ``trainer.nonfinite``; checkpoints as resharding DCP shards."""
 
     engine = "native"
@@ -34,6 +36,7 @@ class NativeTrainModule:
         self.dtype = autocast_dtype(cfg.trainer.precision, pc.device)
         self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.nonfinite_max_skips, pc.is_main)
         self.global_scope = cfg.moe.balance.scope == "global"
+        apply_grad_buckets(model, pc, cfg.parallel.bucket_mb)  # the all-reduce overlaps the last backward
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
@@ -45,7 +48,9 @@ class NativeTrainModule:
         counts = None
         if self.global_scope and (len(micro) > 1 or self.pc.distributed):
             counts = routing_prepass(self.model, micro, self.pc, self.autocast)
-        accumulate_gradients(self.model, self._backward, micro, rec, self.autocast, self.pc.device, counts)
+        reducer = grad_reducer(self.model)  # None on one process (or once removed: the flat sync then)
+        last = reducer.overlap if reducer is not None else None
+        accumulate_gradients(self.model, self._backward, micro, rec, self.autocast, self.pc.device, counts, last)
 
     @staticmethod
     def _backward(loss: torch.Tensor, num_micro: int) -> None:
@@ -54,7 +59,7 @@ class NativeTrainModule:
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:
         """Sync, clip, check, step. Non-expert gradients are averaged over all W ranks, experts over their
         EDP group (both / W); each expert shard counts once in the global norm."""
-        sync_gradients(self.model, self.pc)
+        sync_gradients(self.model, self.pc)  # waits for the buckets the last backward launched
         grad_norm = clip_grad_norm(self.model, self.pc, self.cfg.optim.grad_clip)
         losses = {"loss": reduced.tensor("train/loss"), "aux loss": reduced.tensor("train/aux_loss")}
         if not self.nonfinite.check(step, {**losses, "gradient norm": grad_norm}):  # trainer.nonfinite=skip

@@ -93,16 +93,15 @@ class Bucket:
         self.work.wait()
         flat = self.flat.mul_(scale)
         numel = sum(p.numel() for p in self.params)
-        missing = [i for i, p in enumerate(self.params) if p.grad is None]
-        # one host read, only in a bucket where this rank lacks a gradient (an unused parameter)
-        had = dict(zip(missing, (flat[numel:][missing] > 0).tolist(), strict=True)) if missing else {}
+        # the ranks that had each gradient: one host read, only in a bucket where this rank lacks one
+        had = flat[numel:].tolist() if any(p.grad is None for p in self.params) else []
         offset = 0
         for i, p in enumerate(self.params):
             piece = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
             if p.grad is not None:
                 p.grad.copy_(piece)
-            elif had[i]:
+            elif had[i] > 0:  # another rank had it: this rank's zeros went into the sum
                 p.grad = piece.clone()
         self.flat = self.work = None
         self.ready = 0

@@ -24,8 +24,8 @@ from moetrain.train.step import accumulate_gradients, routing_prepass
 
 class NativeTrainModule:
     """moetrain's own engine: AdamW with decay on matrices, warmup + cosine, DP/EDP gradient sync (bucketed,
-    overlapped with the last micro-batch's backward), global-norm
-    clipping, bf16 autocast (fp32 router), ``trainer.nonfinite``; checkpoints as resharding DCP shards."""
+    overlapped with the last micro-batch's backward), global-norm clipping, bf16 autocast (fp32 router),
+    ``trainer.nonfinite``; checkpoints as resharding DCP shards."""
 
     engine = "native"
 

@@ -82,7 +82,7 @@ def main() -> None:
         for key, tr in trainers.items():
             for i in range(args.warmup):
                 t0 = time.perf_counter()
-                loss = tr.train_step(batch)["loss"]
+                loss = tr.train_step(batch).loss
                 sync(device)
                 if i == 0:
                     first_step[key] = time.perf_counter() - t0

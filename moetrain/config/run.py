@@ -186,6 +186,12 @@ class ParallelConfig:
     between a step's micro-batches (one all-gather per unit and one reduce-scatter per step, while the
     non-expert part is held whole for the step, as under ZeRO-2); ``false`` reshards after every micro-batch's
     forward and backward (the least memory, an all-gather pair and a reduce-scatter per micro-batch)."""
+    bucket_mb: float = 25.0
+    """Native engine: gradients are all-reduced in buckets of about this many MiB (a bucket closes once it
+    reaches it), each launched during the last micro-batch's backward as soon as its gradients are final,
+    overlapping the rest of the backward (PyTorch DDP's ``bucket_cap_mb``, same default; the first bucket is
+    capped at 1 MiB as in DDP). Larger buckets mean fewer collectives, smaller ones an earlier start
+    (``moetrain.parallel.grad_buckets``)."""
 
 
 @dataclass

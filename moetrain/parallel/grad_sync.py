@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import expert_parameters
+from moetrain.parallel.grad_buckets import grad_reducer
 
 
 def _flat_all_reduce(grads: list[torch.Tensor], group: object, scale: float) -> None:
@@ -57,6 +58,10 @@ def sync_gradients(model: nn.Module, pc: ParallelContext) -> None:
     """Non-expert grads: sum over all W ranks / W. Expert grads: sum over the EDP group / W (module docstring).
     DTensor (FSDP) parameters are skipped: FSDP reduce-scattered their gradients in the backward."""
     if not pc.distributed:
+        return
+    reducer = grad_reducer(model)
+    if reducer is not None and reducer.in_flight:  # the last backward launched this sync in buckets: finish it
+        reducer.finish()  # (moetrain.parallel.grad_buckets); reducing again would double-reduce
         return
     dense, experts = split_parameters(model)
     dense = [p for p in dense if not isinstance(p, DTensor)]

@@ -13,6 +13,7 @@ from moetrain.config import TrainConfig
 from moetrain.model.transformer import ModelOutput, Transformer
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.fsdp import set_micro_batch_sync
+from moetrain.parallel.grad_buckets import apply_grad_buckets, grad_reducer
 from moetrain.parallel.grad_sync import clip_grad_norm, sync_gradients
 from moetrain.train.checkpoint import native
 from moetrain.train.guards import NonFiniteGuard
@@ -23,8 +24,9 @@ from moetrain.train.step import accumulate_gradients, routing_prepass
 
 
 class NativeTrainModule:
-    """moetrain's own engine: AdamW with decay on matrices, warmup + cosine, DP/EDP gradient sync, global-norm
-    clipping, bf16 autocast (fp32 router), ``trainer.nonfinite``; checkpoints as resharding DCP shards."""
+    """moetrain's own engine: AdamW with decay on matrices, warmup + cosine, DP/EDP gradient sync (bucketed,
+    overlapped with the last micro-batch's backward), global-norm clipping, bf16 autocast (fp32 router),
+    ``trainer.nonfinite``; checkpoints as resharding DCP shards."""
 
     engine = "native"
 
@@ -37,6 +39,7 @@ class NativeTrainModule:
         self.global_scope = cfg.moe.balance.scope == "global"
         self.keep_gathered = cfg.parallel.fsdp and cfg.parallel.fsdp_keep_gathered
         self._micro_index = self._num_micro = 0
+        apply_grad_buckets(model, pc, cfg.parallel.bucket_mb)  # the all-reduce overlaps the last backward
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
@@ -49,7 +52,9 @@ class NativeTrainModule:
         self._micro_index, self._num_micro = 0, len(micro)
         if self.global_scope and (len(micro) > 1 or self.pc.distributed):
             counts = routing_prepass(self._prepass_forward, micro, self.pc, self.autocast)
-        accumulate_gradients(self._forward, self._backward, micro, rec, self.autocast, self.pc.device, counts)
+        reducer = grad_reducer(self.model)  # None on one process (or once removed: the flat sync then)
+        last = reducer.overlap if reducer is not None else None
+        accumulate_gradients(self._forward, self._backward, micro, rec, self.autocast, self.pc.device, counts, last)
 
     def _prepass_forward(self, tokens_BS: torch.Tensor, **kw: Any) -> ModelOutput:
         """The routing pre-pass's forward: under FSDP the weights it gathers stay for the first micro-batch."""
@@ -72,7 +77,7 @@ class NativeTrainModule:
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:
         """Sync, clip, check, step. Non-expert gradients are averaged over all W ranks, experts over their
         EDP group (both / W); each expert shard counts once in the global norm."""
-        sync_gradients(self.model, self.pc)
+        sync_gradients(self.model, self.pc)  # waits for the buckets the last backward launched
         grad_norm = clip_grad_norm(self.model, self.pc, self.cfg.optim.grad_clip)
         losses = {"loss": reduced.tensor("train/loss"), "aux loss": reduced.tensor("train/aux_loss")}
         if not self.nonfinite.check(step, {**losses, "gradient norm": grad_norm}):  # trainer.nonfinite=skip

@@ -8,7 +8,7 @@ global-batch routing pre-pass and records what each micro-batch produced.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -56,20 +56,24 @@ def accumulate_gradients(
     autocast: Callable[[], AbstractContextManager[Any]],
     device: torch.device,
     global_counts: dict[int, dict[str, torch.Tensor]] | None = None,
+    last_backward: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> None:
     """Forward and backward of each micro-batch; records ``train/loss``, ``train/aux_loss`` (means over
     micro-batches and ranks) and every MoE layer's statistics.
 
     ``backward(loss, num_micro)`` accumulates the gradient of ``loss / num_micro``, so with equal micro-batch
-    sizes the accumulated gradient is that of the mean loss over the rank's sequences.
+    sizes the accumulated gradient is that of the mean loss over the rank's sequences. ``last_backward()``, if
+    given, is entered around the last micro-batch's backward only, the one that makes the step's final
+    gradients (the native engine overlaps their all-reduce with it, :mod:`moetrain.parallel.grad_buckets`).
     """
-    for mb in micro:
+    for i, mb in enumerate(micro):
         mb = mb.to(device, non_blocking=True)
         with autocast():
             out = forward(mb[:, :-1], global_counts=global_counts)
             loss_lm = lm_loss(out.logits, mb[:, 1:])
             aux = out.aux_loss
-        backward(loss_lm + aux, len(micro))
+        with last_backward() if last_backward is not None and i == len(micro) - 1 else nullcontext():
+            backward(loss_lm + aux, len(micro))
         rec.record("train/loss", loss_lm, "mean")
         rec.record("train/aux_loss", aux, "mean")
         record_moe(rec, out.moe_stats)

@@ -27,6 +27,11 @@ Gradient accumulation: :func:`set_micro_batch_sync` keeps the gathered weights a
 between micro-batches (FSDP2's ``set_requires_gradient_sync(False)`` and ``set_reshard_after_backward(False)``):
 one all-gather of the weights and one reduce-scatter per step instead of one per micro-batch, at the cost of
 holding every unit's full parameters and gradients until the last micro-batch.
+
+Checkpoints (:mod:`moetrain.train.checkpoint`) hold the same entries with or without FSDP: the DTensors' shards
+for the non-expert part (DCP records where each shard lies in the whole tensor) and one entry per global expert
+for the routed experts, each written by the ranks holding its rows; :func:`reshard` first puts the sharded
+parameters, the ones the optimizer steps, back in the modules.
 """
 
 from __future__ import annotations
@@ -91,6 +96,15 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype |
 def fsdp_units(model: nn.Module) -> list[FSDPModule]:
     """Every ``fully_shard`` unit of the model (blocks, expert modules, routers, the root)."""
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model: nn.Module) -> None:
+    """Register every unit's sharded parameters again. An evaluation forward leaves the root and the last block
+    holding their gathered (plain) parameters until the next backward (they are not resharded after forward);
+    a checkpoint reads and writes the sharded DTensors, the objects the optimizer's state is keyed by. A no-op
+    for a model without FSDP units or already sharded."""
+    for unit in fsdp_units(model):
+        unit.reshard()
 
 
 def set_micro_batch_sync(model: nn.Module, last: bool) -> None:

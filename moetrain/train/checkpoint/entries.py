@@ -33,7 +33,8 @@ from moetrain.train.checkpoint.sharded import copy_local, local_rows, owned, res
 
 @dataclass
 class ExpertLayout:
-    """Which global experts a stacked expert module holds on this rank."""
+    """Which global experts a stacked expert module holds on this rank: ``num_local`` experts from global index
+    ``offset`` (its EP shard; under FSDP over EDP this rank holds some of their rows, see ``local_rows``)."""
 
     offset: int
     num_local: int
@@ -52,7 +53,7 @@ def expert_modules(model: nn.Module) -> dict[str, ExpertLayout]:
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, GroupedExperts):
-            local = mod.w13.shape[0]
+            local = mod.w13.shape[0]  # a DTensor's shape is the whole EP-local stack's
             out[name] = ExpertLayout(
                 int(getattr(mod, "expert_offset", 0)), local, int(getattr(mod, "num_global_experts", local))
             )

@@ -280,6 +280,21 @@ def assert_continues(runs: list[dict[str, Any]], refs: list[dict[str, Any]], wha
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=atol, msg=f"{what}: {k}")
 
 
+def test_one_checkpoint_format_with_or_without_fsdp():
+    """The step-2 checkpoints of the four 2-rank runs index the same entries with the same whole shapes and
+    dtypes (FSDP writes shards of them, the others whole tensors): nothing tells them apart but the layout."""
+    from moetrain.train.checkpoint.reading import SafeFileSystemReader
+
+    def index(ckpt: str) -> dict[str, Any]:
+        md = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
+        return {k: (tuple(v.size), v.properties.dtype) for k, v in md.items()}  # type: ignore[union-attr]
+
+    indexes = {name: index(spawned.result(2, f"fsdp_ckpt/{name}")[0]["ckpt"]) for name in RUNS}
+    assert any(".experts." in k and k.endswith(".exp_avg") for k in indexes["fsdp_ep1"])
+    for name, idx in indexes.items():
+        assert idx == indexes["plain_ep1"], (name, sorted(idx.items() ^ indexes["plain_ep1"].items())[:4])
+
+
 @pytest.mark.parametrize(("run", "source"), RESUMES)
 def test_checkpoint_resumes_on_two_ranks_with_or_without_fsdp(run, source):
     """FSDP -> FSDP (EP=1 and EP=2, the latter saved asynchronously), FSDP -> without (EP 1 -> 2 and

@@ -344,6 +344,20 @@ def test_async_save_with_fsdp_writes_what_a_sync_save_writes(tmp_path):
         assert torch.equal(written_async[k], v), k
 
 
+def test_the_checkpoint_after_the_final_evaluation_holds_the_final_state(tmp_path):
+    """The last step is evaluated, then saved: the evaluation's forward leaves FSDP's root and last block holding
+    their gathered parameters (they are not resharded after forward); the save holds the sharded, final state."""
+    runs = spawned.result(2, "fsdp_ckpt/fsdp_ep1")
+    run_dir = Path(runs[0]["run_dir"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["step"] == STEPS and "val/loss" in r for r in records)
+    one = one_process_trainer(runs[0]["cfg"], tmp_path / "one")
+    wanted = {**model_entries(one.model), **optimizer_entries(one.model, one.optimizer)}
+    written = read_entries(run_dir / "checkpoints" / f"step_{STEPS:06d}", wanted)
+    for k, v in merged(runs).items():
+        assert torch.equal(written[k], v), k
+
+
 def test_bad_checkpoint_into_fsdp_fails_with_one_line_and_touches_nothing():
     for rank, out in enumerate(spawned.result(2, "fsdp_ckpt/bad_into_fsdp")):
         shape, truncated = out["shape"], out["truncated"]

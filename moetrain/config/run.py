@@ -179,8 +179,9 @@ class ParallelConfig:
     """``auto`` (nccl on GPU, gloo on CPU), ``nccl`` or ``gloo``."""
     fsdp: bool = False
     """Shard the non-expert parameters, gradients and AdamW states over the data-parallel ranks (FSDP2,
-    ``torch.distributed.fsdp.fully_shard`` per block and over the embedding and head); the routed experts stay
-    EP-sharded and synced over their EDP group. Native engine only; no checkpoints yet."""
+    ``torch.distributed.fsdp.fully_shard`` per block and over the embedding and head); the routed experts, split
+    over EP, are sharded over their EDP ranks. Native engine only. Its checkpoints are a run's without FSDP: they
+    resume with or without it, on any world and EP size, and export alike."""
     fsdp_keep_gathered: bool = True
     """With ``parallel.fsdp`` and gradient accumulation: keep the gathered weights and the unsharded gradients
     between a step's micro-batches (one all-gather per unit and one reduce-scatter per step, while the

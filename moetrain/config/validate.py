@@ -292,15 +292,8 @@ def validate_engine(cfg: TrainConfig, world_size: int = 1) -> None:
     """The ``engine.*`` rules (and, for DeepSpeed, its generated-and-merged JSON)."""
     e = cfg.engine
     _choice("engine.name", e.name, ENGINES)
-    if cfg.parallel.fsdp:
-        if e.name != "native":
-            _fail("parallel.fsdp", True, f"needs engine=native (engine={e.name} shards by its own ZeRO stages)")
-        if cfg.checkpoint.enabled or cfg.trainer.resume != "none":
-            _fail(
-                "parallel.fsdp",
-                True,
-                "does not checkpoint or resume yet; set checkpoint.enabled=false trainer.resume=none",
-            )
+    if cfg.parallel.fsdp and e.name != "native":
+        _fail("parallel.fsdp", True, f"needs engine=native (engine={e.name} shards by its own ZeRO stages)")
     if e.name == "native":
         if cfg.trainer.precision == "fp16":
             _fail("trainer.precision", "fp16", "needs engine=deepspeed (its loss scaling); use bf16 or fp32")

@@ -29,6 +29,11 @@ gathered weights and the unsharded gradients between micro-batches (FSDP2's ``se
 the same all-gathers as one micro-batch and one reduce-scatter per unit per step instead of per micro-batch,
 at the cost of holding the non-expert part's full parameters and gradients through the step (ZeRO-2's memory
 for them). Off, every micro-batch reshards and reduce-scatters (ZeRO-3's memory).
+
+Checkpoints (:mod:`moetrain.train.checkpoint`) hold the same entries with or without FSDP: the DTensors' shards
+for the non-expert part (DCP records where each shard lies in the whole tensor) and one entry per global expert
+for the routed experts, each written by the ranks holding its rows; :func:`reshard` first puts the sharded
+parameters, the ones the optimizer steps, back in the modules.
 """
 
 from __future__ import annotations
@@ -103,6 +108,15 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype |
 def fsdp_units(model: nn.Module) -> list[FSDPModule]:
     """Every ``fully_shard`` unit of the model (blocks, expert modules, routers, the root)."""
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model: nn.Module) -> None:
+    """Register every unit's sharded parameters again. An evaluation forward leaves the root and the last block
+    holding their gathered (plain) parameters until the next backward (they are not resharded after forward);
+    a checkpoint reads and writes the sharded DTensors, the objects the optimizer's state is keyed by. A no-op
+    for a model without FSDP units or already sharded."""
+    for unit in fsdp_units(model):
+        unit.reshard()
 
 
 def set_micro_batch_sync(model: nn.Module, last: bool) -> None:

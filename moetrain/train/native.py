@@ -108,7 +108,10 @@ class NativeTrainModule:
         return native.save_state(self.model, self.optimizer, self.pc.rank, tmp, group, asynchronous)
 
     def check_checkpoint(self, path: Path, meta: dict[str, Any]) -> None:
-        """Any world size and EP size loads (the entries are per global expert)."""
+        """Any world size and EP size loads, with or without FSDP (the entries are per global expert, the
+        sharded ones resharded by DCP); its param groups must map onto this optimizer's."""
+        if meta.get("kind") != "weights":
+            native.saved_groups_of(path, meta, self.optimizer)
 
     def load_checkpoint(self, path: Path, meta: dict[str, Any], group: Any) -> None:
         seed = self.cfg.trainer.seed

@@ -11,6 +11,8 @@ from torch.distributed.tensor import DTensor
 from moetrain.config import OptimConfig
 
 NO_DECAY_SUFFIXES = ("embed.weight",)
+FSDP_GROUP_SUFFIX = "_fsdp"
+"""Under FSDP a param group's DTensor half is named ``<group>_fsdp``: the same role as ``<group>``."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -32,7 +34,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         groups = [
             (name + suffix, [p for p in params if isinstance(p, DTensor) == sharded], wd)
             for name, params, wd in groups
-            for sharded, suffix in ((False, ""), (True, "_fsdp"))
+            for sharded, suffix in ((False, ""), (True, FSDP_GROUP_SUFFIX))
         ]
     return [{"name": name, "params": params, "weight_decay": wd} for name, params, wd in groups]
 

@@ -2,6 +2,7 @@
 
 * :mod:`~moetrain.train.checkpoint.layout`: directory names, ``meta.json``, checksums, atomic publish, pruning;
 * :mod:`~moetrain.train.checkpoint.entries`: the native state as flat entries, experts by global index;
+* :mod:`~moetrain.train.checkpoint.sharded`: FSDP's DTensors as entries, each rank its own shard;
 * :mod:`~moetrain.train.checkpoint.reading`: safe reading (restricted unpickler, every check before a copy);
 * :mod:`~moetrain.train.checkpoint.compat`: whether a checkpoint fits this run (engine, architecture, config);
 * :mod:`~moetrain.train.checkpoint.native`: the native engine's DCP files;

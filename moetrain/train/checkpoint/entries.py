@@ -10,6 +10,11 @@
   every parameter, re-indexed per global expert the same way.
 * ``rng.rank<r>.*``: every rank's torch CPU (and CUDA) generator, Python
   ``random`` and NumPy global states.
+
+Under FSDP the same entries hold DTensors' shards (:mod:`moetrain.train.checkpoint.sharded`): a non-expert
+entry is the DTensor (each rank writes its shard), and a stacked expert tensor sharded over its EDP ranks gives
+each rank the per-expert entries of the rows it holds. A checkpoint saved with FSDP therefore loads without it,
+and the other way round, on any world and EP size.
 """
 
 from __future__ import annotations
@@ -22,10 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from moetrain.parallel.fsdp import reshard
+from moetrain.train.checkpoint.sharded import copy_local, local_rows, owned, restored
+
 
 @dataclass
 class ExpertLayout:
-    """Which global experts a stacked expert module holds on this rank."""
+    """Which global experts a stacked expert module holds on this rank: ``num_local`` experts from global index
+    ``offset`` (its EP shard; under FSDP over EDP this rank holds some of their rows, see ``local_rows``)."""
 
     offset: int
     num_local: int
@@ -44,7 +53,7 @@ def expert_modules(model: nn.Module) -> dict[str, ExpertLayout]:
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, GroupedExperts):
-            local = mod.w13.shape[0]
+            local = mod.w13.shape[0]  # a DTensor's shape is the whole EP-local stack's
             out[name] = ExpertLayout(
                 int(getattr(mod, "expert_offset", 0)), local, int(getattr(mod, "num_global_experts", local))
             )
@@ -55,8 +64,18 @@ def _expert_param_names(layouts: dict[str, ExpertLayout]) -> dict[str, ExpertLay
     return {f"{prefix}.{w}": lay for prefix, lay in layouts.items() for w in ("w13", "w2")}
 
 
+def _split_experts(out: dict[str, torch.Tensor], prefix: str, suffix: str, lay: ExpertLayout, t: torch.Tensor) -> None:
+    """``out[f"{prefix}.{g}{suffix}"]``: a view of the row of each global expert ``g`` this rank holds in the
+    stacked tensor ``t`` (every row of a plain one, this rank's rows of one sharded over EDP)."""
+    first, rows = local_rows(t)
+    for i in range(rows.shape[0]):
+        out[f"{prefix}.{lay.offset + first + i}{suffix}"] = rows[i]
+
+
 def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model state as checkpoint entries: experts split per global index (views, no copies)."""
+    """The model state as checkpoint entries: experts split per global index (views, no copies); under FSDP the
+    sharded parameters (DTensors) and the expert rows this rank holds."""
+    reshard(model)
     experts = _expert_param_names(expert_modules(model))
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
@@ -64,20 +83,17 @@ def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
         if lay is None:
             out[f"model.{name}"] = t
         else:
-            for e in range(lay.num_local):
-                out[f"model.{name}.{lay.offset + e}"] = t[e]
+            _split_experts(out, f"model.{name}", "", lay, t)
     return out
-
-
-def _owns_storage(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _fresh_adamw_state(p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
     """What ``torch.optim.AdamW`` creates on a parameter's first step (step 0, zero moments).
 
     Saving this for a parameter that has no state yet is exact: AdamW's first
-    update of such a state equals its update of an absent one.
+    update of such a state equals its update of an absent one. The moments of a
+    DTensor parameter are DTensors of its layout (``zeros_like``), as AdamW makes
+    them; ``step`` is a plain scalar either way.
     """
     state = {
         "step": torch.zeros((), dtype=torch.float32),
@@ -102,8 +118,12 @@ def optimizer_entries(
     """Optimizer state per parameter name, expert tensors split per global expert.
 
     ``materialize`` fills parameters without state with AdamW's initial state
-    (so every rank and every EP size sees the same set of keys).
+    (so every rank and every EP size sees the same set of keys). An expert's
+    moments come from the rows this rank holds; its scalar ``step`` is written
+    for every expert of the EP-local stack (by each rank of the EDP group: DCP
+    keeps one), so a rank holding no row still finds it.
     """
+    reshard(model)  # the optimizer's state is keyed by the sharded parameters
     experts = _expert_param_names(expert_modules(model))
     names = _named_params(model)
     out: dict[str, torch.Tensor] = {}
@@ -117,10 +137,11 @@ def optimizer_entries(
                     continue
                 if lay is None:
                     out[f"optim.{name}.{key}"] = val
-                else:
+                elif val.dim() == 0:
                     for e in range(lay.num_local):
-                        per_expert = val[e] if val.dim() > 0 and val.shape[0] == lay.num_local else val
-                        out[f"optim.{name}.{lay.offset + e}.{key}"] = per_expert
+                        out[f"optim.{name}.{lay.offset + e}.{key}"] = val
+                else:
+                    _split_experts(out, f"optim.{name}", f".{key}", lay, val)
     return out
 
 
@@ -157,19 +178,20 @@ def set_rng(entries: dict[str, torch.Tensor], rank: int) -> None:
 
 def owned_copies(entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-expert slices copied (DCP would write a view's whole storage)."""
-    return {k: v if _owns_storage(v) else v.clone() for k, v in entries.items()}
+    return {k: owned(v) for k, v in entries.items()}
 
 
-@torch.no_grad()
 def copy_into(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]) -> None:
-    """Copy each read entry into the live tensor of the same name."""
+    """Copy each read entry into the live tensor of the same name (a DTensor's shard into its shard)."""
     for key, t in targets.items():
-        t.copy_(sources[key])
+        copy_local(t, sources[key])
 
 
 @torch.no_grad()
 def set_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, buffers: dict[str, torch.Tensor]) -> None:
-    """The AdamW state of every parameter from :func:`optimizer_entries`-named buffers (experts re-stacked)."""
+    """The AdamW state of every parameter from :func:`optimizer_entries`-named buffers (experts re-stacked from
+    the rows this rank holds; DTensor moments for DTensor parameters)."""
+    reshard(model)
     experts = _expert_param_names(expert_modules(model))
     names = _named_params(model)
     for group in optimizer.param_groups:
@@ -180,10 +202,13 @@ def set_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, buff
             for key, fresh in _fresh_adamw_state(p, group).items():
                 if lay is None:
                     src = buffers[f"optim.{name}.{key}"]
+                elif fresh.dim() == 0:
+                    src = buffers[f"optim.{name}.{lay.offset}.{key}"]
                 else:
-                    parts = [buffers[f"optim.{name}.{lay.offset + e}.{key}"] for e in range(lay.num_local)]
-                    src = torch.stack(parts) if fresh.dim() > 0 else parts[0]
-                state[key] = src.to(device=fresh.device, dtype=fresh.dtype).clone()
+                    first, rows = local_rows(fresh)
+                    parts = [buffers[f"optim.{name}.{lay.offset + first + i}.{key}"] for i in range(rows.shape[0])]
+                    src = torch.stack(parts) if parts else rows
+                state[key] = restored(fresh, src)
             optimizer.state[p] = state
 
 

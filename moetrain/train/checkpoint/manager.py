@@ -39,6 +39,7 @@ from moetrain.train.checkpoint.layout import (
     verify_checkpoint,
     write_meta_and_publish,
 )
+from moetrain.train.checkpoint.sharded import local_tensor
 from moetrain.train.guards import NonFiniteError, all_finite
 
 
@@ -123,7 +124,7 @@ class CheckpointManager:
     def check_finite(self) -> None:
         """Refuse to save non-finite weights (:class:`NonFiniteError` on every rank if any rank has one)."""
         error = None
-        if not all_finite(list(self.engine.model.state_dict().values())):
+        if not all_finite([local_tensor(t) for t in self.engine.model.state_dict().values()]):  # FSDP: each its shard
             error = (
                 f"step {self.progress.step}: the weights hold NaN or inf on rank {self.pc.rank}; "
                 "this checkpoint is not written (the newest finite one is kept)"

@@ -3,7 +3,9 @@
 Every rank writes its entries (:mod:`moetrain.train.checkpoint.entries`) with
 ``torch.distributed.checkpoint``; DCP deduplicates the replicated ones. Loading
 reads exactly the entries this rank's model and optimizer need, so any world
-size and EP size can load any checkpoint.
+size and EP size can load any checkpoint. Under FSDP each rank writes and reads
+its shards only (DTensor entries, :mod:`~moetrain.train.checkpoint.sharded`);
+an asynchronous save stages (copies) them to the CPU before training goes on.
 """
 
 from __future__ import annotations
@@ -30,8 +32,16 @@ from moetrain.train.checkpoint.entries import (
     set_optimizer_state,
     set_rng,
 )
-from moetrain.train.checkpoint.layout import FORMAT_VERSION, checkpoint_name, hash_share, write_meta_and_publish
+from moetrain.train.checkpoint.layout import (
+    FORMAT_VERSION,
+    META_FILE,
+    CheckpointError,
+    checkpoint_name,
+    hash_share,
+    write_meta_and_publish,
+)
 from moetrain.train.checkpoint.reading import quiet_dcp, read_entries
+from moetrain.train.optim import FSDP_GROUP_SUFFIX
 
 
 def save_state(
@@ -55,14 +65,43 @@ def schedule_meta(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str,
     return {"scheduler": sched, "param_groups": groups}
 
 
-def load_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, meta: dict[str, Any]) -> None:
+def _group_role(group: dict[str, Any]) -> Any:
+    """What a param group holds, whatever the layout: its name less FSDP's ``_fsdp`` split (``None``: unnamed)."""
+    name = group.get("name")
+    return name.removesuffix(FSDP_GROUP_SUFFIX) if isinstance(name, str) else None
+
+
+def saved_groups_of(path: Path, meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[int]:
+    """For each of this optimizer's param groups, the index of the saved group whose schedule it continues: the
+    one of the same role (FSDP splits each group into its plain and DTensor halves, so a run with FSDP and one
+    without have different groups), or, when no saved group is named, the one at the same position."""
+    saved = meta["param_groups"]
+    roles = [_group_role(g) if isinstance(g, dict) else None for g in saved]
+    out = []
+    for j, group in enumerate(optimizer.param_groups):
+        role = _group_role(group)
+        if role is not None and role in roles:
+            out.append(roles.index(role))
+        elif not any(roles) and len(saved) == len(optimizer.param_groups):
+            out.append(j)
+        else:
+            raise CheckpointError(f"{path / META_FILE}: no optimizer param group {group.get('name', j)!r} was saved")
+    return out
+
+
+def load_schedule(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, meta: dict[str, Any]) -> None:
+    """The LR schedule's position and each param group's ``lr`` / ``initial_lr`` (mapped by role)."""
+    index = saved_groups_of(path, meta, optimizer)
     sched = dict(meta["scheduler"])
+    for key in ("base_lrs", "_last_lr"):  # one value per param group
+        if isinstance(sched.get(key), list):
+            sched[key] = [sched[key][i] for i in index]
     sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
     scheduler.load_state_dict(sched)
-    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+    for group, i in zip(optimizer.param_groups, index):
         for key in ("lr", "initial_lr"):
-            if key in saved:
-                group[key] = saved[key]
+            if key in meta["param_groups"][i]:
+                group[key] = meta["param_groups"][i][key]
 
 
 def load_state(
@@ -86,7 +125,7 @@ def load_state(
     buffers = read_entries(path, {**model_t, **optim_t}, rng_keys, group, distributed)
     copy_into(model_t, buffers)
     set_optimizer_state(model, optimizer, buffers)
-    load_schedule(optimizer, scheduler, meta)
+    load_schedule(path, optimizer, scheduler, meta)
     if all(k in buffers for k in rng_keys if not k.endswith(".cuda")):
         set_rng(buffers, rank)
     else:  # a rank the saving job did not have

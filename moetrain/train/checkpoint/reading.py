@@ -5,7 +5,9 @@ index (a pickle) with an unpickler that admits only DCP's metadata classes,
 torch dtypes and sizes. Every wanted entry is checked (present, same shape,
 data files long enough) and read into fresh tensors first: a bad checkpoint
 raises :class:`CheckpointError` with one line naming the file and the mismatch,
-and leaves the model and optimizer untouched.
+and leaves the model and optimizer untouched. A DTensor (FSDP) target is checked
+by its whole shape and read into a fresh buffer of its own layout, this rank's
+shard only (:func:`~moetrain.train.checkpoint.sharded.empty_buffer`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from moetrain.train.checkpoint.layout import (
     agree,
     one_line,
 )
+from moetrain.train.checkpoint.sharded import empty_buffer
 
 SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 """DCP warns on every single-process save/load that it assumes one process; that is the intent here."""
@@ -89,7 +92,7 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 def check_entries(ckpt: Path, metadata: Metadata, wanted: dict[str, torch.Tensor]) -> None:
-    """Every wanted entry exists with the same shape, and every data file is long enough."""
+    """Every wanted entry exists with the same (whole, for a DTensor) shape, and every data file is long enough."""
     index = metadata.state_dict_metadata
     for key, t in wanted.items():
         md = index.get(key)
@@ -115,10 +118,6 @@ def check_entries(ckpt: Path, metadata: Metadata, wanted: dict[str, torch.Tensor
             raise CheckpointError(f"{f}: truncated ({size} bytes, the index needs {length})")
 
 
-def _empty_like(entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(v.shape, dtype=v.dtype, device="cpu") for k, v in entries.items()}
-
-
 def read_entries(
     ckpt: Path,
     wanted: dict[str, torch.Tensor],
@@ -126,7 +125,8 @@ def read_entries(
     group: Any = None,
     distributed: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Validate and read ``wanted`` (plus any ``optional`` keys present) into fresh CPU tensors.
+    """Validate and read ``wanted`` (plus any ``optional`` keys present) into fresh tensors (CPU; a DTensor's
+    shard on its device).
 
     Raises :class:`CheckpointError` on every rank if any rank finds a problem;
     nothing of the caller's is touched.
@@ -137,7 +137,7 @@ def read_entries(
     try:
         metadata = reader.read_metadata()
         check_entries(ckpt, metadata, wanted)
-        buffers = _empty_like(wanted)
+        buffers = {k: empty_buffer(v) for k, v in wanted.items()}
         for key in optional:
             md = metadata.state_dict_metadata.get(key)
             if isinstance(md, TensorStorageMetadata):

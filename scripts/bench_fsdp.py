@@ -92,19 +92,33 @@ def _unsharded(fsdp_params: list[Any]) -> list[torch.Tensor]:
     return [t for fp in fsdp_params if (t := getattr(fp, "_unsharded_param", None)) is not None]
 
 
-class ActivationPeak:
-    """Peak bytes saved for backward during a forward (each storage once; the storages of parameters, and of
-    FSDP's all-gathered parameters, excluded)."""
+class MemoryProbe:
+    """While active: the peak over micro-batches of the bytes saved for backward by one forward (each storage once;
+    parameters' storages, FSDP's all-gathered ones included, excluded: a micro-batch's saved tensors are freed
+    by its backward, so the count restarts at each forward of the model), and the peak bytes of FSDP's
+    all-gathered parameters alive at once, sampled at every module's forward and at every saved tensor the
+    backward unpacks (when each unit computes)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model, self.peak, self._seen, self._bytes = model, 0, set(), 0
+        self.model, self.peak, self.gathered_peak = model, 0, 0
+        self._seen: set[int] = set()
+        self._bytes = 0
         self._fsdp = _fsdp_params(model)
 
-    def __enter__(self) -> ActivationPeak:
+    def __enter__(self) -> MemoryProbe:
         self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters() if not isinstance(p, DTensor)}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
+        self._handles = [self.model.register_forward_pre_hook(self._start)]
+        self._handles += [m.register_forward_pre_hook(self._sample) for m in self.model.modules()]
         return self
+
+    def _start(self, *_: Any) -> None:
+        self._seen, self._bytes = set(), 0
+
+    def _sample(self, *_: Any) -> None:
+        gathered = sum(t.untyped_storage().nbytes() for t in _unsharded(self._fsdp))
+        self.gathered_peak = max(self.gathered_peak, gathered)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage().data_ptr()
@@ -115,24 +129,14 @@ class ActivationPeak:
             self.peak = max(self.peak, self._bytes)
         return t
 
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        self._sample()
+        return t
+
     def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
         self._hooks.__exit__(*exc)
-
-
-def gathered_peak(model: nn.Module) -> list[int]:
-    """Hooks on every FSDP unit recording the bytes of all-gathered parameters alive after each unit's forward and
-    before its backward; returns the one-element list holding the peak."""
-    from torch.distributed.fsdp import FSDPModule
-
-    fsdp, peak = _fsdp_params(model), [0]
-
-    def record(*_: Any) -> None:
-        peak[0] = max(peak[0], sum(t.untyped_storage().nbytes() for t in _unsharded(fsdp)))
-
-    for unit in (m for m in model.modules() if isinstance(m, FSDPModule)):
-        unit.register_forward_hook(record)
-        unit.register_full_backward_pre_hook(record)
-    return peak
 
 
 def run_block(tr: Any, n: int) -> tuple[int, float]:
@@ -166,16 +170,14 @@ def main() -> None:
         cfg: TrainConfig = OmegaConf.to_object(compose("train", overrides=[*base, *args.overrides]))  # type: ignore[assignment]
     pc = init_parallel(cfg.parallel, cfg.trainer.device, num_experts=cfg.moe.num_experts)
     with tempfile.TemporaryDirectory() as tmp:
-        trainers, peaks, acts = {}, {}, {}
+        trainers, probes = {}, {}
         for fsdp in (False, True):
             c = copy.deepcopy(cfg)
             c.parallel.fsdp = fsdp
             name = "FSDP" if fsdp else "replicated"
             trainers[name] = tr = make_trainer(validate(c, world), Path(tmp) / name, pc)
-            peaks[name] = gathered_peak(tr.model)
-            with ActivationPeak(tr.model) as act:  # the warm-up steps' micro-batches
+            with MemoryProbe(tr.model) as probes[name]:  # the warm-up steps' micro-batches
                 run_block(tr, args.warmup)
-            acts[name] = act.peak / MIB
         times, tokens, last = dict.fromkeys(trainers, 0.0), dict.fromkeys(trainers, 0), {}
         done = 0
         while done < args.steps:
@@ -190,12 +192,12 @@ def main() -> None:
             done += n
         mem = {name: state_mib(tr.model, tr.optimizer) for name, tr in trainers.items()}
         # gradients are freed by zero_grad(set_to_none) after each step: count them as one more copy of the params
-        report(cfg, world, args, trainers, mem, acts, peaks, times, tokens, last, pc)
+        report(cfg, world, args, trainers, mem, probes, times, tokens, last, pc)
     pc.close()
 
 
 def report(cfg: TrainConfig, world: int, args: Any, trainers: dict[str, Any], mem: dict[str, dict[str, float]],
-           acts: dict[str, float], peaks: dict[str, list[int]], times: dict[str, float], tokens: dict[str, int],
+           probes: dict[str, MemoryProbe], times: dict[str, float], tokens: dict[str, int],
            last: dict[str, float], pc: Any) -> None:  # fmt: skip
     """Rank 0 prints one table row per trainer (every rank's own numbers are equal up to expert rounding)."""
     if not pc.is_main:
@@ -215,12 +217,12 @@ def report(cfg: TrainConfig, world: int, args: Any, trainers: dict[str, Any], me
         s = mem[name]
         dense = (s["params"], s["params"], s["adam"])  # grads: one more copy of the params (freed between steps)
         experts = (s["params_experts"], s["params_experts"], s["adam_experts"])
-        gathered = peaks[name][0] / MIB
-        total = sum(dense) + sum(experts) + acts[name] + gathered
+        act, gathered = probes[name].peak / MIB, probes[name].gathered_peak / MIB
+        total = sum(dense) + sum(experts) + act + gathered
         tps = tokens[name] / times[name]
         print(
             f"| {name} | {' + '.join(f'{v:.2f}' for v in dense)} = {sum(dense):.2f} "
-            f"| {' + '.join(f'{v:.2f}' for v in experts)} = {sum(experts):.2f} | {acts[name]:.2f} | {gathered:.2f} "
+            f"| {' + '.join(f'{v:.2f}' for v in experts)} = {sum(experts):.2f} | {act:.2f} | {gathered:.2f} "
             f"| {total:.2f} | {tps:,.0f} | {tps / base_tps:.2f} | {last[name]:.5f} |"
         )
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moetrain.moe.capacity import device_budget, rank_within_segment
+from moetrain.moe.capacity import rank_within_segment
 from moetrain.moe.dispatch import (
     DeviceCapacity,
     Dispatched,
@@ -29,6 +29,8 @@ from moetrain.moe.dispatch import (
     count_per_bin,
     inverse_permutation,
 )
+from moetrain.parallel.collectives import all_to_all, all_to_all_detached
+from moetrain.parallel.device_drop import drop_at_devices
 
 META_BYTES = 2 * 8 + 4
 """Bytes of routing metadata per (token, expert) assignment sent: int64 row index, int64 local expert, fp32 weight."""
@@ -47,39 +49,6 @@ def local_expert_slice(num_experts: int, ep_size: int, ep_rank: int) -> tuple[in
         raise ValueError(f"num_experts={num_experts} is not divisible by the EP size {ep_size}")
     count = num_experts // ep_size
     return ep_rank * count, count
-
-
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
-    """``dist.all_to_all_single`` with uneven first-dim splits, returning a new tensor.
-
-    gloo has no all-to-all for CUDA tensors, so under gloo (several ranks on one
-    GPU, smoke runs) the exchange goes through host memory.
-    """
-    via_host = x.is_cuda and dist.get_backend(group) == "gloo"
-    src = x.detach().cpu() if via_host else x.detach()
-    out = src.new_empty((sum(out_splits), *src.shape[1:]))
-    dist.all_to_all_single(out, src.contiguous(), out_splits, in_splits, group=group)
-    return out.to(x.device) if via_host else out
-
-
-class _AllToAll(torch.autograd.Function):
-    """Differentiable uneven all-to-all: the backward is the reverse exchange of the gradients."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return _all_to_all(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return _all_to_all(grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
-    """Send ``x[sum(in_splits[:j]) : ...]`` to rank j of ``group``; autograd-aware when ``x`` needs a gradient."""
-    if x.requires_grad:
-        return _AllToAll.apply(x, out_splits, in_splits, group)
-    return _all_to_all(x, out_splits, in_splits, group)
 
 
 @dataclass
@@ -195,47 +164,6 @@ class AllToAllDispatcher(Dispatcher):
         self.max_recv_factor, self.overflow = max_recv_factor, overflow
         self.device_groups = ep_size
 
-    # ------------------------------------------------------------------ device-level dropping
-    def _device_keep(
-        self, device_capacity: DeviceCapacity, prio_send_A: torch.Tensor, send_assign_P: torch.Tensor,
-        recv_assign: list[int], send_assign: list[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """DeepSeek-V2 device-level dropping at the receiver (arXiv 2405.04434, sec. 2.2.4), no host sync.
-
-        This rank is one device. Its budget is ceil(factor * A / D) with A the
-        assignments of every sender of the EP group (an all-reduce); it keeps its
-        received assignments with the highest affinities, protected ones (+inf)
-        always. Received assignments arrive in (source rank, token, slot) order,
-        the order of one process's batch of all the ranks' tokens, so a stable
-        sort breaks ties as :func:`~moetrain.moe.routing.device_capacity_keep`
-        does there. Returns the keep mask in receive order, and each sent
-        assignment's keep flag sent back, in send order.
-        """
-        total = send_assign_P.sum().reshape(1)
-        dist.all_reduce(total, group=self.group)
-        budget = device_budget(device_capacity.factor, total, self.ep_size)
-        prio_recv = _all_to_all(prio_send_A.double(), recv_assign, send_assign, self.group)
-        rank_R = inverse_permutation(prio_recv.argsort(descending=True, stable=True))
-        keep_recv = (rank_R < budget) | torch.isposinf(prio_recv)
-        keep_sent = _all_to_all(keep_recv.to(torch.uint8), send_assign, recv_assign, self.group).bool()
-        return keep_recv, keep_sent
-
-    def _drop_at_devices(
-        self, device_capacity: DeviceCapacity, prio_A: torch.Tensor, order_A: torch.Tensor, s: _Sent,
-        w_recv: torch.Tensor, keep_A: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The received weights with the dropped rows zeroed, and ``keep_A`` over the original assignments."""
-        keep_recv, keep_sent = self._device_keep(
-            device_capacity, prio_A[order_A], s.send_assign_P, s.recv_assign, s.send_assign
-        )
-        w_recv = w_recv * keep_recv.to(w_recv.dtype)  # a dropped row is computed with weight 0: no value, no gradient
-        keep_dev_A = torch.empty_like(keep_sent).scatter_(0, order_A, keep_sent)  # back to this rank's A order
-        if keep_A is None:
-            return w_recv, keep_dev_A
-        keep_A = keep_A.clone()  # compose with the receive budget's mask (over the original assignments)
-        keep_A[keep_A.clone()] = keep_dev_A
-        return w_recv, keep_A
-
     # ------------------------------------------------------------------ guardrail
     def _recv_budget_keep(
         self, dest_A: torch.Tensor, weight_A: torch.Tensor, send_assign_P: torch.Tensor
@@ -304,7 +232,9 @@ class AllToAllDispatcher(Dispatcher):
     def _exchange_counts(self, send_rows_P: torch.Tensor, send_assign_P: torch.Tensor) -> _Sent:
         """Count exchange: [rows, assignments] for every pair of ranks; the one host sync."""
         ep = self.ep_size
-        counts_P2 = _all_to_all(torch.stack([send_rows_P, send_assign_P], dim=1), [1] * ep, [1] * ep, self.group)
+        counts_P2 = all_to_all_detached(
+            torch.stack([send_rows_P, send_assign_P], dim=1), [1] * ep, [1] * ep, self.group
+        )
         host = torch.cat([counts_P2.reshape(-1), send_rows_P, send_assign_P]).tolist()
         return _Sent(
             send_rows_P, send_assign_P, counts_P2,
@@ -374,11 +304,12 @@ class AllToAllDispatcher(Dispatcher):
         s = self._exchange_counts(send_rows_P, count_per_bin(dest_A, self.ep_size))
         token_P = tokens_of_rows(sum(s.send_rows))
         rows_recv_QD = all_to_all(x_TD.index_select(0, token_P), s.recv_rows, s.send_rows, self.group)
-        meta_recv = _all_to_all(meta_A2, s.recv_assign, s.send_assign, self.group)
+        meta_recv = all_to_all_detached(meta_A2, s.recv_assign, s.send_assign, self.group)
         w_recv = all_to_all(w_send_A, s.recv_assign, s.send_assign, self.group)
         if device_capacity is not None:
             assert prio_A is not None
-            w_recv, keep_A = self._drop_at_devices(device_capacity, prio_A, order_A, s, w_recv, keep_A)
+            sent = (s.send_assign_P, s.send_assign, s.recv_assign)
+            w_recv, keep_A = drop_at_devices(device_capacity, prio_A, order_A, sent, w_recv, keep_A, self.group)
 
         row_idx_R, counts_E, weight_R = self._expand(s, meta_recv, w_recv)
         handle = AllToAllHandle(row_idx_R, sum(s.recv_rows), token_P, T, s.send_rows, s.recv_rows)

@@ -318,6 +318,7 @@ class AllToAllDispatcher(Dispatcher):
             args = (x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token, device_capacity, overlap)
             return super().run(experts, *args)
         d, h = self._dispatch(x_TD, token_idx_A, expert_idx_A, weight_A, device_capacity, overlap.during_dispatch)
+        assert h is not None  # the first stage's result
         y_RD = experts(d.rows_RD, d.counts_E, d.weight_R)
         y_TD, side_TD = self._combine(y_RD, d.handle, lambda: overlap.during_combine(h))
         return Combined(y_TD, d.comm, d.keep_A, side_TD)

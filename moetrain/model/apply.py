@@ -45,10 +45,12 @@ def apply_compile(model: Transformer, backend: str = "inductor") -> Transformer:
     A dense block is compiled whole. In an MoE block each piece without
     data-dependent shapes is compiled on its own, ``fullgraph=True`` (so a graph
     break is an error, not a silent fall back to eager): the norms, the
-    attention, the router (scores, top-K, weights) and the shared experts. The
-    dispatch, the grouped experts, the combine and the statistics stay eager:
-    their shapes depend on the routing (the rows per expert, the all-to-all
-    splits), and the experts are already one grouped GEMM per projection. Compile
+    attention, the router (scores, top-K, weights) and the shared experts (called
+    in two parts, up and down, that the dispatcher overlaps with its all-to-alls:
+    one graph each). The dispatch, the grouped experts, the combine and the
+    statistics stay eager: their shapes depend on the routing (the rows per
+    expert, the all-to-all splits), and the experts are already one grouped GEMM
+    per projection. Compile
     time is that of the distinct regions (every block of a kind shares the
     compiled code), not of the whole model.
     """

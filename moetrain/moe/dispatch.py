@@ -8,6 +8,11 @@ the model is built, and :func:`moetrain.parallel.apply_expert_parallel` swaps in
 :class:`~moetrain.parallel.all_to_all.AllToAllDispatcher` under expert
 parallelism. This module also holds the permutation helpers they share.
 
+Work that depends only on the layer's input (the shared experts) is handed to
+:meth:`~Dispatcher.run` as an :class:`OverlapWork`, so that a dispatcher that
+communicates can run it while its collectives are in flight (the all-to-all
+dispatcher does; the local ones have nothing to hide it behind and run it last).
+
 Shape suffixes: T tokens, D model dim, A assignments, R rows at the experts,
 E local experts.
 """
@@ -15,6 +20,7 @@ E local experts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -44,6 +50,23 @@ class Dispatched(NamedTuple):
     receivers (device-level dropping, the receive budget); the layer's statistics count only the kept."""
 
 
+class OverlapWork(NamedTuple):
+    """Work independent of the dispatch (the MoE layer's shared experts), in two stages that a dispatcher runs
+    while its collectives are in flight: Megatron-Core's ``moe_shared_expert_overlap`` split (the shared
+    experts' first projection and activation during the dispatch all-to-all, the second during the combine).
+    Run sequentially (:meth:`run`), the two stages are the same operations in the same order as the
+    unsplit computation."""
+
+    during_dispatch: Callable[[], torch.Tensor]
+    """The first stage (the up projections and the activation)."""
+    during_combine: Callable[[torch.Tensor], torch.Tensor]
+    """The second stage, on the first one's result (the down projection, the gate)."""
+
+    def run(self) -> torch.Tensor:
+        """Both stages, one after the other."""
+        return self.during_combine(self.during_dispatch())
+
+
 class Combined(NamedTuple):
     """What one :meth:`Dispatcher.run` returns to the layer."""
 
@@ -53,6 +76,8 @@ class Combined(NamedTuple):
     """As :attr:`Dispatched.comm`."""
     keep_A: torch.Tensor | None = None
     """As :attr:`Dispatched.keep_A`."""
+    overlap_out: torch.Tensor | None = None
+    """The result of the :class:`OverlapWork` given to :meth:`Dispatcher.run` (``None`` when none was)."""
 
 
 class DeviceCapacity(NamedTuple):
@@ -105,12 +130,17 @@ class Dispatcher(ABC):
         weight_A: torch.Tensor,
         slots_per_token: int | None = None,
         device_capacity: DeviceCapacity | None = None,
+        overlap: OverlapWork | None = None,
     ) -> Combined:
-        """Dispatch, ``experts(rows_RD, counts_E, weight_R)``, combine: the MoE layer's one call."""
+        """Dispatch, ``experts(rows_RD, counts_E, weight_R)``, combine: the MoE layer's one call.
+
+        ``overlap``: work the dispatcher runs while its communication is in flight, its result returned in
+        :attr:`Combined.overlap_out`; here (nothing in flight) after the combine."""
         d = self.dispatch(
             x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token=slots_per_token, device_capacity=device_capacity
         )
-        return Combined(self.combine(experts(d.rows_RD, d.counts_E, d.weight_R), d.handle), d.comm, d.keep_A)
+        y_TD = self.combine(experts(d.rows_RD, d.counts_E, d.weight_R), d.handle)
+        return Combined(y_TD, d.comm, d.keep_A, overlap.run() if overlap is not None else None)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from importlib.util import find_spec
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -296,7 +296,13 @@ class GroupedExperts(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Dense SwiGLU MLP (Shazeer 2020): w2(silu(x w1) * (x w3)): the shared experts and the dense layers' FFN."""
+    """Dense SwiGLU MLP (Shazeer 2020): w2(silu(x w1) * (x w3)): the shared experts and the dense layers' FFN.
+
+    ``part`` splits one call in two, each through the module's ``__call__`` (its hooks and
+    ``torch.compile`` see both): ``up`` returns h = silu(x w1) * (x w3), ``down`` takes h and returns
+    h w2; ``down(up(x))`` is ``all`` operation for operation. The MoE layer runs its shared experts this
+    way, up during the dispatch all-to-all and down during the combine
+    (:class:`~moetrain.moe.dispatch.OverlapWork`)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -304,5 +310,10 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, part: Literal["all", "up", "down"] = "all") -> torch.Tensor:
+        if part == "down":
+            return self.w2(x)
+        if part not in ("all", "up"):
+            raise ValueError(f"part={part!r}: one of all, up, down")
+        h = F.silu(self.w1(x)) * self.w3(x)
+        return h if part == "up" else self.w2(h)

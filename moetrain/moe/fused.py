@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.moe.dispatch import Combined, DeviceCapacity, LocalDispatcher
+from moetrain.moe.dispatch import Combined, DeviceCapacity, LocalDispatcher, OverlapWork
 from moetrain.moe.experts import GroupedExperts, silu_into_grad_buffer, swiglu_backward
 
 
@@ -176,11 +176,15 @@ class FusedLocalDispatcher(LocalDispatcher):
         weight_A: torch.Tensor,
         slots_per_token: int | None = None,
         device_capacity: DeviceCapacity | None = None,
+        overlap: OverlapWork | None = None,
     ) -> Combined:
         """The fused node for a dropless batch (``slots_per_token``, token-major slots), else dispatch + experts
-        + combine."""
+        + combine; ``overlap`` after them (one process: nothing in flight to hide it behind)."""
         if slots_per_token is None or device_capacity is not None or not self.supports(x_TD, experts):
-            return super().run(experts, x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token, device_capacity)
+            return super().run(
+                experts, x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token, device_capacity, overlap
+            )
         shape_TK: Any = (x_TD.shape[0], slots_per_token)
         w13, w2 = experts.w13, experts.w2
-        return Combined(local_swiglu_moe(x_TD, expert_idx_A.view(shape_TK), weight_A.view(shape_TK), w13, w2))
+        y_TD = local_swiglu_moe(x_TD, expert_idx_A.view(shape_TK), weight_A.view(shape_TK), w13, w2)
+        return Combined(y_TD, overlap_out=overlap.run() if overlap is not None else None)

@@ -24,7 +24,7 @@ from moetrain.moe.balance import (
     smooth_load_loss,
 )
 from moetrain.moe.capacity import capacity, capacity_keep, device_capacity_keep, drop_priority
-from moetrain.moe.dispatch import DeviceCapacity, Dispatcher, kept_after_dispatch
+from moetrain.moe.dispatch import DeviceCapacity, Dispatcher, OverlapWork, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts, SwiGLU
 from moetrain.moe.fused import FusedLocalDispatcher
 from moetrain.moe.router import Router, capacity_factors
@@ -185,27 +185,36 @@ class MoELayer(nn.Module):
             token_idx_A, expert_idx_A, weight_A = token_idx_A[keep_A], expert_idx_A[keep_A], weight_A[keep_A]
             if device_capacity is not None:
                 device_capacity = device_capacity._replace(priority_A=device_capacity.priority_A[keep_A])
+        # The shared experts depend on x alone: the dispatcher runs them while its all-to-alls are in flight.
         out = self.dispatcher.run(
             self.experts, xc_TD, token_idx_A, expert_idx_A, weight_A,
             slots_per_token=K if dropless else None, device_capacity=device_capacity,
+            overlap=self._shared_work(xc_TD) if self.shared is not None else None,
         )  # fmt: skip
         if out.keep_A is not None:  # dropped at the receivers (device level, budget)
             keep_TK = kept_after_dispatch(keep_TK, out.keep_A)
         y_TD = out.y_TD.to(x_TD.dtype)
-        if self.shared is not None:
-            y_TD = y_TD + self._shared(xc_TD)  # added in x's dtype (the residual stream's)
+        if out.overlap_out is not None:
+            y_TD = y_TD + out.overlap_out  # the shared experts, added in x's dtype (the residual stream's)
 
         stats = self._stats(r, r.keep_TK, keep_TK, B, S, global_counts)
         stats.comm = out.comm
         return y_TD.view(B, S, D), stats
 
-    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """The shared experts' output, times sigmoid(x w_g) per token when ``moe.shared_expert_gate`` is on."""
-        assert self.shared is not None
-        y_TD = self.shared(x_TD)
-        if self.shared_gate is None:
-            return y_TD
-        return torch.sigmoid(self.shared_gate(x_TD)) * y_TD  # [T, 1] * [T, D] (Qwen2-MoE)
+    def _shared_work(self, x_TD: torch.Tensor) -> OverlapWork:
+        """The shared experts' output, times sigmoid(x w_g) per token when ``moe.shared_expert_gate`` is on,
+        as two stages a dispatcher may overlap with its all-to-alls (:class:`~moetrain.moe.dispatch.OverlapWork`):
+        the up projections and activation, then the down projection and the gate."""
+        shared, gate = self.shared, self.shared_gate
+        assert shared is not None
+
+        def down(h_TF: torch.Tensor) -> torch.Tensor:
+            y_TD = shared(h_TF, part="down")
+            if gate is None:
+                return y_TD
+            return torch.sigmoid(gate(x_TD)) * y_TD  # [T, 1] * [T, D] (Qwen2-MoE)
+
+        return OverlapWork(lambda: shared(x_TD, part="up"), down)
 
     def _drop(self, r: Routing, token_ids_BS: torch.Tensor | None) -> tuple[torch.Tensor, DeviceCapacity | None]:
         """Capacity: the kept slots after per-expert and (training only) device-level dropping, and the

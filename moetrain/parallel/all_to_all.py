@@ -19,16 +19,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from moetrain.moe.capacity import device_budget, rank_within_segment
+from moetrain.moe.capacity import rank_within_segment
 from moetrain.moe.dispatch import (
+    Combined,
     DeviceCapacity,
     Dispatched,
     Dispatcher,
+    OverlapWork,
     PermuteRows,
     count_per_bin,
     inverse_permutation,
 )
+from moetrain.parallel.collectives import all_to_all_detached, start_all_to_all
+from moetrain.parallel.device_drop import drop_at_devices
 
 META_BYTES = 2 * 8 + 4
 """Bytes of routing metadata per (token, expert) assignment sent: int64 row index, int64 local expert, fp32 weight."""
@@ -47,39 +52,6 @@ def local_expert_slice(num_experts: int, ep_size: int, ep_rank: int) -> tuple[in
         raise ValueError(f"num_experts={num_experts} is not divisible by the EP size {ep_size}")
     count = num_experts // ep_size
     return ep_rank * count, count
-
-
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
-    """``dist.all_to_all_single`` with uneven first-dim splits, returning a new tensor.
-
-    gloo has no all-to-all for CUDA tensors, so under gloo (several ranks on one
-    GPU, smoke runs) the exchange goes through host memory.
-    """
-    via_host = x.is_cuda and dist.get_backend(group) == "gloo"
-    src = x.detach().cpu() if via_host else x.detach()
-    out = src.new_empty((sum(out_splits), *src.shape[1:]))
-    dist.all_to_all_single(out, src.contiguous(), out_splits, in_splits, group=group)
-    return out.to(x.device) if via_host else out
-
-
-class _AllToAll(torch.autograd.Function):
-    """Differentiable uneven all-to-all: the backward is the reverse exchange of the gradients."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return _all_to_all(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return _all_to_all(grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
-    """Send ``x[sum(in_splits[:j]) : ...]`` to rank j of ``group``; autograd-aware when ``x`` needs a gradient."""
-    if x.requires_grad:
-        return _AllToAll.apply(x, out_splits, in_splits, group)
-    return _all_to_all(x, out_splits, in_splits, group)
 
 
 @dataclass
@@ -172,6 +144,21 @@ class AllToAllDispatcher(Dispatcher):
     dropping its lowest-weight assignments first (the capacity rule, applied
     per sender so no affinities need to be exchanged). Assignments dropped here
     or by device-level dropping come back in :attr:`Dispatched.keep_A`.
+
+    Overlap (:meth:`run`'s ``overlap``, the shared experts; DeepSeek-V3 technical report
+    sec. 3.2.1-3.2.2, Megatron-Core's ``moe_shared_expert_overlap``): every exchange is
+    launched asynchronously (:func:`~moetrain.parallel.collectives.start_all_to_all`).
+    Forward: the shared experts' up projections and activation run while the dispatch's
+    rows, metadata and weights are in flight, their down projection and gate while the
+    combine's rows are. Backward, by the order the autograd engine runs ready nodes: the
+    combine's reverse exchange is launched, the down projection's and gate's backward run,
+    then it is waited for; the routed experts' backward; the dispatch's reverse exchanges
+    are launched, the up projections' backward runs, then they are waited for. What cannot
+    overlap: the count exchange (its splits are needed on the host before any row moves),
+    the routed experts (they need the received rows), the receive budget's and device-level
+    dropping's collectives (they need the counts or the received weights), and the routing
+    before it all. The gradients arrive in the sequential order: the results are bitwise
+    those of ``overlap_work=False``.
     """
 
     def __init__(
@@ -185,6 +172,7 @@ class AllToAllDispatcher(Dispatcher):
         layer_idx: int = 0,
         max_recv_factor: float | None = None,
         overflow: str = "drop",
+        overlap_work: bool = True,
     ) -> None:
         if overflow not in ("drop", "error"):
             raise ValueError(f"overflow={overflow!r}: must be drop or error")
@@ -194,47 +182,9 @@ class AllToAllDispatcher(Dispatcher):
         self.rank, self.world_size, self.layer_idx = rank, world_size, layer_idx
         self.max_recv_factor, self.overflow = max_recv_factor, overflow
         self.device_groups = ep_size
-
-    # ------------------------------------------------------------------ device-level dropping
-    def _device_keep(
-        self, device_capacity: DeviceCapacity, prio_send_A: torch.Tensor, send_assign_P: torch.Tensor,
-        recv_assign: list[int], send_assign: list[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """DeepSeek-V2 device-level dropping at the receiver (arXiv 2405.04434, sec. 2.2.4), no host sync.
-
-        This rank is one device. Its budget is ceil(factor * A / D) with A the
-        assignments of every sender of the EP group (an all-reduce); it keeps its
-        received assignments with the highest affinities, protected ones (+inf)
-        always. Received assignments arrive in (source rank, token, slot) order,
-        the order of one process's batch of all the ranks' tokens, so a stable
-        sort breaks ties as :func:`~moetrain.moe.routing.device_capacity_keep`
-        does there. Returns the keep mask in receive order, and each sent
-        assignment's keep flag sent back, in send order.
-        """
-        total = send_assign_P.sum().reshape(1)
-        dist.all_reduce(total, group=self.group)
-        budget = device_budget(device_capacity.factor, total, self.ep_size)
-        prio_recv = _all_to_all(prio_send_A.double(), recv_assign, send_assign, self.group)
-        rank_R = inverse_permutation(prio_recv.argsort(descending=True, stable=True))
-        keep_recv = (rank_R < budget) | torch.isposinf(prio_recv)
-        keep_sent = _all_to_all(keep_recv.to(torch.uint8), send_assign, recv_assign, self.group).bool()
-        return keep_recv, keep_sent
-
-    def _drop_at_devices(
-        self, device_capacity: DeviceCapacity, prio_A: torch.Tensor, order_A: torch.Tensor, s: _Sent,
-        w_recv: torch.Tensor, keep_A: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The received weights with the dropped rows zeroed, and ``keep_A`` over the original assignments."""
-        keep_recv, keep_sent = self._device_keep(
-            device_capacity, prio_A[order_A], s.send_assign_P, s.recv_assign, s.send_assign
-        )
-        w_recv = w_recv * keep_recv.to(w_recv.dtype)  # a dropped row is computed with weight 0: no value, no gradient
-        keep_dev_A = torch.empty_like(keep_sent).scatter_(0, order_A, keep_sent)  # back to this rank's A order
-        if keep_A is None:
-            return w_recv, keep_dev_A
-        keep_A = keep_A.clone()  # compose with the receive budget's mask (over the original assignments)
-        keep_A[keep_A.clone()] = keep_dev_A
-        return w_recv, keep_A
+        self.overlap_work = overlap_work
+        """Run :meth:`run`'s ``overlap`` while the all-to-alls are in flight (off: after the combine, the
+        sequential order; the results are bitwise the same either way)."""
 
     # ------------------------------------------------------------------ guardrail
     def _recv_budget_keep(
@@ -304,7 +254,9 @@ class AllToAllDispatcher(Dispatcher):
     def _exchange_counts(self, send_rows_P: torch.Tensor, send_assign_P: torch.Tensor) -> _Sent:
         """Count exchange: [rows, assignments] for every pair of ranks; the one host sync."""
         ep = self.ep_size
-        counts_P2 = _all_to_all(torch.stack([send_rows_P, send_assign_P], dim=1), [1] * ep, [1] * ep, self.group)
+        counts_P2 = all_to_all_detached(
+            torch.stack([send_rows_P, send_assign_P], dim=1), [1] * ep, [1] * ep, self.group
+        )
         host = torch.cat([counts_P2.reshape(-1), send_rows_P, send_assign_P]).tolist()
         return _Sent(
             send_rows_P, send_assign_P, counts_P2,
@@ -347,6 +299,30 @@ class AllToAllDispatcher(Dispatcher):
             dropped=dropped,
         )
 
+    # ------------------------------------------------------------------ the exchanges
+    def run(
+        self,
+        experts: nn.Module,
+        x_TD: torch.Tensor,
+        token_idx_A: torch.Tensor,
+        expert_idx_A: torch.Tensor,
+        weight_A: torch.Tensor,
+        slots_per_token: int | None = None,
+        device_capacity: DeviceCapacity | None = None,
+        overlap: OverlapWork | None = None,
+    ) -> Combined:
+        """Dispatch, experts, combine, with ``overlap``'s first stage run while the dispatch's rows, metadata
+        and weights are in flight and its second while the combine's rows are (the class docstring says
+        what overlaps in the backward); after the combine when :attr:`overlap_work` is off."""
+        if overlap is None or not self.overlap_work:
+            args = (x_TD, token_idx_A, expert_idx_A, weight_A, slots_per_token, device_capacity, overlap)
+            return super().run(experts, *args)
+        d, h = self._dispatch(x_TD, token_idx_A, expert_idx_A, weight_A, device_capacity, overlap.during_dispatch)
+        assert h is not None  # the first stage's result
+        y_RD = experts(d.rows_RD, d.counts_E, d.weight_R)
+        y_TD, side_TD = self._combine(y_RD, d.handle, lambda: overlap.during_combine(h))
+        return Combined(y_TD, d.comm, d.keep_A, side_TD)
+
     def dispatch(
         self,
         x_TD: torch.Tensor,
@@ -356,6 +332,17 @@ class AllToAllDispatcher(Dispatcher):
         slots_per_token: int | None = None,
         device_capacity: DeviceCapacity | None = None,
     ) -> Dispatched:
+        return self._dispatch(x_TD, token_idx_A, expert_idx_A, weight_A, device_capacity)[0]
+
+    def combine(self, y_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        """Sum each received row's (weighted) expert outputs, return one row per (token, rank), sum per token."""
+        return self._combine(y_RD, handle)[0]
+
+    def _dispatch(
+        self, x_TD: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor, weight_A: torch.Tensor,
+        device_capacity: DeviceCapacity | None, during: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[Dispatched, torch.Tensor | None]:  # fmt: skip
+        """The dispatch, and what ``during`` returned (run while the rows, metadata and weights are in flight)."""
         E, (T, D) = self.num_local_experts, x_TD.shape
         prio_A = device_capacity.priority_A if device_capacity is not None else None
         keep_A, dropped, kept, prio_A = self._apply_recv_budget(token_idx_A, expert_idx_A, weight_A, prio_A)
@@ -373,24 +360,30 @@ class AllToAllDispatcher(Dispatcher):
 
         s = self._exchange_counts(send_rows_P, count_per_bin(dest_A, self.ep_size))
         token_P = tokens_of_rows(sum(s.send_rows))
-        rows_recv_QD = all_to_all(x_TD.index_select(0, token_P), s.recv_rows, s.send_rows, self.group)
-        meta_recv = _all_to_all(meta_A2, s.recv_assign, s.send_assign, self.group)
-        w_recv = all_to_all(w_send_A, s.recv_assign, s.send_assign, self.group)
+        rows = start_all_to_all(x_TD.index_select(0, token_P), s.recv_rows, s.send_rows, self.group)
+        meta = start_all_to_all(meta_A2, s.recv_assign, s.send_assign, self.group)
+        w = start_all_to_all(w_send_A, s.recv_assign, s.send_assign, self.group)
+        side = during() if during is not None else None
+        rows_recv_QD, meta_recv, w_recv = rows.wait(), meta.wait(), w.wait()
         if device_capacity is not None:
             assert prio_A is not None
-            w_recv, keep_A = self._drop_at_devices(device_capacity, prio_A, order_A, s, w_recv, keep_A)
+            sent = (s.send_assign_P, s.send_assign, s.recv_assign)
+            w_recv, keep_A = drop_at_devices(device_capacity, prio_A, order_A, sent, w_recv, keep_A, self.group)
 
         row_idx_R, counts_E, weight_R = self._expand(s, meta_recv, w_recv)
         handle = AllToAllHandle(row_idx_R, sum(s.recv_rows), token_P, T, s.send_rows, s.recv_rows)
         comm = self._comm_stats(s, D * x_TD.element_size(), dropped)
-        return Dispatched(rows_recv_QD[row_idx_R], counts_E, weight_R, handle, comm, keep_A)
+        return Dispatched(rows_recv_QD[row_idx_R], counts_E, weight_R, handle, comm, keep_A), side
 
-    def combine(self, y_RD: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        """Sum each received row's (weighted) expert outputs, return one row per (token, rank), sum per token."""
+    def _combine(
+        self, y_RD: torch.Tensor, handle: AllToAllHandle, during: Callable[[], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The combine, and what ``during`` returned (run while the returned rows are in flight)."""
         D = y_RD.shape[-1]
         partial_QD = y_RD.new_zeros(handle.num_recv, D, dtype=torch.float32).index_add_(
             0, handle.row_idx_R, y_RD.float()
         )
-        back_PD = all_to_all(partial_QD.to(y_RD.dtype), handle.send_splits, handle.recv_splits, self.group)
+        back = start_all_to_all(partial_QD.to(y_RD.dtype), handle.send_splits, handle.recv_splits, self.group)
+        side = during() if during is not None else None
         out_TD = partial_QD.new_zeros(handle.num_tokens, D)
-        return out_TD.index_add_(0, handle.token_idx_P, back_PD.float())
+        return out_TD.index_add_(0, handle.token_idx_P, back.wait().float()), side

@@ -74,7 +74,7 @@ def main() -> None:
             m = tr.model
             print(
                 f"{key:>5}: {m.num_params() / 1e6:.2f}M params, {m.num_params(active=True) / 1e6:.2f}M active, "
-                f"{tr.flops_per_token / 1e6:.1f} MFLOPs/token, precision {tr.autocast_dtype or 'fp32'}"
+                f"{tr.flops_per_token / 1e6:.1f} MFLOPs/token, precision {getattr(tr.module, 'dtype', None) or 'fp32'}"
             )
         batch = trainers["moe"].loader.next_batch()
         tokens = batch.shape[0] * (batch.shape[1] - 1)

@@ -97,9 +97,8 @@ def _model_bitwise(rank: int, world: int, tmp: str) -> dict[str, Any]:
     batch = torch.randint(0, 64, (4, 13), generator=torch.Generator().manual_seed(1))
     grads, losses = [], []
     for overlap_work in (True, False):
-        model = apply_expert_parallel(copy.deepcopy(ref), pc)
-        for layer in model.moe_layers().values():
-            layer.dispatcher.overlap_work = overlap_work  # type: ignore[attr-defined]
+        model = apply_expert_parallel(copy.deepcopy(ref), pc, overlap_shared=overlap_work)
+        assert all(layer.dispatcher.overlap_work is overlap_work for layer in model.moe_layers().values())
         loss, _ = model_loss(model, rank_slice(batch, rank, world))
         loss.backward()
         losses.append(loss.detach())

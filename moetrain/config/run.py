@@ -193,6 +193,10 @@ class ParallelConfig:
     overlapping the rest of the backward (PyTorch DDP's ``bucket_cap_mb``, same default; the first bucket is
     capped at 1 MiB as in DDP). Larger buckets mean fewer collectives, smaller ones an earlier start
     (``moetrain.parallel.grad_buckets``)."""
+    overlap_shared_experts: bool = True
+    """Under expert parallelism, run the shared experts while the dispatch and combine all-to-alls are in
+    flight, forward and backward (Megatron-Core's ``moe_shared_expert_overlap``); bitwise the results of
+    ``false``, which runs them after the combine (``moetrain.parallel.all_to_all``)."""
 
 
 @dataclass

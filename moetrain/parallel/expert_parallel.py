@@ -53,14 +53,20 @@ def _holds_local_slice(experts: GroupedExperts, ep_size: int, ep_rank: int) -> b
 
 
 def apply_expert_parallel(
-    model: nn.Module, pc: ParallelContext, max_recv_factor: float | None = None, recv_overflow: str = "drop"
+    model: nn.Module,
+    pc: ParallelContext,
+    max_recv_factor: float | None = None,
+    recv_overflow: str = "drop",
+    overlap_shared: bool = True,
 ) -> nn.Module:
     """Shard each MoE layer's experts over ``pc``'s EP group and give it an :class:`AllToAllDispatcher`.
 
     A no-op when ``pc.ep_size == 1`` (the single-process dispatcher chosen when
     the model was built stays). Call before the optimizer is built (the expert parameters are
     replaced by their local slices). Experts already holding this rank's slice (a model from
-    :func:`~moetrain.parallel.meta_init.build_local_model`) are kept as they are. Returns ``model``.
+    :func:`~moetrain.parallel.meta_init.build_local_model`) are kept as they are. ``overlap_shared``: the
+    shared experts run while the all-to-alls are in flight (``parallel.overlap_shared_experts``). Returns
+    ``model``.
     """
     if pc.ep_size == 1:
         return model
@@ -77,6 +83,7 @@ def apply_expert_parallel(
             layer_idx=idx,
             max_recv_factor=max_recv_factor,
             overflow=recv_overflow,
+            overlap_work=overlap_shared,
         )
     return model
 

@@ -107,6 +107,22 @@ def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
         out.append("trainer.nonfinite_max_skips only acts with trainer.nonfinite=skip")
     if not cfg.checkpoint.enabled and cfg.checkpoint.async_save:
         out.append("checkpoint.async_save has no effect with checkpoint.enabled=false")
+    out += _parallel_notes(cfg, world_size)
+    return out
+
+
+def _parallel_notes(cfg: TrainConfig, world_size: int) -> list[str]:
+    """The ``parallel.*`` options without effect: sharding and gradient buckets need several ranks."""
+    out = []
+    p, defaults = cfg.parallel, type(cfg.parallel)()
+    if p.fsdp and world_size == 1:
+        out.append("parallel.fsdp=true only acts with several ranks (one process holds the whole model)")
+    if p.fsdp_keep_gathered != defaults.fsdp_keep_gathered and not p.fsdp:
+        out.append("parallel.fsdp_keep_gathered only acts with parallel.fsdp=true")
+    if p.bucket_mb != defaults.bucket_mb and (world_size == 1 or cfg.engine.name != "native"):
+        out.append("parallel.bucket_mb only acts with the native engine on several ranks")
+    if not p.overlap_shared_experts and (p.ep == 1 or cfg.moe.num_shared_experts == 0):
+        out.append("parallel.overlap_shared_experts only acts with shared experts under parallel.ep > 1")
     return out
 
 

@@ -117,7 +117,9 @@ def build_parallel_model(
         cfg.model, cfg.moe, vocab, cfg.data.seq_len, pc.ep_size, pc.ep_rank, t.seed, None, groups, doc_eos
     )
     apply_balanced_hash(local, train_tokens)  # moe.router.hash_table=balanced: from the corpus frequencies
-    model: Transformer = apply_expert_parallel(local, pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow).to(pc.device)  # type: ignore[assignment]
+    overlap = cfg.parallel.overlap_shared_experts
+    model: Transformer = apply_expert_parallel(local, pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow, overlap)  # type: ignore[assignment]
+    model = model.to(pc.device)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     if t.compile:

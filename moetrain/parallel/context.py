@@ -53,7 +53,7 @@ class ParallelContext:
     """This rank's expert-data-parallel group (``None`` when it is this rank alone)."""
     mesh: DeviceMesh | None = None
     """The ``("edp", "ep")`` device mesh over all W ranks (``None`` on one process)."""
-    _host_groups: dict[str, Any] = field(default_factory=dict, repr=False)
+    _groups: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -95,11 +95,20 @@ class ParallelContext:
         """A CPU gloo group over all ranks for host-side collectives (checkpoint publishing, the stop vote)
         that must not interleave with the training ones; made on first use by every rank in the same order,
         then cached by ``name``. ``None`` on one process."""
+        return self._own_group(f"host/{name}", "gloo")
+
+    def own_group(self, name: str) -> Any:
+        """A group over all ranks on the training backend for one stream of collectives whose issue order must
+        not mix with the others' (the bucketed gradient all-reduce: :mod:`moetrain.parallel.grad_buckets`);
+        made on first use, cached by ``name``. ``None`` on one process."""
+        return self._own_group(f"train/{name}", None)
+
+    def _own_group(self, key: str, backend: str | None) -> Any:
         if not (self.distributed and dist.is_initialized()):
             return None
-        if name not in self._host_groups:
-            self._host_groups[name] = dist.new_group(backend="gloo")
-        return self._host_groups[name]
+        if key not in self._groups:
+            self._groups[key] = dist.new_group(backend=backend)
+        return self._groups[key]
 
     def barrier(self) -> None:
         if self.distributed:

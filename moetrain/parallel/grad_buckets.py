@@ -246,7 +246,7 @@ def apply_grad_buckets(model: nn.Module, pc: ParallelContext, bucket_mb: float) 
     # dimension spanning every rank is the default group), and whether a bucket launches before or after one of
     # them can differ between ranks (a parameter without a gradient holds its bucket back), while the
     # collectives of one group must be issued in the same order on every rank.
-    plan, local = reduction_plan(model, pc, dist.new_group())
+    plan, local = reduction_plan(model, pc, pc.own_group("grad_buckets"))
     reducer = GradReducer(assign_buckets(plan, int(bucket_mb * MIB)), local, pc.world_size)
     _REDUCERS[model] = reducer
     return reducer

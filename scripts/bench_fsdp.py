@@ -64,15 +64,13 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 
 def state_mib(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Local parameter, gradient and AdamW-moment bytes, non-expert and expert, in MiB."""
+    """Local parameter and AdamW-moment bytes, non-expert and expert, in MiB (gradients, freed by
+    ``zero_grad(set_to_none=True)`` between steps, are one more copy of the parameters while they live)."""
     expert_ids = {id(p) for p in expert_parameters(model)}
-    out = dict.fromkeys(("params", "grads", "adam"), 0.0)
-    out |= {f"{k}_experts": 0.0 for k in ("params", "grads", "adam")}
+    out = dict.fromkeys(("params", "adam", "params_experts", "adam_experts"), 0.0)
     for p in model.parameters():
         suffix = "_experts" if id(p) in expert_ids else ""
         out["params" + suffix] += _local_bytes(p) / MIB
-        if p.grad is not None:
-            out["grads" + suffix] += _local_bytes(p.grad) / MIB
         for t in optimizer.state.get(p, {}).values():
             if isinstance(t, torch.Tensor) and t.dim() > 0:
                 out["adam" + suffix] += _local_bytes(t) / MIB
@@ -191,7 +189,6 @@ def main() -> None:
                 tokens[name] += got
             done += n
         mem = {name: state_mib(tr.model, tr.optimizer) for name, tr in trainers.items()}
-        # gradients are freed by zero_grad(set_to_none) after each step: count them as one more copy of the params
         report(cfg, world, args, trainers, mem, probes, times, tokens, last, pc)
     pc.close()
 

@@ -91,3 +91,14 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     if errors:
         raise ChildError("\n".join(errors))
     return [out[r] for r in range(world_size)]
+
+
+def merged(per_rank: list[dict[str, Any]], key: str) -> dict[str, torch.Tensor]:
+    """The union of the ranks' ``key`` entries (name -> tensor); an entry several ranks hold must agree bitwise."""
+    full: dict[str, torch.Tensor] = {}
+    for r in per_rank:
+        for k, v in r[key].items():
+            if k in full:
+                assert torch.equal(full[k], v), f"ranks disagree on {k}"
+            full[k] = v
+    return full

@@ -28,7 +28,7 @@ from moetrain.train.checkpoint import CheckpointError, hash_share, model_entries
 from moetrain.train.trainer import Trainer
 from tests import spawned
 from tests.conftest import tiny_train_config
-from tests.distributed import run_distributed
+from tests.distributed import merged, run_distributed
 
 pytestmark = pytest.mark.parity
 
@@ -253,15 +253,6 @@ spawned.register(4, "fsdp_ckpt/ep2xdp2", functools.partial(_straight, name="fsdp
 
 
 # ----------------------------------------------------------------- the comparisons
-def merged(per_rank: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The union of the ranks' entries; an entry several ranks hold must agree bitwise."""
-    full: dict[str, torch.Tensor] = {}
-    for r in per_rank:
-        for k, v in r["state"].items():
-            if k in full:
-                assert torch.equal(full[k], v), f"ranks disagree on {k}"
-            full[k] = v
-    return full
 
 
 def assert_continues(runs: list[dict[str, Any]], refs: list[dict[str, Any]], what: str) -> None:
@@ -271,7 +262,7 @@ def assert_continues(runs: list[dict[str, Any]], refs: list[dict[str, Any]], wha
     for step, loss in got_losses.items():
         assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), f"{what}: step {step}"
     assert all(r["step"] == STEPS for r in runs), what
-    got, ref = merged(runs), merged(refs)
+    got, ref = merged(runs, "state"), merged(refs, "state")
     assert got.keys() == ref.keys(), f"{what}: {sorted(got.keys() ^ ref.keys())[:4]}"
     assert any(".experts." in k and k.endswith("exp_avg_sq") for k in got)  # per-expert moments are compared
     for k, v in ref.items():
@@ -337,7 +328,7 @@ def test_async_save_with_fsdp_writes_what_a_sync_save_writes(tmp_path):
     wanted = {**model_entries(one.model), **optimizer_entries(one.model, one.optimizer)}
     sync_dir, async_dir = runs[0]["dirs"]
     written_sync, written_async = read_entries(Path(sync_dir), wanted), read_entries(Path(async_dir), wanted)
-    saved = merged(runs)
+    saved = merged(runs, "state")
     assert saved.keys() == wanted.keys()
     for k, v in saved.items():
         assert torch.equal(written_sync[k], v), k
@@ -354,7 +345,7 @@ def test_the_checkpoint_after_the_final_evaluation_holds_the_final_state(tmp_pat
     one = one_process_trainer(runs[0]["cfg"], tmp_path / "one")
     wanted = {**model_entries(one.model), **optimizer_entries(one.model, one.optimizer)}
     written = read_entries(run_dir / "checkpoints" / f"step_{STEPS:06d}", wanted)
-    for k, v in merged(runs).items():
+    for k, v in merged(runs, "state").items():
         assert torch.equal(written[k], v), k
 
 

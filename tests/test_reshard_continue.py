@@ -24,6 +24,7 @@ from moetrain.train.checkpoint import model_entries, optimizer_entries
 from moetrain.train.trainer import Trainer
 from tests import spawned
 from tests.conftest import tiny_train_config
+from tests.distributed import merged
 
 pytestmark = pytest.mark.parity
 
@@ -89,21 +90,10 @@ def _ep4_then_ep2(rank: int, world: int, tmp: str) -> dict[str, Any]:
 spawned.register(4, "reshard/ep4_then_ep2", _ep4_then_ep2)
 
 
-def merged(per_rank: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The union of the ranks' per-expert entries; replicated entries must agree bitwise across ranks."""
-    full: dict[str, torch.Tensor] = {}
-    for r in per_rank:
-        for k, v in r["tensors"].items():
-            if k in full:
-                assert torch.equal(full[k], v), f"ranks disagree on {k}"
-            full[k] = v
-    return full
-
-
 def test_ep4_checkpoint_continues_in_ep2_and_one_process_like_the_original(tmp_path):
     reports = spawned.result(4, "reshard/ep4_then_ep2")
     original = [r["original"] for r in reports]
-    ref = merged(original)
+    ref = merged(original, "tensors")
     ref_losses = original[0]["losses"]
     assert sorted(ref_losses) == list(range(1, STEPS + 1))
 
@@ -121,7 +111,7 @@ def test_ep4_checkpoint_continues_in_ep2_and_one_process_like_the_original(tmp_p
             assert r["loader"] == original[0]["loader"], name
             assert r["step"] == STEPS and r["scheduler_epoch"] == original[0]["scheduler_epoch"], name
             assert r["lr"] == pytest.approx(original[0]["lr"], rel=1e-12), name
-        got = merged(runs)
+        got = merged(runs, "tensors")
         assert got.keys() == ref.keys(), name
         assert any(".experts." in k and "exp_avg_sq" in k for k in got)  # per-expert moments are compared
         for k, v in ref.items():

@@ -54,6 +54,13 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return [p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids]
 
 
+def _plain_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[DTensor]]:
+    """(replicated, EP-sharded expert, FSDP DTensor) trainable parameters."""
+    dense, experts = split_parameters(model)
+    sharded = [p for p in dense + experts if isinstance(p, DTensor)]
+    return [p for p in dense if not isinstance(p, DTensor)], [p for p in experts if not isinstance(p, DTensor)], sharded
+
+
 def sync_gradients(model: nn.Module, pc: ParallelContext) -> None:
     """Non-expert grads: sum over all W ranks / W. Expert grads: sum over the EDP group / W (module docstring).
     DTensor (FSDP) parameters are skipped: FSDP reduce-scattered their gradients in the backward."""
@@ -63,9 +70,7 @@ def sync_gradients(model: nn.Module, pc: ParallelContext) -> None:
     if reducer is not None and reducer.in_flight:  # the last backward launched this sync in buckets: finish it
         reducer.finish()  # (moetrain.parallel.grad_buckets); reducing again would double-reduce
         return
-    dense, experts = split_parameters(model)
-    dense = [p for p in dense if not isinstance(p, DTensor)]
-    experts = [p for p in experts if not isinstance(p, DTensor)]
+    dense, experts, _ = _plain_split(model)
     if pc.ep_size == 1:  # experts are replicated too: one flat all-reduce of everything
         dense, experts = dense + experts, []
     _flat_all_reduce([p.grad for p in dense if p.grad is not None], None, 1.0 / pc.world_size)
@@ -96,10 +101,8 @@ def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> to
     are identical after the sync); FSDP-sharded gradients add their local shards' squares summed over the
     mesh. ``max_norm <= 0`` or ``inf`` only measures.
     """
-    dense, experts = split_parameters(model)
-    sharded = [p.grad.to_local() for p in dense + experts if isinstance(p, DTensor) and isinstance(p.grad, DTensor)]
-    dense = [p for p in dense if not isinstance(p, DTensor)]
-    experts = [p for p in experts if not isinstance(p, DTensor)]
+    dense, experts, fsdp = _plain_split(model)
+    sharded = [p.grad.to_local() for p in fsdp if isinstance(p.grad, DTensor)]
     if pc.ep_size == 1:
         dense, experts = dense + experts, []
     device = next(model.parameters()).device

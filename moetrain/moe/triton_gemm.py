@@ -20,7 +20,7 @@ the device, so they never synchronise:
   segment writes zeros.
 
 fp32 operands use ``input_precision="ieee"`` (exact fp32, as cuBLAS without
-TF32) unless ``torch.backends.cuda.matmul.allow_tf32`` is set; accumulation is
+TF32) unless TF32 is allowed for CUDA matmuls (:func:`_precision`); accumulation is
 fp32 for every dtype. The kernels also run under ``TRITON_INTERPRET=1`` on CPU
 tensors, which is how the CPU test suite checks them.
 """
@@ -137,9 +137,17 @@ def _segment_wgrad_kernel(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # Triton's default; for 16-bit operands the matrix units take them as they are
+    """Triton's ``input_precision`` for ``dtype`` operands: ``"ieee"`` for fp32 unless TF32 is allowed for CUDA
+    matmuls. Read through the per-backend ``torch.backends.cuda.matmul.fp32_precision`` (``"tf32"``, ``"ieee"``,
+    or ``"none"`` = inherit, resolved when read), which every way of allowing TF32 sets
+    (``torch.set_float32_matmul_precision("high")``, the legacy ``allow_tf32 = True``, the new API). The legacy
+    ``allow_tf32`` getter and ``torch.get_float32_matmul_precision()`` both raise once legacy and new API calls
+    were mixed (torch 2.9+); torch before the new API has only ``allow_tf32``."""
+    if dtype != torch.float32:
+        return "tf32"  # Triton's default; for 16-bit operands the matrix units take them as they are
+    matmul = torch.backends.cuda.matmul
+    allowed = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    return "tf32" if allowed else "ieee"
 
 
 def _blocks(dtype: torch.dtype) -> tuple[int, int, int]:

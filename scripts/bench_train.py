@@ -12,22 +12,30 @@ same run (an 8192^3 matmul on GPU), not a datasheet number.
     python scripts/bench_train.py                       # the default tiny config
     python scripts/bench_train.py --steps 30 -- model=small moe.num_experts=64 moe.top_k=6
     python scripts/bench_train.py --compile -- model=small ...   # trainer.compile, with the time to the first step
+
+It needs neither hydra-core nor ``datasets`` (the GPU check's machine has neither): the overrides are composed
+by :func:`~moetrain.config.compose.compose_without_hydra`, and the tokens are the standard library's source
+read as plain files (the default corpus, without its cache or split), cut into ``data.seq_len + 1`` rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from moetrain.config import TrainConfig, validate
+from moetrain.config.compose import compose_without_hydra
+from moetrain.data import PackedData, build_tokenizer, stdlib_files
 from moetrain.parallel.context import ParallelContext, resolve_device
-from moetrain.train.cli import config_dir
 from moetrain.train.flops import measured_gemm_tflops
 from moetrain.train.trainer import Trainer
 
@@ -40,6 +48,23 @@ def dense_twin(cfg: TrainConfig) -> TrainConfig:
     dense.model.ffn_hidden_size = moe.top_k * moe.expert_hidden_size + shared
     dense.moe.balance.expert_coef = 0.0
     return dense
+
+
+def plain_file_data(cfg: TrainConfig, rows: int) -> PackedData:
+    """``rows`` training sequences of ``data.seq_len + 1`` tokens from the standard library's ``.py`` files read
+    in path order (no ``datasets``, no cache), and the first of them again as the validation split."""
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    need, parts, have = rows * (cfg.data.seq_len + 1), [], 0
+    for path in stdlib_files():
+        ids = tokenizer.encode(path.read_text(encoding="utf-8"))
+        parts.append(np.append(ids, tokenizer.eos_id))
+        have += len(parts[-1])
+        if have >= need:
+            break
+    if have < need:
+        raise SystemExit(f"bench_train: the standard library holds {have} tokens, fewer than the {need} needed")
+    seqs = np.concatenate(parts)[:need].reshape(rows, cfg.data.seq_len + 1)
+    return PackedData(train=seqs, val=seqs[: cfg.trainer.global_batch_size], vocab_size=tokenizer.vocab_size)
 
 
 def sync(device: torch.device) -> None:
@@ -57,9 +82,7 @@ def main() -> None:
     args = p.parse_args()
 
     extra = ["logger=none", "trainer.progress=false"] + (["trainer.compile=true"] if args.compile else [])
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        dcfg = compose("train", overrides=[*args.overrides, *extra])
-    cfg = validate(OmegaConf.to_object(dcfg))  # type: ignore[arg-type]
+    cfg = validate(compose_without_hydra([*args.overrides, *extra]))
     device = resolve_device(cfg.trainer.device, 0)
     pc = ParallelContext(device=device)
     if device.type == "cuda":
@@ -68,8 +91,9 @@ def main() -> None:
         peak, peak_what = measured_gemm_tflops(device), "fp32 1024^3 GEMM"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), measured peak {peak:.1f} TFLOP/s ({peak_what}), torch {torch.__version__}")
+    data = plain_file_data(cfg, cfg.trainer.global_batch_size * (args.warmup + args.steps))
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {"moe": Trainer(cfg, tmp, pc), "dense": Trainer(validate(dense_twin(cfg)), tmp, pc)}
+        trainers = {k: Trainer(c, Path(tmp), pc, data) for k, c in (("moe", cfg), ("dense", validate(dense_twin(cfg))))}
         for key, tr in trainers.items():
             m = tr.model
             print(

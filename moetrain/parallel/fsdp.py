@@ -21,7 +21,8 @@ loss-free bias (a buffer) and the global-batch counts are untouched by FSDP.
 Precision (FSDP2's ``MixedPrecisionPolicy``): on a GPU with bf16 (``trainer.precision=bf16``, or ``auto``) the
 parameters are all-gathered and computed in bf16 and gradients reduced in fp32, and AdamW steps the fp32
 sharded master copy; each router is its own unit with the default (fp32) policy, so its weight is gathered in
-fp32 and the logits stay fp32 (Megatron-Core's ``moe_router_dtype=fp32``). CPU runs are fp32 throughout.
+fp32 and the logits stay fp32 (Megatron-Core's ``moe_router_dtype=fp32``), kept gathered from its forward to its
+backward (:func:`apply_fsdp`). CPU runs are fp32 throughout.
 
 Gradient accumulation (``parallel.fsdp_keep_gathered``, on by default): :func:`set_micro_batch_sync` keeps the
 gathered weights and the unsharded gradients between micro-batches (FSDP2's ``set_reshard_after_forward``,
@@ -95,7 +96,10 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype |
         else:
             ignored |= set(layer.experts.parameters())
         if param_dtype is not None:  # the router's weight is all-gathered and used in fp32 (fp32 logits)
-            _shard(layer.router, mesh, mp_policy=mixed_precision(None))
+            # Not resharded after forward: on torch 2.11 a unit nested in a block's unit is not gathered again
+            # for its backward (its gradient's storage is freed: "setStorage ... storage of size 0"). The weight
+            # is dim x experts fp32, small beside the block's; it is freed after backward like every unit's.
+            _shard(layer.router, mesh, False, mp_policy=mixed_precision(None))
     blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
     for i, block in enumerate(blocks):
         # the last block's parameters are needed at once by the backward: keep them gathered after forward

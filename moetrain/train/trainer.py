@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from moetrain.config import TrainConfig, resolve_num_groups, to_dict
-from moetrain.data import build_loader, build_tokenizer, prepare_data, rank_slice, split_micro_batches
+from moetrain.data import (
+    PackedData,
+    build_loader,
+    build_tokenizer,
+    prepare_data,
+    rank_slice,
+    split_micro_batches,
+)
 from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile
 from moetrain.model.transformer import Transformer, vocab_for
 from moetrain.parallel.context import ParallelContext
@@ -142,19 +149,17 @@ def build_train_module(cfg: TrainConfig, model: Transformer, pc: ParallelContext
 class Trainer:
     """Owns the loop, evaluation timing, logging and checkpoint cadence for one run."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, pc: ParallelContext | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, pc: ParallelContext | None = None, data: PackedData | None = None
+    ) -> None:
+        """``data``: sequences already prepared (a benchmark's token source); ``None`` = ``cfg.data``'s corpus."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.pc = pc or ParallelContext()
         self.device = self.pc.device
         setup_torch(cfg)
-        # Data: rank 0 tokenises (or hits the cache) first, the others then read the cache.
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        if self.pc.is_main:
-            self.data = prepare_data(cfg.data, self.tokenizer)
-        self.pc.barrier()
-        if not self.pc.is_main:
-            self.data = prepare_data(cfg.data, self.tokenizer)
+        self.data = data if data is not None else self._prepare_data()
         t = cfg.trainer
         self.progress = Progress(build_loader(self.data, t.global_batch_size, cfg.data.seed))
         vocab = vocab_for(cfg.model, self.tokenizer.vocab_size)
@@ -169,6 +174,15 @@ class Trainer:
         )
         self.sinks: list[MetricSink] = []
         self.console: LogSink | None = None
+
+    def _prepare_data(self) -> PackedData:
+        """``cfg.data``'s sequences: rank 0 tokenises (or hits the cache) first, the others then read the cache."""
+        if self.pc.is_main:
+            data = prepare_data(self.cfg.data, self.tokenizer)
+        self.pc.barrier()
+        if not self.pc.is_main:
+            data = prepare_data(self.cfg.data, self.tokenizer)
+        return data
 
     # The pieces tests and tools reach for.
     @property

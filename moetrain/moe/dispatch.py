@@ -293,11 +293,17 @@ class LocalDispatcher(Dispatcher):
         return out_TD.index_add_(0, handle.token_idx_R, y_RD.float())
 
 
+def kept_within(keep: torch.Tensor, keep_of_kept: torch.Tensor) -> torch.Tensor:
+    """``keep`` (a flat mask) with the elements it keeps turned off where ``keep_of_kept`` (one flag per kept
+    element, in order) is False. No host sync (no ``nonzero``, no boolean indexing): kept element i is the
+    ``cumsum(keep)[i] - 1``-th kept one."""
+    if keep_of_kept.numel() == 0:  # nothing kept (a host shape, not a device value)
+        return keep
+    return keep & keep_of_kept[(keep.cumsum(0) - 1).clamp_min(0)]
+
+
 def kept_after_dispatch(keep_TK: torch.Tensor, keep_A: torch.Tensor | None) -> torch.Tensor:
     """``keep_TK`` with the assignments a dispatcher dropped (``keep_A`` over the kept ones) turned off."""
     if keep_A is None:
         return keep_TK
-    flat = keep_TK.reshape(-1).clone()
-    idx = flat.nonzero().squeeze(1)
-    flat[idx[~keep_A]] = False
-    return flat.view_as(keep_TK)
+    return kept_within(keep_TK.reshape(-1), keep_A).view_as(keep_TK)

@@ -88,6 +88,7 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype |
         use_unfused_dispatch(model)  # the fused CPU path reads the weights outside the experts' forward
     for layer in moe_layers(model).values():
         if edp.size() > 1:
+            layer.experts.cache_casts = False  # FSDP refills the gathered weights in place: no cached cast
             experts = _shard(layer.experts, edp, mp_policy=mp)
             experts.set_gradient_divide_factor(float(pc.world_size))  # sum over EDP / W
             if pc.backend == "gloo":  # no PREMUL_SUM in gloo: reduce-scatter a sum, then divide

@@ -21,7 +21,7 @@ import torch
 
 from moetrain.config import TrainConfig, resolve_num_groups, to_dict
 from moetrain.data import build_loader, build_tokenizer, prepare_data, rank_slice, split_micro_batches
-from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile
+from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile, apply_slot_sum
 from moetrain.model.transformer import Transformer, vocab_for
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import apply_expert_parallel
@@ -119,7 +119,7 @@ def build_parallel_model(
     apply_balanced_hash(local, train_tokens)  # moe.router.hash_table=balanced: from the corpus frequencies
     overlap = cfg.parallel.overlap_shared_experts
     model: Transformer = apply_expert_parallel(local, pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow, overlap)  # type: ignore[assignment]
-    model = model.to(pc.device)
+    model = apply_slot_sum(model.to(pc.device), pc.device)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     if t.compile:

@@ -80,6 +80,25 @@ def test_under_bf16_autocast_experts_see_bf16_rows_and_the_router_fp32():
     torch.testing.assert_close(r.weight_TK, r32.weight_TK)
 
 
+def test_router_dtype_bf16_runs_the_router_gemm_on_bf16_operands_and_fp32_stays_exact():
+    """``moe.router.dtype``: the default fp32 logits are bitwise ``x W_g^T`` in fp32 under bf16 autocast too;
+    ``bf16`` gives the bf16 GEMM's logits upcast to fp32 (scores and weights fp32), close to the fp32 ones but
+    not equal. Catches a router that lets autocast (or the option) change the default routing."""
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    got = {}
+    for dtype in ("fp32", "bf16"):
+        layer = make_layer(0, dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got[dtype] = layer.router(x)
+    w = layer.router.weight.detach()
+    assert torch.equal(got["fp32"].logits_TN, F.linear(x, w))
+    r = got["bf16"]
+    assert r.logits_TN.dtype == r.scores_TN.dtype == r.weight_TK.dtype == torch.float32
+    assert torch.equal(r.logits_TN, F.linear(x.bfloat16(), w.bfloat16()).float())
+    assert not torch.equal(r.logits_TN, got["fp32"].logits_TN)
+    torch.testing.assert_close(r.logits_TN, got["fp32"].logits_TN, rtol=2e-2, atol=2e-2)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 

@@ -21,7 +21,9 @@ loss-free bias (a buffer) and the global-batch counts are untouched by FSDP.
 Precision (FSDP2's ``MixedPrecisionPolicy``): on a GPU with bf16 (``trainer.precision=bf16``, or ``auto``) the
 parameters are all-gathered and computed in bf16 and gradients reduced in fp32, and AdamW steps the fp32
 sharded master copy; each router is its own unit with the default (fp32) policy, so its weight is gathered in
-fp32 and the logits stay fp32 (Megatron-Core's ``moe_router_dtype=fp32``). CPU runs are fp32 throughout.
+fp32 and the logits stay fp32 (Megatron-Core's ``moe_router_dtype=fp32``). The residual stream is fp32 as
+without FSDP: the units do not cast their inputs, and the embedding's bf16 output is cast to fp32 (its values
+are those of the bf16-gathered table). CPU runs are fp32 throughout.
 
 Gradient accumulation (``parallel.fsdp_keep_gathered``, on by default): :func:`set_micro_batch_sync` keeps the
 gathered weights and the unsharded gradients between micro-batches (FSDP2's ``set_reshard_after_forward``,
@@ -67,10 +69,19 @@ def dp_mesh(pc: ParallelContext) -> DeviceMesh:
 
 def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
     """Parameters all-gathered and computed in ``param_dtype`` (bf16 on a GPU), gradients reduced in fp32; the
-    default policy (fp32 throughout) for ``None``."""
+    default policy (fp32 throughout) for ``None``. The units' inputs are left in their dtype
+    (``cast_forward_inputs=False``): FSDP would otherwise cast every floating input of a unit to ``param_dtype``
+    -- the residual stream entering each block, the RoPE tables, the global-batch counts and the experts'
+    fp32 combine weights -- where autocast already computes the GEMMs in bf16 and leaves the rest fp32."""
     if param_dtype is None:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def _fp32_output(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    """A forward hook: the module's output in fp32 (the embedding's, gathered in bf16: the residual stream starts
+    fp32, as without FSDP)."""
+    return out.float()
 
 
 def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype | None = None) -> nn.Module:
@@ -97,6 +108,8 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype |
             ignored |= set(layer.experts.parameters())
         if param_dtype is not None:  # the router's weight is all-gathered and used in fp32 (fp32 logits)
             _shard(layer.router, mesh, mp_policy=mixed_precision(None))
+    if param_dtype is not None:  # the residual stream stays fp32 (mixed_precision): from the embedding on
+        model.embed.register_forward_hook(_fp32_output)  # type: ignore[union-attr]
     blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
     for i, block in enumerate(blocks):
         # the last block's parameters are needed at once by the backward: keep them gathered after forward

@@ -191,6 +191,15 @@ def test_global_scope_prepass_has_no_host_sync():
     assert all(t["tokens"].item() == 2 * 2 * 16 for t in totals.values())
 
 
+def test_step_batch_is_staged_in_pinned_memory_only_for_cuda():
+    """``staged_for`` leaves a batch bound for the CPU as it is (no copy; pinning needs a GPU, and the CPU copy
+    is no copy at all); ``tests/test_cuda.py`` checks that a batch bound for a GPU is pinned."""
+    from moetrain.train.step import staged_for
+
+    batch = torch.randint(0, 64, (4, 9))
+    assert staged_for(batch, torch.device("cpu")) is batch
+
+
 def test_kept_after_dispatch_equals_boolean_indexing_without_host_sync():
     """The assignments a dispatcher dropped at the receivers turned off in ``keep_TK`` by a cumulative sum and a
     gather, against the boolean indexing it replaced (a ``nonzero``, a host sync on CUDA); with nothing kept,

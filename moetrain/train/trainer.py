@@ -38,7 +38,7 @@ from moetrain.train.module import StepInfo, TrainModule, autocast_dtype
 from moetrain.train.moe_metrics import moe_log_metrics
 from moetrain.train.native import NativeTrainModule
 from moetrain.train.sinks import JSONLSink, MetricSink, WandbSink
-from moetrain.train.step import lm_loss
+from moetrain.train.step import lm_loss, staged_for
 
 __all__ = ["StepOutput", "Trainer", "lm_loss"]
 
@@ -194,7 +194,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def micro_batches(self, global_batch: torch.Tensor) -> list[torch.Tensor]:
         """This rank's share of the global batch, split into micro-batches."""
-        local = rank_slice(global_batch, self.pc.rank, self.pc.world_size)
+        local = staged_for(rank_slice(global_batch, self.pc.rank, self.pc.world_size), self.pc.device)
         return split_micro_batches(local, self.cfg.trainer.micro_batch_size)
 
     def forward_backward(self, global_batch: torch.Tensor) -> MetricRecorder:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from moetrain.errors import guarded_main
+from moetrain.model.apply import apply_slot_sum
 from moetrain.model.transformer import Transformer
 
 
@@ -107,7 +108,7 @@ def _main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     model, cfg, _ = load_checkpoint_model(args.checkpoint)
-    model = model.to(args.device)
+    model = apply_slot_sum(model.to(args.device), torch.device(args.device))
     if args.device.startswith("cuda"):
         model = model.to(torch.bfloat16)
     tokenizer = build_tokenizer(cfg.data.tokenizer)

@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from moetrain.config import MoEConfig, RouterConfig
 from moetrain.moe import MoELayer
+from moetrain.moe.dispatch import default_slot_sum
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def make_layer(shape: Shape, device: torch.device) -> MoELayer:
     cfg.balance.expert_coef = 0.0
     torch.manual_seed(0)
     layer = MoELayer(shape.dim, cfg).to(device)
+    layer.dispatcher.slot_sum = default_slot_sum(device)  # the un-permutation a model built for this device takes
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0.0, 0.02)

@@ -5,7 +5,9 @@ happens; the CPU has no such thing, so this mode records, on CPU tensors, the
 aten ops that would make one on CUDA: reading a value (``item``, ``tolist``,
 ``bool``), ops whose output size depends on the data (``nonzero``, boolean
 indexing, ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave``
-without ``output_size``). It is a conservative list of the usual culprits, not a
+without ``output_size``), and tensors made from host data (``torch.tensor``,
+``new_tensor``: ``lift_fresh``; on CUDA a copy from pageable memory, which waits
+for the stream). It is a conservative list of the usual culprits, not a
 proof; the CUDA test suite checks the real thing with the debug mode.
 """
 
@@ -29,6 +31,7 @@ DATA_DEPENDENT = {
     aten.unique_consecutive.default,
     aten.bincount.default,
     aten.histc.default,
+    aten.lift_fresh.default,  # torch.tensor(data) / new_tensor(data): a host-to-device copy on CUDA
 }
 
 

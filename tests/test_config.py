@@ -38,6 +38,7 @@ def cfg_with(**changes) -> TrainConfig:
             "trainer.global_batch_size=12: must be divisible by trainer.micro_batch_size=16",
         ),
         ({"moe__router__score_fn": "relu"}, "moe.router.score_fn='relu': must be one of softmax, sigmoid"),
+        ({"moe__router__dtype": "fp16"}, "moe.router.dtype='fp16': must be one of fp32, bf16"),
         (
             {"moe__router__topk_groups": 5, "moe__router__num_groups": 4},
             "moe.router.topk_groups=5: must be <= the number of groups (4)",

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from moetrain.config import ModelConfig, MoEConfig, RouterConfig
 from moetrain.model import build_model
+from moetrain.model.apply import apply_slot_sum
 from moetrain.moe import MoELayer
-from moetrain.moe.dispatch import count_per_bin, sum_token_slots
+from moetrain.moe.dispatch import count_per_bin, default_slot_sum, sum_token_slots
 from moetrain.moe.experts import GroupedSwiGLU, TorchGroupedMM, TritonGroupedMM, segment_gemm
 from moetrain.train.trainer import lm_loss
 
@@ -35,6 +36,7 @@ def make_layer(shared: int = 1, **router) -> MoELayer:
         num_experts=16, top_k=4, expert_hidden_size=128, num_shared_experts=shared, router=RouterConfig(**router)
     )
     layer = MoELayer(256, cfg).to(DEV)
+    layer.dispatcher.slot_sum = default_slot_sum(DEV)  # as apply_slot_sum sets it for a model built for CUDA
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0.0, 0.05)
@@ -119,7 +121,7 @@ def _model(**router):
         num_experts=16, top_k=4, expert_hidden_size=128, num_shared_experts=1, router=RouterConfig(**router)
     )
     moe.balance.z_loss_coef = 1e-3
-    return build_model(m, moe, 512, 256, seed=0).to(DEV)
+    return apply_slot_sum(build_model(m, moe, 512, 256, seed=0).to(DEV), DEV)  # as the trainer builds it
 
 
 @pytest.mark.parametrize(
@@ -162,6 +164,17 @@ def test_slot_sum_and_counts_never_sync(impl):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert rel_err(got, want) < 1e-2 and int(counts.sum()) == 4096
+
+
+def test_micro_batches_are_staged_in_pinned_memory_for_the_gpu():
+    """The step's batch is pinned once (``staged_for``), so each micro-batch's non-blocking copy is asynchronous;
+    a model built for CUDA takes the one-pass Triton un-permutation."""
+    from moetrain.data import split_micro_batches
+    from moetrain.train.step import staged_for
+
+    micro = split_micro_batches(staged_for(torch.randint(0, 512, (8, 65)), DEV), 2)
+    assert all(mb.is_pinned() for mb in micro)
+    assert default_slot_sum(DEV) == "triton"
 
 
 def test_regional_compile_matches_eager_under_bf16():

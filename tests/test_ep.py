@@ -380,6 +380,36 @@ def _host_sync_check(rank: int, world: int, pc: Any) -> dict[str, Any]:
     return {"forward": fwd.ops, "backward": bwd.ops, "moe_layers": len(model.moe_layers())}
 
 
+def _dropping_sync_check(rank: int, world: int, pc: Any) -> dict[str, Any]:
+    """The would-be GPU host syncs of a step that drops at the receivers: device-level dropping alone, and with
+    the receive budget (``moe.max_recv_factor``), under bf16 autocast."""
+    from tests.host_syncs import HostSyncs
+
+    out: dict[str, Any] = {"moe_layers": MODEL.n_layers}
+    for name, budget in (("device_drop", None), ("budget_and_device_drop", 1.01)):
+        router = RouterConfig(num_groups=world, device_capacity_factor=0.75)
+        cfg = MoEConfig(num_experts=N, top_k=2, expert_hidden_size=16, router=router, balance=BalanceConfig())
+        ref = build_model(MODEL, cfg, V, S, ep=world, seed=0)
+        with torch.no_grad():  # a skewed router, so devices overflow and the budget trips
+            for layer in ref.moe_layers().values():
+                layer.router.weight.mul_(4.0)
+                layer.router.weight[: N // world] += 0.3
+        model = apply_expert_parallel(ref, pc)
+        for layer in model.moe_layers().values():
+            layer.dispatcher.max_recv_factor = budget
+        batch = torch.randint(0, V, (2, S + 1), generator=torch.Generator().manual_seed(rank))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _loss(model, batch)[0].backward()  # warm-up
+            with HostSyncs() as fwd:
+                loss, o = _loss(model, batch)
+        with HostSyncs() as bwd:
+            loss.backward()
+        dropped = sum(float(s.num_dropped) for s in o.moe_stats.values())
+        budget_dropped = sum(float(s.comm.dropped) for s in o.moe_stats.values() if s.comm is not None)
+        out[name] = {"forward": fwd.ops, "backward": bwd.ops, "dropped": dropped, "budget_dropped": budget_dropped}
+    return out
+
+
 def _suite(rank: int, world: int, ep: int, extra: bool, cfg: Any = None, tmp: str = "") -> dict[str, Any]:
     """Every check of one topology in one spawn (process start-up dominates on 2 cores).
 
@@ -398,6 +428,7 @@ def _suite(rank: int, world: int, ep: int, extra: bool, cfg: Any = None, tmp: st
             ("guardrail/error", lambda: _guardrail_check(rank, world, "error")),
             ("guardrail/drop", lambda: _guardrail_check(rank, world, "drop")),
             ("host_syncs", lambda: _host_sync_check(rank, world, pc)),
+            ("host_syncs/dropping", lambda: _dropping_sync_check(rank, world, pc)),
         ]
     if extra and world == ep:
         checks.append(("device_drop", lambda: _device_drop_parity(rank, world, pc)))
@@ -471,6 +502,23 @@ def test_device_level_dropping_by_receiving_device_equals_one_process_on_the_who
 def test_ep_dropless_step_syncs_with_the_host_only_for_the_split_exchange(results):
     for r in results("ep2", "host_syncs"):
         assert r["forward"] == ["tolist"] * r["moe_layers"] and r["backward"] == [], r
+
+
+@pytest.mark.parity
+def test_ep_dropping_syncs_with_the_host_only_for_the_splits_and_the_receive_budget(results):
+    """Device-level dropping at the receivers adds no host sync to the split exchange (its budget and masks stay
+    on the device); the receive budget adds its all-reduced totals and, where it drops, one ``nonzero`` per
+    layer. Catches a mask composed by boolean indexing, or a budget read on the host per destination."""
+    reports = results("ep2", "host_syncs/dropping")
+    assert sum(r["budget_and_device_drop"]["budget_dropped"] for r in reports) > 0  # the budget really drops
+    for r in reports:
+        layers = r["moe_layers"]
+        drop = r["device_drop"]
+        assert drop["forward"] == ["tolist"] * layers and drop["backward"] == [] and drop["dropped"] > 0, drop
+        both = r["budget_and_device_drop"]
+        assert both["backward"] == [], both
+        assert both["forward"].count("tolist") == 2 * layers, both
+        assert set(both["forward"]) == {"tolist", "nonzero"} and both["forward"].count("nonzero") <= layers, both
 
 
 @pytest.mark.parity

@@ -243,9 +243,9 @@ def test_moe_layer_fused_path_equals_generic_path(shared):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sum_token_slots_implementations_agree(dtype):
-    """The dispatch backward and the combine: embedding_bag (the CPU default) and the gather + sum (the default
-    elsewhere) against a per-token loop; bf16 rows are summed with fp32 accumulation (the Triton one-pass kernel
-    is checked in tests/triton_interpreted.py and on GPU)."""
+    """The dispatch backward and the combine: embedding_bag (the CPU default) and the gather + sum (CUDA's without
+    Triton) against a per-token loop; bf16 rows are summed with fp32 accumulation (the Triton one-pass kernel,
+    CUDA's default, is checked in tests/triton_interpreted.py and on GPU)."""
     from moetrain.moe.dispatch import sum_token_slots
 
     torch.manual_seed(4)
@@ -259,3 +259,42 @@ def test_sum_token_slots_implementations_agree(dtype):
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="slot-sum"):
         sum_token_slots(grad, inverse, "bogus")
+
+
+def test_slot_sum_is_chosen_for_the_device_when_the_model_is_built_and_used_both_ways(monkeypatch):
+    """The un-permutation is the model's choice for its device (``apply_slot_sum``: embedding_bag on CPU, the
+    Triton one-pass kernel on CUDA with Triton, else the gather + sum), kept when the fused path is swapped
+    for the plain one, and used by the combine and by the dispatch's backward alike. Catches a layer that picks
+    by the rows' device per call, or a choice lost by ``use_unfused_dispatch``."""
+    import moetrain.moe.dispatch as dispatch_mod
+    from moetrain.config import ModelConfig, MoEConfig
+    from moetrain.model import build_model
+    from moetrain.model.apply import apply_slot_sum
+    from moetrain.moe.dispatch import default_slot_sum
+    from moetrain.parallel import use_unfused_dispatch
+
+    assert default_slot_sum(torch.device("cpu")) == "embedding_bag"
+    monkeypatch.setattr(dispatch_mod, "find_spec", lambda name: object())
+    assert default_slot_sum(torch.device("cuda")) == "triton"
+    monkeypatch.setattr(dispatch_mod, "find_spec", lambda name: None)
+    assert default_slot_sum(torch.device("cuda")) == "gather_sum"
+
+    cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=2, ffn_hidden_size=24, first_k_dense=0)
+    model = apply_slot_sum(
+        build_model(cfg, MoEConfig(num_experts=4, top_k=2, expert_hidden_size=8), 32, 8), torch.device("cpu")
+    )
+    for layer in model.moe_layers().values():
+        assert layer.dispatcher.slot_sum == "embedding_bag"
+        layer.dispatcher.slot_sum = "gather_sum"  # as the CUDA choice without Triton would set it
+    use_unfused_dispatch(model)
+    calls = []
+    original = dispatch_mod.sum_token_slots
+
+    def spy(rows, inverse, impl):
+        calls.append(impl)
+        return original(rows, inverse, impl)
+
+    monkeypatch.setattr(dispatch_mod, "sum_token_slots", spy)
+    out = model(torch.randint(0, 32, (2, 8)))
+    (out.logits.square().mean() + out.aux_loss).backward()
+    assert calls == ["gather_sum"] * 4  # 2 MoE layers: the combine, then the dispatch's backward

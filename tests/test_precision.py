@@ -80,6 +80,25 @@ def test_under_bf16_autocast_experts_see_bf16_rows_and_the_router_fp32():
     torch.testing.assert_close(r.weight_TK, r32.weight_TK)
 
 
+def test_router_dtype_bf16_runs_the_router_gemm_on_bf16_operands_and_fp32_stays_exact():
+    """``moe.router.dtype``: the default fp32 logits are bitwise ``x W_g^T`` in fp32 under bf16 autocast too;
+    ``bf16`` gives the bf16 GEMM's logits upcast to fp32 (scores and weights fp32), close to the fp32 ones but
+    not equal. Catches a router that lets autocast (or the option) change the default routing."""
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    got = {}
+    for dtype in ("fp32", "bf16"):
+        layer = make_layer(0, dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got[dtype] = layer.router(x)
+    w = layer.router.weight.detach()
+    assert torch.equal(got["fp32"].logits_TN, F.linear(x, w))
+    r = got["bf16"]
+    assert r.logits_TN.dtype == r.scores_TN.dtype == r.weight_TK.dtype == torch.float32
+    assert torch.equal(r.logits_TN, F.linear(x.bfloat16(), w.bfloat16()).float())
+    assert not torch.equal(r.logits_TN, got["fp32"].logits_TN)
+    torch.testing.assert_close(r.logits_TN, got["fp32"].logits_TN, rtol=2e-2, atol=2e-2)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -151,6 +170,58 @@ def test_host_sync_detector_sees_the_loop_fallback_and_capacity_dropping():
     assert "index" in step_syncs(layer, torch.randn(2, 6, 32))
 
 
+def test_global_scope_prepass_has_no_host_sync():
+    """The global-batch routing pre-pass (``moe.balance.scope=global``) on the generic path: no would-be host
+    sync. Catches a tensor made from host data per layer and micro-batch (``new_tensor([T])`` for the token
+    count was one: on CUDA a pageable copy that waits for the stream)."""
+    from moetrain.config import ModelConfig
+    from moetrain.model import build_model
+    from moetrain.moe.layer import global_routing_counts
+    from moetrain.parallel import use_unfused_dispatch
+
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=48, first_k_dense=0)
+    model = build_model(cfg, MoEConfig(num_experts=8, top_k=2, expert_hidden_size=16), 64, 16, seed=0)
+    use_unfused_dispatch(model)  # the path CUDA takes
+    micro = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        global_routing_counts(lambda mb: model(mb).moe_stats, micro, lambda t: t)  # warm-up
+        with HostSyncs() as s:
+            totals = global_routing_counts(lambda mb: model(mb).moe_stats, micro, lambda t: t)
+    assert s.ops == []
+    assert all(t["tokens"].item() == 2 * 2 * 16 for t in totals.values())
+
+
+def test_step_batch_is_staged_in_pinned_memory_only_for_cuda():
+    """``staged_for`` leaves a batch bound for the CPU as it is (no copy; pinning needs a GPU, and the CPU copy
+    is no copy at all); ``tests/test_cuda.py`` checks that a batch bound for a GPU is pinned."""
+    from moetrain.train.step import staged_for
+
+    batch = torch.randint(0, 64, (4, 9))
+    assert staged_for(batch, torch.device("cpu")) is batch
+
+
+def test_kept_after_dispatch_equals_boolean_indexing_without_host_sync():
+    """The assignments a dispatcher dropped at the receivers turned off in ``keep_TK`` by a cumulative sum and a
+    gather, against the boolean indexing it replaced (a ``nonzero``, a host sync on CUDA); with nothing kept,
+    nothing dropped, and everything dropped. Catches an off-by-one in the kept element's index."""
+    from moetrain.moe.dispatch import kept_after_dispatch
+
+    g = torch.Generator().manual_seed(0)
+    for p_keep in (0.0, 0.5, 1.0):
+        keep_TK = torch.rand(9, 3, generator=g) < p_keep
+        n = int(keep_TK.sum())
+        for keep_A in (
+            torch.rand(n, generator=g) < 0.5,
+            torch.ones(n, dtype=torch.bool),
+            torch.zeros(n, dtype=torch.bool),
+        ):
+            want = keep_TK.reshape(-1).clone()
+            want[want.nonzero().squeeze(1)[~keep_A]] = False
+            with HostSyncs() as s:
+                got = kept_after_dispatch(keep_TK, keep_A)
+            assert s.ops == [] and torch.equal(got, want.view_as(keep_TK)), (p_keep, keep_A)
+
+
 def test_triton_segment_gemms_equal_per_expert_matmuls():
     """The kernels CUDA uses where torch._grouped_mm has no fast path (:mod:`tests.triton_interpreted`), run by
     Triton's interpreter in a fresh process (``TRITON_INTERPRET`` must be set before Triton is imported)."""
@@ -171,7 +242,7 @@ def test_triton_segment_gemms_equal_per_expert_matmuls():
         [sys.executable, "-m", "tests.triton_interpreted"], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "checked 35 cases" in proc.stdout, proc.stdout
+    assert "checked 53 cases" in proc.stdout, proc.stdout
 
 
 @pytest.mark.e2e

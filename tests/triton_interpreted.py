@@ -1,8 +1,10 @@
 """``python -m tests.triton_interpreted`` with ``TRITON_INTERPRET=1``: the Triton kernels on CPU tensors.
 
 y = x W_e, dx = dy W_e^T (a transposed strided view) and dW_e = x_e^T dy_e (zeros
-for an empty expert) against per-expert matmuls, with empty experts, row tiles
-that straddle segment ends and segments longer than one tile, in fp32 and fp16
+for an empty expert) against per-expert matmuls, with empty experts (leading,
+trailing, runs of them), row tiles that straddle segment ends, segments longer
+than one tile, expert counts that are not a power of two (the kernel's padded
+vector of offsets) and more experts than row tiles, in fp32 and fp16
 (Triton's interpreter mis-reads bf16 memory; the CUDA tests cover bf16); and the one-pass
 slot sum (the un-permutation) against a per-token loop.
 """
@@ -13,7 +15,15 @@ import os
 
 import torch
 
-COUNTS = [[3, 0, 5, 1], [0, 0, 0, 0], [70, 0, 1, 130], [0, 0, 0, 17]]
+COUNTS = [
+    [3, 0, 5, 1],
+    [0, 0, 0, 0],
+    [70, 0, 1, 130],
+    [0, 0, 0, 17],
+    [0, 65, 0, 0, 64],  # 5 experts (padded to 8 lanes), segments one row past a tile
+    [128],  # one expert, exactly two tiles
+    [0, 3, 0, 0, 0, 1, 0, 9, 0, 0, 2, 0, 0, 0, 0, 70, 0],  # 17 experts, most of them empty
+]
 
 
 def main() -> None:
@@ -21,10 +31,10 @@ def main() -> None:
     from moetrain.moe import triton_gemm as tg
 
     torch.manual_seed(0)
-    E, K, N = 4, 40, 24
+    K, N = 40, 24
     cases = 0
     for counts in COUNTS:
-        R = sum(counts)
+        R, E = sum(counts), len(counts)
         x, dy, w = torch.randn(R, K), torch.randn(R, N), torch.randn(E, K, N)
         offs = torch.tensor(counts).cumsum(0).to(torch.int32)
         ref_y = torch.cat([x.new_zeros(0, N)] + [a @ w[e] for e, a in enumerate(x.split(counts))])

@@ -82,6 +82,10 @@ class RouterConfig:
     drop_policy: str = "score"
     """Which assignments an over-capacity expert drops: ``score`` (lowest affinity first, Megatron-Core's
     ``probs``) or ``position`` (GShard / Switch: first choices before second choices, then token order)."""
+    dtype: str = "fp32"
+    """Operands of the router GEMM (x W_g, and x W_noise): ``fp32`` (exact fp32 logits, the routing of the fp32
+    model; Megatron-Core's ``moe_router_dtype=fp32``) or ``bf16`` (bf16 operands and logits, upcast to fp32 for
+    the scores, top-K and balance losses: cheaper, but near-tied experts may be chosen differently)."""
 
 
 @dataclass

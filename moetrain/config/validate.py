@@ -138,12 +138,14 @@ def _parallel(cfg: TrainConfig, world_size: int) -> None:
 def _router(cfg: TrainConfig) -> None:
     moe, r = cfg.moe, cfg.moe.router
     from moetrain.moe.capacity import DROP_POLICIES  # registries live with the math
+    from moetrain.moe.router import ROUTER_DTYPES
     from moetrain.moe.routing import STRATEGIES
 
     _choice("moe.router.strategy", r.strategy, tuple(STRATEGIES))
     _choice("moe.router.score_fn", r.score_fn, SCORE_FNS)
     _choice("moe.router.group_score", r.group_score, GROUP_SCORES)
     _choice("moe.router.drop_policy", r.drop_policy, DROP_POLICIES)
+    _choice("moe.router.dtype", r.dtype, tuple(ROUTER_DTYPES))
     _positive("moe.router.scaling_factor", r.scaling_factor)
     if r.bias_update_rate < 0:
         _fail("moe.router.bias_update_rate", r.bias_update_rate, "must be >= 0")

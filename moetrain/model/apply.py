@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moetrain.data.packing import token_counts
 from moetrain.model.transformer import Transformer
+from moetrain.moe.dispatch import LocalDispatcher, default_slot_sum
 from moetrain.moe.routing import balanced_hash_table
 
 
@@ -36,6 +37,17 @@ def apply_activation_checkpointing(model: Transformer) -> Transformer:
 
         block.forward = forward  # type: ignore[method-assign]
         block.activation_checkpointing = True
+    return model
+
+
+def apply_slot_sum(model: Transformer, device: torch.device) -> Transformer:
+    """Give every one-process dispatcher the un-permutation for ``device`` (:func:`~moetrain.moe.dispatch.default_slot_sum`):
+    chosen once, when the model is built for its device, not per call. Dispatchers that exchange rows between
+    ranks keep their own combine. Returns ``model``."""
+    impl = default_slot_sum(device)
+    for layer in model.moe_layers().values():
+        if isinstance(layer.dispatcher, LocalDispatcher):
+            layer.dispatcher.slot_sum = impl
     return model
 
 

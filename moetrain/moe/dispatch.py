@@ -22,6 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -173,18 +174,26 @@ class PermuteRows(torch.autograd.Function):
 SLOT_SUM_IMPLS = ("embedding_bag", "gather_sum", "triton")
 
 
-def sum_token_slots(rows_RD: torch.Tensor, inverse_TK: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+def default_slot_sum(device: torch.device) -> str:
+    """The :func:`sum_token_slots` implementation for a model on ``device``, chosen once when the model is built
+    (:func:`moetrain.model.apply.apply_slot_sum`): ``embedding_bag`` on CPU (measured the fastest there,
+    ``scripts/bench_moe.py --primitives``); on CUDA the one-pass Triton kernel where Triton is installed (it
+    writes no [T*K, D] intermediate, which the gather then sum writes and reads back, in the combine and again
+    in the dispatch's backward), else ``gather_sum``."""
+    if device.type != "cuda":
+        return "embedding_bag"
+    return "triton" if find_spec("triton") is not None else "gather_sum"
+
+
+def sum_token_slots(rows_RD: torch.Tensor, inverse_TK: torch.Tensor, impl: str) -> torch.Tensor:
     """``out[t] = sum_k rows[inverse[t, k]]`` in the rows' dtype, accumulated in fp32.
 
-    ``impl`` (:data:`SLOT_SUM_IMPLS`): ``embedding_bag``, one fused gather-and-sum with no [T*K, D]
-    intermediate (the default on CPU, see ``scripts/bench_moe.py --primitives``); ``gather_sum``, a gather then a sum
-    over K (PyTorch's reductions accumulate 16-bit inputs in fp32; the default elsewhere);
-    ``triton`` (CUDA), one pass with no [T*K, D] intermediate (:func:`moetrain.moe.triton_gemm.slot_sum`).
-    ``bench_moe.py --primitives`` times all three.
+    ``impl`` (:data:`SLOT_SUM_IMPLS`, the model's choice by :func:`default_slot_sum`): ``embedding_bag``,
+    one fused gather-and-sum with no [T*K, D] intermediate; ``gather_sum``, a gather then a sum over K
+    (PyTorch's reductions accumulate 16-bit inputs in fp32); ``triton`` (CUDA), one pass with no [T*K, D]
+    intermediate (:func:`moetrain.moe.triton_gemm.slot_sum`). ``bench_moe.py --primitives`` times all three.
     """
     rows_RD = rows_RD.contiguous()
-    if impl is None:
-        impl = "embedding_bag" if rows_RD.device.type == "cpu" else "gather_sum"
     if impl == "embedding_bag":
         return F.embedding_bag(inverse_TK, rows_RD, mode="sum")
     if impl == "gather_sum":
@@ -206,14 +215,15 @@ class GatherTokens(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, token_R: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x_TD: torch.Tensor, token_R: torch.Tensor, inverse_TK: torch.Tensor, impl: str) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(inverse_TK)
+        ctx.impl = impl
         return x_TD.index_select(0, token_R)
 
     @staticmethod
-    def backward(ctx, grad_RD: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_RD: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (inverse_TK,) = ctx.saved_tensors
-        return sum_token_slots(grad_RD, inverse_TK), None, None
+        return sum_token_slots(grad_RD, inverse_TK, ctx.impl), None, None, None
 
 
 class SumTokenSlots(torch.autograd.Function):
@@ -224,14 +234,14 @@ class SumTokenSlots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y_RD: torch.Tensor, inverse_TK: torch.Tensor, token_R: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, y_RD: torch.Tensor, inverse_TK: torch.Tensor, token_R: torch.Tensor, impl: str) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(token_R)
-        return sum_token_slots(y_RD, inverse_TK)
+        return sum_token_slots(y_RD, inverse_TK, impl)
 
     @staticmethod
-    def backward(ctx, grad_TD: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_TD: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (token_R,) = ctx.saved_tensors
-        return grad_TD.contiguous().index_select(0, token_R), None, None
+        return grad_TD.contiguous().index_select(0, token_R), None, None, None
 
 
 def count_per_bin(idx: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -257,9 +267,12 @@ class LocalDispatcher(Dispatcher):
 
     device_groups = 1
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, slot_sum: str = "embedding_bag") -> None:
         self.num_local_experts = num_experts
         self.expert_offset = 0
+        self.slot_sum = slot_sum
+        """How the dropless combine and the dispatch's backward sum each token's rows (:func:`sum_token_slots`);
+        set for the model's device when it is built (:func:`default_slot_sum`)."""
 
     def dispatch(
         self,
@@ -281,23 +294,29 @@ class LocalDispatcher(Dispatcher):
             K = slots_per_token
             token_R = order_A // K  # slots are token-major: slot a belongs to token a // K
             inverse_TK = inverse_A.view(T, K)
-            rows_RD = GatherTokens.apply(x_TD, token_R, inverse_TK)
+            rows_RD = GatherTokens.apply(x_TD, token_R, inverse_TK, self.slot_sum)
             return Dispatched(rows_RD, counts_E, weight_R, LocalHandle(token_R, T, inverse_TK))
         token_idx_R = token_idx_A[order_A]
         return Dispatched(x_TD[token_idx_R], counts_E, weight_R, LocalHandle(token_idx_R, T))
 
     def combine(self, y_RD: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
         if handle.inverse_TK is not None:
-            return SumTokenSlots.apply(y_RD, handle.inverse_TK, handle.token_idx_R)
+            return SumTokenSlots.apply(y_RD, handle.inverse_TK, handle.token_idx_R, self.slot_sum)
         out_TD = y_RD.new_zeros(handle.num_tokens, y_RD.shape[-1], dtype=torch.float32)
         return out_TD.index_add_(0, handle.token_idx_R, y_RD.float())
+
+
+def kept_within(keep: torch.Tensor, keep_of_kept: torch.Tensor) -> torch.Tensor:
+    """``keep`` (a flat mask) with the elements it keeps turned off where ``keep_of_kept`` (one flag per kept
+    element, in order) is False. No host sync (no ``nonzero``, no boolean indexing): kept element i is the
+    ``cumsum(keep)[i] - 1``-th kept one."""
+    if keep_of_kept.numel() == 0:  # nothing kept (a host shape, not a device value)
+        return keep
+    return keep & keep_of_kept[(keep.cumsum(0) - 1).clamp_min(0)]
 
 
 def kept_after_dispatch(keep_TK: torch.Tensor, keep_A: torch.Tensor | None) -> torch.Tensor:
     """``keep_TK`` with the assignments a dispatcher dropped (``keep_A`` over the kept ones) turned off."""
     if keep_A is None:
         return keep_TK
-    flat = keep_TK.reshape(-1).clone()
-    idx = flat.nonzero().squeeze(1)
-    flat[idx[~keep_A]] = False
-    return flat.view_as(keep_TK)
+    return kept_within(keep_TK.reshape(-1), keep_A).view_as(keep_TK)

@@ -267,6 +267,23 @@ def grouped_swiglu(
     return GroupedSwiGLU.apply(x_RD.contiguous(), w13_EDF2, w2_EFD, weight_R, gemm)
 
 
+class CachedCast(torch.autograd.Function):
+    """``w.to(cast.dtype)`` whose value is ``cast``, an already made copy (:meth:`GroupedExperts.cast_weight`).
+
+    The backward is ``ToCopyBackward``'s (the gradient cast back to ``w``'s dtype), so ``w`` gets bitwise the
+    gradient ``w.to(dtype)`` would give it.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.dtype = w.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad.to(ctx.dtype), None
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts, y_e = (silu(x W1_e) * (x W3_e)) W2_e, stored as stacked tensors.
 
@@ -276,6 +293,12 @@ class GroupedExperts(nn.Module):
     contiguous segments, with no mask over all tokens and no capacity padding.
     The weights are cast to the rows' dtype (the compute dtype, e.g. bf16 under
     autocast); their gradients flow back in fp32.
+
+    The cast is made once per weight update, not once per forward
+    (:meth:`cast_weight`, on while :attr:`cache_casts`): the micro-batches of a
+    step, the routing pre-pass and activation checkpointing's recomputation reuse
+    it. It costs one compute-dtype copy of the expert weights held between
+    forwards; the values and gradients are bitwise those of a cast per forward.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
@@ -287,12 +310,34 @@ class GroupedExperts(nn.Module):
         """Experts of the whole layer; ``num_experts`` are the ones held here (``N / ep`` under EP)."""
         self.gemm_backend = "auto"
         """Segment-GEMM backend (:data:`GEMM_BACKENDS`); ``auto`` picks the fastest that runs."""
+        self.cache_casts = True
+        """Keep the weights' compute-dtype copy until they change (:meth:`cast_weight`); FSDP, which refills
+        the gathered weights in place, turns it off (``moetrain.parallel.fsdp.apply_fsdp``)."""
+        self._casts: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
+    def cast_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Weight ``name`` in ``dtype``: itself if it has that dtype, else its cast, made again only when the
+        weight changed since the last one (an optimizer step or a load writes it in place, which bumps its
+        version counter; a replaced tensor has another address) and attached to the weight by
+        :class:`CachedCast`."""
+        w: torch.Tensor = getattr(self, name)
+        if w.dtype == dtype:
+            return w
+        if not self.cache_casts:
+            return w.to(dtype)
+        key = (dtype, w.device, w._version, w.data_ptr(), tuple(w.shape))
+        hit = self._casts.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, w.detach().to(dtype))
+            self._casts[name] = hit
+        return CachedCast.apply(w, hit[1])
+
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, weight_R: torch.Tensor | None = None) -> torch.Tensor:
         dtype = x_RD.dtype
-        return grouped_swiglu(x_RD, self.w13.to(dtype), self.w2.to(dtype), counts_E, weight_R, self.gemm_backend)
+        w13, w2 = self.cast_weight("w13", dtype), self.cast_weight("w2", dtype)
+        return grouped_swiglu(x_RD, w13, w2, counts_E, weight_R, self.gemm_backend)
 
 
 class SwiGLU(nn.Module):

@@ -69,7 +69,11 @@ class MoEStats:
 def routing_counts(stats: MoEStats) -> dict[str, torch.Tensor]:
     """The f-type statistics of one forward: ``expert`` [N], ``tokens`` [1] and, with groups, ``sent`` [G]."""
     assert stats.sel_counts_N is not None
-    out = {"expert": stats.sel_counts_N, "tokens": stats.sel_counts_N.new_tensor([float(stats.num_tokens)])}
+    counts_N = stats.sel_counts_N
+    # torch.full, not new_tensor: a fill on the device, no host-to-device copy (on CUDA a pageable copy waits
+    # for the stream) per layer and micro-batch of the global-scope pre-pass.
+    tokens = torch.full((1,), float(stats.num_tokens), dtype=counts_N.dtype, device=counts_N.device)
+    out = {"expert": counts_N, "tokens": tokens}
     if stats.sent_G is not None:
         out["sent"] = stats.sent_G
     return out

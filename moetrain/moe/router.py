@@ -17,6 +17,9 @@ from moetrain.moe.routing import STRATEGIES, RouteSpec, Routing, hash_experts
 if TYPE_CHECKING:
     from moetrain.config import MoEConfig, RouterConfig
 
+ROUTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``moe.router.dtype``: the router GEMM's operand dtype."""
+
 
 class CapacityFactors(NamedTuple):
     """The capacity factors in force in one mode (training or evaluation)."""
@@ -42,8 +45,13 @@ def capacity_factors(rc: RouterConfig, training: bool) -> CapacityFactors:
 
 
 class Router(nn.Module):
-    """fp32 linear router, the loss-free balancing bias (a buffer, never trained) and,
-    for ``strategy=noisy_topk`` only, the trainable noise projection W_noise."""
+    """Linear router with fp32 logits, the loss-free balancing bias (a buffer, never trained) and,
+    for ``strategy=noisy_topk`` only, the trainable noise projection W_noise.
+
+    The GEMMs run outside autocast in ``moe.router.dtype`` (:data:`ROUTER_DTYPES`): fp32 by default, so the
+    routing is the fp32 model's whatever the compute dtype (it follows torch's fp32 matmul precision, exact
+    unless ``torch.set_float32_matmul_precision`` allows TF32); ``bf16`` runs them on bf16 operands and upcasts
+    the bf16 logits."""
 
     def __init__(self, dim: int, cfg: MoEConfig, num_groups: int, vocab_size: int | None = None) -> None:
         super().__init__()
@@ -66,6 +74,7 @@ class Router(nn.Module):
         else:
             self.register_parameter("noise_weight", None)
         self.noise_std = r.noise_std
+        self.gemm_dtype = ROUTER_DTYPES[r.dtype]
         self.bias_update_rate = r.bias_update_rate
         self.spec = RouteSpec(
             num_experts=cfg.num_experts,
@@ -84,12 +93,13 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x32_TD = x_TD.float()
-            logits_TN = F.linear(x32_TD, self.weight.float())
+            xg_TD = x_TD.to(self.gemm_dtype)
+            logits_TN = F.linear(xg_TD, self.weight.to(self.gemm_dtype)).float()
             noise_TN = scale_TN = None
             if self.noise_weight is not None and self.training:
                 # StandardNormal() * Softplus(x W_noise) (Shazeer et al. 2017, eq. 4), training only.
-                scale_TN = F.softplus(F.linear(x32_TD, self.noise_weight.float())) * self.noise_std
+                noise_logits_TN = F.linear(xg_TD, self.noise_weight.to(self.gemm_dtype)).float()
+                scale_TN = F.softplus(noise_logits_TN) * self.noise_std
                 noise_TN = torch.randn_like(logits_TN) * scale_TN
         bias = self.expert_bias if self.bias_update_rate > 0 else None
         spec = self.spec if self.training else self.eval_spec

@@ -12,9 +12,10 @@ the device, so they never synchronise:
 
 * :func:`segment_mm`: ``y[seg e] = x[seg e] @ w[e]`` (2D x 3D). The grid has
   ``cdiv(R, BLOCK_M) + E`` row tiles, an upper bound of ``sum_e cdiv(n_e,
-  BLOCK_M)`` that needs no host knowledge of the counts: each program scans the
-  E offsets to find its segment and row block, and the spare tiles are fully
-  masked. ``w`` may be any strided view (the backward passes ``w.transpose(1, 2)``).
+  BLOCK_M)`` that needs no host knowledge of the counts: each program loads the
+  E offsets as one vector and finds its segment and row block by a cumulative
+  sum of the segments' tiles and one comparison (no serial loop over the
+  experts); the spare tiles are fully masked. ``w`` may be any strided view (the backward passes ``w.transpose(1, 2)``).
 * :func:`segment_wgrad`: ``dw[e] = x[seg e]^T @ dy[seg e]`` (2D x 2D -> 3D), one
   program per (expert, K tile, N tile) looping over its segment's rows; an empty
   segment writes zeros.
@@ -52,25 +53,25 @@ def _segment_mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # Which segment and row block is this tile? Scan the offsets (no host sync, no extra launch).
-    zero = pid_m * 0
-    row_start = zero
-    row_end = zero
-    expert = zero
-    tiles_before = zero
-    seg_start = zero
-    for e in range(0, num_experts):
-        seg_end = tl.load(offs_ptr + e).to(tl.int32)
-        n_tiles = tl.cdiv(seg_end - seg_start, BLOCK_M)
-        hit = (pid_m >= tiles_before) & (pid_m < tiles_before + n_tiles)
-        row_start = tl.where(hit, seg_start + (pid_m - tiles_before) * BLOCK_M, row_start)
-        row_end = tl.where(hit, seg_end, row_end)
-        expert = tl.where(hit, e, expert)
-        tiles_before += n_tiles
-        seg_start = seg_end
+    # Which segment and row block is this tile? The offsets loaded as one vector (no host sync, no extra
+    # launch, no serial loop): segment e's tiles end at tiles_end[e] (a cumulative sum); this tile's expert is
+    # the number of segments that end at or before it, empty ones included (num_experts for a spare tile).
+    es = tl.arange(0, E_POW2)
+    valid = es < num_experts
+    seg_end_E = tl.load(offs_ptr + es, mask=valid, other=0).to(tl.int32)
+    seg_start_E = tl.load(offs_ptr + es - 1, mask=valid & (es > 0), other=0).to(tl.int32)
+    tiles_E = tl.where(valid, tl.cdiv(seg_end_E - seg_start_E, BLOCK_M), 0)
+    tiles_end_E = tl.cumsum(tiles_E, 0)
+    expert = tl.sum((valid & (tiles_end_E <= pid_m)).to(tl.int32), 0)
+    hit = valid & (es == expert)  # no lane for a spare tile
+    tiles_before = tl.sum(tl.where(hit, tiles_end_E - tiles_E, 0), 0)
+    row_start = tl.sum(tl.where(hit, seg_start_E, 0), 0) + (pid_m - tiles_before) * BLOCK_M
+    row_end = tl.sum(tl.where(hit, seg_end_E, 0), 0)  # 0 for a spare tile: every row masked
+    expert = tl.where(expert < num_experts, expert, 0)  # a spare tile reads expert 0's weights, stores nothing
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < row_end  # all False for a spare tile
@@ -183,6 +184,7 @@ def segment_mm(x_RK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
         BLOCK_N=bn,
         BLOCK_K=bk,
         PRECISION=_precision(x_RK.dtype),
+        E_POW2=triton.next_power_of_2(E),
     )
     return y
 

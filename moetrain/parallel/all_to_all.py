@@ -125,8 +125,11 @@ class AllToAllDispatcher(Dispatcher):
     the host (the splits of the uneven all-to-alls must be known there). Rows are
     deduplicated through a [ep, T] hit table and a cumulative sum, not
     ``torch.unique``; counts by ``scatter_add``, not ``bincount``; nothing else
-    reads device values on the host. The receive budget adds one more (its
-    all-reduced totals).
+    reads device values on the host. The receive budget (``moe.max_recv_factor``, off
+    by default) adds two: its all-reduced totals (the budget and the error are
+    decided on the host) and, when it drops, the kept assignments' count (one
+    ``nonzero``, then gathers); device-level dropping adds none (its budget and
+    masks stay on the device).
 
     Counted per dispatch (:attr:`Dispatched.comm`): rows sent to other ranks
     (``r_s``), rows received from other ranks (``r_r``), assignments sent to
@@ -206,9 +209,9 @@ class AllToAllDispatcher(Dispatcher):
                 f"{budget} = moe.max_recv_factor {self.max_recv_factor} x balanced share {total / self.ep_size:.1f} "
                 f"(rows per EP rank: {recv})"
             )
-        quota = torch.full_like(send_assign_P, torch.iinfo(torch.long).max)
-        for d in over:
-            quota[d] = budget * int(send_assign_P[d]) // recv[d]
+        # Each sender's share of an over-budget destination, on the device (no host read per destination).
+        over_P = recv_total > budget
+        quota = torch.where(over_P, budget * send_assign_P // recv_total.clamp_min(1), torch.iinfo(torch.long).max)
         # Rank of each assignment among those to its destination, by descending weight (stable).
         rank_A = rank_within_segment(dest_A, weight_A.detach(), self.ep_size)
         return rank_A < quota[dest_A]
@@ -226,11 +229,12 @@ class AllToAllDispatcher(Dispatcher):
         keep_A = self._recv_budget_keep(dest_A, weight_A, count_per_bin(dest_A, self.ep_size))
         if keep_A is None:
             return None, dropped, kept, prio_A
+        kept_idx = keep_A.nonzero().squeeze(1)  # one host sync for the kept assignments' count, then gathers
         return (
             keep_A,
             (~keep_A).sum().float(),
-            tuple(t[keep_A] for t in kept),
-            None if prio_A is None else prio_A[keep_A],
+            tuple(t.index_select(0, kept_idx) for t in kept),
+            None if prio_A is None else prio_A.index_select(0, kept_idx),
         )
 
     # ------------------------------------------------------------------ dispatch

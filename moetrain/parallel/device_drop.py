@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.moe.capacity import device_budget
-from moetrain.moe.dispatch import DeviceCapacity, inverse_permutation
+from moetrain.moe.dispatch import DeviceCapacity, inverse_permutation, kept_within
 from moetrain.parallel.collectives import all_to_all_detached
 
 
@@ -62,6 +62,4 @@ def drop_at_devices(
     keep_dev_A = torch.empty_like(keep_sent).scatter_(0, order_A, keep_sent)  # back to this rank's A order
     if keep_A is None:
         return w_recv, keep_dev_A
-    keep_A = keep_A.clone()  # compose with the receive budget's mask (over the original assignments)
-    keep_A[keep_A.clone()] = keep_dev_A
-    return w_recv, keep_A
+    return w_recv, kept_within(keep_A, keep_dev_A)  # composed with the receive budget's mask (no host sync)

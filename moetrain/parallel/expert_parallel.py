@@ -94,5 +94,5 @@ def use_unfused_dispatch(model: nn.Module) -> nn.Module:
     forward (for an engine whose module hooks must see it, e.g. DeepSpeed's). Returns ``model``."""
     for layer in moe_layers(model).values():
         if isinstance(layer.dispatcher, FusedLocalDispatcher):
-            layer.dispatcher = LocalDispatcher(layer.dispatcher.num_local_experts)
+            layer.dispatcher = LocalDispatcher(layer.dispatcher.num_local_experts, layer.dispatcher.slot_sum)
     return model

@@ -22,7 +22,9 @@ Precision (FSDP2's ``MixedPrecisionPolicy``): on a GPU with bf16 (``trainer.prec
 parameters are all-gathered and computed in bf16 and gradients reduced in fp32, and AdamW steps the fp32
 sharded master copy; each router is its own unit with the default (fp32) policy, so its weight is gathered in
 fp32 and the logits stay fp32 (Megatron-Core's ``moe_router_dtype=fp32``), kept gathered from its forward to its
-backward (:func:`apply_fsdp`). CPU runs are fp32 throughout.
+backward (:func:`apply_fsdp`). The residual stream is fp32 as without FSDP: the units do not cast their inputs,
+and the embedding's bf16 output is cast to fp32 (its values are those of the bf16-gathered table). CPU runs are
+fp32 throughout.
 
 Gradient accumulation (``parallel.fsdp_keep_gathered``, on by default): :func:`set_micro_batch_sync` keeps the
 gathered weights and the unsharded gradients between micro-batches (FSDP2's ``set_reshard_after_forward``,
@@ -68,10 +70,19 @@ def dp_mesh(pc: ParallelContext) -> DeviceMesh:
 
 def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
     """Parameters all-gathered and computed in ``param_dtype`` (bf16 on a GPU), gradients reduced in fp32; the
-    default policy (fp32 throughout) for ``None``."""
+    default policy (fp32 throughout) for ``None``. The units' inputs are left in their dtype
+    (``cast_forward_inputs=False``): FSDP would otherwise cast every floating input of a unit to ``param_dtype``
+    -- the residual stream entering each block, the RoPE tables, the global-batch counts and the experts'
+    fp32 combine weights -- where autocast already computes the GEMMs in bf16 and leaves the rest fp32."""
     if param_dtype is None:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def _fp32_output(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    """A forward hook: the module's output in fp32 (the embedding's, gathered in bf16: the residual stream starts
+    fp32, as without FSDP)."""
+    return out.float()
 
 
 def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype | None = None) -> nn.Module:
@@ -89,6 +100,7 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype |
         use_unfused_dispatch(model)  # the fused CPU path reads the weights outside the experts' forward
     for layer in moe_layers(model).values():
         if edp.size() > 1:
+            layer.experts.cache_casts = False  # FSDP refills the gathered weights in place: no cached cast
             experts = _shard(layer.experts, edp, mp_policy=mp)
             experts.set_gradient_divide_factor(float(pc.world_size))  # sum over EDP / W
             if pc.backend == "gloo":  # no PREMUL_SUM in gloo: reduce-scatter a sum, then divide
@@ -100,6 +112,8 @@ def apply_fsdp(model: nn.Module, pc: ParallelContext, param_dtype: torch.dtype |
             # for its backward (its gradient's storage is freed: "setStorage ... storage of size 0"). The weight
             # is dim x experts fp32, small beside the block's; it is freed after backward like every unit's.
             _shard(layer.router, mesh, False, mp_policy=mixed_precision(None))
+    if param_dtype is not None:  # the residual stream stays fp32 (mixed_precision): from the embedding on
+        model.embed.register_forward_hook(_fp32_output)  # type: ignore[union-attr]
     blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
     for i, block in enumerate(blocks):
         # the last block's parameters are needed at once by the backward: keep them gathered after forward

@@ -24,6 +24,17 @@ Forward = Callable[..., ModelOutput]
 """``forward(tokens_BS, global_counts=...)`` -> the model's output."""
 
 
+def staged_for(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``batch`` in page-locked host memory when it goes to a CUDA device (one copy per step), else as it is.
+
+    Each micro-batch is then copied with ``to(device, non_blocking=True)`` asynchronously; from pageable memory
+    the copy first waits for the stream (a host synchronisation per micro-batch, and again in the routing
+    pre-pass). The micro-batches are views of the pinned batch, so they are pinned too."""
+    if device.type != "cuda" or batch.is_pinned():
+        return batch
+    return batch.pin_memory()
+
+
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 (nats/token)."""
     return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())

@@ -28,7 +28,7 @@ from moetrain.data import (
     rank_slice,
     split_micro_batches,
 )
-from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile
+from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile, apply_slot_sum
 from moetrain.model.transformer import Transformer, vocab_for
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import apply_expert_parallel
@@ -45,7 +45,7 @@ from moetrain.train.module import StepInfo, TrainModule, autocast_dtype
 from moetrain.train.moe_metrics import moe_log_metrics
 from moetrain.train.native import NativeTrainModule
 from moetrain.train.sinks import JSONLSink, MetricSink, WandbSink
-from moetrain.train.step import lm_loss
+from moetrain.train.step import lm_loss, staged_for
 
 __all__ = ["StepOutput", "Trainer", "lm_loss"]
 
@@ -126,7 +126,7 @@ def build_parallel_model(
     apply_balanced_hash(local, train_tokens)  # moe.router.hash_table=balanced: from the corpus frequencies
     overlap = cfg.parallel.overlap_shared_experts
     model: Transformer = apply_expert_parallel(local, pc, cfg.moe.max_recv_factor, cfg.moe.recv_overflow, overlap)  # type: ignore[assignment]
-    model = model.to(pc.device)
+    model = apply_slot_sum(model.to(pc.device), pc.device)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     if t.compile:
@@ -208,7 +208,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def micro_batches(self, global_batch: torch.Tensor) -> list[torch.Tensor]:
         """This rank's share of the global batch, split into micro-batches."""
-        local = rank_slice(global_batch, self.pc.rank, self.pc.world_size)
+        local = staged_for(rank_slice(global_batch, self.pc.rank, self.pc.world_size), self.pc.device)
         return split_micro_batches(local, self.cfg.trainer.micro_batch_size)
 
     def forward_backward(self, global_batch: torch.Tensor) -> MetricRecorder:

@@ -27,6 +27,8 @@ from moetrain.data.errors import DataError
 INDEX_FILE = "index.json"
 META_FILE = "meta.json"
 HASH_CHUNK = 2**24
+TOKEN_DTYPES = ("uint16", "uint32")
+"""What :func:`~moetrain.data.shards.token_dtype` writes."""
 
 
 def shard_paths(directory: Path, i: int) -> tuple[Path, Path, Path]:
@@ -68,10 +70,8 @@ def read_index(directory: Path) -> dict[str, Any]:
     index = _read_json(path)
     for key in ("shards", "documents", "tokens"):
         _count(index, key, path)
-    try:
-        np.dtype(index.get("dtype"))
-    except TypeError:
-        raise DataError(f"{path}: dtype={index.get('dtype')!r} is not a token type") from None
+    if index.get("dtype") not in TOKEN_DTYPES:
+        raise DataError(f"{path}: dtype={index.get('dtype')!r} is not a token type ({', '.join(TOKEN_DTYPES)})")
     files = index.get("files")
     if not isinstance(files, list) or len(files) != index["shards"] or not all(isinstance(f, dict) for f in files):
         raise DataError(f"{path}: lists {index['shards']} shards but records {len(files or [])} shard files")

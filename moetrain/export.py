@@ -143,19 +143,55 @@ def write_import_config(cfg: TrainConfig, out: Path) -> Path:
     return path
 
 
+def check_import_target(out: Path) -> None:
+    """An import writes a new directory: one that holds anything (a run's ``config.yaml``, checkpoints, metrics,
+    an earlier import) is refused, so nothing there is replaced."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ExportError(f"{out}: exists and holds {shown}; import into a new directory (nothing was written)")
+
+
+def check_loading_info(hf_path: Path, info: dict[str, Any]) -> None:
+    """Every tensor of the folder's checkpoint is one the model has, and every tensor the model has (tied ones
+    aside) is in the checkpoint: ``from_pretrained``'s ``output_loading_info`` lists the others, which it would
+    leave randomly initialised or drop without a word."""
+    for kind, what in (
+        ("missing_keys", "lacks tensors the model needs"),
+        ("unexpected_keys", "holds tensors the model has no place for"),
+        ("mismatched_keys", "holds tensors of the wrong shape"),
+    ):
+        keys = sorted(k if isinstance(k, str) else str(k[0]) for k in info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            raise ExportError(f"{hf_path}: its checkpoint {what}: {shown}")
+
+
 def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = None) -> Path:
     """Write a weights-only moetrain checkpoint of a ``transformers`` Mixtral / Qwen2-MoE / Qwen3-MoE folder.
 
     The checkpoint ``OUT_DIR/step_000000`` starts a run at step 0 with these
     weights (``trainer.resume=OUT_DIR/step_000000``); ``OUT_DIR/config.yaml`` holds
-    the whole matching config (see :func:`write_import_config`).
+    the whole matching config (see :func:`write_import_config`). ``OUT_DIR`` must be new (or empty), and the
+    folder's weights must be exactly the model's (:func:`check_loading_info`).
     """
     import transformers
 
     from moetrain.hf.tokenizer import has_tokenizer
 
     hf_path, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch.float32)
+    check_import_target(out)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report is many lines; check_loading_info says it in one
+    try:
+        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(hf_path), dtype=torch.float32, output_loading_info=True
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    check_loading_info(hf_path, info)
     cfg, state = from_hf_state(hf_model.state_dict(), hf_model.config)
     cfg.data.seq_len = seq_len or min(int(hf_model.config.max_position_embeddings), 4096)
     if has_tokenizer(hf_path):

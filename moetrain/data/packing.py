@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,12 @@ import numpy as np
 
 from moetrain.config import DataConfig
 from moetrain.data.corpus import DataError, cache_root, corpus_fingerprint, load_documents
+from moetrain.data.integrity import INDEX_FILE, META_FILE, damaged_from
 from moetrain.data.shards import TokenStream, atomic_write, auto_num_proc, encode_batch, write_split
 
-FORMAT_VERSION = 2
-"""Bump when the stream layout changes, so old caches are not reused (2: sharded token files)."""
+FORMAT_VERSION = 3
+"""Bump when the stream layout changes, so old caches are not reused (2: sharded token files; 3: each shard's
+size and SHA-256 recorded in its marker and the index)."""
 
 
 def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
@@ -57,10 +59,16 @@ def token_directory(cfg: DataConfig, tokenizer: Any) -> Path:
     return cache_root(cfg) / "tokens" / cache_key(cfg, tokenizer)
 
 
-def build_token_streams(cfg: DataConfig, tokenizer: Any, progress: bool = False) -> Path:
-    """Tokenise ``cfg``'s corpus into sharded token files (resuming a partial build); returns the directory."""
+def build_token_streams(
+    cfg: DataConfig, tokenizer: Any, progress: bool = False, verify: Callable[[str], None] | None = None
+) -> Path:
+    """Tokenise ``cfg``'s corpus into sharded token files (resuming a partial build); returns the directory.
+    With ``verify`` (``moetrain-prepare-data``), an existing cache is checked whole first and what is damaged
+    is deleted, said through ``verify(line)``, and rebuilt (:func:`drop_damaged`)."""
     directory = token_directory(cfg, tokenizer)
-    if all((directory / split / "index.json").exists() for split in ("train", "val")):
+    if verify is not None and directory.is_dir():
+        drop_damaged(directory, tokenizer.vocab_size, verify)
+    if (directory / META_FILE).exists() and all((directory / s / INDEX_FILE).exists() for s in ("train", "val")):
         return directory
     docs = dict(zip(("train", "val"), load_documents(cfg)))
     meta: dict[str, Any] = {"source": cfg.source, "tokenizer": tokenizer.name}
@@ -78,15 +86,44 @@ def build_token_streams(cfg: DataConfig, tokenizer: Any, progress: bool = False)
         if progress:
             print()
         meta[f"{split}_documents"], meta[f"{split}_tokens"] = index["documents"], index["tokens"]
-    atomic_write(directory / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return directory
 
 
+def drop_damaged(directory: Path, vocab_size: int, say: Callable[[str], None]) -> None:
+    """Check both splits of a built cache whole (:func:`~moetrain.data.integrity.damaged_from`); delete a damaged
+    split's index and its shards from the first damaged one on (the build then resumes there), and say so."""
+    meta_path = directory / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    except (OSError, ValueError):
+        meta = None
+    for split in ("train", "val"):
+        split_dir = directory / split
+        if (
+            not (split_dir / INDEX_FILE).exists()
+            or (damage := damaged_from(split_dir, vocab_size, meta, split)) is None
+        ):
+            continue
+        first, why = damage
+        say(f"{split_dir}: damaged ({why}); rebuilding from shard {first}")
+        (split_dir / INDEX_FILE).unlink()
+        meta_path.unlink(missing_ok=True)
+        for path in split_dir.glob("shard_*"):
+            if int(path.name[6:11]) >= first:
+                path.unlink()
+
+
 def token_streams(cfg: DataConfig, tokenizer: Any) -> tuple[TokenStream, TokenStream]:
-    """The (train, val) token streams of ``cfg``, memory-mapped from the cache (built on a miss)."""
+    """The (train, val) token streams of ``cfg``, memory-mapped from the cache (built on a miss), each checked
+    against its records when opened and its ids against the vocabulary as read (:mod:`moetrain.data.integrity`)."""
     directory = build_token_streams(cfg, tokenizer)
     try:
-        return TokenStream(directory / "train"), TokenStream(directory / "val")
+        meta = json.loads((directory / META_FILE).read_text())
+        vocab = tokenizer.vocab_size
+        return tuple(TokenStream(directory / s, vocab, meta, s) for s in ("train", "val"))  # type: ignore[return-value]
+    except DataError as exc:
+        raise DataError(f"data cache {directory} is damaged: {exc}; run moetrain-prepare-data to rebuild it") from None
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"data cache {directory} is unreadable ({exc}); delete it to rebuild") from exc
 
@@ -182,16 +219,16 @@ def token_counts(seqs: Any, size: int) -> np.ndarray:
     if not isinstance(seqs, PackedSequences):
         return np.bincount(np.asarray(seqs).reshape(-1), minlength=size)[:size]
     counts, end = np.zeros(size, dtype=np.int64), seqs.rows * seqs.width
-    for shard, start in zip(seqs.stream.shards, seqs.stream.offsets):
+    for i, start in enumerate(seqs.stream.offsets[:-1]):
         if start < end:
-            counts += np.bincount(shard[: end - start], minlength=size)[:size]
+            counts += np.bincount(seqs.stream.shard(i)[: end - start], minlength=size)[:size]
     return counts
 
 
 def pack_stream(stream: TokenStream, seq_len: int, rows: int | None = None) -> np.ndarray | PackedSequences:
     """The windows of ``stream``: a plain memory-mapped view when it is one shard, else :class:`PackedSequences`."""
     if len(stream.shards) == 1:
-        seqs = pack_sequences(stream.shards[0], seq_len)
+        seqs = pack_sequences(stream.shard(0), seq_len)
         return seqs if rows is None else seqs[:rows]
     return PackedSequences(stream, seq_len, rows)
 

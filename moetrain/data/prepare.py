@@ -6,7 +6,9 @@ Takes the same Hydra overrides as ``moetrain-train`` (only ``data.*`` matters), 
 
 and builds ``<cache>/tokens/<key>/{train,val}/`` shards that every later run with
 the same corpus, tokenizer and split reuses. Interrupt it at any time: rerunning it
-resumes after the last complete shard.
+resumes after the last complete shard. A cache that exists already is verified whole first (every shard's
+size, SHA-256 and ids, the index against the shards and the build's meta); whatever is damaged is said,
+deleted and rebuilt.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def compose_data_config(overrides: list[str]) -> DataConfig:
     return validate(cfg).data
 
 
+def say(line: str) -> None:
+    print(f"moetrain-prepare-data: {line}", flush=True)
+
+
 def prepare(cfg: DataConfig, progress: bool = True) -> list[dict]:
-    """Build (or find) the token shards of every source of ``cfg``; one summary dict per source."""
+    """Build (or find and verify) the token shards of every source of ``cfg``; one summary dict per source."""
     from moetrain.data.loader import source_configs
     from moetrain.data.packing import build_token_streams
     from moetrain.data.tokenizer import build_tokenizer
@@ -45,7 +51,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> list[dict]:
     out = []
     for name, sub in subs.items():
         t0 = time.perf_counter()
-        directory = build_token_streams(sub, tokenizer, progress=progress)
+        directory = build_token_streams(sub, tokenizer, progress=progress, verify=say)
         meta = json.loads((directory / "meta.json").read_text())
         out.append({"name": name, "directory": str(directory), "seconds": time.perf_counter() - t0, **meta})
     return out

@@ -5,8 +5,10 @@ order) is stored as consecutive shards in one directory::
 
     shard_00000.bin        raw tokens (uint16 when the vocabulary fits, else uint32), memory-mapped when read
     shard_00000.docs.npy   int64 end offset of every document inside the shard (the document index)
-    shard_00000.json       {"first_doc", "documents", "tokens", "dtype"}: written last, it marks the shard complete
-    index.json             written when the whole split is done: {"shards", "documents", "tokens", "dtype"}
+    shard_00000.json       {"first_doc", "documents", "tokens", "dtype", "bytes", "sha256"}: written last, it
+                           marks the shard complete
+    index.json             written when the whole split is done: {"shards", "documents", "tokens", "dtype",
+                           "files": [{"tokens", "bytes", "sha256"} of each shard]}
 
 A shard holds whole documents and is closed as soon as it reaches ``shard_tokens``
 tokens, so its boundaries depend only on the documents and ``shard_tokens``, not
@@ -20,11 +22,15 @@ file serialises builders of the same directory (ranks, concurrent jobs).
 Memory: the batches in flight (``2 * num_proc`` batches of :data:`BATCH_DOCS`
 documents) and the open shard's document index (8 bytes a document), whatever the
 corpus size; the open shard's tokens go straight to its file.
+
+Reading checks these records (:mod:`moetrain.data.integrity`): sizes and counts when a split is opened, ids
+against the vocabulary once per shard, everything (hashes too) in ``moetrain-prepare-data``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import multiprocessing
 import os
@@ -36,6 +42,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from moetrain.data.integrity import check_ids, check_split
+from moetrain.data.integrity import shard_paths as shard_files
 
 BATCH_DOCS = 256
 """Documents per tokenisation task."""
@@ -63,12 +72,6 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def shard_files(directory: Path, i: int) -> tuple[Path, Path, Path]:
-    """Tokens, document index and completion marker of shard ``i``."""
-    stem = directory / f"shard_{i:05d}"
-    return stem.with_suffix(".bin"), stem.with_suffix(".docs.npy"), stem.with_suffix(".json")
 
 
 def complete_shards(directory: Path) -> list[dict[str, int]]:
@@ -141,6 +144,7 @@ class ShardWriter:
         self.file: IO[bytes] | None = None
         self.ends: list[np.ndarray] = []
         self.tokens = 0
+        self.digest = hashlib.sha256()
 
     def _tmp(self) -> Path:
         path = shard_files(self.directory, self.index)[0]
@@ -158,7 +162,9 @@ class ShardWriter:
             first = int(np.searchsorted(ends, start, side="right"))
             if self.file is None:
                 self.file = open(self._tmp(), "wb")  # noqa: SIM115 - open across add() calls until flush/abort
-            self.file.write(np.ascontiguousarray(tokens[start:stop], dtype=self.dtype).data)
+            data = np.ascontiguousarray(tokens[start:stop], dtype=self.dtype).data
+            self.file.write(data)
+            self.digest.update(data)
             self.ends.append(ends[first : stop_doc + 1] - start + self.tokens)
             self.tokens += stop - start
             start = stop
@@ -176,9 +182,10 @@ class ShardWriter:
         ends = np.concatenate(self.ends).astype(np.int64, copy=False)
         atomic_write(docs_path, lambda f: np.save(f, ends))
         info = {"first_doc": self.first_doc, "documents": len(ends), "tokens": int(self.tokens)}
-        _write_json(marker, {**info, "dtype": self.dtype.name})
+        size = {"bytes": int(self.tokens) * self.dtype.itemsize, "sha256": self.digest.hexdigest()}
+        _write_json(marker, {**info, "dtype": self.dtype.name, **size})
         self.index, self.first_doc = self.index + 1, self.first_doc + len(ends)
-        self.ends, self.tokens = [], 0
+        self.ends, self.tokens, self.digest = [], 0, hashlib.sha256()
 
     def abort(self) -> None:
         """Drop the open shard (an interrupted build; the next build restarts it)."""
@@ -237,11 +244,12 @@ def write_split(
         dtype = token_dtype(tokenizer.vocab_size)
         writer = ShardWriter(directory, shard_tokens, len(shards), first_doc, dtype)
         sized = hasattr(docs, "__len__")  # a Dataset; an IterableDataset (data.streaming) is skipped into
-        if first_doc:
+        every_doc_done = sized and first_doc >= len(docs)  # only the index was lost: nothing to tokenise
+        if first_doc and not every_doc_done:
             rest = docs.select(range(first_doc, len(docs))) if sized else docs.skip(first_doc)
         else:
             rest = docs
-        texts = (batch["text"] for batch in rest.iter(batch_size=BATCH_DOCS))
+        texts = iter(()) if every_doc_done else (batch["text"] for batch in rest.iter(batch_size=BATCH_DOCS))
         done = first_doc
         try:
             for tokens, ends in _encoded(texts, tokenizer, num_proc):
@@ -259,6 +267,7 @@ def write_split(
             "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards),
             "dtype": dtype.name,
+            "files": [{k: s.get(k) for k in ("tokens", "bytes", "sha256")} for s in shards],
         }
         if sized and index["documents"] != len(docs):
             raise RuntimeError(f"{directory}: {index['documents']} documents in the shards, {len(docs)} expected")
@@ -267,17 +276,32 @@ def write_split(
 
 
 class TokenStream:
-    """The read side: a split's shards as one logical token stream (memory-mapped, read-only)."""
+    """The read side: a split's shards as one logical token stream (memory-mapped, read-only).
 
-    def __init__(self, directory: Path) -> None:
+    Opening checks the index against the shards' markers and files (and against the build's ``meta`` for
+    ``split`` when given); with ``vocab_size``, each shard's ids are checked the first time it is read
+    (:mod:`moetrain.data.integrity`). Damage is one :class:`~moetrain.data.errors.DataError` line."""
+
+    def __init__(
+        self, directory: Path, vocab_size: int | None = None, meta: dict[str, Any] | None = None, split: str = ""
+    ) -> None:
         self.directory = directory
-        self.index = json.loads((directory / "index.json").read_text())
+        self.index = check_split(directory, meta, split or None)
         dtype = np.dtype(self.index["dtype"])
         paths = [shard_files(directory, i)[0] for i in range(self.index["shards"])]
         self.shards = [np.memmap(path, dtype=dtype, mode="r") for path in paths]
         sizes = [len(s) for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.dtype = dtype
+        self.vocab_size = vocab_size
+        self.checked = [vocab_size is None] * len(self.shards)
+
+    def shard(self, i: int) -> np.ndarray:
+        """Shard ``i``, its ids checked against the vocabulary the first time."""
+        if not self.checked[i]:
+            check_ids(self.shards[i], int(self.vocab_size or 0), shard_files(self.directory, i)[0])
+            self.checked[i] = True
+        return self.shards[i]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -287,12 +311,12 @@ class TokenStream:
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         lo = start - int(self.offsets[i])
         if stop <= self.offsets[i + 1]:
-            return self.shards[i][lo : lo + stop - start]
-        parts, j = [self.shards[i][lo:]], i + 1
+            return self.shard(i)[lo : lo + stop - start]
+        parts, j = [self.shard(i)[lo:]], i + 1
         while stop > self.offsets[j + 1]:
-            parts.append(self.shards[j])
+            parts.append(self.shard(j))
             j += 1
-        parts.append(self.shards[j][: stop - int(self.offsets[j])])
+        parts.append(self.shard(j)[: stop - int(self.offsets[j])])
         return np.concatenate(parts)
 
     def document_ends(self) -> np.ndarray:

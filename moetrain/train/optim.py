@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,3 +71,33 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, max_steps))
+
+
+def group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters (all but its parameters), as this run's config built them."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def restart_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: Any, step: int, fresh: list[dict[str, Any]] | None = None
+) -> None:
+    """Put the warmup + cosine schedule at ``step`` optimizer steps taken, from this run's config: each group's
+    ``lr`` = its ``initial_lr`` (``optim.lr``) x the multiplier at ``step`` (the lambdas are this run's,
+    ``trainer.max_steps`` included). ``fresh`` (:func:`group_hyperparameters` taken before a checkpoint was
+    loaded) replaces whatever hyperparameters the load restored (DeepSpeed's loader restores betas, eps and
+    weight decay with the optimizer state). Used on resume, so that a change allowed by
+    ``trainer.resume_allow_changes`` is in force from the first resumed step; torch's ``LambdaLR.step``
+    computes ``base_lr * lr_lambda(last_epoch)`` the same way."""
+    groups = optimizer.param_groups
+    if fresh is not None:
+        if len(fresh) != len(groups):
+            raise RuntimeError(f"{len(groups)} optimizer param groups after the load, {len(fresh)} before")
+        for group, hyper in zip(groups, fresh):
+            group.update({k: v for k, v in hyper.items() if k != "lr"})
+    scheduler.base_lrs = [float(g["initial_lr"]) for g in groups]
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1  # as after ``step`` calls of ``scheduler.step()`` (no order warning)
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

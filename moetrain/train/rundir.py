@@ -5,7 +5,9 @@ run's lifetime. The kernel drops the lock when its holder dies, however it dies
 (``kill -9`` included), so a stale lock is simply taken over; a live one makes
 a second run on the same directory stop with one line naming the holder. The
 file itself stays (emptied on release): deleting it would let two runs lock two
-different files of the same name.
+different files of the same name. A ``checkpoint.dir`` outside the run directory
+is locked the same way (``CKPT_DIR/.moetrain.lock``): two live runs sharing it
+would resume and prune each other's checkpoints.
 
 :func:`preflight` runs before ``config.yaml`` or anything else is written: the
 lock, then ``trainer.resume=none`` on a directory that already holds a run is
@@ -33,12 +35,15 @@ class RunDirError(RuntimeError):
 
 
 class RunDirLock:
-    """An exclusive lock on a run directory, held until :meth:`release` or the process's death."""
+    """An exclusive lock on a run directory (or, ``key="checkpoint.dir"``, a checkpoint directory), held until
+    :meth:`release` or the process's death; :attr:`also` is released with it."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, key: str = "run_dir") -> None:
         self.run_dir = Path(run_dir)
+        self.key = key
         self.path = self.run_dir / LOCK_FILE
         self.fd: int | None = None
+        self.also: RunDirLock | None = None
         self.took_over: dict | None = None
         """The holder recorded by a previous run that died without releasing (a stale lock), if any."""
 
@@ -51,8 +56,10 @@ class RunDirLock:
         except BlockingIOError:
             holder = _describe(_read_holder(fd))
             os.close(fd)
+            what = "" if self.key == "run_dir" else f"{self.key} "
             raise RunDirError(
-                f"{self.run_dir}: in use by another run ({holder}); wait for it to end or choose another run_dir"
+                f"{what}{self.run_dir}: in use by another run ({holder}); wait for it to end or choose another "
+                f"{self.key}"
             ) from None
         except OSError as e:  # a filesystem without locks: go on unprotected, and say so
             os.close(fd)
@@ -68,6 +75,9 @@ class RunDirLock:
         return self
 
     def release(self) -> None:
+        if self.also is not None:
+            self.also.release()
+            self.also = None
         if self.fd is None:
             return
         os.ftruncate(self.fd, 0)
@@ -121,17 +131,19 @@ def preflight(cfg: TrainConfig, run_dir: Path) -> RunDirLock:
     """Lock the run directory and check that this run may write there; raises before anything is written
     (:class:`RunDirError`, or ``CheckpointError`` for the checkpoint to resume). Rank 0 only."""
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    created = not run_dir.exists()
+    created = [d for d in (run_dir, ckpt_dir) if not d.exists() or (d.is_dir() and not any(d.iterdir()))]
     lock = RunDirLock(run_dir).acquire()
     try:
+        if not ckpt_dir.resolve().is_relative_to(run_dir.resolve()):  # inside: the run dir's lock covers it
+            lock.also = RunDirLock(ckpt_dir, "checkpoint.dir").acquire()
         check_fresh_start(cfg, run_dir, ckpt_dir)
         resume_target(cfg, ckpt_dir)
     except BaseException:
         lock.release()
-        if created:  # a run refused before it wrote anything leaves no directory behind
-            lock.path.unlink(missing_ok=True)
-            if not any(run_dir.iterdir()):
-                run_dir.rmdir()
+        for directory in created:  # a run refused before it wrote anything leaves no directory behind
+            (directory / LOCK_FILE).unlink(missing_ok=True)
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
         raise
     if lock.took_over:
         print(f"moetrain: {run_dir}: the previous run ({_describe(lock.took_over)}) ended without releasing it")

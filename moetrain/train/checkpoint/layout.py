@@ -89,6 +89,12 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path}: not a moetrain checkpoint of format {READABLE_FORMATS[-1]} or older")
     validate_meta(path, meta)
+    named = CKPT_RE.match(ckpt.name)
+    if named and int(named[1]) != meta["step"]:  # resuming it would retrain steps, pruning would drop a newer one
+        raise CheckpointError(
+            f"{path}: step={meta['step']}, but its directory is {ckpt.name} (step {int(named[1])}); "
+            "the checkpoint was moved or edited: resume another one"
+        )
     return meta
 
 

@@ -27,6 +27,7 @@ from moetrain.config import CheckpointConfig, TrainConfig, to_dict
 from moetrain.parallel.context import ParallelContext
 from moetrain.train import hooks
 from moetrain.train.checkpoint.compat import check_arch, check_engine, resume_target
+from moetrain.train.checkpoint.entries import reseed_rank
 from moetrain.train.checkpoint.layout import (
     FORMAT_VERSION,
     CheckpointError,
@@ -256,3 +257,6 @@ class CheckpointManager:
         self.engine.load_checkpoint(path, meta, self.group)
         if meta.get("kind") != "weights":  # an import (moetrain-export --from-hf) starts at step 0
             self.progress.load_state_dict(meta)
+            saved_seed = meta["config"].get("trainer", {}).get("seed")
+            if saved_seed != self.run_cfg.trainer.seed:  # allowed by trainer.resume_allow_changes: in force now
+                reseed_rank(self.run_cfg.trainer.seed, self.progress.step, self.pc.rank)

@@ -41,7 +41,7 @@ from moetrain.train.checkpoint.layout import (
     write_meta_and_publish,
 )
 from moetrain.train.checkpoint.reading import quiet_dcp, read_entries
-from moetrain.train.optim import FSDP_GROUP_SUFFIX
+from moetrain.train.optim import FSDP_GROUP_SUFFIX, restart_schedule
 
 
 def save_state(
@@ -90,18 +90,15 @@ def saved_groups_of(path: Path, meta: dict[str, Any], optimizer: torch.optim.Opt
 
 
 def load_schedule(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, meta: dict[str, Any]) -> None:
-    """The LR schedule's position and each param group's ``lr`` / ``initial_lr`` (mapped by role)."""
-    index = saved_groups_of(path, meta, optimizer)
-    sched = dict(meta["scheduler"])
-    for key in ("base_lrs", "_last_lr"):  # one value per param group
-        if isinstance(sched.get(key), list):
-            sched[key] = [sched[key][i] for i in index]
-    sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
-    scheduler.load_state_dict(sched)
-    for group, i in zip(optimizer.param_groups, index):
-        for key in ("lr", "initial_lr"):
-            if key in meta["param_groups"][i]:
-                group[key] = meta["param_groups"][i][key]
+    """The LR schedule's position (the optimizer steps taken); each param group's learning rate is this run's
+    config's schedule at that position (:func:`~moetrain.train.optim.restart_schedule`), so a resumed
+    ``optim.lr``, warmup, ``min_lr_ratio`` or ``trainer.max_steps`` is in force from the first resumed step.
+    The saved groups must still map onto this optimizer's (:func:`saved_groups_of`)."""
+    saved_groups_of(path, meta, optimizer)
+    last_epoch = meta["scheduler"].get("last_epoch")
+    if not isinstance(last_epoch, int) or isinstance(last_epoch, bool) or last_epoch < 0:
+        raise CheckpointError(f"{path / META_FILE}: scheduler.last_epoch={last_epoch!r} is not a step count")
+    restart_schedule(optimizer, scheduler, last_epoch)
 
 
 def load_state(

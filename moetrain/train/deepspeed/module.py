@@ -48,7 +48,7 @@ from moetrain.train.deepspeed.config import build_ds_config, ds_precision
 from moetrain.train.guards import NonFiniteGuard
 from moetrain.train.metrics import MetricRecorder, ReducedMetrics
 from moetrain.train.module import StepInfo
-from moetrain.train.optim import adamw, build_scheduler, param_groups
+from moetrain.train.optim import adamw, build_scheduler, group_hyperparameters, param_groups, restart_schedule
 from moetrain.train.step import accumulate_gradients, routing_prepass
 
 
@@ -245,7 +245,11 @@ class DeepSpeedTrainModule:
         check_layout(path, meta, self.pc.world_size, self.cfg.parallel.ep, self.zero_stage)
 
     def load_checkpoint(self, path: Path, meta: dict[str, Any], group: Any) -> None:
+        """DeepSpeed's files, then this run's hyperparameters and LR schedule at the restored position (DeepSpeed
+        restores the saved ones: an ``optim.*`` change allowed on resume would otherwise not take effect)."""
+        fresh = group_hyperparameters(self.optimizer)
         load_files(self.ds, path, self.pc.rank)
+        restart_schedule(self.optimizer, self.scheduler, int(self.scheduler.last_epoch), fresh)
 
     def close(self) -> None:
         if self.ds is not None:

@@ -61,15 +61,34 @@ def test_floats_beyond_float32_and_more_threads_than_cpus_are_refused(key, value
 
 
 # ------------------------------------------------------------------ tools' arguments
+PLAN = ["trainer.micro_batch_size=1"]  # a config valid on the default 8 GPUs, so only the flag is wrong
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize(
     ("tool", "argv", "line"),
     [
-        ("moetrain.plan", ["--nodes", "0"], "moetrain-plan: argument error: --nodes=0: must be >= 1"),
-        ("moetrain.plan", ["--gpus-per-node", "-8"], "moetrain-plan: argument error: --gpus-per-node=-8: must be >= 1"),
-        ("moetrain.plan", ["--mfu", "0"], "moetrain-plan: argument error: --mfu=0.0: must be a fraction in (0, 1]"),
-        ("moetrain.plan", ["--mfu", "nan"], "moetrain-plan: argument error: --mfu=nan: must be a fraction in (0, 1]"),
-        ("moetrain.plan", ["--tflops", "inf"], "moetrain-plan: argument error: --tflops=inf: must be a finite"),
+        ("moetrain.plan", [*PLAN, "--nodes", "0"], "moetrain-plan: argument error: --nodes=0: must be >= 1"),
+        (
+            "moetrain.plan",
+            [*PLAN, "--gpus-per-node", "-8"],
+            "moetrain-plan: argument error: --gpus-per-node=-8: must be >= 1",
+        ),
+        (
+            "moetrain.plan",
+            [*PLAN, "--mfu", "0"],
+            "moetrain-plan: argument error: --mfu=0.0: must be a fraction in (0, 1]",
+        ),
+        (
+            "moetrain.plan",
+            [*PLAN, "--mfu", "nan"],
+            "moetrain-plan: argument error: --mfu=nan: must be a fraction in (0, 1]",
+        ),
+        (
+            "moetrain.plan",
+            [*PLAN, "--tflops", "inf"],
+            "moetrain-plan: argument error: --tflops=inf: must be a finite",
+        ),
         ("moetrain.generate", ["X", "--prompt", "a", "--top-p", "0"], "argument error: --top-p=0.0: must be in (0, 1]"),
         ("moetrain.generate", ["X", "--prompt", "a", "--top-k", "-3"], "argument error: --top-k=-3: must be >= 1"),
         ("moetrain.generate", ["X", "--prompt", "a", "--temperature", "nan"], "argument error: --temperature=nan"),

@@ -1,10 +1,12 @@
 """One line for a user's mistake, a traceback only for a bug: the entry points' error handling.
 
 Every ``moetrain-*`` tool runs its work through :func:`guarded_main`. The
-exceptions a user can cause (a bad config, data, checkpoint or path, a run dir
-in use, a full or read-only disk, the receive-budget guardrail) print one line
-``<tool>: <kind> error: <message>`` and exit 2; anything else is a bug and
-keeps its traceback. ``MOETRAIN_DEBUG=1`` shows the traceback of every error.
+exceptions a user can cause (a bad config, data, checkpoint, path or argument,
+a run dir in use, a full or read-only disk, the receive-budget guardrail) print
+one line ``<tool>: <kind> error: <message>`` and exit 2, also when a library
+wrapped them (:func:`causes`: DCP's ``CheckpointException``, ``raise ... from``);
+anything else is a bug and keeps its traceback. ``MOETRAIN_DEBUG=1`` shows the
+traceback of every error.
 """
 
 from __future__ import annotations

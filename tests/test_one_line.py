@@ -244,3 +244,31 @@ def test_a_basic_sweep_goes_on_after_a_failed_job_and_writes_its_summary(tmp_pat
     rows = json.loads((sweep / "summary.json").read_text())
     assert [(r["job"], r["status"]) for r in rows] == [(0, "failed (exit 2)"), (1, "completed")]
     assert rows[1]["val/loss"] is not None and (sweep / "summary.md").is_file()
+
+
+# ------------------------------------------------------------------ environment errors through their causes
+@pytest.mark.unit
+def test_wrapped_environment_errors_are_recognised_through_their_causes_and_bugs_are_not():
+    """Before: only the outermost exception was looked at, so an ENOSPC inside DCP's ``CheckpointException``
+    (and an OSError re-raised ``from``) was not a user error. A bug raised while handling an OSError
+    (``__context__``, not ``__cause__``) must stay a bug."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from moetrain.errors import user_error
+
+    enospc = OSError(errno.ENOSPC, "No space left on device", "/ckpt/step_000004.tmp/__0_0.distcp")
+    wrapped = CheckpointException("save", {1: (enospc, None)})
+    assert user_error(wrapped) == ("file", "/ckpt/step_000004.tmp/__0_0.distcp: no space left on the device")
+    try:
+        raise RuntimeError("could not create the output dir") from OSError(errno.EROFS, "Read-only", "/ro/run")
+    except RuntimeError as e:
+        assert user_error(e) == ("file", "/ro/run: read-only file system")
+    try:
+        try:
+            raise FileNotFoundError(errno.ENOENT, "No such file", "/x")
+        except FileNotFoundError:
+            _ = 1 / 0
+    except ZeroDivisionError as e:
+        assert user_error(e) is None

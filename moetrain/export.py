@@ -206,6 +206,21 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
 
 
 # ------------------------------------------------------------------------ CLI
+def import_hf_reported(hf_dir: str, out_dir: str, seq_len: int | None) -> Path:
+    """:func:`import_hf` with a folder transformers cannot load (no weights file, a garbled ``config.json``,
+    tensors whose shapes differ from it) as one :class:`ExportError` line (:mod:`moetrain.hf.load_errors`)."""
+    from moetrain.hf.load_errors import hf_load_error, quiet_transformers
+
+    with quiet_transformers() as messages:
+        try:
+            return import_hf(hf_dir, out_dir, seq_len)
+        except Exception as e:
+            error = hf_load_error(hf_dir, e, messages)
+            if error is None:
+                raise
+            raise error from None
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto") -> dict[str, Any]:
     """Export a checkpoint (see the module docstring); returns what was written."""
     model, cfg, meta = load_checkpoint_model(checkpoint)
@@ -260,7 +275,7 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.from_hf:
-            ckpt = import_hf(args.source, args.out_dir, args.seq_len)
+            ckpt = import_hf_reported(args.source, args.out_dir, args.seq_len)
             print(f"moetrain-export: wrote {ckpt} and {ckpt.parent / 'config.yaml'}")
             print(
                 f"moetrain-export: train from it with: moetrain-train --config-path {ckpt.parent} --config-name config"

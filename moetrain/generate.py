@@ -10,9 +10,13 @@ on how many tokens each forward sees.
 
 from __future__ import annotations
 
+import math
+import sys
+from typing import Any
+
 import torch
 
-from moetrain.errors import guarded_main
+from moetrain.errors import check_arg, guarded_main
 from moetrain.model.apply import apply_slot_sum
 from moetrain.model.transformer import Transformer
 
@@ -87,6 +91,21 @@ def generate(
     return tokens
 
 
+def check_sampling_args(args: Any) -> Any:
+    """Each sampling flag in its range (one :class:`~moetrain.errors.ArgumentError` line): ``--top-p 0``
+    dropped every token (NaN probabilities), ``--top-k -3`` failed inside ``topk``."""
+    check_arg("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "must be >= 1")
+    check_arg("--num-samples", args.num_samples, args.num_samples >= 1, "must be >= 1")
+    check_arg(
+        "--temperature", args.temperature, 0 <= args.temperature < math.inf, "must be finite and >= 0 (0 = greedy)"
+    )
+    if args.top_k is not None:
+        check_arg("--top-k", args.top_k, args.top_k >= 1, "must be >= 1 (the k most likely tokens)")
+    if args.top_p is not None:
+        check_arg("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1] (1 = no nucleus cut)")
+    return args
+
+
 def _main(argv: list[str] | None = None) -> None:
     """``moetrain-generate CHECKPOINT --prompt "..."``."""
     import argparse
@@ -105,7 +124,7 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checking)")
-    args = p.parse_args(argv)
+    args = check_sampling_args(p.parse_args(argv))
 
     model, cfg, _ = load_checkpoint_model(args.checkpoint)
     model = apply_slot_sum(model.to(args.device), torch.device(args.device))
@@ -118,6 +137,12 @@ def _main(argv: list[str] | None = None) -> None:
     budget = model.max_seq_len - ids.shape[1]
     if budget <= 0:
         raise SystemExit(f"moetrain-generate: the prompt is longer than the model's context ({model.max_seq_len})")
+    if args.max_new_tokens > budget:
+        print(
+            f"moetrain-generate: note: --max-new-tokens={args.max_new_tokens} capped at {budget} (the model's "
+            f"context of {model.max_seq_len} tokens less the prompt's {ids.shape[1]})",
+            file=sys.stderr,
+        )
     out = generate(
         model,
         ids,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from moetrain.config import TrainConfig, resolve_num_groups
-from moetrain.errors import guarded_main
+from moetrain.errors import check_arg, guarded_main
 from moetrain.model.transformer import build_model, total_and_active
 from moetrain.moe.routing import topk_experts
 from moetrain.parallel.all_to_all import META_BYTES
@@ -50,6 +50,22 @@ class Cluster:
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
+
+
+def check_cluster(c: Cluster) -> Cluster:
+    """Each flag in its range (one :class:`~moetrain.errors.ArgumentError` line): counts >= 1, sizes, speeds and
+    bandwidths finite and > 0, the MFU a fraction in (0, 1]; ``--mfu 0`` divided by zero, ``nan`` printed nan."""
+    for flag, value in (("--nodes", c.nodes), ("--gpus-per-node", c.gpus_per_node)):
+        check_arg(flag, value, value >= 1, "must be >= 1")
+    for flag, value in (
+        ("--gpu-mem-gb", c.gpu_mem_gb),
+        ("--tflops", c.tflops),
+        ("--intra-bw-gbs", c.intra_bw_gbs),
+        ("--inter-bw-gbs", c.inter_bw_gbs),
+    ):
+        check_arg(flag, value, math.isfinite(value) and value > 0, "must be a finite number > 0")
+    check_arg("--mfu", c.mfu, 0 < c.mfu <= 1, "must be a fraction in (0, 1] (0.4 = 40% of --tflops)")
+    return c
 
 
 def param_counts(cfg: TrainConfig, vocab_size: int) -> dict[str, int]:
@@ -264,8 +280,8 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--zero", type=int, default=1, choices=(0, 1, 2))
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     args = p.parse_args(argv)
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops, args.mfu,
-                      args.intra_bw_gbs, args.inter_bw_gbs)  # fmt: skip
+    cluster = check_cluster(Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops, args.mfu,
+                                    args.intra_bw_gbs, args.inter_bw_gbs))  # fmt: skip
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         dcfg = compose("train", overrides=args.overrides)
     check_known_keys(dcfg)

@@ -202,7 +202,7 @@ def plot_runs(paths: list[Path], out: Path) -> list[Path]:
     """Write the figures for one or several runs; return the files written."""
     plt = _pyplot()
     dirs = expand_runs(paths)
-    runs = {name: read_metrics(d) for name, d in dirs.items()}
+    runs = {name: read_metrics(d, "moetrain-plot") for name, d in dirs.items()}
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if _lines(plt, runs, ["train/loss", "val/loss"], "loss (nats/token)", out / "loss.png"):

@@ -15,12 +15,22 @@ list of ``ATTEMPT:KIND:STEP:RANK`` with KIND ``after_step`` or ``during_save``
 (e.g. ``0:during_save:4:1,1:after_step:3:0``: the first attempt's rank 1 dies
 while saving step 4, the restarted job's rank 0 after its first step, step 3).
 
-Install it with ``tests.fault_hooks.install()`` before ``moetrain.train.cli.run``.
+Environment faults, in any attempt (:func:`install` reads them too):
+
+* ``MOETRAIN_FAULT_DISK_FULL_AT_SAVE=N``: the N-th checkpoint save of this process (1-based) and every
+  later one runs out of space: DCP's ``FileSystemWriter.write_data`` writes half a file and raises
+  ``OSError(ENOSPC)``, which DCP wraps in a ``CheckpointException`` as it does a real full disk.
+* ``MOETRAIN_FAULT_READ_ONLY=DIR``: creating a directory under DIR fails with ``OSError(EROFS)``, as on a
+  read-only mount (tests run as root, for whom ``chmod`` protects nothing).
+
+Install it with ``tests.fault_hooks.install()`` before ``moetrain.train.cli.run`` (or ``cli.main``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pathlib
 from typing import Any
 
 from moetrain.train import hooks
@@ -68,5 +78,40 @@ class FaultInjector:
             os._exit(FAULT_EXIT_CODE)
 
 
+def fill_disk_at_save(n: int) -> None:
+    """From the ``n``-th DCP save on (1-based), writing runs out of space (see the module docstring)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    write_data = FileSystemWriter.write_data
+    saves = [0]
+
+    def full(self: Any, plan: Any, planner: Any) -> Any:
+        saves[0] += 1
+        if saves[0] < n:
+            return write_data(self, plan, planner)
+        path = os.path.join(str(self.path), "__0_0.distcp")
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)  # half a file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    FileSystemWriter.write_data = full  # type: ignore[method-assign]
+
+
+def read_only_under(root: str) -> None:
+    """``Path.mkdir`` of anything under ``root`` fails with EROFS (see the module docstring)."""
+    mkdir = pathlib.Path.mkdir
+
+    def refused(self: pathlib.Path, *args: Any, **kwargs: Any) -> None:
+        if str(self.absolute()).startswith(root.rstrip("/") + "/") and not self.exists():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        mkdir(self, *args, **kwargs)
+
+    pathlib.Path.mkdir = refused  # type: ignore[method-assign]
+
+
 def install() -> FaultInjector:
+    if os.environ.get("MOETRAIN_FAULT_DISK_FULL_AT_SAVE"):
+        fill_disk_at_save(int(os.environ["MOETRAIN_FAULT_DISK_FULL_AT_SAVE"]))
+    if os.environ.get("MOETRAIN_FAULT_READ_ONLY"):
+        read_only_under(os.environ["MOETRAIN_FAULT_READ_ONLY"])
     return hooks.install(FaultInjector())

@@ -123,7 +123,7 @@ class TrainerConfig:
     progress: bool = True
     """Show a console progress bar."""
     num_threads: int | None = None
-    """CPU threads for torch (``None`` = torch's default)."""
+    """CPU threads for torch (``None`` = torch's default); at most the CPUs this process may use."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory, about one more forward)."""
     compile: bool = False

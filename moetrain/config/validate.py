@@ -28,6 +28,20 @@ ZERO_STAGES = (0, 1, 2)
 BACKENDS = ("auto", "nccl", "gloo")
 RECV_OVERFLOWS = ("drop", "error")
 NONFINITE_POLICIES = ("stop", "skip")
+FLOAT32_MAX = 3.4028234663852886e38
+"""``torch.finfo(torch.float32).max``: the trainer holds learning rates, coefficients and losses in float32."""
+FLOAT32_TINY = 1.1754943508222875e-38
+"""``torch.finfo(torch.float32).tiny``, the smallest normal float32: a non-zero value below it underflows."""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as ``taskset`` / SLURM's cgroup set it)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no affinity masks
+        return os.cpu_count() or 1
 
 
 def ep_layout_error(world_size: int, ep: int, num_experts: int | None = None) -> str | None:
@@ -74,6 +88,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     for key, value in float_values(cfg).items():  # NaN passes every `< 0` test below: refuse it first
         if not math.isfinite(value):
             _fail(key, value, "must be a finite number")
+        if abs(value) > FLOAT32_MAX or 0 < abs(value) < FLOAT32_TINY:  # 1e39 is inf, 1e-39 is 0 in float32
+            _fail(key, value, f"must be 0 or within float32's range ({FLOAT32_TINY:.1e} to {FLOAT32_MAX:.1e})")
     _model(cfg.model)
     _moe(cfg.moe)
     _parallel(cfg, world_size)
@@ -269,6 +285,8 @@ def _trainer(t: TrainerConfig, world_size: int) -> None:
         _positive("trainer.peak_tflops", t.peak_tflops)
     if t.num_threads is not None:
         _positive("trainer.num_threads", t.num_threads)
+        if t.num_threads > usable_cpus():  # 100000 threads exhaust memory and crash the process
+            _fail("trainer.num_threads", t.num_threads, f"must be <= the {usable_cpus()} CPUs this process may use")
 
     if not t.resume:
         _fail("trainer.resume", t.resume, "must be auto, none or a checkpoint path")

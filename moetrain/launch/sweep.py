@@ -6,7 +6,9 @@ launcher's (``job.json`` per job), Hydra's basic launcher and the SLURM
 (submitit) launcher (``.hydra/overrides.yaml`` and ``.hydra/hydra.yaml`` per
 job). A job's numbers come from its run directory: ``summary.json`` (written by
 a run that finished) or, for a run that stopped early, the last records of its
-``metrics.jsonl``.
+``metrics.jsonl``. A job that failed is a row (``failed (exit N)``): the other jobs
+still run, and :class:`SweepSummary` (a Hydra callback ``moetrain-train -m`` adds)
+writes the summary when the sweep ends and exits 1 when a job failed.
 """
 
 from __future__ import annotations
@@ -14,27 +16,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
 from moetrain.errors import guarded_main
+from moetrain.run_records import parse_metrics, warn_bad_lines
 
 COLUMNS = ("job", "status", "overrides", "val/loss", "val/maxvio_global", "perf/tokens_per_sec")
 
 
-def _metrics(job_dir: Path) -> tuple[dict[str, Any], list[float]]:
+def _metrics(job_dir: Path, tool: str) -> tuple[dict[str, Any], list[float]]:
+    """The job's last value of each key and its tokens/s records (bad lines skipped with one warning)."""
     last: dict[str, Any] = {}
     tps: list[float] = []
     path = job_dir / "metrics.jsonl"
     if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
+        records, bad = parse_metrics(path)
+        warn_bad_lines(tool, path, bad)
+        for record in records:
             last.update(record)
-            if "perf/tokens_per_sec" in record:
-                tps.append(record["perf/tokens_per_sec"])
+            value = record.get("perf/tokens_per_sec")
+            if isinstance(value, int | float):
+                tps.append(value)
     return last, tps
 
 
@@ -61,11 +68,11 @@ def job_meta(job_dir: str | Path) -> dict[str, Any]:
     return _hydra_job(job_dir)
 
 
-def read_job(job_dir: str | Path) -> dict[str, Any]:
-    """The summary row of one job directory."""
+def read_job(job_dir: str | Path, tool: str = "moetrain") -> dict[str, Any]:
+    """The summary row of one job directory (``tool`` names the program in a warning about bad metric lines)."""
     job_dir = Path(job_dir)
     meta = job_meta(job_dir)
-    last, tps = _metrics(job_dir)
+    last, tps = _metrics(job_dir, tool)
     done = json.loads((job_dir / "summary.json").read_text()) if (job_dir / "summary.json").exists() else None
     if (job_dir / "failed.json").exists():
         status = f"failed (exit {json.loads((job_dir / 'failed.json').read_text())['exit_code']})"
@@ -92,9 +99,9 @@ def job_dirs(sweep_dir: str | Path) -> list[Path]:
     return sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and any((p / m).is_file() for m in marks))
 
 
-def sweep_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
+def sweep_rows(sweep_dir: str | Path, tool: str = "moetrain") -> list[dict[str, Any]]:
     """Rows of every job directory under ``sweep_dir``, by job number."""
-    rows = [read_job(p) for p in job_dirs(sweep_dir)]
+    rows = [read_job(p, tool) for p in job_dirs(sweep_dir)]
     return sorted(rows, key=lambda r: (str(type(r["job"])), r["job"]))
 
 
@@ -122,14 +129,40 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_summary(sweep_dir: str | Path) -> str:
     """Write ``summary.md`` and ``summary.json`` in the sweep directory (atomically); return the table."""
-    sweep_dir = Path(sweep_dir)
-    rows = sweep_rows(sweep_dir)
+    return write_rows(Path(sweep_dir), sweep_rows(sweep_dir))
+
+
+def write_rows(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """Write ``summary.md`` and ``summary.json`` of these rows (atomically); return the table."""
     table = format_table(rows)
     for name, text in (("summary.md", table + "\n"), ("summary.json", json.dumps(rows, indent=1))):
         tmp = sweep_dir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, sweep_dir / name)
     return table
+
+
+def failed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of jobs that failed."""
+    return [r for r in rows if str(r["status"]).startswith("failed")]
+
+
+class SweepSummary(Callback):
+    """Hydra callback: when a sweep ends (any launcher), write its summary; exit 1 when a job failed, with one
+    line naming the failed jobs (each job already said why in its own line or ``launcher.log``)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        rows = sweep_rows(sweep_dir)
+        write_rows(sweep_dir, rows)
+        failed = failed_rows(rows)
+        print(f"moetrain: sweep summary: {sweep_dir / 'summary.md'}", file=sys.stderr)
+        if failed:
+            jobs = ", ".join(f"#{r['job']} ({str(r['status']).removeprefix('failed ').strip('()')})" for r in failed)
+            print(f"moetrain: {len(failed)} of {len(rows)} sweep jobs failed: {jobs}", file=sys.stderr)
+            sys.exit(1)
 
 
 def _main(argv: list[str] | None = None) -> None:
@@ -139,7 +172,7 @@ def _main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.sweep_dir.is_dir():
         raise SystemExit(f"moetrain-sweep-summary: {args.sweep_dir}: not a directory")
-    rows = sweep_rows(args.sweep_dir)
+    rows = sweep_rows(args.sweep_dir, "moetrain-sweep-summary")
     if not rows:
         raise SystemExit(
             f"moetrain-sweep-summary: {args.sweep_dir}: no sweep jobs (no */job.json, */.hydra/overrides.yaml "

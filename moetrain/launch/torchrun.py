@@ -8,7 +8,8 @@ runs four jobs, each ``python -m torch.distributed.run --standalone --nproc_per_
 directory's name unless ``logger.wandb.group`` is set), and its output goes to
 ``JOB_DIR/launcher.log``. A failed job is recorded and the others still run; the
 sweep summary (``SWEEP_DIR/summary.md`` and ``summary.json``) is written when all
-are done, and Hydra then reports the failures. Relaunching the same sweep
+are done, a failed job a row of it, and the sweep exits 1 naming the failed jobs
+(:class:`moetrain.launch.sweep.SweepSummary`). Relaunching the same sweep
 (``hydra.sweep.dir=<that dir>``) skips jobs that already completed.
 
 For jobs spanning several nodes, start the same command on every node with
@@ -170,6 +171,7 @@ class TorchrunLauncherImpl(Launcher):
 
     def _start(self, job: _Job, sweep_dir: Path, group: str) -> None:
         job.job_dir.mkdir(parents=True, exist_ok=True)
+        (job.job_dir / "failed.json").unlink(missing_ok=True)  # a relaunched sweep: this attempt decides
         (job.job_dir / "job.json").write_text(json.dumps({"num": job.num, "overrides": job.overrides}))
         cmd = self.command(job, sweep_dir, group)
         log.info(f"\t#{job.num} : {' '.join(filter_overrides(job.overrides))}")
@@ -226,13 +228,10 @@ class TorchrunLauncherImpl(Launcher):
         return [self._job_return(job) for job in jobs]
 
     def _job_return(self, job: _Job) -> JobReturn:
+        """Every job is reported to Hydra as done, a failed one too (its row says ``failed (exit N)``): a failed
+        ``JobReturn`` would make Hydra re-raise it with a stack trace and skip the sweep's end, where
+        :class:`moetrain.launch.sweep.SweepSummary` names the failed jobs and sets the exit status."""
         ret = JobReturn(overrides=job.overrides, cfg=job.config, working_dir=str(job.job_dir), task_name="train")
-        if job.rc == 0:
-            ret.status = JobStatus.COMPLETED
-            ret.return_value = read_job(job.job_dir)
-        else:
-            ret.status = JobStatus.FAILED
-            ret.return_value = RuntimeError(
-                f"sweep job #{job.num} failed with exit code {job.rc}; its log: {job.job_dir / 'launcher.log'}"
-            )
+        ret.status = JobStatus.COMPLETED
+        ret.return_value = read_job(job.job_dir)
         return ret

@@ -16,11 +16,12 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moetrain.config import ConfigError, TrainConfig, config_keys, to_dict, validate
 from moetrain.config_docs import config_dir, register_schema
-from moetrain.errors import USER_ERROR_EXIT_CODE, user_error
+from moetrain.errors import USER_ERROR_EXIT_CODE, is_failure, report, user_error
 from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
 from moetrain.train.checkpoint import CheckpointError, flat_config
@@ -29,6 +30,8 @@ from moetrain.train.rundir import RunDirError, RunDirLock, preflight
 
 NONFINITE_EXIT_CODE = 3
 """Exit status of a run stopped by a non-finite loss or gradient norm (user errors exit 2)."""
+SWEEP_SUMMARY_CALLBACK = "moetrain.launch.sweep.SweepSummary"
+"""The Hydra callback that writes a sweep's summary when it ends and exits 1 when a job failed."""
 
 
 register_schema()
@@ -221,24 +224,48 @@ def agreed_preflight(cfg: TrainConfig, run_path: Path, pc: Any) -> RunDirLock | 
 
 
 def _hydra_entry(dcfg: DictConfig) -> None:
+    """One run: its exit status, or, as a job of a Hydra sweep, a failure recorded in the job's directory
+    (``failed.json``, read by the sweep summary) so that the sweep goes on with the other jobs."""
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    if sweeping:
+        (job_dir / "failed.json").unlink(missing_ok=True)  # a relaunched sweep: this attempt decides
+    code = _run_reported(dcfg)
+    if code and sweeping:
+        write_failed_job(job_dir, code)
+    elif code:
+        sys.exit(code)
+
+
+def write_failed_job(job_dir: Path, code: int) -> None:
+    """``JOB_DIR/failed.json``: the job's exit status, for :func:`moetrain.launch.sweep.read_job`."""
+    import json
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "failed.json").write_text(json.dumps({"exit_code": code}))
+
+
+def _run_reported(dcfg: DictConfig) -> int:
+    """Run; a non-finite stop (exit 3) or a user's mistake (exit 2) is one line, a bug re-raises."""
     try:
         check_known_keys(dcfg)
         cfg = OmegaConf.to_object(dcfg)
         assert isinstance(cfg, TrainConfig)
         run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
         run(cfg, run_dir)
+        return 0
     except NonFiniteError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"moetrain: training stopped: {e}", file=sys.stderr)
-        sys.exit(NONFINITE_EXIT_CODE)
-    except Exception as e:
+        return NONFINITE_EXIT_CODE
+    except BaseException as e:  # DCP's CheckpointException (a full disk during a save) is a BaseException
         found = user_error(e)
         if found is None or os.environ.get("MOETRAIN_DEBUG") == "1":
             raise
         kind, message = found
         if os.environ.get("RANK", "0") == "0" or kind == "file":  # the ranks agree on the others; one says why
             print(f"moetrain: {kind} error: {message}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        return USER_ERROR_EXIT_CODE
 
 
 def check_known_keys(dcfg: DictConfig) -> None:
@@ -286,9 +313,18 @@ def main() -> None:
     existed = run_dir is None or Path(run_dir).exists()
     if run_dir is not None:
         argv += [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if any(a in ("-m", "--multirun") for a in argv):  # every launcher's sweep ends with its summary
+        argv.append(f"++hydra.callbacks.moetrain_sweep_summary._target_={SWEEP_SUMMARY_CALLBACK}")
     sys.argv = argv
+    # Hydra's own failures (a run dir it cannot create, a bad override) reach report() as exceptions, not
+    # as the stack trace Hydra prints without this.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_hydra_entry)()
+    except BaseException as e:
+        if not is_failure(e):
+            raise
+        sys.exit(report("moetrain", e))
     finally:
         if not existed and run_dir is not None and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
             Path(run_dir).rmdir()

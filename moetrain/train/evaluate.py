@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,20 @@ from moetrain.train.moe_metrics import val_moe_metrics
 
 @torch.no_grad()
 def evaluate(
-    module: TrainModule, val: np.ndarray, micro_batch_size: int, pc: ParallelContext, bits_per_byte: bool
-) -> dict[str, Any]:
+    module: TrainModule,
+    val: np.ndarray,
+    micro_batch_size: int,
+    pc: ParallelContext,
+    bits_per_byte: bool,
+    stop: Callable[[], object] | None = None,
+) -> dict[str, Any] | None:
     """``val/loss`` (nats per token over every validation token, float64 sums), ``val/ppl``, ``val/bpb`` for the
     byte tokenizer, and ``val/maxvio_global`` (Wang et al. 2024) with its per-layer values.
 
     Each rank evaluates its share of every global batch of ``micro_batch_size x W`` sequences; a rank whose
     share is empty still runs a one-row forward (it joins its EP group's all-to-alls) and records zeros.
+    ``stop`` is asked before each batch (the same answer on every rank: the trainer's signal vote); when it
+    is true the evaluation ends there and returns ``None``, so a SIGTERM does not wait for the whole split.
     """
     model = module.model
     model.eval()
@@ -32,6 +40,9 @@ def evaluate(
     rec = MetricRecorder()
     zero = torch.zeros((), dtype=torch.float64, device=pc.device)
     for batch in val_batches(val, micro_batch_size * pc.world_size, pc.rank, pc.world_size):
+        if stop is not None and stop():
+            model.train()
+            return None
         empty = batch.shape[0] == 0
         tokens = torch.as_tensor(val[:1], dtype=torch.long) if empty else batch
         tokens = tokens.to(pc.device)

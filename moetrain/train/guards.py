@@ -108,8 +108,8 @@ class StopSignals:
             return
         self.received = signum
         print(
-            f"moetrain: {signal.Signals(signum).name} received; saving a checkpoint at the end of this step "
-            "(send it again to stop at once)",
+            f"moetrain: {signal.Signals(signum).name} received; saving a checkpoint at the end of this step, "
+            "or at the next batch of an evaluation (send it again to stop at once)",
             flush=True,
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,10 +233,23 @@ class Trainer:
         self.progress.tokens_seen += global_batch.shape[0] * (global_batch.shape[1] - 1)
         return StepOutput(reduced, info, lr)
 
-    def evaluate(self) -> dict[str, Any]:
-        """Loss over the whole validation split, and MaxVio of the load summed over it."""
+    def evaluate(self, stop: Callable[[], object] | None = None) -> dict[str, Any]:
+        """Loss over the whole validation split, and MaxVio of the load summed over it (``{}`` when ``stop()``
+        turned true before a batch: see :func:`moetrain.train.evaluate.evaluate`)."""
         mbs = self.cfg.trainer.micro_batch_size
-        return evaluate(self.module, self.data.val, mbs, self.pc, self.tokenizer.name == "byte")
+        return evaluate(self.module, self.data.val, mbs, self.pc, self.tokenizer.name == "byte", stop) or {}
+
+    def _evaluate_or_signal(self, signals: StopSignals, last: dict[str, Any]) -> int | None:
+        """Evaluate and log into ``last``; a stop signal during the evaluation ends it at the next batch and
+        returns the signal (every rank the same; the caller saves and exits), so a SIGTERM's save is not
+        delayed past the scheduler's grace period by a long validation split."""
+        group, distributed = self.checkpointer.control_group, self.checkpointer.distributed
+        metrics = self.evaluate(stop=lambda: signals.agreed(group, distributed))
+        if not metrics:
+            LOG.info(f"moetrain: evaluation at step {self.step} stopped by a signal (not logged)")
+            return signals.agreed(group, distributed)
+        last.update(self._log(metrics))
+        return None
 
     def step_metrics(self, out: StepOutput, tokens_per_sec: float) -> dict[str, Any]:
         """The logged keys of a training step (DESIGN.md): one device-to-host copy."""
@@ -265,10 +279,10 @@ class Trainer:
         exit_code = 0
         signals = StopSignals().install()  # SIGTERM / SIGINT: checkpoint at the next step boundary, then exit
         try:
-            if t.eval_at_start and self.step == 0:
-                self._log(self.evaluate())
+            if t.eval_at_start and self.step == 0 and (signum := self._evaluate_or_signal(signals, {})):
+                exit_code = self._stop_for_signal(signum)
             speed = Throughput()
-            while self.step < t.max_steps:
+            while not exit_code and self.step < t.max_steps:
                 batch = self.loader.next_batch()
                 out = self.train_step(batch)
                 speed.tokens += batch.shape[0] * (batch.shape[1] - 1)
@@ -277,7 +291,9 @@ class Trainer:
                     last.update(self._log(self.step_metrics(out, speed.rate(self.device))))
                     speed.restart()
                 if (t.eval_every and self.step % t.eval_every == 0) or is_last:
-                    last.update(self._log(self.evaluate()))
+                    if signum := self._evaluate_or_signal(signals, last):
+                        exit_code = self._stop_for_signal(signum)
+                        break
                     speed.restart(keep_tokens=True)  # evaluation time is not training throughput
                 self.checkpointer.after_step(is_last)
                 hooks.fire(

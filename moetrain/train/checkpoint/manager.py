@@ -139,7 +139,11 @@ class CheckpointManager:
         self.last_saved_step = self.progress.step
         tmp, final = self._staging_dirs()
         meta = self.meta()
-        future = self.engine.save_checkpoint(tmp, self.group, self.cfg.async_save)
+        try:
+            future = self.engine.save_checkpoint(tmp, self.group, self.cfg.async_save)
+        except BaseException:  # e.g. DCP's CheckpointException around an ENOSPC: give the space back
+            self._discard(tmp)
+            raise
         if future is not None:
             self._pending = (future, tmp, final, meta)
         else:
@@ -170,10 +174,20 @@ class CheckpointManager:
             return
         future, tmp, final, meta = self._pending
         self._pending = None
-        result = future.result()
-        if hasattr(result, "upload_completion"):  # AsyncSaveResponse
-            result.upload_completion.result()
+        try:
+            result = future.result()
+            if hasattr(result, "upload_completion"):  # AsyncSaveResponse
+                result.upload_completion.result()
+        except BaseException:
+            self._discard(tmp)
+            raise
         self._publish(tmp, final, meta)
+
+    def _discard(self, tmp: Path) -> None:
+        """Remove the staging dir of a save that failed (every rank's DCP write has ended: DCP gathers the
+        failures before raising); the published checkpoints are untouched."""
+        if self.pc.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _staging_dirs(self) -> tuple[Path, Path]:
         """``(step_N.tmp, step_N)`` of the current step, both cleared by rank 0, then a barrier."""

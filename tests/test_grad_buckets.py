@@ -301,6 +301,11 @@ def test_buckets_follow_backward_order_and_never_mix_groups_or_dtypes():
     for b in buckets:
         assert len({p.dtype for p in b.params}) == 1
         assert all(g is b.group for p, g in plan if any(p is q for q in b.params))
+    # Catches buckets left in closing order: the bf16 bucket opens first (its parameter's gradient comes first
+    # in the backward) but closes last; launched after the fp32 one, it would wait for the whole backward.
+    late = [(ps[0], world), (ps[1], world), (ps[2], world)]  # fp32, fp32, bf16: reversed, the bf16 one first
+    buckets = assign_buckets(late, cap_bytes=800)
+    assert [[index[id(p)] for p in b.params] for b in buckets] == [[2], [1, 0]]
 
 
 @pytest.mark.unit

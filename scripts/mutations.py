@@ -126,7 +126,6 @@ MUTATIONS: list[Mutation] = [
             )
         ],
         "tests/test_capacity_reference.py",
-        fast=True,
     ),
     _m(
         "group_score_sum_not_max",

@@ -23,6 +23,7 @@ from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.grad_buckets import FIRST_BUCKET_BYTES, MIB, apply_grad_buckets, assign_buckets
 from tests import spawned
 from tests.conftest import tiny_train_config
+from tests.step_grads import assert_gradients_close, record_step_gradients
 
 BUCKET_MB = 0.01  # ~10 KiB: the tiny model spreads over several buckets
 
@@ -91,9 +92,11 @@ def _bitwise_check(rank: int, world: int, tmp: str) -> dict[str, Any]:
             t = _trainer(tmp, f"steps{ep}{mode}", ep)
             if mode == "flat":
                 remove_grad_buckets(t.model)
+            grads = record_step_gradients(t.model, t.optimizer)
             steps = [t.train_step(t.loader.next_batch()) for _ in range(2)]
             runs[mode] = {"norm": [s.info.grad_norm.item() for s in steps], "loss": [s.loss.item() for s in steps],
-                          "params": {n: p.detach().clone() for n, p in t.model.named_parameters()}}  # fmt: skip
+                          "params": {n: p.detach().clone() for n, p in t.model.named_parameters()},
+                          "grads": grads}  # fmt: skip
         out[f"steps/ep{ep}"] = runs
     return out
 
@@ -129,6 +132,7 @@ def test_trainer_steps_with_buckets_equal_the_flat_sync_bitwise(ep):
         b, f = res[f"steps/ep{ep}"]["bucketed"], res[f"steps/ep{ep}"]["flat"]
         assert b["loss"] == f["loss"] and b["norm"] == f["norm"], rank
         _assert_equal(b["params"], f["params"], f"rank {rank} ep{ep} after 2 steps")
+        assert_gradients_close(b["grads"], f["grads"], f"rank {rank} ep{ep}", exact=True)  # AdamW hides a scale
 
 
 def _overlap_check(rank: int, world: int, tmp: str) -> dict[str, Any]:

@@ -280,8 +280,10 @@ def test_four_ranks_ep2_dp2_equal_the_flat_sync():
                 continue
             if n in r["experts"]:  # an EDP pair: a + b, bitwise
                 torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"rank {rank}: {n}")
-            else:  # 4 ranks: the ring's summation order depends on the buffer's chunking
-                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=f"rank {rank}: {n}")
+            else:  # 4 ranks: the ring's summation order depends on the buffer's chunking (fp32 rounding: an
+                # element near 0 of a tensor of scale s differs by ~1e-7 s, so atol scales with the tensor)
+                atol = 1e-6 * float(want.abs().max())
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=atol, msg=f"rank {rank}: {n}")
 
 
 # ------------------------------------------------------------------------------------------------ one process

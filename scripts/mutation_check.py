@@ -2,24 +2,36 @@
 
 Each mutation is a textual edit of one or more source files, the kind of bug
 other MoE trainers shipped (a detached P_i in a balance loss, a wrong EP
-gradient scale, experts swapped in a reshard, a capacity off by one, ...). For
-each, the repository (sources, tests, configs; no .git, no virtualenv) is
-copied to a temporary directory, the edit applied there (the working tree is
-never touched), and only the test files that guard that code run against the
-copy. A mutation is *caught* when pytest reports failures (exit status 1).
+gradient scale, experts swapped in a reshard, a capacity off by one, ...) or
+one planted in the plumbing (FSDP's reduce dtype, a shard index's offset, a
+log file truncated on resume, ...). For each, the repository (sources, tests,
+configs; no .git, no virtualenv) is copied to a temporary directory, the edit
+applied there (the working tree is never touched), and only the tests that
+guard that code run against the copy. A mutation is *caught* when pytest
+reports failures (exit status 1).
 
-    python scripts/mutation_check.py            # every mutation, then a summary table
-    python scripts/mutation_check.py --list     # names and the tests each runs
-    python scripts/mutation_check.py --only capacity_off_by_one --baseline
+Every mutation's anchor (the text it replaces, which must occur exactly once,
+edits applied in order) and its test files are checked before anything runs:
+a source change that moves an anchor fails the script at its start, listing
+every stale mutation, instead of rotting silently. ``tests/test_mutation_check.py``
+runs that check in CI (``--anchors-only``) and one sampled fast mutation.
+
+    python scripts/mutation_check.py                  # every mutation, then a summary table
+    python scripts/mutation_check.py --list           # names, packages and the tests each runs
+    python scripts/mutation_check.py --anchors-only   # check every anchor, run nothing (seconds)
+    python scripts/mutation_check.py --only capacity_off_by_one guard_misses_inf --baseline
+    python scripts/mutation_check.py --sample --seed 3   # one fast mutation, chosen by the seed
 
 ``--baseline`` first runs the selected tests on an unmutated copy (they must
-pass, or a "caught" means nothing). Exit status 0 when every mutation is caught.
+pass, or a "caught" means nothing). Exit status 0 when every mutation run is
+caught, 1 when one is missed (or its run errs), 2 when anchors are stale.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -28,193 +40,53 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mutations import MUTATIONS, Mutation
+
 REPO = Path(__file__).resolve().parent.parent
 COPIED = ("moetrain", "tests", "configs", "hydra_plugins", "scripts", "pyproject.toml")
 
 
 @dataclass(frozen=True)
-class Mutation:
-    name: str
-    bug: str
-    edits: tuple[tuple[str, str, str], ...]
-    """(file, old text, new text); each old text must occur exactly once."""
-    tests: tuple[str, ...]
+class Outcome:
+    verdict: str
+    seconds: float
+    last_line: str
 
 
-MUTATIONS = [
-    Mutation(
-        "balance_detached_p",
-        "P_i detached in every f*P balance loss (values unchanged, no gradient to the router)",
-        (("moetrain/moe/layer.py", "p_N = s_TN.mean(0)", "p_N = s_TN.detach().mean(0)"),),
-        ("tests/test_balance_grads.py",),
-    ),
-    Mutation(
-        "seq_loss_over_tokens",
-        "sequence-wise loss computed over all tokens of the micro-batch instead of averaged per sequence",
-        (
-            (
-                "moetrain/moe/balance.py",
-                "    _, S, N = norm_scores_BSN.shape\n"
-                "    f_BN = counts_BN.detach().float() * N / (top_k * S)\n"
-                "    return (f_BN * norm_scores_BSN.mean(dim=1)).sum(dim=-1).mean()",
-                "    B, S, N = norm_scores_BSN.shape\n"
-                "    f_N = counts_BN.detach().float().sum(0) * N / (top_k * S * B)\n"
-                "    return (f_N * norm_scores_BSN.mean(dim=(0, 1))).sum()",
-            ),
-        ),
-        ("tests/test_balance_grads.py",),
-    ),
-    Mutation(
-        "global_scope_ignored",
-        "balance.scope=global: the layer keeps its micro-batch selection counts instead of the step's",
-        (
-            (
-                "moetrain/moe/layer.py",
-                'counts_f = g["expert"] if g is not None else sel_counts_N',
-                "counts_f = sel_counts_N",
-            ),
-        ),
-        ("tests/test_balance_grads.py",),
-    ),
-    Mutation(
-        "sigmoid_p_unnormalised",
-        "sigmoid affinities enter P_i without the per-token normalisation (DeepSeek-V3 eq. 19)",
-        (
-            (
-                "moetrain/moe/layer.py",
-                "s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)",
-                "s_TN = s_TN * 1.0",
-            ),
-        ),
-        ("tests/test_balance_grads.py",),
-    ),
-    Mutation(
-        "comm_loss_uses_k_for_m",
-        "communication loss divides by K instead of the device limit M",
-        (("moetrain/moe/layer.py", "m = self.cfg.router.topk_groups or min(K, G)", "m = K"),),
-        ("tests/test_balance_grads.py",),
-    ),
-    Mutation(
-        "capacity_off_by_one",
-        "per-expert capacity keeps C + 1 assignments",
-        (("moetrain/moe/routing.py", "return keep_TK & (rank_A < cap)", "return keep_TK & (rank_A <= cap)"),),
-        ("tests/test_capacity_reference.py",),
-    ),
-    Mutation(
-        "drop_by_position",
-        "capacity drops by position (first come, first kept) instead of by affinity",
-        (
-            (
-                "moetrain/moe/routing.py",
-                "p_A = priority_TK.detach().reshape(-1).double()",
-                "p_A = torch.zeros(priority_TK.numel(), device=priority_TK.device)",
-            ),
-        ),
-        ("tests/test_capacity_reference.py",),
-    ),
-    Mutation(
-        "device_drop_keeps_lowest",
-        "device-level dropping keeps the lowest-affinity assignments of an over-budget device",
-        (
-            (
-                "moetrain/moe/routing.py",
-                "kept_TK = capacity_keep(group_TK, priority_TK, keep_TK, num_groups, int(budget))",
-                "kept_TK = capacity_keep(group_TK, -priority_TK, keep_TK, num_groups, int(budget))",
-            ),
-        ),
-        ("tests/test_capacity_reference.py",),
-    ),
-    Mutation(
-        "ep_grad_scale",
-        "expert gradients averaged over the expert-data-parallel group (1/EDP) instead of 1/W",
-        (
-            (
-                "moetrain/parallel/grad_sync.py",
-                "_flat_all_reduce(expert_grads, pc.edp_group, 1.0 / pc.world_size)",
-                "_flat_all_reduce(expert_grads, pc.edp_group, 1.0 / pc.edp_size)",
-            ),
-        ),
-        ("tests/test_ep_skew.py",),
-    ),
-    Mutation(
-        "clip_skips_experts",
-        "clipping scales the dense gradients only (the norm is right, expert gradients stay unclipped)",
-        (("moetrain/parallel/grad_sync.py", "        for p in dense + experts:\n", "        for p in dense:\n"),),
-        ("tests/test_ep_skew.py",),
-    ),
-    Mutation(
-        "reshard_swapped_expert_moments",
-        "AdamW moments of a rank's local experts restored in reverse expert order",
-        (
-            (
-                "moetrain/train/checkpoint.py",
-                'parts = [buffers[f"optim.{name}.{lay.offset + e}.{key}"] for e in range(lay.num_local)]',
-                'parts = [buffers[f"optim.{name}.{lay.offset + e}.{key}"] for e in reversed(range(lay.num_local))]',
-            ),
-        ),
-        ("tests/test_reshard_continue.py",),
-    ),
-    Mutation(
-        "reshard_local_expert_index",
-        "expert weights and moments keyed by local instead of global index (same-EP resume still exact)",
-        (
-            (
-                "moetrain/train/checkpoint.py",
-                'out[f"model.{name}.{lay.offset + e}"] = t[e]',
-                'out[f"model.{name}.{lay.offset + e}"] = t[lay.num_local - 1 - e]',
-            ),
-        ),
-        ("tests/test_reshard_continue.py",),
-    ),
-    Mutation(
-        "loss_free_load_not_all_reduced",
-        "loss-free bias updated from this rank's load before the all-reduce",
-        (
-            (
-                "moetrain/train/trainer.py",
-                "        acc.reduce(self.pc)\n        if applied:",
-                "        local_loads = {i: v.clone() for i, v in acc.loads.items()}\n"
-                "        acc.reduce(self.pc)\n        if applied:",
-            ),
-            (
-                "moetrain/train/trainer.py",
-                "layer.router.update_bias(acc.loads[i])",
-                "layer.router.update_bias(local_loads[i])",
-            ),
-        ),
-        ("tests/test_reshard_continue.py",),
-    ),
-    Mutation(
-        "group_score_sum_not_max",
-        "DeepSeek-V2 device-limited routing scores a group by the sum of its affinities, not its best one",
-        (
-            (
-                "moetrain/moe/routing.py",
-                "group_TG = grouped_TGE.amax(dim=-1)",
-                "group_TG = grouped_TGE.sum(dim=-1)",
-            ),
-        ),
-        ("tests/test_never_run.py",),
-    ),
-    Mutation(
-        "ac_rng_not_preserved",
-        "activation checkpointing recomputes noisy routing with fresh noise",
-        (("moetrain/model/apply.py", "preserve_rng_state=True", "preserve_rng_state=False"),),
-        ("tests/test_never_run.py",),
-    ),
-    Mutation(
-        "deterministic_flag_noop",
-        "trainer.deterministic=true leaves deterministic algorithms off",
-        (
-            (
-                "moetrain/train/trainer.py",
-                "torch.use_deterministic_algorithms(True)",
-                "torch.use_deterministic_algorithms(False)",
-            ),
-        ),
-        ("tests/test_determinism.py",),
-    ),
-]
+def mutated_texts(root: Path, m: Mutation) -> tuple[dict[str, str], list[str]]:
+    """The files of ``root`` as mutation ``m`` leaves them (edits applied in order), and its anchor problems."""
+    texts: dict[str, str] = {}
+    problems: list[str] = []
+    for rel, old, new in m.edits:
+        path = root / rel
+        if rel not in texts:
+            if not path.is_file():
+                problems.append(f"{m.name}: {rel} does not exist")
+                continue
+            texts[rel] = path.read_text()
+        n = texts[rel].count(old)
+        if n != 1:
+            first = old.strip().splitlines()[0][:70] if old.strip() else repr(old)
+            problems.append(f"{m.name}: {rel} holds {n} copies (1 needed) of the anchor {first!r}")
+            continue
+        texts[rel] = texts[rel].replace(old, new)
+    for test in m.tests:
+        if not (root / test.split("::")[0]).is_file():
+            problems.append(f"{m.name}: test file {test.split('::')[0]} does not exist")
+    return texts, problems
+
+
+def anchor_problems(mutations: list[Mutation], root: Path = REPO) -> list[str]:
+    """Every stale anchor or missing test file of ``mutations`` (empty: all apply), and duplicate names."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for m in mutations:
+        if m.name in seen:
+            out.append(f"{m.name}: two mutations have this name")
+        seen.add(m.name)
+        out += mutated_texts(root, m)[1]
+    return out
 
 
 def make_copy(dest: Path) -> None:
@@ -228,12 +100,12 @@ def make_copy(dest: Path) -> None:
 
 
 def apply(root: Path, m: Mutation) -> None:
-    for rel, old, new in m.edits:
-        path = root / rel
-        text = path.read_text()
-        if text.count(old) != 1:
-            raise SystemExit(f"mutation {m.name}: {rel} holds {text.count(old)} copies of the text to change")
-        path.write_text(text.replace(old, new))
+    """Write mutation ``m`` into the copy at ``root`` (anchors were checked at start; a failure here is a bug)."""
+    texts, problems = mutated_texts(root, m)
+    if problems:
+        raise RuntimeError("; ".join(problems))
+    for rel, text in texts.items():
+        (root / rel).write_text(text)
 
 
 def run_tests(root: Path, tests: tuple[str, ...], verbose: bool) -> tuple[int, float, str]:
@@ -249,42 +121,69 @@ def run_tests(root: Path, tests: tuple[str, ...], verbose: bool) -> tuple[int, f
     return proc.returncode, time.perf_counter() - start, lines[-1] if lines else ""
 
 
-def check(m: Mutation, baseline: bool, verbose: bool) -> tuple[str, float, str]:
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
-        root = Path(tmp)
-        make_copy(root)
-        if baseline:
-            rc, _, last = run_tests(root, m.tests, verbose)
-            if rc != 0:
-                return "BASELINE FAILS", 0.0, last
-        apply(root, m)
-        rc, secs, last = run_tests(root, m.tests, verbose)
-    verdict = {0: "MISSED", 1: "caught"}.get(rc, f"error (pytest exit {rc})")
-    return verdict, secs, last
+def check(m: Mutation, baseline: bool, verbose: bool) -> Outcome:
+    """Run ``m``'s tests on a mutated copy; never raises (a failure to run is an ``error`` verdict)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+            root = Path(tmp)
+            make_copy(root)
+            if baseline:
+                rc, _, last = run_tests(root, m.tests, verbose)
+                if rc != 0:
+                    return Outcome("BASELINE FAILS", 0.0, last)
+            apply(root, m)
+            rc, secs, last = run_tests(root, m.tests, verbose)
+    except Exception as e:  # one broken mutation must not stop the run before its summary
+        return Outcome("error", 0.0, f"{type(e).__name__}: {e}")
+    return Outcome({0: "MISSED", 1: "caught"}.get(rc, f"error (pytest exit {rc})"), secs, last)
+
+
+def choose(args: argparse.Namespace) -> list[Mutation]:
+    if args.only:
+        unknown = set(args.only) - {m.name for m in MUTATIONS}
+        if unknown:
+            raise SystemExit(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+        return [m for m in MUTATIONS if m.name in args.only]
+    if args.sample:
+        fast = [m for m in MUTATIONS if m.fast]
+        return [random.Random(args.seed).choice(fast)]
+    return list(MUTATIONS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--only", nargs="*", help="mutation names (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    parser.add_argument("--anchors-only", action="store_true", help="check every anchor and test file, run nothing")
+    parser.add_argument("--sample", action="store_true", help="run one fast mutation chosen by --seed")
+    parser.add_argument("--seed", type=int, default=int(time.time()) // 86400, help="for --sample (default: the day)")
     parser.add_argument("--baseline", action="store_true", help="first run the tests on an unmutated copy")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each pytest run's tail")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
-    unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
-    if unknown:
-        raise SystemExit(f"unknown mutation(s): {', '.join(sorted(unknown))}")
+    problems = anchor_problems(list(MUTATIONS))
+    if problems:  # before anything runs: a stale mutation would otherwise be reported as missed or crash mid-run
+        print(
+            f"mutation_check: {len(problems)} stale mutation anchor(s); update scripts/mutations.py:", file=sys.stderr
+        )
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    chosen = choose(args)
+    if args.anchors_only:
+        print(f"all {len(MUTATIONS)} mutations apply ({len({m.package for m in MUTATIONS})} packages)")
+        return 0
     if args.list:
         for m in chosen:
-            print(f"{m.name:32} {' '.join(m.tests):36} {m.bug}")
+            print(f"{m.name:34} {m.package:9} {' '.join(m.tests)}\n{'':44}{m.bug}")
         return 0
-    rows = []
+    rows: list[tuple[Mutation, str]] = []
+    start = time.perf_counter()
     for m in chosen:
-        verdict, secs, last = check(m, args.baseline, args.verbose)
-        rows.append((m, verdict))
-        print(f"{verdict:8} {m.name:32} {secs:6.1f}s  {' '.join(m.tests)}  [{last}]", flush=True)
+        o = check(m, args.baseline, args.verbose)
+        rows.append((m, o.verdict))
+        print(f"{o.verdict:8} {m.name:34} {o.seconds:6.1f}s  {' '.join(m.tests)}  [{o.last_line}]", flush=True)
     caught = sum(v == "caught" for _, v in rows)
-    print(f"\n{caught}/{len(rows)} mutations caught")
+    print(f"\n{caught}/{len(rows)} mutations caught in {time.perf_counter() - start:.0f} s")
     for m, v in rows:
         if v != "caught":
             print(f"  {v}: {m.name} ({m.bug})")

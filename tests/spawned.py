@@ -8,6 +8,10 @@ call. A check is a module-level function ``fn(rank, world, tmp_dir)`` (picklable
 returning a picklable value; its exception is returned, not raised, so the
 other checks still run and each test reports its own failure. A check must
 finish its collectives before asserting, so the ranks stay in step.
+
+A spawn that fails as a whole (a rank crashed, a timeout) is recorded with its
+cause: every later :func:`result` for that world size fails at once with the
+same cause instead of spawning again and waiting out the timeout once more.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ from tests.distributed import run_distributed
 Check = Callable[[int, int, str], Any]
 CHECKS: dict[int, list[tuple[str, Check]]] = {}
 _RESULTS: dict[int, list[dict[str, Any]]] = {}
+_FAILED: dict[int, str] = {}
+"""World size -> why its spawn failed (the first dependant's error, kept for the others)."""
+
+
+class SpawnFailed(RuntimeError):
+    """The spawn of a world size failed as a whole; raised for every check that needed it."""
 
 
 def register(world: int, name: str, fn: Check) -> None:
@@ -44,11 +54,18 @@ def _suite(rank: int, world: int, checks: list[tuple[str, Check]], tmp: str) -> 
 
 
 def result(world: int, name: str) -> list[Any]:
-    """The ranks' return values of check ``name`` (the spawn runs on first use); fails with the ranks' errors."""
+    """The ranks' return values of check ``name`` (the spawn runs on first use); fails with the ranks' errors,
+    or with :class:`SpawnFailed` (at once, without spawning again) when the spawn failed as a whole."""
+    if world in _FAILED:
+        raise SpawnFailed(f"{name}: the {world}-rank spawn failed earlier (not retried): {_FAILED[world]}")
     if world not in _RESULTS:
         tmp = tempfile.mkdtemp(prefix=f"moetrain-spawn{world}-")
         atexit.register(shutil.rmtree, tmp, True)
-        _RESULTS[world] = run_distributed(_suite, world, CHECKS[world], tmp)
+        try:
+            _RESULTS[world] = run_distributed(_suite, world, CHECKS[world], tmp)
+        except Exception as e:
+            _FAILED[world] = f"{type(e).__name__}: {e}"
+            raise SpawnFailed(f"{name}: the {world}-rank spawn failed: {_FAILED[world]}") from e
     per_rank = [r[name] for r in _RESULTS[world]]
     errors = [f"rank {i}: {r['error']}" for i, r in enumerate(per_rank) if "error" in r]
     assert not errors, "\n".join(errors)

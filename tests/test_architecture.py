@@ -112,6 +112,25 @@ def test_no_import_cycles():
     )
 
 
+def test_the_cycle_finder_finds_a_planted_cycle():
+    """Catches a cycle finder (or an import-graph builder) that finds nothing: one import planted from a
+    low-level module back to the trainer (through several packages), one function-level import, one relative
+    import; each cycle is reported, and the real graph's edges are where they are expected."""
+    graph = import_graph()
+    assert "moetrain.config" in graph["moetrain.train.trainer"]  # the graph has the edges it should
+    assert not cycles(graph)
+    planted = {**graph, "moetrain.errors": graph["moetrain.errors"] | {"moetrain.train.trainer"}}
+    found = cycles(planted)
+    assert len(found) == 1 and {"moetrain.errors", "moetrain.train.trainer"} <= set(found[0]), found
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    nested = ast.parse("def f():\n    from moetrain.train import trainer\n")
+    assert "moetrain.train.trainer" in _imported(nested, "moetrain.errors", False)
+    relative = ast.parse("from ..model import layers\n")
+    assert "moetrain.model.layers" in _imported(relative, "moetrain.moe.routing", False)
+    guarded = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import moetrain.plan\n")
+    assert "moetrain.plan" not in _imported(guarded, "moetrain.errors", False)
+
+
 if __name__ == "__main__":
     for c in cycles(import_graph()):
         print(" <-> ".join(c))

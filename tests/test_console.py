@@ -11,7 +11,7 @@ import time
 import pytest
 
 from moetrain.train.console import LogSink, clock, terminal_bar_wanted
-from tests.conftest import cli_corpus_overrides
+from tests.conftest import cli_corpus_overrides, tiny_train_config
 from tests.test_reliability import TINY_CLI
 
 STEP_LINE = "step "
@@ -64,3 +64,24 @@ def test_lines_arrive_while_the_run_lives_and_train_log_holds_the_same(tmp_path)
     assert all(" | elapsed " in s and " | eta " in s for s in steps)
     logged = (run_dir / "train.log").read_text(encoding="utf-8").splitlines()
     assert logged[: len(seen)] == seen
+
+
+@pytest.mark.e2e
+def test_train_log_keeps_the_lines_of_the_run_it_resumes(tmp_path):
+    """Catches ``train.log`` opened with mode "w": a run resumed in the same run_dir would erase the lines of
+    the run before it. Two steps, then a resume to four: the log holds steps 1 to 4, each once, in order."""
+    from moetrain.train.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_train_config(tmp_path, max_steps=2, eval_at_start=False)
+    cfg.checkpoint.every = 2
+    Trainer(cfg, run_dir).fit()
+    first = (run_dir / "train.log").read_text(encoding="utf-8").splitlines()
+    cfg.trainer.max_steps = 4  # a free key on resume
+    resumed = Trainer(cfg, run_dir)
+    resumed.fit()
+    assert resumed.checkpointer.resumed_from is not None  # it did resume
+    logged = (run_dir / "train.log").read_text(encoding="utf-8").splitlines()
+    assert logged[: len(first)] == first
+    steps = [line.split("|")[0].split()[1] for line in logged if line.startswith(STEP_LINE)]
+    assert steps == ["1/2", "2/2", "3/4", "4/4"], logged

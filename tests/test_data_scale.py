@@ -54,10 +54,19 @@ def build(directory: Path, items: list[str], shard_tokens: int = 50, num_proc: i
 
 
 @pytest.mark.unit
-def test_shards_hold_whole_documents_and_the_index_marks_them(tmp_path: Path) -> None:
+def test_shards_hold_whole_documents_and_the_index_marks_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a shard's document index losing its running token offset: with 3 documents per tokenisation
+    batch, shards span several batches, so the second batch's ends must be shifted by the tokens already in
+    the open shard."""
+    monkeypatch.setattr(shards_mod, "BATCH_DOCS", 3)
     items = texts()
     tok = ByteTokenizer()
     stream = build(tmp_path / "s", items)
+    spans = [
+        (s["first_doc"] // 3, (s["first_doc"] + s["documents"] - 1) // 3)
+        for s in shards_mod.complete_shards(stream.directory)
+    ]
+    assert any(a != b for a, b in spans)  # a shard holds documents of two tokenisation batches
     reference = tokenize_documents(items, tok)
     assert len(stream.shards) > 3
     np.testing.assert_array_equal(stream.read(0, len(stream)), reference)
@@ -181,6 +190,26 @@ def test_mixture_loader_resumes_exactly_and_logs_proportions() -> None:
 
 
 @pytest.mark.unit
+def test_mixture_metrics_are_the_cumulative_proportions_not_the_last_batchs() -> None:
+    """Catches the realised proportions taken from the last batch only: batches of 4 rows cannot hold 0.7 / 0.3,
+    so a batch's own share differs from the share of every row drawn so far, which is what is logged."""
+    loader = MixtureLoader({"code": rows(23, 0), "prose": rows(11, 1)}, {"code": 0.7, "prose": 0.3}, 4, seed=5)
+    tags: list[torch.Tensor] = []
+    batch_shares = set()
+    for _ in range(9):
+        batch = loader.next_batch()
+        tags.append(batch[:, 0])
+        batch_shares.add((batch[:, 0] == 0).float().mean().item())
+        drawn = torch.cat(tags)
+        n_code = (drawn == 0).sum().item()
+        want = {"data/source/code": n_code / len(drawn), "data/source/prose": (len(drawn) - n_code) / len(drawn)}
+        assert loader.metrics() == want
+        code = want["data/source/code"]
+        assert abs(code - 0.7) < 1 / len(drawn) + 1e-9
+    assert len(batch_shares) > 1  # batches differ: the last one's share is not the cumulative one
+
+
+@pytest.mark.unit
 def test_prepare_data_mixture_of_files(tmp_path: Path) -> None:
     code, prose = write_corpus(tmp_path / "code", 20), write_corpus(tmp_path / "prose", 12)
     cfg = DataConfig(
@@ -262,6 +291,24 @@ def mixture_config(root: Path, **trainer_kw: Any) -> TrainConfig:
     return cfg
 
 
+@pytest.mark.parity
+def test_trainer_masks_documents_when_doc_mask_is_on(tmp_path: Path) -> None:
+    """Catches the trainer's model built without ``doc_eos`` (the meta-device build dropping it): the
+    trainer's model must give the tokens after an EOS the logits of their document alone."""
+    from moetrain.train.trainer import Trainer
+
+    cfg = mixture_config(tmp_path)
+    trainer = Trainer(cfg, tmp_path / "run")
+    model, eos = trainer.model.eval(), trainer.tokenizer.eos_id
+    assert model.doc_eos == eos
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(0, eos, (9,), generator=g), torch.randint(0, eos, (12,), generator=g)
+    packed = torch.cat([first, torch.tensor([eos]), second])[None]
+    with torch.no_grad():
+        together, alone = model(packed).logits[0, 10:], model(second[None]).logits[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
 def _mixture_two_ranks(rank: int, world: int, tmp: str) -> list[float]:
     """Two steps of :func:`mixture_config` on ``world`` gloo ranks (rank 0 tokenises, the other waits)."""
     import torch.distributed as dist
@@ -275,6 +322,7 @@ def _mixture_two_ranks(rank: int, world: int, tmp: str) -> list[float]:
     cfg = box[0]
     assert cfg is not None
     trainer = Trainer(cfg, root / f"rank{rank}", init_parallel(cfg.parallel, "cpu"))
+    assert trainer.model.doc_eos == trainer.tokenizer.eos_id  # masking is on in the model each rank built
     return [trainer.train_step(trainer.loader.next_batch()).loss.item() for _ in range(2)]
 
 
@@ -308,6 +356,7 @@ def test_trainer_mixture_with_doc_mask_resumes_exactly_and_logs_proportions(tmp_
     cfg.data.shard_tokens, cfg.data.doc_mask = 500, True
     cfg.trainer.eval_at_start, cfg.trainer.eval_every = False, 0
     straight = Trainer(cfg, tmp_path / "straight")
+    assert straight.model.doc_eos == straight.tokenizer.eos_id  # document masking is on
     assert len(straight.data.sources["code"].stream.shards) > 1  # windows straddle shards
     straight.fit()
     first = Trainer(cfg, tmp_path / "resumed")

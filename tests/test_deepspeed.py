@@ -22,6 +22,7 @@ from moetrain.train.cli import strip_launcher_args, validate_run
 from moetrain.train.deepspeed.config import build_ds_config, deep_merge, generated_ds_config
 from tests.conftest import tiny_train_config
 from tests.distributed import run_distributed
+from tests.step_grads import assert_updates_close, linear_adamw_step
 
 # Per test, not per module: the generated-config and launcher tests need no DeepSpeed. Where it is missing the
 # tests that need it skip (CI installs every extra, and there such a skip fails the run: tests/conftest.py).
@@ -212,6 +213,18 @@ def _engines_worker(rank: int, world: int, cfg: Any, tmp: str) -> dict[str, Any]
             out[f"{name}/params"] = _params(trainer.model)
         finally:
             trainer.close()
+    # One linear AdamW step per engine (tests/step_grads.py): the update shows the gradient's scale.
+    for name, engine, stage in runs:
+        c = linear_adamw_step(cfg)
+        c.engine.name, c.engine.zero_stage = engine, stage
+        c.checkpoint.enabled = False
+        trainer = make_trainer(c, Path(tmp) / f"{name}_linear", init_parallel(c.parallel, "cpu", num_experts=4))
+        try:
+            before = _params(trainer.model)
+            trainer.fit()
+            out[f"{name}/update"] = {n: p - before[n] for n, p in _params(trainer.model).items()}
+        finally:
+            trainer.close()
     # Resume the ZeRO-2 run from its own step-10 checkpoint in a new run dir: steps 11-20 again.
     c = copy.deepcopy(cfg)
     c.engine.name, c.engine.zero_stage = "deepspeed", 2
@@ -279,6 +292,8 @@ def test_deepspeed_tracks_native_engine_for_20_steps_at_ep2(stage, tmp_path_fact
     for rank_out in runs["ranks"]:  # each rank's expert shard and replicated weights end equal
         for n, p in rank_out["native/params"].items():
             torch.testing.assert_close(rank_out[f"{stage}/params"][n], p, rtol=1e-4, atol=1e-5, msg=n)
+    for rank, rank_out in enumerate(runs["ranks"]):  # AdamW hides a gradient's scale; a linear step does not
+        assert_updates_close(rank_out[f"{stage}/update"], rank_out["native/update"], f"rank {rank} {stage}")
 
 
 @needs_deepspeed

@@ -22,6 +22,7 @@ import torch
 from moetrain.config import validate
 from tests.conftest import tiny_train_config
 from tests.distributed import run_distributed
+from tests.step_grads import assert_updates_close, linear_adamw_step
 
 pytestmark = [
     pytest.mark.e2e,
@@ -36,14 +37,21 @@ def _worker(rank: int, world: int, cfg: Any, tmp: str) -> dict[str, Any]:
     from moetrain.train.cli import make_trainer
 
     out: dict[str, Any] = {}
-    for name, engine in (("native", "native"), ("zero2", "deepspeed")):
-        c = copy.deepcopy(cfg)
+    for name, engine, probe in (
+        ("native", "native", False),
+        ("zero2", "deepspeed", False),
+        ("native_probe", "native", True),
+        ("zero2_probe", "deepspeed", True),
+    ):
+        c = linear_adamw_step(cfg) if probe else copy.deepcopy(cfg)
         c.engine.name, c.engine.zero_stage = engine, 2
         validate(c, world_size=world)
         trainer = make_trainer(c, Path(tmp) / name, init_parallel(c.parallel, "cpu", num_experts=c.moe.num_experts))
         try:
+            before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
             trainer.fit()
-            out[name] = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+            after = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+            out[name] = {n: after[n] - before[n] for n in after} if probe else after
         finally:
             trainer.close()
     return out
@@ -76,6 +84,8 @@ def test_deepspeed_zero2_with_two_expert_data_parallel_ranks_tracks_the_native_e
     for rank, out in enumerate(ranks):  # each rank's expert shard and replicated weights end equal
         for n, p in out["native"].items():
             torch.testing.assert_close(out["zero2"][n], p, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {n}")
+    for rank, out in enumerate(ranks):  # a linear step's update ~ the gradient: catches a wrong reduction scale
+        assert_updates_close(out["zero2_probe"], out["native_probe"], f"rank {rank}")
     for a, b in ((0, 2), (1, 3)):  # the two copies of each expert shard (EDP pairs) stay identical
         for n, p in ranks[a]["zero2"].items():
             if ".experts." in n:

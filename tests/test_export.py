@@ -38,6 +38,7 @@ def mixtral_config(tmp_path: Path, tie: bool = False) -> TrainConfig:
     cfg.moe.router.norm_topk_prob = True
     cfg.checkpoint.every = 0
     cfg.optim.lr = 1e-2  # move the weights away from their init
+    cfg.model.rope_theta, cfg.model.norm_eps = 500.0, 1e-3  # not the defaults: the export must carry them
     return cfg
 
 

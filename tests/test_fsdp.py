@@ -17,6 +17,7 @@ import torch
 from moetrain.config import ConfigError, TrainConfig, validate
 from tests import spawned
 from tests.conftest import tiny_train_config
+from tests.step_grads import assert_gradients_close, record_step_gradients
 
 pytestmark = pytest.mark.parity
 
@@ -58,6 +59,7 @@ def _train(
     finally:
         trainer_mod.apply_compile = original
     sharded = sorted(n for n, p in t.model.named_parameters() if isinstance(p, DTensor))
+    grads = record_step_gradients(t.model, t.optimizer)
     steps = [t.train_step(t.loader.next_batch()) for _ in range(STEPS)]
     params = {
         n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in t.model.named_parameters()
@@ -66,7 +68,7 @@ def _train(
     val = t.evaluate()["val/loss"]  # evaluation through the sharded blocks too
     out = {"loss": [s.loss.item() for s in steps], "norm": [s.info.grad_norm.item() for s in steps]}
     t.close()
-    return {**out, "params": params, "bias": bias, "sharded": sharded, "val": val}
+    return {**out, "params": params, "bias": bias, "sharded": sharded, "val": val, "grads": grads}
 
 
 CASES: dict[int, dict[str, dict[str, Any]]] = {
@@ -88,7 +90,10 @@ for _world, _cases in CASES.items():
 
 
 def _assert_equal_runs(off: dict[str, Any], on: dict[str, Any], rank: int) -> None:
+    """Losses, every step's gradients (first: AdamW would hide a wrong reduction factor from the parameters),
+    grad norms, validation loss, parameters, loss-free biases."""
     assert on["loss"] == pytest.approx(off["loss"], rel=1e-5), rank
+    assert_gradients_close(on["grads"], off["grads"], f"rank {rank}")  # catches a wrong reduction factor
     assert on["norm"] == pytest.approx(off["norm"], rel=1e-4), rank
     assert on["val"] == pytest.approx(off["val"], rel=1e-5), rank
     assert min(off["norm"]) > 0.05  # clipping was active on every step
@@ -125,7 +130,10 @@ def test_fsdp_config_rules(tmp_path):
 
 def _bf16_policy(rank: int, world: int, tmp: str) -> dict[str, Any]:
     """The GPU policy (bf16 gather and compute, fp32 reduction, fp32 router unit) forced on CPU: the dtypes each
-    unit computes in, the gradients' dtypes, and the loss against the unsharded model under bf16 autocast."""
+    unit computes in, the gradients' dtypes, the loss and the gradients against the unsharded model under bf16
+    autocast (its gradients averaged over the ranks), and how many elements of this rank's gradient shards
+    bf16 cannot hold (none if FSDP reduced them in bf16)."""
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from moetrain.model.transformer import build_model
@@ -151,23 +159,40 @@ def _bf16_policy(rank: int, world: int, tmp: str) -> dict[str, Any]:
         loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
         loss.backward()
         losses.append(loss.item())
-    grads = {p.grad.dtype for p in model.parameters() if isinstance(p.grad, DTensor)}
-    return {"losses": losses, "seen": seen, "grad_dtypes": grads}
+        if not fsdp:  # what the ranks' average gradient is, up to bf16 rounding
+            ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+            for g in ref.values():
+                dist.all_reduce(g)
+                g.div_(world)
+    named = [(n, p.grad) for n, p in model.named_parameters() if isinstance(p.grad, DTensor)]
+    grads = {n: g.full_tensor() for n, g in named}
+    # the mean of two ranks' bf16 gradients needs more than bf16's 8 bits in most elements
+    local = [g.to_local() for n, g in named if ".router." not in n]
+    unheld = sum(int((g != g.bfloat16().float()).sum()) for g in local)
+    error = {n: ((g - ref[n]).norm() / ref[n].norm()).item() for n, g in grads.items()}
+    dtypes = {g.dtype for _, g in named}
+    numel = sum(g.numel() for g in local)
+    return {"losses": losses, "seen": seen, "grad_dtypes": dtypes, "error": error, "unheld": unheld, "numel": numel}
 
 
 spawned.register(2, "fsdp/bf16_policy", _bf16_policy)
 
 
-def test_fsdp_bf16_policy_gathers_bf16_keeps_the_router_fp32_and_steps_fp32_shards():
+def test_fsdp_bf16_policy_gathers_bf16_keeps_the_router_fp32_and_reduces_in_fp32():
+    """Catches gradients reduced in bf16 under the bf16 policy (``reduce_dtype`` left to ``param_dtype``): the
+    shards would be fp32 either way (FSDP casts back), but every element would be a bf16 value; reduced in fp32
+    the two ranks' mean holds bits bf16 cannot. And the gradients are the unsharded model's mean, to bf16."""
     for res in spawned.result(2, "fsdp/bf16_policy"):
         assert res["seen"] == {
             "blocks.1.ffn.router": torch.float32,  # its own unit with the fp32 policy: fp32 logits
             "blocks.1.ffn.experts": torch.bfloat16,
             "blocks.1.attn": torch.bfloat16,
         }
-        assert res["grad_dtypes"] == {torch.float32}  # reduced in fp32 into the fp32 shards AdamW steps
+        assert res["grad_dtypes"] == {torch.float32}  # into the fp32 shards AdamW steps
+        assert res["unheld"] > res["numel"] // 4, res["unheld"]  # reduced in fp32, not in bf16
         off, on = res["losses"]
         assert on == pytest.approx(off, rel=2e-2)  # bf16 weights vs bf16 autocast of fp32 weights
+        assert max(res["error"].values()) < 5e-2, res["error"]
 
 
 def fsdp_collectives() -> tuple[str, str]:

@@ -146,17 +146,22 @@ def _async_and_sync(rank: int, world: int, tmp: str) -> dict[str, Any]:
 
 def _bad_copies(good: Path, root: Path) -> dict[str, Path]:
     """Rank 0's broken copies of a checkpoint: meta.json's architecture emptied (so only the tensor shapes can
-    tell a model with another ``ffn_hidden_size``), and a data file cut in half with meta.json's checksums
-    rewritten to match (so the index's lengths catch it)."""
-    shape, truncated = root / "bad_shape", root / "bad_truncated"
-    for path in (shape, truncated):
+    tell a model with another ``ffn_hidden_size``), a data file cut in half with meta.json's checksums
+    rewritten to match (so the index's lengths catch it), and one byte flipped in a file of rank 1's checksum
+    share (the second file: the i-th is rank i % 2's), which only rank 1's share of the verification sees."""
+    shape, truncated, flipped = root / "bad_shape", root / "bad_truncated", root / "bad_flipped"
+    for path in (shape, truncated, flipped):
         shutil.copytree(good, path)
     meta = json.loads((shape / "meta.json").read_text())
     (shape / "meta.json").write_text(json.dumps({**meta, "arch": {}}))
     data = truncated / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     (truncated / "meta.json").write_text(json.dumps({**meta, "files": hash_share(truncated)}))
-    return {"shape": shape, "truncated": truncated}
+    target = flipped / sorted(meta["files"])[1]
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same length: only the SHA-256 tells
+    target.write_bytes(bytes(raw))
+    return {"shape": shape, "truncated": truncated, "flipped": flipped, "flipped_file": target.name}
 
 
 def _bad_into_fsdp(rank: int, world: int, tmp: str) -> dict[str, Any]:
@@ -167,11 +172,11 @@ def _bad_into_fsdp(rank: int, world: int, tmp: str) -> dict[str, Any]:
     root = Path(tmp) / "fsdp_ckpt"
     cfg = run_config(shared_config(rank, root), "fsdp_ep1")
     cfg.checkpoint.enabled = False
-    if rank == 0:
-        _bad_copies(root / "fsdp_ep1" / "checkpoints" / f"step_{SAVED:06d}", root)
-    dist.barrier()
-    out = {}
-    for case, ffn in (("shape", 48), ("truncated", cfg.model.ffn_hidden_size)):
+    box = [_bad_copies(root / "fsdp_ep1" / "checkpoints" / f"step_{SAVED:06d}", root) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    out: dict[str, Any] = {"flipped_file": box[0]["flipped_file"]}
+    same = cfg.model.ffn_hidden_size
+    for case, ffn in (("shape", 48), ("truncated", same), ("flipped", same)):
         cfg.model.ffn_hidden_size = ffn
         trainer = Trainer(cfg, root / f"probe_{case}", _init(cfg))
         before = {n: local_tensor(p).detach().clone() for n, p in trainer.model.named_parameters()}
@@ -357,7 +362,10 @@ def test_bad_checkpoint_into_fsdp_fails_with_one_line_and_touches_nothing():
         assert "blocks.0.ffn.w1.weight has shape (64, 32) in the checkpoint, (48, 32) in this run" in shape["error"]
         assert truncated["error"] and "\n" not in truncated["error"], (rank, truncated["error"])
         assert "__0_0.distcp: truncated (" in truncated["error"] and "the index needs" in truncated["error"]
-        for case in (shape, truncated):
+        # catches every rank verifying checksum share 0: the flipped file is in rank 1's share only
+        flipped = out["flipped"]
+        assert flipped["error"] and f"{out['flipped_file']}: checksum mismatch" in flipped["error"], (rank, flipped)
+        for case in (shape, truncated, flipped):
             assert case["untouched"] and case["fresh"], (rank, case)
 
 

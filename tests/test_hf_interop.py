@@ -19,6 +19,8 @@ from moetrain.train.checkpoint import CheckpointError, check_arch
 from tests.conftest import tiny_train_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
+ROPE_THETA, NORM_EPS = 500.0, 1e-3
+"""The tiny transformers models' RoPE base and RMSNorm epsilon (non-default, so the mappings must carry them)."""
 
 
 def needs(*modules: str) -> None:
@@ -55,6 +57,9 @@ def tiny_hf(arch: str, tie: bool = False):  # type: ignore[no-untyped-def]
         max_position_embeddings=32,
         tie_word_embeddings=tie,
         norm_topk_prob=True,
+        # not the library defaults (10000, 1e-6): a mapping that drops either changes the logits
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+        rms_norm_eps=NORM_EPS,
     )
     if arch == "qwen2_moe":
         cfg = transformers.Qwen2MoeConfig(**common, shared_expert_intermediate_size=16, qkv_bias=False)
@@ -90,13 +95,15 @@ def test_shared_expert_gate_scales_the_shared_output_by_a_sigmoid():
 @pytest.mark.parity
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
 def test_qwen_moe_imports_and_exports_with_equal_logits(tmp_path, arch):
-    """transformers -> moetrain -> transformers: logits equal both ways (Qwen2-MoE's gate non-zero)."""
+    """transformers -> moetrain -> transformers: logits equal both ways (Qwen2-MoE's gate non-zero), with a
+    non-default ``rope_theta`` and ``rms_norm_eps`` (catches an export or import writing fixed ones)."""
     needs("transformers", "safetensors")
     hf = tiny_hf(arch)
     hf.save_pretrained(str(tmp_path / "hf"))
     ckpt = import_hf(tmp_path / "hf", tmp_path / "imported", seq_len=32)
     model, cfg, _ = load_checkpoint_model(ckpt)
     assert cfg.model.qk_norm is (arch == "qwen3_moe") and cfg.moe.shared_expert_gate is (arch == "qwen2_moe")
+    assert (cfg.model.rope_theta, cfg.model.norm_eps) == (ROPE_THETA, NORM_EPS)
     tokens = torch.randint(0, 320, (2, 32))
     ref = logits_of(hf, tokens)
     torch.testing.assert_close(logits_of(model, tokens), ref, rtol=1e-4, atol=1e-5)
@@ -106,6 +113,7 @@ def test_qwen_moe_imports_and_exports_with_equal_logits(tmp_path, arch):
 
     again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32).eval()
     assert again.config.model_type == arch
+    assert again.config.rope_parameters["rope_theta"] == ROPE_THETA and again.config.rms_norm_eps == NORM_EPS
     torch.testing.assert_close(logits_of(again, tokens), ref, rtol=1e-4, atol=1e-5)
 
 

@@ -72,3 +72,22 @@ def test_two_gloo_ranks_reduce_sums_means_and_maxima_over_both():
         assert host["peak"] == 12.0
         assert host["val/loss_sum"] == pytest.approx(0.1 * 2 + 0.2 * 3, rel=1e-12)
     assert out[0] == out[1]
+
+
+@pytest.mark.unit
+def test_per_token_means_stay_means_over_micro_batches():
+    """Catches ``devices_per_token`` (a per-token mean, like the router entropy) reduced as a sum: over 2
+    micro-batches (on one rank or two, one reduction) it would log 2.5 devices per token with 2 devices."""
+    from moetrain.moe.layer import MoEStats
+    from moetrain.train.moe_metrics import moe_log_metrics, record_moe
+
+    rec = MetricRecorder()
+    for dpt, entropy in ((1.0, 0.5), (1.5, 0.7)):
+        stats = MoEStats(load_N=torch.tensor([3.0, 1.0, 2.0, 2.0]), aux_loss=torch.tensor(0.0))
+        stats.devices_per_token, stats.router_entropy = torch.tensor(dpt), torch.tensor(entropy)
+        record_moe(rec, {1: stats})
+    reduced = rec.reduce(ParallelContext())
+    out = moe_log_metrics(reduced, reduced.host(), [1], {1: 2})
+    assert out["moe/layer_1/devices_per_token"] == pytest.approx(1.25)
+    assert out["moe/layer_1/router_entropy"] == pytest.approx(0.6)
+    assert out["moe/layer_1/load"] == [6, 2, 4, 4]  # loads are sums

@@ -25,7 +25,7 @@ from moetrain.train.checkpoint import (
     read_meta,
     resume_target,
 )
-from moetrain.train.guards import NonFiniteError
+from moetrain.train.guards import NonFiniteError, NonFiniteGuard
 from moetrain.train.rundir import RunDirError, RunDirLock, preflight
 from moetrain.train.trainer import Trainer
 from moetrain.train.weights import load_model_weights
@@ -136,6 +136,20 @@ def test_nonfinite_step_is_not_applied_then_stops_or_skips(tmp_path):
     poison_step(tr, 4)
     with pytest.raises(NonFiniteError, match="after 1 skipped steps"):
         tr.train_step(tr.loader.next_batch())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_the_guard_stops_on_inf_as_on_nan(bad):
+    """Catches a guard testing ``~isnan`` instead of ``isfinite``: an overflowed (inf) loss or gradient norm
+    would pass and AdamW would write inf / NaN into every weight."""
+    for quantity in ("loss", "gradient norm"):
+        values = {"loss": torch.tensor(2.5), "gradient norm": torch.tensor(1.0), quantity: torch.tensor(bad)}
+        with pytest.raises(NonFiniteError, match=rf"^step 7: non-finite {quantity} {bad:g}; the update was not"):
+            NonFiniteGuard("stop", 0, verbose=False).check(7, values)
+        skip = NonFiniteGuard("skip", 1, verbose=False)
+        assert skip.check(7, values) is False and skip.skipped == 1
+    assert NonFiniteGuard("stop", 0).check(7, {"loss": torch.tensor(2.5), "gradient norm": torch.tensor(1e30)})
 
 
 @pytest.mark.unit

@@ -1,0 +1,416 @@
+"""The bugs ``scripts/mutation_check.py`` plants, one per entry, and the tests that must catch each.
+
+An edit is ``(file, old text, new text)``; the old text (the anchor) must occur exactly once in the file
+as the earlier edits of the same mutation left it. ``fast``: its tests are unit tests of a few seconds
+(``--sample`` draws from these for CI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    package: str
+    bug: str
+    edits: tuple[tuple[str, str, str], ...]
+    tests: tuple[str, ...]
+    """Test files or node ids (``file::test``) run against the mutated copy."""
+    fast: bool = False
+
+
+def _m(name: str, package: str, bug: str, edits: list[tuple[str, str, str]], *tests: str, fast: bool = False):
+    return Mutation(name, package, bug, tuple(edits), tests, fast)
+
+
+DATA_SCALE = "tests/test_data_scale.py::"
+FSDP = "tests/test_fsdp.py::"
+
+MUTATIONS: list[Mutation] = [
+    # ------------------------------------------------------------------ moe: balance losses, routing, capacity
+    _m(
+        "balance_detached_p",
+        "moe",
+        "P_i detached in every f*P balance loss (values unchanged, no gradient to the router)",
+        [("moetrain/moe/layer.py", "p_N = s_TN.mean(0)", "p_N = s_TN.detach().mean(0)")],
+        "tests/test_balance_grads.py",
+        fast=True,
+    ),
+    _m(
+        "seq_loss_over_tokens",
+        "moe",
+        "sequence-wise loss computed over all tokens of the micro-batch instead of averaged per sequence",
+        [
+            (
+                "moetrain/moe/balance.py",
+                "    _, S, N = norm_scores_BSN.shape\n"
+                "    f_BN = counts_BN.detach().float() * N / (top_k * S)\n"
+                "    return (f_BN * norm_scores_BSN.mean(dim=1)).sum(dim=-1).mean()",
+                "    B, S, N = norm_scores_BSN.shape\n"
+                "    f_N = counts_BN.detach().float().sum(0) * N / (top_k * S * B)\n"
+                "    return (f_N * norm_scores_BSN.mean(dim=(0, 1))).sum()",
+            )
+        ],
+        "tests/test_balance_grads.py",
+        fast=True,
+    ),
+    _m(
+        "global_scope_ignored",
+        "moe",
+        "balance.scope=global: the layer keeps its micro-batch selection counts instead of the step's",
+        [
+            (
+                "moetrain/moe/layer.py",
+                'counts_f = g["expert"] if g is not None else sel_counts_N',
+                "counts_f = sel_counts_N",
+            )
+        ],
+        "tests/test_balance_grads.py",
+        fast=True,
+    ),
+    _m(
+        "sigmoid_p_unnormalised",
+        "moe",
+        "sigmoid affinities enter P_i without the per-token normalisation (DeepSeek-V3 eq. 19)",
+        [("moetrain/moe/layer.py", "s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)", "s_TN = s_TN * 1.0")],
+        "tests/test_balance_grads.py",
+        fast=True,
+    ),
+    _m(
+        "comm_loss_uses_k_for_m",
+        "moe",
+        "communication loss divides by K instead of the device limit M",
+        [("moetrain/moe/layer.py", "m = self.cfg.router.topk_groups or min(K, G)", "m = K")],
+        "tests/test_balance_grads.py",
+        fast=True,
+    ),
+    _m(
+        "capacity_off_by_one",
+        "moe",
+        "per-expert capacity keeps C + 1 assignments",
+        [
+            (
+                "moetrain/moe/capacity.py",
+                "return keep_TK & (rank_A < cap).view_as(keep_TK)",
+                "return keep_TK & (rank_A <= cap).view_as(keep_TK)",
+            )
+        ],
+        "tests/test_capacity_reference.py",
+        fast=True,
+    ),
+    _m(
+        "drop_by_position",
+        "moe",
+        "capacity drops by position (first come, first kept) instead of by affinity",
+        [
+            (
+                "moetrain/moe/capacity.py",
+                "p_A = priority_TK.detach().reshape(-1).double().masked_fill(",
+                "p_A = torch.zeros(priority_TK.numel(), dtype=torch.float64).masked_fill(",
+            )
+        ],
+        "tests/test_capacity_reference.py",
+        fast=True,
+    ),
+    _m(
+        "device_drop_keeps_lowest",
+        "moe",
+        "device-level dropping keeps the lowest-affinity assignments of an over-budget device",
+        [
+            (
+                "moetrain/moe/capacity.py",
+                "kept_TK = capacity_keep(group_TK, priority_TK, keep_TK, num_groups, int(budget))",
+                "kept_TK = capacity_keep(group_TK, -priority_TK, keep_TK, num_groups, int(budget))",
+            )
+        ],
+        "tests/test_capacity_reference.py",
+    ),
+    _m(
+        "group_score_sum_not_max",
+        "moe",
+        "DeepSeek-V2 device-limited routing scores a group by the sum of its affinities, not its best one",
+        [("moetrain/moe/routing.py", "group_TG = grouped_TGE.amax(dim=-1)", "group_TG = grouped_TGE.sum(dim=-1)")],
+        "tests/test_never_run.py",
+    ),
+    _m(
+        "ac_rng_not_preserved",
+        "moe",
+        "activation checkpointing recomputes noisy routing with fresh noise",
+        [("moetrain/model/apply.py", "preserve_rng_state=True", "preserve_rng_state=False")],
+        "tests/test_never_run.py",
+    ),
+    # ------------------------------------------------------------------ parallel: EP sync, FSDP, buckets, overlap
+    _m(
+        "ep_grad_scale",
+        "parallel",
+        "expert gradients averaged over the expert-data-parallel group (1/EDP) instead of 1/W",
+        [
+            (
+                "moetrain/parallel/grad_sync.py",
+                "_flat_all_reduce(expert_grads, pc.edp_group, 1.0 / pc.world_size)",
+                "_flat_all_reduce(expert_grads, pc.edp_group, 1.0 / pc.edp_size)",
+            )
+        ],
+        "tests/test_ep_skew.py",
+    ),
+    _m(
+        "clip_skips_experts",
+        "parallel",
+        "clipping scales the dense gradients only (the norm is right, expert gradients stay unclipped)",
+        [
+            (
+                "moetrain/parallel/grad_sync.py",
+                "every = [p.grad for p in dense + experts if p.grad is not None] + sharded",
+                "every = [p.grad for p in dense if p.grad is not None] + sharded",
+            )
+        ],
+        "tests/test_ep_skew.py",
+    ),
+    _m(
+        "fsdp_reduce_in_bf16",
+        "parallel",
+        "FSDP gradients reduced in bf16 under the bf16 policy (reduce_dtype = param_dtype)",
+        [
+            (
+                "moetrain/parallel/fsdp.py",
+                "MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)",
+                "MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype)",
+            )
+        ],
+        FSDP + "test_fsdp_bf16_policy_gathers_bf16_keeps_the_router_fp32_and_reduces_in_fp32",
+    ),
+    _m(
+        "fsdp_expert_divide_by_ep",
+        "parallel",
+        "FSDP's expert units divide their EDP sum by the EP size instead of W (a sum at EP=1)",
+        [
+            (
+                "moetrain/parallel/fsdp.py",
+                "experts.set_gradient_divide_factor(float(pc.world_size))",
+                "experts.set_gradient_divide_factor(float(pc.ep_size))",
+            )
+        ],
+        FSDP + "test_fsdp_steps_equal_the_replicated_run[2-ep1]",
+    ),
+    _m(
+        "grad_buckets_unsorted",
+        "parallel",
+        "gradient buckets left in closing order, not sorted by first parameter (a bucket waits behind later ones)",
+        [("moetrain/parallel/grad_buckets.py", "return sorted(out, key=lambda b: first[id(b)])", "return out")],
+        "tests/test_grad_buckets.py::test_buckets_follow_backward_order_and_never_mix_groups_or_dtypes",
+        fast=True,
+    ),
+    _m(
+        "overlap_shared_detached",
+        "parallel",
+        "the shared experts overlapped with the all-to-alls get no gradient (their output detached)",
+        [
+            (
+                "moetrain/parallel/all_to_all.py",
+                "return Combined(y_TD, d.comm, d.keep_A, side_TD)",
+                "return Combined(y_TD, d.comm, d.keep_A, side_TD.detach())",
+            )
+        ],
+        "tests/test_overlap.py::test_overlapped_shared_experts_give_bitwise_the_sequential_output_and_gradients",
+    ),
+    _m(
+        "meta_init_drops_doc_eos",
+        "parallel",
+        "the meta-device build drops doc_eos, so the trainer never masks documents",
+        [
+            (
+                "moetrain/parallel/meta_init.py",
+                "num_groups, doc_eos, skip_init=True)",
+                "num_groups, None, skip_init=True)",
+            )
+        ],
+        DATA_SCALE + "test_trainer_masks_documents_when_doc_mask_is_on",
+    ),
+    # ------------------------------------------------------------------ train: checkpoints, guards, console, metrics
+    _m(
+        "reshard_swapped_expert_moments",
+        "train",
+        "AdamW moments of a rank's local experts restored in reverse expert order",
+        [
+            (
+                "moetrain/train/checkpoint/entries.py",
+                "for i in range(rows.shape[0])]\n                    src = torch.stack(parts)",
+                "for i in reversed(range(rows.shape[0]))]\n                    src = torch.stack(parts)",
+            )
+        ],
+        "tests/test_reshard_continue.py",
+    ),
+    _m(
+        "reshard_local_expert_index",
+        "train",
+        "expert rows keyed in reverse local order in checkpoints (same-EP resume still exact)",
+        [
+            (
+                "moetrain/train/checkpoint/entries.py",
+                'out[f"{prefix}.{lay.offset + first + i}{suffix}"] = rows[i]',
+                'out[f"{prefix}.{lay.offset + first + i}{suffix}"] = rows[rows.shape[0] - 1 - i]',
+            )
+        ],
+        "tests/test_reshard_continue.py",
+    ),
+    _m(
+        "checkpoint_verifies_share_0",
+        "train",
+        "every rank verifies checksum share 0 on load (rank 1's files never checked)",
+        [
+            (
+                "moetrain/train/checkpoint/manager.py",
+                "verify_checkpoint(path, meta, self.pc.rank, self.pc.world_size,",
+                "verify_checkpoint(path, meta, 0, self.pc.world_size,",
+            )
+        ],
+        "tests/test_fsdp_checkpoint.py::test_bad_checkpoint_into_fsdp_fails_with_one_line_and_touches_nothing",
+    ),
+    _m(
+        "loss_free_load_not_all_reduced",
+        "train",
+        "loss-free bias updated from this rank's load instead of the all-reduced one",
+        [
+            (
+                "moetrain/train/trainer.py",
+                "reduced = self.forward_backward(global_batch).reduce(",
+                "rec = self.forward_backward(global_batch)\n        reduced = rec.reduce(",
+            ),
+            (
+                "moetrain/train/trainer.py",
+                'layer.router.update_bias(reduced.tensor(f"moe/layer_{i}/load"))',
+                'layer.router.update_bias(rec.values[f"moe/layer_{i}/load"])',
+            ),
+        ],
+        "tests/test_reshard_continue.py",
+    ),
+    _m(
+        "deterministic_flag_noop",
+        "train",
+        "trainer.deterministic=true leaves deterministic algorithms off",
+        [
+            (
+                "moetrain/train/trainer.py",
+                "torch.use_deterministic_algorithms(True)",
+                "torch.use_deterministic_algorithms(False)",
+            )
+        ],
+        "tests/test_determinism.py",
+    ),
+    _m(
+        "guard_misses_inf",
+        "train",
+        "the non-finite guard tests ~isnan instead of isfinite (an inf loss or norm passes)",
+        [
+            (
+                "moetrain/train/guards.py",
+                "flags = torch.stack([torch.isfinite(t.detach().float()).all() for t in parts.values()])",
+                "flags = torch.stack([(~torch.isnan(t.detach().float())).all() for t in parts.values()])",
+            )
+        ],
+        "tests/test_reliability.py::test_the_guard_stops_on_inf_as_on_nan",
+        fast=True,
+    ),
+    _m(
+        "console_log_truncated_on_resume",
+        "train",
+        'train.log opened with mode "w" (a resume erases the earlier lines)',
+        [
+            (
+                "moetrain/train/console.py",
+                'logging.FileHandler(run_dir / "train.log", encoding="utf-8")',
+                'logging.FileHandler(run_dir / "train.log", mode="w", encoding="utf-8")',
+            )
+        ],
+        "tests/test_console.py::test_train_log_keeps_the_lines_of_the_run_it_resumes",
+    ),
+    _m(
+        "devices_per_token_summed",
+        "train",
+        "devices_per_token reduced as a sum across micro-batches and ranks instead of a mean",
+        [
+            (
+                "moetrain/train/moe_metrics.py",
+                '                rec.record(f"{p}/{name}", value, "mean")\n        if s.comm',
+                '                rec.record(f"{p}/{name}", value, "sum" if name == "devices_per_token" else "mean")\n'
+                "        if s.comm",
+            )
+        ],
+        "tests/test_metrics.py::test_per_token_means_stay_means_over_micro_batches",
+        fast=True,
+    ),
+    # ------------------------------------------------------------------ data: shards, mixtures, document masking
+    _m(
+        "shard_index_offset_lost",
+        "data",
+        "a shard's document index loses its running token offset (a shard spanning two batches)",
+        [
+            (
+                "moetrain/data/shards.py",
+                "self.ends.append(ends[first : stop_doc + 1] - start + self.tokens)",
+                "self.ends.append(ends[first : stop_doc + 1] - start)",
+            )
+        ],
+        DATA_SCALE + "test_shards_hold_whole_documents_and_the_index_marks_them",
+        fast=True,
+    ),
+    _m(
+        "mixture_metrics_last_batch",
+        "data",
+        "realised mixture proportions taken from the last batch only",
+        [
+            (
+                "moetrain/data/sampling.py",
+                "        choice = mixture_choices(self.weights, self.counts, self.global_batch_size)\n",
+                "        choice = mixture_choices(self.weights, self.counts, self.global_batch_size)\n"
+                "        self.last_counts = np.bincount(choice, minlength=len(self.names))\n",
+            ),
+            (
+                "moetrain/data/sampling.py",
+                "        total = max(int(self.counts.sum()), 1)\n"
+                '        return {f"data/source/{n}": float(c) / total for n, c in zip(self.names, self.counts)}',
+                "        total = max(int(self.last_counts.sum()), 1)\n"
+                '        return {f"data/source/{n}": float(c) / total for n, c in zip(self.names, self.last_counts)}',
+            ),
+        ],
+        DATA_SCALE + "test_mixture_metrics_are_the_cumulative_proportions_not_the_last_batchs",
+        fast=True,
+    ),
+    _m(
+        "doc_ids_eos_starts_document",
+        "data",
+        "document masking puts each EOS in the next document instead of the one it ends",
+        [
+            (
+                "moetrain/model/layers.py",
+                "return torch.cumsum(is_eos, dim=1) - is_eos",
+                "return torch.cumsum(is_eos, dim=1)",
+            )
+        ],
+        DATA_SCALE + "test_document_ids_start_after_each_eos",
+        fast=True,
+    ),
+    # ------------------------------------------------------------------ hf: transformers export
+    _m(
+        "hf_export_fixed_rope_theta",
+        "hf",
+        "HF export writes a fixed rope_theta (10000) instead of model.rope_theta",
+        [
+            (
+                "moetrain/hf/mapping.py",
+                '"rope_theta": m.rope_theta,\n        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},',
+                '"rope_theta": 10000.0,\n        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},',
+            )
+        ],
+        "tests/test_hf_interop.py::test_qwen_moe_imports_and_exports_with_equal_logits",
+    ),
+    _m(
+        "hf_export_fixed_norm_eps",
+        "hf",
+        "HF export writes transformers' default rms_norm_eps instead of model.norm_eps",
+        [("moetrain/hf/mapping.py", '"rms_norm_eps": m.norm_eps,', '"rms_norm_eps": 1e-6,')],
+        "tests/test_hf_interop.py::test_qwen_moe_imports_and_exports_with_equal_logits",
+    ),
+]

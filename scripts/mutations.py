@@ -175,8 +175,8 @@ MUTATIONS: list[Mutation] = [
         [
             (
                 "moetrain/parallel/fsdp.py",
-                "MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)",
-                "MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype)",
+                "MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)",
+                "MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype, cast_forward_inputs=False)",
             )
         ],
         FSDP + "test_fsdp_bf16_policy_gathers_bf16_keeps_the_router_fp32_and_reduces_in_fp32",

@@ -183,14 +183,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
 
     hf_path, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
     check_import_target(out)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # its load report is many lines; check_loading_info says it in one
-    try:
-        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(hf_path), dtype=torch.float32, output_loading_info=True
-        )
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    # its load report (many lines) is kept off the terminal by the CLI (import_hf_reported), which reads the
+    # mismatch table from it when the load fails; check_loading_info says what does not map in one line
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(hf_path), dtype=torch.float32, output_loading_info=True
+    )
     check_loading_info(hf_path, info)
     cfg, state = from_hf_state(hf_model.state_dict(), hf_model.config)
     cfg.data.seq_len = seq_len or min(int(hf_model.config.max_position_embeddings), 4096)

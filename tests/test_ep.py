@@ -615,7 +615,7 @@ def test_kept_after_dispatch():
 
 @pytest.mark.parity
 def test_balance_losses_equal_for_one_process_accumulation_and_ep2_x_dp2(results):
-    """The matrix of DESIGN.md's correctness bar: every global-scope balance loss (expert, device, comm, seq, z),
+    """The DP-invariance matrix (docs/parallelism.md): every global-scope balance loss (expert, device, comm, seq, z),
     its gradient and the loss-free bias update: EP=2 x DP=2, with and without FSDP, = one process with
     accumulation 1 / 2 / 4."""
     reports = results("ep2xdp2", "balance_matrix")

@@ -1,7 +1,7 @@
 """Packed sequences, the world-size-independent global batch loader, and per-rank slicing.
 
 The global batch of step s is the same sequences in the same order whatever the
-world size (DESIGN.md, "Parallel layout"): :class:`GlobalBatchLoader` yields whole
+world size (docs/parallelism.md, "Layout"): :class:`GlobalBatchLoader` yields whole
 global batches from a seeded per-epoch permutation, and each rank takes a fixed
 contiguous slice of it with :func:`rank_slice`, then splits that into
 micro-batches with :func:`split_micro_batches`. Resuming needs only

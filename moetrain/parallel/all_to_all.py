@@ -137,7 +137,7 @@ class AllToAllDispatcher(Dispatcher):
     META_BYTES`` — the dispatch payload, its metadata, and the combine rows this
     rank returns.
 
-    Receive budget (``max_recv_factor``, DESIGN.md "Parallel layout"): after the
+    Receive budget (``max_recv_factor``, docs/parallelism.md "Receive budget"): after the
     count exchange an all-reduce of the per-destination assignment counts gives
     every rank the expert rows each EP rank would receive. Over
     ``floor(factor * total / ep)`` the forward either raises

@@ -4,7 +4,7 @@ One process (``python``) gives a context of world size 1 whose collectives are
 no-ops; under ``torchrun`` the default process group is initialised from the
 environment (env:// rendezvous, one or many nodes).
 
-Layout (DESIGN.md, "Parallel layout"), W ranks and expert-parallel size ``ep``:
+Layout (docs/parallelism.md), W ranks and expert-parallel size ``ep``:
 
 - data parallel (DP): all W ranks (the default group); every rank reads its own
   slice of the global batch.

@@ -12,7 +12,7 @@ The context's mesh (:attr:`~moetrain.parallel.context.ParallelContext.mesh`) has
   ``fully_shard`` unit over ``"edp"``, the W / ep ranks holding the same experts, sharded on the stacked expert
   dimension. Their local gradient already sums the EP group's tokens (the all-to-all's backward), so the
   reduction over ``"edp"`` must be a sum divided by W, not the mean over ``"edp"``
-  (``set_gradient_divide_factor(W)``, DESIGN.md "Parallel layout"). With ``ep == W`` ("edp" of size 1) they stay
+  (``set_gradient_divide_factor(W)``, docs/parallelism.md "Gradient scaling"). With ``ep == W`` ("edp" of size 1) they stay
   plain tensors, left out of the blocks' units.
 
 :func:`~moetrain.parallel.grad_sync.clip_grad_norm` sums the DTensor shards' squares over all ranks; the

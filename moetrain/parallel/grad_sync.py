@@ -1,6 +1,6 @@
 """Gradient synchronisation and clipping for data x expert parallelism.
 
-Scaling (DESIGN.md, "Parallel layout"). Each rank r's loss L_r is the mean
+Scaling (docs/parallelism.md, "Gradient scaling"). Each rank r's loss L_r is the mean
 over its own tokens (its micro-batches' mean losses, averaged); the loss of
 the step is the mean over ranks, L = (1/W) sum_r L_r. So dL/dtheta =
 (1/W) sum_r dL_r/dtheta:

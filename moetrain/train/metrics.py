@@ -6,7 +6,7 @@ sums, ...); :meth:`MetricRecorder.reduce` then combines micro-batches and ranks
 with one all-reduce per (operation, dtype), on the device, with no host sync.
 The values become Python numbers only when a step is logged
 (:meth:`ReducedMetrics.host`). Every logged number is thus a property of the
-step's global batch (DESIGN.md, "Parallel layout").
+step's global batch (docs/parallelism.md, "Layout").
 
 Reductions, over every value recorded under one name on every rank:
 

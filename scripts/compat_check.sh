@@ -8,7 +8,7 @@
 # PyPI's Linux wheels of torch are CUDA builds: the first run downloads about 3 GB (torch and the nvidia-*
 # libraries) and the venv takes about 6 GB; later runs reuse the venv. The floor is the version the suite
 # passed on last (the GPU machine's own torch); it is not part of CI, which runs the pinned torch of
-# scripts/setup.sh. Numbers: README.md, "Supported torch versions".
+# scripts/setup.sh. Numbers: docs/performance.md, "Supported torch versions".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 floor=$(sed -nE 's/^ *"torch>=([0-9.]+)".*/\1/p' pyproject.toml | head -n 1)

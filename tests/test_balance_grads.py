@@ -4,7 +4,7 @@ The value tests in ``test_balance.py`` cannot see a detached factor: ``p_N =
 scores.detach().mean(0)`` leaves every value unchanged and only kills the
 gradient (the bug Megatron-LM and torchtitan shipped in their aux losses). Here
 each loss is rebuilt from ``F.linear(x, W)`` and the paper's formula with
-per-expert / per-token loops (README "Routing and balancing strategies"), and its gradient
+per-expert / per-token loops (docs/routing.md), and its gradient
 w.r.t. the router weight must equal the layer's and be non-zero.
 """
 

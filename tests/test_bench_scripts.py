@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end at tiny sizes (``scripts/gpu_check.sh`` and the README's numbers depend on
+"""The benchmark scripts run end to end at tiny sizes (``scripts/gpu_check.sh`` and the numbers in docs/performance.md depend on
 them; one once broke silently when ``train_step`` began returning a ``StepOutput``): each prints its table, and
 the two trainers it compares reach the same loss where they train the same model."""
 

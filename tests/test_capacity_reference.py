@@ -1,6 +1,6 @@
 """Capacity dropping against an independent rule, outputs and every gradient.
 
-Reference (README "Routing and balancing strategies", capacity): per expert, C = ceil(f T K / N) and the C
+Reference (docs/routing.md, capacity): per expert, C = ceil(f T K / N) and the C
 assignments with the highest affinity s_{i,t} are kept (GShard; Switch eq. 3);
 then, with DeepSeek-V2 device-level dropping, each of the D device groups keeps
 at most ceil(f_dev * A / D) of the A surviving assignments, again the

@@ -1,4 +1,4 @@
-"""``moetrain-train --help`` and the README's key reference come from the config dataclasses."""
+"""``moetrain-train --help`` and the key reference in docs/configuration.md come from the config dataclasses."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def test_help_with_a_bad_override_is_one_line(capsys):
 
 @pytest.mark.unit
 def test_readme_key_reference_is_the_generated_one():
-    """Regenerate with: python -m moetrain.config_docs --write README.md"""
-    readme = (REPO / "README.md").read_text()
+    """Regenerate with: python -m moetrain.config_docs --write docs/configuration.md"""
+    readme = (REPO / "docs" / "configuration.md").read_text()
     assert BEGIN in readme and END in readme
     current = readme[readme.index(BEGIN) : readme.index(END) + len(END)]
     assert current == readme_reference(composed_defaults())

@@ -1,4 +1,4 @@
-"""One line, never a traceback (README "What moetrain guarantees"), for the cases issue 27 found: float
+"""One line, never a traceback (docs/checkpoints.md, "What moetrain guarantees"), for the cases issue 27 found: float
 values outside float32 and thread counts beyond the machine, tools' arguments out of range, a
 transformers folder that does not load, bad lines of ``metrics.jsonl``, a failed sweep job. Each test
 names the behaviour of the code before the fix that it catches."""

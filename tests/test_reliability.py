@@ -1,4 +1,4 @@
-"""Reliability guarantees (README "What moetrain guarantees"): non-finite steps, safe loading, the run-dir
+"""Reliability guarantees (docs/checkpoints.md, "What moetrain guarantees"): non-finite steps, safe loading, the run-dir
 lock, config checks on resume, checksums, preemption. Each test fails on a trainer without the guarantee."""
 
 from __future__ import annotations

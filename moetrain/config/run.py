@@ -133,7 +133,7 @@ class TrainerConfig:
     """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
     resume_allow_changes: list[str] = field(default_factory=list)
     """Config keys (``optim.lr``) or whole sections (``optim``) a resume may change; any other change of a
-    key that shapes the run (model, routing, data, batch, optimizer, seed) is refused. See the README."""
+    key that shapes the run (model, routing, data, batch, optimizer, seed) is refused. See docs/checkpoints.md."""
     nonfinite: str = "stop"
     """A non-finite loss or gradient norm: ``stop`` (the update is not applied; the run ends with one line)
     or ``skip`` (the update is not applied; training goes on, at most ``nonfinite_max_skips`` times)."""
@@ -243,7 +243,7 @@ class EngineConfig:
     overlap_comm: bool = False
     """ZeRO: overlap the gradient reduction with the backward."""
     config_json: str | None = None
-    """A DeepSpeed JSON file merged over the generated config (its keys win); see the README "Engines" section."""
+    """A DeepSpeed JSON file merged over the generated config (its keys win); see the docs/engines.md."""
 
 
 @dataclass

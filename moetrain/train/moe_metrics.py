@@ -1,4 +1,4 @@
-"""The MoE layers' statistics as recorded metrics, and the logged keys (README "Metrics") derived from their reduced values.
+"""The MoE layers' statistics as recorded metrics, and the logged keys (docs/metrics.md) derived from their reduced values.
 
 :func:`record_moe` records one forward's :class:`~moetrain.moe.layer.MoEStats`
 per layer under raw names (loads and counts as sums, per-token means as means);
@@ -56,7 +56,7 @@ def stacked_loads(reduced: ReducedMetrics, layers: list[int], prefix: str = "moe
 def moe_log_metrics(
     reduced: ReducedMetrics, host: dict[str, Any], layers: list[int], groups: dict[int, int]
 ) -> dict[str, Any]:
-    """The logged keys (README "Metrics") of a training step (``host`` = ``reduced.host()``)."""
+    """The logged keys (docs/metrics.md) of a training step (``host`` = ``reduced.host()``)."""
     load_LN = stacked_loads(reduced, layers)
     if load_LN is None:
         return {}

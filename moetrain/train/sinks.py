@@ -1,6 +1,6 @@
 """Metric sinks: every logged event goes to ``metrics.jsonl``, W&B and the console alike.
 
-Only rank 0 builds sinks. Each sink gets the same flat dict of the README "Metrics"
+Only rank 0 builds sinks. Each sink gets the same flat dict of the docs/metrics.md
 keys (``train/loss``, ``moe/layer_{i}/load``, ...); values are floats or lists.
 The console and ``train.log`` lines are :class:`moetrain.train.console.LogSink`'s.
 To add a sink, implement :class:`MetricSink` and open it in ``Trainer._open_sinks``.
@@ -59,7 +59,7 @@ def wandb_mode(cfg: WandbConfig) -> str:
 class WandbSink:
     """Logs to Weights & Biases; offline runs land in ``RUN_DIR/wandb`` for ``wandb sync``.
 
-    Per-expert loads are logged as lists under their README "Metrics" keys and, for a
+    Per-expert loads are logged as lists under their docs/metrics.md keys and, for a
     person to read at a glance, as one heatmap per log step of every MoE layer's load
     (``moe/load_by_layer``, :func:`load_pictures`).
     """

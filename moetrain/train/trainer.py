@@ -252,7 +252,7 @@ class Trainer:
         return None
 
     def step_metrics(self, out: StepOutput, tokens_per_sec: float) -> dict[str, Any]:
-        """The logged keys of a training step (README "Metrics"): one device-to-host copy."""
+        """The logged keys of a training step (docs/metrics.md): one device-to-host copy."""
         host = out.reduced.host()
         groups = {i: layer.num_groups for i, layer in self.moe_layers.items()}
         return {

@@ -3,7 +3,7 @@
 #   0. prerequisites, each missing one named in one line before anything runs: the GPU, torch, triton, numpy,
 #      PyYAML, pytest, a C compiler and the Python headers (Triton builds its launcher with them at the first
 #      kernel launch), 2 GB free for the Triton / inductor caches;
-#   1. the CUDA tests (tests/test_cuda.py: bf16/fp32 parity, Triton and grouped_mm backends, no host sync in a
+#   1. the CUDA tests (tests/moe/test_cuda.py: bf16/fp32 parity, Triton and grouped_mm backends, no host sync in a
 #      dropless step, regional compile vs eager);
 #   2. scripts/bench_moe.py at the GPU issue's shapes (with the primitives and a kernel profile);
 #   3. scripts/bench_train.py: MoE vs its dense twin at model=small (eager, then compiled).
@@ -59,7 +59,7 @@ else
   steps=(--steps 20 --warmup 3 --block 5)
 fi
 
-part 110 "CUDA tests" "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+part 110 "CUDA tests" "$py" -m pytest -q -rs -p no:cacheprovider tests/moe/test_cuda.py
 part 120 "one MoE layer: bench_moe" "$py" scripts/bench_moe.py "${moe_args[@]}"
 part 80 "end to end: bench_train (eager)" "$py" scripts/bench_train.py "${steps[@]}" -- "${model[@]}"
 part 120 "end to end: bench_train (trainer.compile)" "$py" scripts/bench_train.py --compile "${steps[@]}" -- "${model[@]}"

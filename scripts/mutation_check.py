@@ -13,7 +13,7 @@ reports failures (exit status 1).
 Every mutation's anchor (the text it replaces, which must occur exactly once,
 edits applied in order) and its test files are checked before anything runs:
 a source change that moves an anchor fails the script at its start, listing
-every stale mutation, instead of rotting silently. ``tests/test_mutation_check.py``
+every stale mutation, instead of rotting silently. ``tests/scripts/test_mutation_check.py``
 runs that check in CI (``--anchors-only``) and one sampled fast mutation.
 
     python scripts/mutation_check.py                  # every mutation, then a summary table

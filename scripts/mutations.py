@@ -25,8 +25,8 @@ def _m(name: str, package: str, bug: str, edits: list[tuple[str, str, str]], *te
     return Mutation(name, package, bug, tuple(edits), tests, fast)
 
 
-DATA_SCALE = "tests/test_data_scale.py::"
-FSDP = "tests/test_fsdp.py::"
+DATA_SCALE = "tests/data/test_shards_and_mixtures.py::"
+FSDP = "tests/parallel/test_fsdp.py::"
 
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------ moe: balance losses, routing, capacity
@@ -35,7 +35,7 @@ MUTATIONS: list[Mutation] = [
         "moe",
         "P_i detached in every f*P balance loss (values unchanged, no gradient to the router)",
         [("moetrain/moe/layer.py", "p_N = s_TN.mean(0)", "p_N = s_TN.detach().mean(0)")],
-        "tests/test_balance_grads.py",
+        "tests/moe/test_balance_grads.py",
         fast=True,
     ),
     _m(
@@ -53,7 +53,7 @@ MUTATIONS: list[Mutation] = [
                 "    return (f_N * norm_scores_BSN.mean(dim=(0, 1))).sum()",
             )
         ],
-        "tests/test_balance_grads.py",
+        "tests/moe/test_balance_grads.py",
         fast=True,
     ),
     _m(
@@ -67,7 +67,7 @@ MUTATIONS: list[Mutation] = [
                 "counts_f = sel_counts_N",
             )
         ],
-        "tests/test_balance_grads.py",
+        "tests/moe/test_balance_grads.py",
         fast=True,
     ),
     _m(
@@ -75,7 +75,7 @@ MUTATIONS: list[Mutation] = [
         "moe",
         "sigmoid affinities enter P_i without the per-token normalisation (DeepSeek-V3 eq. 19)",
         [("moetrain/moe/layer.py", "s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)", "s_TN = s_TN * 1.0")],
-        "tests/test_balance_grads.py",
+        "tests/moe/test_balance_grads.py",
         fast=True,
     ),
     _m(
@@ -83,7 +83,7 @@ MUTATIONS: list[Mutation] = [
         "moe",
         "communication loss divides by K instead of the device limit M",
         [("moetrain/moe/layer.py", "m = self.cfg.router.topk_groups or min(K, G)", "m = K")],
-        "tests/test_balance_grads.py",
+        "tests/moe/test_balance_grads.py",
         fast=True,
     ),
     _m(
@@ -97,7 +97,7 @@ MUTATIONS: list[Mutation] = [
                 "return keep_TK & (rank_A <= cap).view_as(keep_TK)",
             )
         ],
-        "tests/test_capacity_reference.py",
+        "tests/moe/test_capacity_reference.py",
         fast=True,
     ),
     _m(
@@ -111,7 +111,7 @@ MUTATIONS: list[Mutation] = [
                 "p_A = torch.zeros(priority_TK.numel(), dtype=torch.float64).masked_fill(",
             )
         ],
-        "tests/test_capacity_reference.py",
+        "tests/moe/test_capacity_reference.py",
         fast=True,
     ),
     _m(
@@ -125,21 +125,21 @@ MUTATIONS: list[Mutation] = [
                 "kept_TK = capacity_keep(group_TK, -priority_TK, keep_TK, num_groups, int(budget))",
             )
         ],
-        "tests/test_capacity_reference.py",
+        "tests/moe/test_capacity_reference.py",
     ),
     _m(
         "group_score_sum_not_max",
         "moe",
         "DeepSeek-V2 device-limited routing scores a group by the sum of its affinities, not its best one",
         [("moetrain/moe/routing.py", "group_TG = grouped_TGE.amax(dim=-1)", "group_TG = grouped_TGE.sum(dim=-1)")],
-        "tests/test_never_run.py",
+        "tests/moe/test_checkpointed_and_grouped_routing.py",
     ),
     _m(
         "ac_rng_not_preserved",
         "moe",
         "activation checkpointing recomputes noisy routing with fresh noise",
         [("moetrain/model/apply.py", "preserve_rng_state=True", "preserve_rng_state=False")],
-        "tests/test_never_run.py",
+        "tests/moe/test_checkpointed_and_grouped_routing.py",
     ),
     # ------------------------------------------------------------------ parallel: EP sync, FSDP, buckets, overlap
     _m(
@@ -153,7 +153,7 @@ MUTATIONS: list[Mutation] = [
                 "_flat_all_reduce(expert_grads, pc.edp_group, 1.0 / pc.edp_size)",
             )
         ],
-        "tests/test_ep_skew.py",
+        "tests/parallel/test_ep_skew.py",
     ),
     _m(
         "clip_skips_experts",
@@ -166,7 +166,7 @@ MUTATIONS: list[Mutation] = [
                 "every = [p.grad for p in dense if p.grad is not None] + sharded",
             )
         ],
-        "tests/test_ep_skew.py",
+        "tests/parallel/test_ep_skew.py",
     ),
     _m(
         "fsdp_reduce_in_bf16",
@@ -199,7 +199,7 @@ MUTATIONS: list[Mutation] = [
         "parallel",
         "gradient buckets left in closing order, not sorted by first parameter (a bucket waits behind later ones)",
         [("moetrain/parallel/grad_buckets.py", "return sorted(out, key=lambda b: first[id(b)])", "return out")],
-        "tests/test_grad_buckets.py::test_buckets_follow_backward_order_and_never_mix_groups_or_dtypes",
+        "tests/parallel/test_grad_buckets.py::test_buckets_follow_backward_order_and_never_mix_groups_or_dtypes",
         fast=True,
     ),
     _m(
@@ -213,7 +213,7 @@ MUTATIONS: list[Mutation] = [
                 "return Combined(y_TD, d.comm, d.keep_A, side_TD.detach())",
             )
         ],
-        "tests/test_overlap.py::test_overlapped_shared_experts_give_bitwise_the_sequential_output_and_gradients",
+        "tests/parallel/test_overlap.py::test_overlapped_shared_experts_give_bitwise_the_sequential_output_and_gradients",
     ),
     _m(
         "meta_init_drops_doc_eos",
@@ -240,7 +240,7 @@ MUTATIONS: list[Mutation] = [
                 "for i in reversed(range(rows.shape[0]))]\n                    src = torch.stack(parts)",
             )
         ],
-        "tests/test_reshard_continue.py",
+        "tests/train/checkpoint/test_reshard_continue.py",
     ),
     _m(
         "reshard_local_expert_index",
@@ -253,7 +253,7 @@ MUTATIONS: list[Mutation] = [
                 'out[f"{prefix}.{lay.offset + first + i}{suffix}"] = rows[rows.shape[0] - 1 - i]',
             )
         ],
-        "tests/test_reshard_continue.py",
+        "tests/train/checkpoint/test_reshard_continue.py",
     ),
     _m(
         "checkpoint_verifies_share_0",
@@ -266,7 +266,7 @@ MUTATIONS: list[Mutation] = [
                 "verify_checkpoint(path, meta, 0, self.pc.world_size,",
             )
         ],
-        "tests/test_fsdp_checkpoint.py::test_bad_checkpoint_into_fsdp_fails_with_one_line_and_touches_nothing",
+        "tests/train/checkpoint/test_fsdp_checkpoint.py::test_bad_checkpoint_into_fsdp_fails_with_one_line_and_touches_nothing",
     ),
     _m(
         "loss_free_load_not_all_reduced",
@@ -284,7 +284,7 @@ MUTATIONS: list[Mutation] = [
                 'layer.router.update_bias(rec.values[f"moe/layer_{i}/load"])',
             ),
         ],
-        "tests/test_reshard_continue.py",
+        "tests/train/checkpoint/test_reshard_continue.py",
     ),
     _m(
         "deterministic_flag_noop",
@@ -297,7 +297,7 @@ MUTATIONS: list[Mutation] = [
                 "torch.use_deterministic_algorithms(False)",
             )
         ],
-        "tests/test_determinism.py",
+        "tests/train/test_determinism.py",
     ),
     _m(
         "guard_misses_inf",
@@ -310,7 +310,7 @@ MUTATIONS: list[Mutation] = [
                 "flags = torch.stack([(~torch.isnan(t.detach().float())).all() for t in parts.values()])",
             )
         ],
-        "tests/test_reliability.py::test_the_guard_stops_on_inf_as_on_nan",
+        "tests/train/test_guards_and_refusals.py::test_the_guard_stops_on_inf_as_on_nan",
         fast=True,
     ),
     _m(
@@ -324,7 +324,7 @@ MUTATIONS: list[Mutation] = [
                 'logging.FileHandler(run_dir / "train.log", mode="w", encoding="utf-8")',
             )
         ],
-        "tests/test_console.py::test_train_log_keeps_the_lines_of_the_run_it_resumes",
+        "tests/train/test_console.py::test_train_log_keeps_the_lines_of_the_run_it_resumes",
     ),
     _m(
         "devices_per_token_summed",
@@ -338,7 +338,7 @@ MUTATIONS: list[Mutation] = [
                 "        if s.comm",
             )
         ],
-        "tests/test_metrics.py::test_per_token_means_stay_means_over_micro_batches",
+        "tests/train/test_metrics.py::test_per_token_means_stay_means_over_micro_batches",
         fast=True,
     ),
     # ------------------------------------------------------------------ data: shards, mixtures, document masking
@@ -404,13 +404,13 @@ MUTATIONS: list[Mutation] = [
                 '"rope_theta": 10000.0,\n        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},',
             )
         ],
-        "tests/test_hf_interop.py::test_qwen_moe_imports_and_exports_with_equal_logits",
+        "tests/hf/test_transformers_interop.py::test_qwen_moe_imports_and_exports_with_equal_logits",
     ),
     _m(
         "hf_export_fixed_norm_eps",
         "hf",
         "HF export writes transformers' default rms_norm_eps instead of model.norm_eps",
         [("moetrain/hf/mapping.py", '"rms_norm_eps": m.norm_eps,', '"rms_norm_eps": 1e-6,')],
-        "tests/test_hf_interop.py::test_qwen_moe_imports_and_exports_with_equal_logits",
+        "tests/hf/test_transformers_interop.py::test_qwen_moe_imports_and_exports_with_equal_logits",
     ),
 ]

@@ -11,7 +11,7 @@ python=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 # Editable "compat" mode puts the checkout on sys.path (as CI tests it). Every other install mode works too:
-# `pip install -e .`, `pip install .` and the wheel (tests/test_install.py, scripts/wheel_check.sh).
+# `pip install -e .`, `pip install .` and the wheel (tests/e2e/test_install.py, scripts/wheel_check.sh).
 editable=(--config-settings editable_mode=compat -e)
 case "${1:-}" in
   "") "${pip[@]}" "${editable[@]}" . ;;

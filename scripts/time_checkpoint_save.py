@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moetrain.config_docs import composed_defaults
+from moetrain.config.docs import composed_defaults
 from moetrain.data import build_tokenizer
 from moetrain.model.transformer import vocab_for
 from moetrain.parallel.context import ParallelContext

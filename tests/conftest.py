@@ -11,7 +11,7 @@ os.environ.pop("WANDB_API_KEY", None)  # tests never go online
 
 # ------------------------------------------------------- no silent skips in CI
 # CI installs every extra, so there a skip means a test that guards something did not run: under CI=true an
-# unexpected skip fails the run. Expected: tests marked ``cuda`` (tests/test_cuda.py, no GPU on CI) and skips
+# unexpected skip fails the run. Expected: tests marked ``cuda`` (tests/moe/test_cuda.py, no GPU on CI) and skips
 # whose reason names CUDA or a GPU. xfail reports are not skips.
 
 

@@ -127,8 +127,8 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert "moetrain.train.trainer" in _imported(nested, "moetrain.errors", False)
     relative = ast.parse("from ..model import layers\n")
     assert "moetrain.model.layers" in _imported(relative, "moetrain.moe.routing", False)
-    guarded = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import moetrain.plan\n")
-    assert "moetrain.plan" not in _imported(guarded, "moetrain.errors", False)
+    guarded = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import moetrain.tools.plan\n")
+    assert "moetrain.tools.plan" not in _imported(guarded, "moetrain.errors", False)
 
 
 if __name__ == "__main__":

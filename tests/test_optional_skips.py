@@ -37,7 +37,7 @@ def pytest_run(args: list[str], cwd: Path, ci: bool, runner: str | None = None) 
 
 
 def test_missing_optional_packages_skip_only_the_tests_that_use_them():
-    files = ["tests/test_deepspeed.py", "tests/test_export.py", "tests/test_plot.py"]
+    files = ["tests/train/test_deepspeed.py", "tests/tools/test_export.py", "tests/tools/test_plot.py"]
     proc = pytest_run(["-q", "-rA", "-m", "unit", "-p", "no:cacheprovider", *files], REPO, False, BLOCKING_RUNNER)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     passed = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("PASSED"))

@@ -1,4 +1,4 @@
-"""tests/spawned.py: a spawn that fails as a whole is run once; its dependants fail at once with its cause."""
+"""tests/helpers/spawned.py: a spawn that fails as a whole is run once; its dependants fail at once with its cause."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests import spawned
+from tests.helpers import spawned
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ of ``train.yaml``'s defaults list at its package (``model: tiny`` fills ``model.
 ``# @package _global_``, as ``experiment/*.yaml``, fills the root), then ``train.yaml``'s own keys, then the
 experiment, then the command line's ``key=value`` overrides. ``group=option`` picks another file of a group;
 values read as Hydra reads them (``null``, ``true``, ``1e-3``, ``[a,b]``, quoted strings). Interpolations,
-``+key``/``~key`` and sweeps are Hydra's alone. ``tests/test_config.py`` checks it against Hydra.
+``+key``/``~key`` and sweeps are Hydra's alone. ``tests/config/test_validation.py`` checks it against Hydra.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and ``OUT_DIR/hf_routing/router.safetensors`` (each MoE layer's
 ``model.layers.{i}.mlp.gate.weight`` and, for V3, the loss-free bias as
 ``gate.e_score_correction_bias``). ``DeepseekV3TopkRouter`` /
 ``DeepseekV2TopkRouter`` built from that config, with those tensors, choose the
-same experts with the same weights (``tests/test_hf_interop.py``).
+same experts with the same weights (``tests/hf/test_transformers_interop.py``).
 
 What maps: V3 — sigmoid scores, plain top-K, groups scored by the sum of their
 top 2 (``group_score=topk_sum`` with K / M = 2, what transformers hard-codes),

@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from moetrain.errors import guarded_main
-from moetrain.run_records import parse_metrics, warn_bad_lines
+from moetrain.tools.run_records import parse_metrics, warn_bad_lines
 
 COLUMNS = ("job", "status", "overrides", "val/loss", "val/maxvio_global", "perf/tokens_per_sec")
 

@@ -212,7 +212,7 @@ class Transformer(nn.Module):
         return ModelOutput(self.lm_head(self.norm(x)), stats, pooled_loss(self.moe_cfg, stats))
 
     def param_counts(self) -> dict[str, int]:
-        """Parameter counts by part, the one counting rule (``moetrain.plan`` reports these too).
+        """Parameter counts by part, the one counting rule (``moetrain.tools.plan`` reports these too).
 
         Parts: ``embedding``, ``lm_head`` (0 when tied), ``attention`` (with every
         norm), ``dense_ffn``, ``router``, ``shared_experts``, ``routed_experts``

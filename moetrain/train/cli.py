@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moetrain.config import ConfigError, TrainConfig, config_keys, to_dict, validate
-from moetrain.config_docs import config_dir, register_schema
+from moetrain.config.docs import config_dir, register_schema
 from moetrain.errors import USER_ERROR_EXIT_CODE, is_failure, report, user_error
 from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
@@ -289,8 +289,8 @@ def run_dir_override(argv: list[str]) -> str | None:
 
 def print_help(args: list[str]) -> int:
     """``moetrain-train [overrides] --help``: every key with its default (after the overrides) and its
-    documentation, from the config dataclasses (:mod:`moetrain.config_docs`)."""
-    from moetrain.config_docs import composed_defaults, help_text
+    documentation, from the config dataclasses (:mod:`moetrain.config.docs`)."""
+    from moetrain.config.docs import composed_defaults, help_text
 
     overrides = [a for a in args if not a.startswith("-") and not a.startswith("hydra")]
     try:

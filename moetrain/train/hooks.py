@@ -8,7 +8,7 @@ hook's method at that point, on every rank:
 * ``before_publish(step, rank, world_size)``: this rank's files of the
   checkpoint of ``step`` are written; it is not yet published.
 
-Nothing is installed in a real run; ``tests/fault_hooks.py`` installs the fault
+Nothing is installed in a real run; ``tests/helpers/fault_hooks.py`` installs the fault
 injection that the reliability tests drive.
 """
 

@@ -100,7 +100,7 @@ class WandbSink:
         try:
             import matplotlib.pyplot as plt
 
-            from moetrain.plot import load_heatmap_figure
+            from moetrain.tools.plot import load_heatmap_figure
         except ImportError:
             return None  # matplotlib is the optional `plot` extra
         fig = load_heatmap_figure(self._load_history)
@@ -123,7 +123,7 @@ def load_pictures(wandb: Any, step: int, metrics: dict[str, Any]) -> dict[str, A
     try:
         import matplotlib.pyplot as plt
 
-        from moetrain.plot import step_load_figure
+        from moetrain.tools.plot import step_load_figure
     except ImportError:
         return {}
     fig = step_load_figure(loads, step)

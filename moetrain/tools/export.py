@@ -1,0 +1,301 @@
+"""``moetrain-export``: a checkpoint to a consolidated safetensors file, and to/from ``transformers``.
+
+``moetrain-export CHECKPOINT OUT_DIR`` loads a checkpoint saved at any
+expert-parallel size into one full model and writes
+
+* ``OUT_DIR/model.safetensors``: every tensor of the full model (routed experts
+  stacked ``[N, ...]`` in global order; a tied LM head stored once, as
+  ``embed.weight``), and ``OUT_DIR/config.json``: the moetrain config
+  (``{"moetrain": {...}, "vocab_size": V, "step": s}``);
+* ``OUT_DIR/hf/``: a folder ``transformers.AutoModelForCausalLM.from_pretrained``
+  loads with the same logits, when the architecture maps exactly onto Mixtral,
+  Qwen2-MoE or Qwen3-MoE (:mod:`moetrain.hf.mapping`; ``--hf auto``, the
+  default; ``--hf none`` skips it), with the run's tokenizer files and its
+  bos / eos / pad ids (:mod:`moetrain.hf.tokenizer`). Anything else (sigmoid
+  scores, a loss-free bias that is not zero, routed scaling, device-limited
+  routing, capacity at evaluation, other strategies) changes which experts a
+  token uses or their weights, so no ``hf/`` is written and the reason is said
+  in one line;
+* ``OUT_DIR/hf_routing/``: for DeepSeek-V2/V3-style routing, the
+  ``transformers`` DeepSeek config and router tensors that reproduce the routing
+  (:mod:`moetrain.hf.routing`).
+
+``moetrain-export --from-hf HF_DIR OUT_DIR`` goes the other way for Mixtral,
+Qwen2-MoE (its shared-expert gate becomes ``moe.shared_expert_gate=true``) and
+Qwen3-MoE (``model.qk_norm=true``): it writes a weights-only moetrain checkpoint
+``OUT_DIR/step_000000`` and ``OUT_DIR/config.yaml``, a whole config that
+``moetrain-train --config-path OUT_DIR --config-name config`` trains from
+(``trainer.resume`` names the checkpoint; the HF folder's tokenizer, when it has
+one, is ``data.tokenizer``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetrain.config import TrainConfig, from_dict, to_dict
+from moetrain.errors import guarded_main
+from moetrain.hf.mapping import (
+    ExportError,
+    from_hf_state,
+    hf_architecture,
+    hf_class,
+    hf_config,
+    permute_heads,  # noqa: F401  (re-exported: moetrain.tools.export.permute_heads)
+    to_hf_state,
+)
+from moetrain.model.transformer import Transformer, build_model
+from moetrain.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+from moetrain.train.checkpoint.native import publish_weights
+from moetrain.train.weights import load_model_weights
+
+
+# ----------------------------------------------------------------- moetrain side
+def load_checkpoint_model(ckpt: str | Path) -> tuple[Transformer, TrainConfig, dict[str, Any]]:
+    """The full (unsharded) model of a checkpoint saved at any EP size, on CPU in fp32, in eval mode."""
+    path = resolve_checkpoint(ckpt)
+    meta = read_meta(path)
+    cfg = from_dict(meta["config"])
+    vocab = int(meta["arch"]["vocab_size"])
+    num_groups = meta["arch"].get("num_groups")  # carried by the checkpoint: no EP size needed
+    model = build_model(cfg.model, cfg.moe, vocab, cfg.data.seq_len, ep=int(meta.get("ep", 1)), num_groups=num_groups)
+    load_model_weights(model, path)
+    return model.eval(), cfg, meta
+
+
+def full_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of every tensor; a tied LM head is kept once (as ``embed.weight``)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        out[name] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def export_safetensors(model: Transformer, cfg: TrainConfig, out_dir: Path, step: int = 0) -> None:
+    """``model.safetensors`` and ``config.json`` (the moetrain config) in ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(full_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = {"format": "moetrain", "moetrain": to_dict(cfg), "vocab_size": model.vocab_size, "step": step}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def export_hf(model: Transformer, cfg: TrainConfig, out_dir: Path, arch: str | None = None) -> str:
+    """Write a ``transformers`` folder for ``model`` (weights, config, tokenizer); returns the architecture."""
+    import transformers
+
+    from moetrain.hf.tokenizer import save_tokenizer
+
+    arch = arch or hf_architecture(cfg, model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    special = save_tokenizer(cfg.data.tokenizer, out_dir)
+    config = hf_config(cfg, model.vocab_size, arch, special)
+    cls = hf_class(arch)
+    with torch.device("meta"):
+        skeleton = cls(config)
+    hf_keys = set(skeleton.state_dict())
+    state = to_hf_state(model, arch, hf_keys)
+    missing = sorted(hf_keys - set(state) - {"lm_head.weight"})
+    extra = sorted(set(state) - hf_keys)
+    if missing or extra:
+        raise ExportError(
+            f"transformers {transformers.__version__} {cls.__name__}: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    hf_model = cls(config).to(torch.float32)
+    hf_model.load_state_dict(state, strict=False, assign=False)
+    if cfg.model.tie_embeddings:
+        hf_model.tie_weights()
+    hf_model.save_pretrained(str(out_dir))
+    return arch
+
+
+# ------------------------------------------------------------------- importing
+IMPORT_HEADER = """# moetrain config of an imported transformers model. Train from it with
+#   moetrain-train --config-path {out} --config-name config [key=value ...]
+# (trainer.resume names the imported weights; set trainer.resume=auto to continue a run dir instead).
+defaults:
+  - train_schema
+  - _self_
+hydra:
+  run:
+    dir: runs/${{now:%Y%m%d-%H%M%S}}
+  job:
+    chdir: false
+"""
+
+
+def write_import_config(cfg: TrainConfig, out: Path) -> Path:
+    """``out/config.yaml``: the whole config on the schema, usable with ``--config-path out``."""
+    from omegaconf import OmegaConf
+
+    body = OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+    path = out / "config.yaml"
+    path.write_text(IMPORT_HEADER.format(out=out) + body)
+    return path
+
+
+def check_import_target(out: Path) -> None:
+    """An import writes a new directory: one that holds anything (a run's ``config.yaml``, checkpoints, metrics,
+    an earlier import) is refused, so nothing there is replaced."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ExportError(f"{out}: exists and holds {shown}; import into a new directory (nothing was written)")
+
+
+def check_loading_info(hf_path: Path, info: dict[str, Any]) -> None:
+    """Every tensor of the folder's checkpoint is one the model has, and every tensor the model has (tied ones
+    aside) is in the checkpoint: ``from_pretrained``'s ``output_loading_info`` lists the others, which it would
+    leave randomly initialised or drop without a word."""
+    for kind, what in (
+        ("missing_keys", "lacks tensors the model needs"),
+        ("unexpected_keys", "holds tensors the model has no place for"),
+        ("mismatched_keys", "holds tensors of the wrong shape"),
+    ):
+        keys = sorted(k if isinstance(k, str) else str(k[0]) for k in info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            raise ExportError(f"{hf_path}: its checkpoint {what}: {shown}")
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = None) -> Path:
+    """Write a weights-only moetrain checkpoint of a ``transformers`` Mixtral / Qwen2-MoE / Qwen3-MoE folder.
+
+    The checkpoint ``OUT_DIR/step_000000`` starts a run at step 0 with these
+    weights (``trainer.resume=OUT_DIR/step_000000``); ``OUT_DIR/config.yaml`` holds
+    the whole matching config (see :func:`write_import_config`). ``OUT_DIR`` must be new (or empty), and the
+    folder's weights must be exactly the model's (:func:`check_loading_info`).
+    """
+    import transformers
+
+    from moetrain.hf.tokenizer import has_tokenizer
+
+    hf_path, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
+    check_import_target(out)
+    # its load report (many lines) is kept off the terminal by the CLI (import_hf_reported), which reads the
+    # mismatch table from it when the load fails; check_loading_info says what does not map in one line
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(hf_path), dtype=torch.float32, output_loading_info=True
+    )
+    check_loading_info(hf_path, info)
+    cfg, state = from_hf_state(hf_model.state_dict(), hf_model.config)
+    cfg.data.seq_len = seq_len or min(int(hf_model.config.max_position_embeddings), 4096)
+    if has_tokenizer(hf_path):
+        cfg.data.tokenizer = str(hf_path)
+    model = build_model(cfg.model, cfg.moe, cfg.model.vocab_size or 0, cfg.data.seq_len)
+    model.load_state_dict(state, strict=True)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = publish_weights(model, cfg, out, {"source": str(hf_path)})
+    cfg.trainer.resume = str(ckpt)
+    write_import_config(cfg, out)
+    return ckpt
+
+
+# ------------------------------------------------------------------------ CLI
+def import_hf_reported(hf_dir: str, out_dir: str, seq_len: int | None) -> Path:
+    """:func:`import_hf` with a folder transformers cannot load (no weights file, a garbled ``config.json``,
+    tensors whose shapes differ from it) as one :class:`ExportError` line (:mod:`moetrain.hf.load_errors`)."""
+    from moetrain.hf.load_errors import hf_load_error, quiet_transformers
+
+    with quiet_transformers() as messages:
+        try:
+            return import_hf(hf_dir, out_dir, seq_len)
+        except Exception as e:
+            error = hf_load_error(hf_dir, e, messages)
+            if error is None:
+                raise
+            raise error from None
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto") -> dict[str, Any]:
+    """Export a checkpoint (see the module docstring); returns what was written."""
+    model, cfg, meta = load_checkpoint_model(checkpoint)
+    out = Path(out_dir)
+    export_safetensors(model, cfg, out, int(meta.get("step", 0)))
+    written: dict[str, Any] = {"safetensors": str(out / "model.safetensors"), "hf": None}
+    if hf == "none":
+        return written
+    try:
+        arch = hf_architecture(cfg, model)
+    except ExportError as e:
+        if hf != "auto":
+            raise
+        written["hf_skipped"] = str(e)
+        return {**written, **export_deepseek_routing(model, cfg, out)}
+    if hf not in ("auto", arch):
+        raise ExportError(f"--hf {hf}: this model maps to {arch}")
+    export_hf(model, cfg, out / "hf", arch)
+    return {**written, "hf": str(out / "hf"), "arch": arch}
+
+
+def export_deepseek_routing(model: Transformer, cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    """``out/hf_routing`` when the routing is DeepSeek-V2/V3's (``{}`` when it is not)."""
+    from moetrain.hf.routing import export_routing
+
+    try:
+        arch = export_routing(model, cfg, out / "hf_routing")
+    except ExportError:
+        return {}
+    return {"hf_routing": str(out / "hf_routing"), "routing_arch": arch}
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moetrain-export",
+        description="Export a moetrain checkpoint to safetensors (+ a transformers folder), or import one.",
+    )
+    parser.add_argument(
+        "source", help="checkpoint dir (or run dir: its newest checkpoint); with --from-hf an HF folder"
+    )
+    parser.add_argument("out_dir")
+    parser.add_argument(
+        "--hf",
+        choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe", "none"),
+        default="auto",
+        help="write OUT_DIR/hf for transformers: auto (when the model maps exactly), a required arch, or none",
+    )
+    parser.add_argument(
+        "--from-hf", action="store_true", help="import a transformers Mixtral / Qwen2-MoE / Qwen3-MoE folder"
+    )
+    parser.add_argument("--seq-len", type=int, default=None, help="with --from-hf: the run's data.seq_len")
+    args = parser.parse_args(argv)
+    try:
+        if args.from_hf:
+            ckpt = import_hf_reported(args.source, args.out_dir, args.seq_len)
+            print(f"moetrain-export: wrote {ckpt} and {ckpt.parent / 'config.yaml'}")
+            print(
+                f"moetrain-export: train from it with: moetrain-train --config-path {ckpt.parent} --config-name config"
+            )
+            return 0
+        written = export(args.source, args.out_dir, args.hf)
+    except (CheckpointError, ExportError) as e:
+        print(f"moetrain-export: {e}", file=sys.stderr)
+        return 2
+    print(f"moetrain-export: wrote {written['safetensors']}")
+    if written.get("hf"):
+        print(f"moetrain-export: wrote {written['hf']} ({written['arch']})")
+    elif written.get("hf_skipped"):
+        print(f"moetrain-export: no transformers folder: {written['hf_skipped']}")
+    if written.get("hf_routing"):
+        print(f"moetrain-export: wrote {written['hf_routing']} ({written['routing_arch']} routing)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``moetrain-export``: a user's mistake (bad path, unreadable checkpoint, full disk) is one line and exit 2."""
+    return guarded_main("moetrain-export", lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

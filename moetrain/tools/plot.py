@@ -1,0 +1,268 @@
+"""``moetrain-plot RUN_DIR [RUN_DIR ...]``: PNG figures from ``metrics.jsonl``.
+
+Figures (in ``--out``, default ``RUN_DIR/plots`` for one run, ``./plots`` for several):
+
+* ``loss.png``               train and validation loss against steps;
+* ``maxvio.png``             MaxVio per MoE layer against steps (one panel per run);
+* ``load_heatmap[_RUN].png`` per layer, each expert's share of the step's tokens over steps;
+* ``drop_frac.png``          fraction of assignments dropped by capacity (when logged);
+* ``devices_per_token.png``  distinct device groups per token (when logged).
+
+Several run directories (or a sweep directory of any Hydra launcher, whose job
+folders are expanded) are overlaid, each labelled by what sets it apart: the
+overrides the runs do not share (``job.json`` or Hydra's ``.hydra/overrides.yaml``),
+else the ``config.yaml`` keys whose values differ, else the folder name. A
+drop-fraction figure is drawn only for layers where something was dropped.
+``--html`` also writes ``report.html``: one page with the figures and the
+run's config (:mod:`moetrain.tools.report`). ``load_heatmap_figure`` is also what the
+W&B sink logs as an image during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moetrain.errors import guarded_main
+from moetrain.tools.run_records import read_metrics
+
+LAYER_KEY = re.compile(r"^moe/layer_(\d+)/(load|maxvio|drop_frac|devices_per_token)$")
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise SystemExit("moetrain-plot needs matplotlib: pip install 'moetrain[plot]'") from e
+    return plt
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of a scalar key."""
+    pts = [(r["step"], float(r[key])) for r in records if key in r and isinstance(r[key], (int, float))]
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def moe_layers(records: list[dict[str, Any]]) -> list[int]:
+    return sorted({int(m.group(1)) for r in records for k in r if (m := LAYER_KEY.match(k))})
+
+
+def load_matrix(records: list[dict[str, Any]], layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Steps [S] and each expert's share of the step's assignments [N, S] for one layer."""
+    key = f"moe/layer_{layer}/load"
+    rows = [(r["step"], r[key]) for r in records if key in r]
+    steps = np.array([s for s, _ in rows])
+    loads = np.array([v for _, v in rows], dtype=float).T  # [N, S]
+    totals = loads.sum(axis=0, keepdims=True)
+    return steps, np.divide(loads, totals, out=np.zeros_like(loads), where=totals > 0)
+
+
+def load_heatmap_figure(records: list[dict[str, Any]], title: str = "") -> Any:
+    """One heatmap per MoE layer: experts (rows) x logged steps (columns), colour = share of tokens."""
+    plt = _pyplot()
+    layers = moe_layers(records)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 2.2 + 1.6 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers):
+        steps, share = load_matrix(records, layer)
+        n = share.shape[0]
+        im = ax.imshow(
+            share,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            vmin=0.0,
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, n - 0.5, -0.5) if len(steps) else None,
+        )
+        ax.set_ylabel(f"layer {layer}\nexpert")
+        fig.colorbar(im, ax=ax, label=f"share (1/N = {1 / max(n, 1):.3f})")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(title or "tokens per expert (share of the step's assignments)")
+    fig.tight_layout()
+    return fig
+
+
+def step_load_figure(loads: dict[str, list[float]], step: int) -> Any:
+    """One step's load as one heatmap: MoE layers (rows) x experts (columns), colour = share of the layer's
+    assignments (what W&B shows at every log step, instead of a bar chart per layer)."""
+    plt = _pyplot()
+    keys = sorted(loads, key=lambda k: int(LAYER_KEY.match(k).group(1)))  # type: ignore[union-attr]
+    counts = np.array([loads[k] for k in keys], dtype=float)  # [L, N]
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    n_layers, n = share.shape
+    fig, ax = plt.subplots(figsize=(min(3 + 0.18 * n, 14), min(1.6 + 0.22 * n_layers, 14)))
+    im = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
+    ax.set_yticks(range(n_layers), [k.split("/")[1].removeprefix("layer_") for k in keys], fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    fig.colorbar(im, ax=ax, label=f"share of tokens (1/N = {1 / max(n, 1):.3f})")
+    ax.set_title(f"tokens per expert, step {step}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _lines(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, out: Path, logy: bool = False) -> bool:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for name, records in runs.items():
+        for key in keys:
+            steps, values = series(records, key)
+            if len(steps):
+                label = key if len(runs) == 1 else f"{name}: {key}"
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=label)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories: each path itself, or a sweep directory's job folders."""
+    from moetrain.launch.sweep import job_dirs
+
+    out: list[Path] = []
+    for p in paths:
+        if (p / "metrics.jsonl").is_file():
+            out.append(p)
+            continue
+        jobs = [j for j in job_dirs(p) if (j / "metrics.jsonl").is_file()] if p.is_dir() else []
+        if not jobs:
+            raise SystemExit(f"moetrain-plot: {p}: no metrics.jsonl here or in its subfolders")
+        out += jobs
+    return out
+
+
+IGNORED_CONFIG_KEYS = ("run_dir", "logger.", "checkpoint.dir", "data.cache_dir", "trainer.resume")
+
+
+def _config_differences(dirs: list[Path]) -> list[list[str]] | None:
+    """Per run, the ``config.yaml`` keys (``key=value``) whose values are not the same in every run."""
+    from omegaconf import OmegaConf
+
+    from moetrain.train.checkpoint import flat_config
+
+    if not all((d / "config.yaml").is_file() for d in dirs):
+        return None
+    flats = [flat_config(OmegaConf.to_container(OmegaConf.load(d / "config.yaml"))) for d in dirs]  # type: ignore[arg-type]
+    keys = sorted({k for f in flats for k in f if not k.startswith(IGNORED_CONFIG_KEYS)})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    return [[f"{k}={f.get(k)}" for k in differing] for f in flats]
+
+
+def run_labels(dirs: list[Path]) -> list[str]:
+    """A label per run: the overrides it does not share with the others, else its differing config keys,
+    else its folder name; made unique with the folder name when two would read the same."""
+    from moetrain.launch.sweep import distinct_overrides, job_meta
+
+    if len(dirs) == 1:
+        return [dirs[0].name]
+    metas = [job_meta(d) for d in dirs]
+    parts: list[list[str]] | None = None
+    if all("overrides" in m for m in metas):
+        parts = distinct_overrides([m["overrides"] for m in metas])
+    if not parts or not any(parts):
+        parts = _config_differences(dirs)
+    labels = [" ".join(p) or "(defaults)" for p in parts] if parts and any(parts) else [d.name for d in dirs]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} [{d.parent.name}/{d.name}]" for label, d in zip(labels, dirs)]
+    return labels
+
+
+def expand_runs(paths: list[Path]) -> dict[str, Path]:
+    """Run directories by label (see :func:`run_labels`); a sweep directory expands to its job folders."""
+    dirs = run_dirs(paths)
+    return dict(zip(run_labels(dirs), dirs))
+
+
+def dropped_keys(runs: dict[str, list[dict]], metric: str) -> list[str]:
+    """``moe/layer_i/<metric>`` keys that are above zero somewhere (a dropless layer draws no flat line)."""
+    keys = {k for records in runs.values() for r in records for k in r if k.endswith(f"/{metric}")}
+    return sorted(k for k in keys if any(float(r.get(k) or 0) > 0 for rs in runs.values() for r in rs))
+
+
+def plot_runs(paths: list[Path], out: Path) -> list[Path]:
+    """Write the figures for one or several runs; return the files written."""
+    plt = _pyplot()
+    dirs = expand_runs(paths)
+    runs = {name: read_metrics(d, "moetrain-plot") for name, d in dirs.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if _lines(plt, runs, ["train/loss", "val/loss"], "loss (nats/token)", out / "loss.png"):
+        written.append(out / "loss.png")
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 3.2 * len(runs)), squeeze=False)
+    for ax, (name, records) in zip(axes[:, 0], runs.items()):
+        for layer in moe_layers(records):
+            steps, values = series(records, f"moe/layer_{layer}/maxvio")
+            ax.plot(steps, values, label=f"layer {layer}")
+        steps, values = series(records, "moe/maxvio")
+        ax.plot(steps, values, "k--", lw=1.5, label="mean")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("MaxVio")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=4)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out / "maxvio.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "maxvio.png")
+
+    for name, records in runs.items():
+        if not moe_layers(records) or not any(k.endswith("/load") for r in records for k in r):
+            continue
+        fname = "load_heatmap.png" if len(runs) == 1 else f"load_heatmap_{dirs[name].parent.name}_{dirs[name].name}.png"
+        fig = load_heatmap_figure(records, title=f"{name}: tokens per expert")
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(out / fname)
+
+    keys = dropped_keys(runs, "drop_frac")
+    if keys and _lines(plt, runs, keys, "dropped fraction", out / "drop_frac.png"):
+        written.append(out / "drop_frac.png")
+    keys = sorted({k for r in runs.values() for rec in r for k in rec if k.endswith("/devices_per_token")})
+    if keys and _lines(plt, runs, keys, "device groups per token", out / "devices_per_token.png"):
+        written.append(out / "devices_per_token.png")
+    return written
+
+
+def _main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="PNG figures from moetrain run directories (metrics.jsonl).")
+    p.add_argument("runs", nargs="+", type=Path, help="run directories, or a sweep directory")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/plots, or ./plots)")
+    p.add_argument("--html", action="store_true", help="also write OUT/report.html: figures, final metrics, config")
+    args = p.parse_args(argv)
+    out = args.out or (args.runs[0] / "plots" if len(args.runs) == 1 else Path("plots"))
+    figures = plot_runs(args.runs, out)
+    for path in figures:
+        print(path)
+    if args.html:
+        from moetrain.tools.report import write_report
+
+        print(write_report(expand_runs(args.runs), figures, out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moetrain-plot``: a user's mistake (bad path, unreadable checkpoint, full disk) is one line and exit 2."""
+    guarded_main("moetrain-plot", lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    main()

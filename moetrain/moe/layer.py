@@ -191,7 +191,7 @@ class MoELayer(nn.Module):
         if out.overlap_out is not None:
             y_TD = y_TD + out.overlap_out  # the shared experts, added in x's dtype (the residual stream's)
 
-        stats = self._stats(r, r.keep_TK, keep_TK, B, S)
+        stats = self._stats(r, r.keep_TK, keep_TK, B=B, S=S)
         stats.comm = out.comm
         return y_TD.view(B, S, D), stats
 
@@ -246,7 +246,7 @@ class MoELayer(nn.Module):
         )
         return keep_TK, None
 
-    def _stats(self, r: Routing, selected_TK: torch.Tensor, keep_TK: torch.Tensor, B: int, S: int) -> MoEStats:
+    def _stats(self, r: Routing, selected_TK: torch.Tensor, keep_TK: torch.Tensor, *, B: int, S: int) -> MoEStats:
         N, G = self.num_experts, self.num_groups
         T = B * S
         idx_TK = r.expert_idx_TK
@@ -275,7 +275,8 @@ class MoELayer(nn.Module):
             s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)
         p_N = s_TN.mean(0)
         inputs = LayerInputs(
-            r, selected_TK, s_TN, p_N, counts_f, tokens_f, sent_f,
+            routing=r, selected_TK=selected_TK, scores_TN=s_TN, mean_scores_N=p_N,
+            counts_N=counts_f, num_tokens=tokens_f, sent_G=sent_f,
             batch=B, seq_len=S, top_k=self.top_k, num_groups=G, topk_groups=self.cfg.router.topk_groups,
         )  # fmt: skip
         losses = layer_losses(self.cfg.balance, inputs)

@@ -12,7 +12,7 @@ G device groups, L MoE layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
 import torch
@@ -30,7 +30,7 @@ from moetrain.moe.balance import (
 from moetrain.moe.routing import Routing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerInputs:
     """What one MoE layer's forward offers a ``layer``-scope loss."""
 
@@ -131,6 +131,7 @@ class BalanceLoss:
     forward's MoE layers (``compute(layers, top_k)``), added to the aux loss, logged with it only."""
     compute: Callable[..., torch.Tensor | None]
     """The unweighted loss; ``None`` where it does not apply to this forward (one group, no noise drawn)."""
+    _: KW_ONLY
     applies: Callable[[Any], bool] = _always
     """Whether the ``moe.balance`` section selects it (besides a coefficient > 0)."""
     needs_groups: bool = False

@@ -9,7 +9,7 @@ routing strategy").
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from moetrain.moe.routing import (
     Routing,
@@ -31,6 +31,7 @@ class RoutingStrategy:
     route: RouteFn
     """The rule. Called as ``route(logits_TN, spec, bias_N=...)`` when :attr:`uses_bias`, plus ``noise_TN=``
     when :attr:`noise`, plus ``token_ids_T=`` and ``hash_table_VK=`` when :attr:`token_ids`."""
+    _: KW_ONLY
     score_fns: tuple[str, ...] = ("softmax", "sigmoid")
     """The ``router.score_fn`` values it is defined with."""
     variable_k: bool = False
@@ -53,9 +54,11 @@ class RoutingStrategy:
 
 STRATEGIES: dict[str, RoutingStrategy] = {
     "topk": RoutingStrategy(route_topk, hf_routers=("softmax_topk", "deepseek")),
-    "topk_softmax": RoutingStrategy(route_topk_softmax, ("softmax",), renormalised=True, hf_routers=("softmax_topk",)),
-    "noisy_topk": RoutingStrategy(route_noisy_topk, ("softmax",), noise=True),
-    "expert_choice": RoutingStrategy(route_expert_choice, ("softmax",), variable_k=True),
+    "topk_softmax": RoutingStrategy(
+        route_topk_softmax, score_fns=("softmax",), renormalised=True, hf_routers=("softmax_topk",)
+    ),
+    "noisy_topk": RoutingStrategy(route_noisy_topk, score_fns=("softmax",), noise=True),
+    "expert_choice": RoutingStrategy(route_expert_choice, score_fns=("softmax",), variable_k=True),
     "hash": RoutingStrategy(route_hash, token_ids=True, uses_bias=False),
 }
 """Selection rules by name (``moe.router.strategy``); the Router looks one up at build time."""

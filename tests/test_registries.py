@@ -59,7 +59,8 @@ def _same_choice(a: Routing, b: Routing) -> bool:
 
 def test_needs_reach_the_config_rules_and_the_export_by_flag_not_by_name():
     """Catches a rule still keyed on a strategy's name: validation messages name the strategies with the flag,
-    and the transformers mapping refuses exactly the strategies without a ``softmax_topk`` router."""
+    and the transformers mapping refuses exactly the strategies without a ``softmax_topk`` router (and, in one
+    line, a name no longer registered)."""
     assert strategies_with("noise") == "noisy_topk" and strategies_with("token_ids") == "hash"
     cfg = TrainConfig(moe=MoEConfig(router=RouterConfig(zero_init=True)))
     with pytest.raises(ConfigError, match=r"^moe.router.zero_init=True: needs router.strategy=noisy_topk"):
@@ -71,6 +72,9 @@ def test_needs_reach_the_config_rules_and_the_export_by_flag_not_by_name():
         else:
             with pytest.raises(ExportError, match=r"^moe\.router\.strategy="):
                 check_routing(cfg, None)
+    gone = TrainConfig(moe=MoEConfig(router=RouterConfig(strategy="gone")))  # a checkpoint's strategy since removed
+    with pytest.raises(ExportError, match=r"^moe\.router\.strategy='gone'"):
+        check_routing(gone, None)
 
 
 def _reversed_topk(logits_TN: torch.Tensor, spec: RouteSpec, *, bias_N: torch.Tensor | None = None) -> Routing:

@@ -59,8 +59,8 @@ def check_routing(cfg: TrainConfig, model: Transformer | None) -> bool:
     """Raise unless the routing is plain softmax top-K (what Mixtral / Qwen route with); returns whether the
     K weights are renormalised."""
     r = cfg.moe.router
-    strategy = STRATEGIES[r.strategy]
-    if "softmax_topk" not in strategy.hf_routers:
+    strategy = STRATEGIES.get(r.strategy)
+    if strategy is None or "softmax_topk" not in strategy.hf_routers:
         raise _refuse("moe.router.strategy", r.strategy, "only plain token-choice top-K maps")
     if r.score_fn != "softmax":
         raise _refuse("moe.router.score_fn", r.score_fn, "Mixtral / Qwen2-MoE route with softmax scores")

@@ -45,7 +45,8 @@ def deepseek_routing(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
     (one line naming the key) when transformers' DeepSeek routers would choose differently."""
     r = cfg.moe.router
     dropless = r.capacity_factor is None and r.eval_capacity_factor is None
-    if "deepseek" not in STRATEGIES[r.strategy].hf_routers or not dropless:
+    strategy = STRATEGIES.get(r.strategy)
+    if strategy is None or "deepseek" not in strategy.hf_routers or not dropless:
         raise ExportError(f"moe.router.strategy={r.strategy!r} with capacity: DeepSeek routers are dropless top-K")
     groups, m = _groups(cfg)
     keys: dict[str, Any] = {"n_group": groups, "topk_group": m, "routed_scaling_factor": r.scaling_factor}

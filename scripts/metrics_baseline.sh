@@ -6,7 +6,7 @@
 #
 # Take BEFORE from a clean checkout of the old commit (git worktree add /tmp/old <commit>; run it there),
 # or run this script with PYTHONPATH naming the old checkout (the runs import moetrain, and its configs, from there).
-# ~4 min on 2 CPU cores. Extra arguments are Hydra overrides added to every run.
+# ~4 min on 2 CPU cores for the first ten runs. Extra arguments are Hydra overrides added to every run.
 # RUNS="ep2 ep2_shared_gate" runs only the runs named (a quick check of a change to one part; same RUNS both sides).
 set -euo pipefail
 OUT=${1:?usage: scripts/metrics_baseline.sh OUT_DIR [overrides]}; shift
@@ -32,6 +32,14 @@ one smoke_global experiment=smoke moe.balance.scope=global "$@"
 one smoke_deepseek_v2 experiment=smoke moe=deepseek_v2 "$@"
 one smoke_loss_free experiment=smoke moe=loss_free "$@"
 one smoke_switch experiment=smoke moe=switch "$@"
+# every routing strategy and balance loss (the registries of moe/strategies.py and moe/losses.py), the global
+# counts through activation checkpointing's recompute
+one smoke_deepseek_v3 experiment=smoke moe=deepseek_v3 "$@"
+one smoke_mixtral_z experiment=smoke moe=mixtral moe.balance.z_loss_coef=0.001 "$@"
+one smoke_noisy_topk experiment=smoke moe=noisy_topk "$@"
+one smoke_expert_choice experiment=smoke moe=expert_choice "$@"
+one smoke_hash_balanced experiment=smoke moe=hash moe.router.hash_table=balanced "$@"
+one smoke_global_ac experiment=smoke moe.balance.scope=global trainer.activation_checkpointing=true "$@"
 one deepspeed experiment=smoke engine=deepspeed "$@"
 two ep2 experiment=smoke "$@"
 two ep2_global_deepseek_v2 experiment=smoke moe=deepseek_v2 moe.balance.scope=global "$@"

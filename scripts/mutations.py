@@ -82,7 +82,7 @@ MUTATIONS: list[Mutation] = [
         "comm_loss_uses_k_for_m",
         "moe",
         "communication loss divides by K instead of the device limit M",
-        [("moetrain/moe/layer.py", "m = self.cfg.router.topk_groups or min(K, G)", "m = K")],
+        [("moetrain/moe/losses.py", "m = x.topk_groups or min(x.top_k, x.num_groups)", "m = x.top_k")],
         "tests/moe/test_balance_grads.py",
         fast=True,
     ),
@@ -280,7 +280,7 @@ MUTATIONS: list[Mutation] = [
             ),
             (
                 "moetrain/train/trainer.py",
-                'layer.router.update_bias(reduced.tensor(f"moe/layer_{i}/load"))',
+                "layer.router.update_bias(layer_load(reduced, i))",
                 'layer.router.update_bias(rec.values[f"moe/layer_{i}/load"])',
             ),
         ],

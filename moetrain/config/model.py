@@ -46,7 +46,7 @@ class RouterConfig:
     score_fn: str = "softmax"
     """``softmax`` (GShard, DeepSeek-V2) or ``sigmoid`` (DeepSeek-V3) affinities."""
     strategy: str = "topk"
-    """Selection rule, a key of ``moetrain.moe.routing.STRATEGIES``."""
+    """Selection rule, a key of ``moetrain.moe.strategies.STRATEGIES``."""
     norm_topk_prob: bool = False
     """Renormalise the K chosen weights to sum to 1 (Mixtral; always on for sigmoid)."""
     scaling_factor: float = 1.0

@@ -1,8 +1,9 @@
 """Every value and cross-field rule of a :class:`~moetrain.config.run.TrainConfig`, section by section.
 
 :func:`validate` raises :class:`~moetrain.config.errors.ConfigError` with one line naming the key, its
-value and the rule, before any model or data is built. The registries of routing strategies and drop
-policies live with their math (``moetrain.moe``) and are read from there.
+value and the rule, before any model or data is built. The registries of routing strategies
+(``moe/strategies.py``), balance losses (``moe/losses.py``) and drop policies live with their math
+(``moetrain.moe``); the rules here read what each entry needs from them, never its name.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from typing import Any
 
 from moetrain.config.errors import ConfigError
-from moetrain.config.model import ModelConfig, MoEConfig, resolve_num_groups
+from moetrain.config.model import ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
 from moetrain.config.run import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, TrainerConfig, config_keys
 
 SCORE_FNS = ("softmax", "sigmoid")
@@ -154,8 +155,8 @@ def _parallel(cfg: TrainConfig, world_size: int) -> None:
 def _router(cfg: TrainConfig) -> None:
     moe, r = cfg.moe, cfg.moe.router
     from moetrain.moe.capacity import DROP_POLICIES  # registries live with the math
-    from moetrain.moe.router import ROUTER_DTYPES
-    from moetrain.moe.routing import STRATEGIES
+    from moetrain.moe.routing import ROUTER_DTYPES
+    from moetrain.moe.strategies import STRATEGIES
 
     _choice("moe.router.strategy", r.strategy, tuple(STRATEGIES))
     _choice("moe.router.score_fn", r.score_fn, SCORE_FNS)
@@ -193,38 +194,58 @@ def _router(cfg: TrainConfig) -> None:
         _positive("moe.router.device_capacity_factor", r.device_capacity_factor)
         if groups < 2:
             _fail("moe.router.device_capacity_factor", r.device_capacity_factor, "needs 2+ device groups")
-    if r.strategy == "expert_choice" and r.topk_groups is not None:
-        _fail("moe.router.topk_groups", r.topk_groups, "device-limited routing needs a token-choice strategy")
-    if r.strategy in ("topk_softmax", "noisy_topk", "expert_choice") and r.score_fn != "softmax":
-        _fail("moe.router.score_fn", r.score_fn, f"strategy {r.strategy} is defined with softmax scores")
     _choice("moe.router.hash_table", r.hash_table, HASH_TABLES)
-    if r.hash_table != "random" and r.strategy != "hash":
-        _fail("moe.router.hash_table", r.hash_table, "needs router.strategy=hash")
-    if r.strategy == "hash" and r.bias_update_rate > 0:
-        _fail("moe.router.bias_update_rate", r.bias_update_rate, "hash routing ignores the bias; set 0")
+    _strategy(r)
+
+
+def _strategy(r: RouterConfig) -> None:
+    """What the chosen strategy needs of the router's keys (its :class:`~moetrain.moe.strategies.RoutingStrategy`)."""
+    from moetrain.moe.strategies import STRATEGIES, strategies_with
+
+    strategy = STRATEGIES[r.strategy]
+    if strategy.variable_k and r.topk_groups is not None:
+        _fail("moe.router.topk_groups", r.topk_groups, "device-limited routing needs a token-choice strategy")
+    if r.score_fn not in strategy.score_fns:
+        _fail(
+            "moe.router.score_fn",
+            r.score_fn,
+            f"strategy {r.strategy} is defined with {'|'.join(strategy.score_fns)} scores",
+        )
+    if r.hash_table != "random" and not strategy.token_ids:
+        _fail("moe.router.hash_table", r.hash_table, f"needs router.strategy={strategies_with('token_ids')}")
+    if not strategy.uses_bias and r.bias_update_rate > 0:
+        _fail("moe.router.bias_update_rate", r.bias_update_rate, f"strategy {r.strategy} ignores the bias; set 0")
+    if r.zero_init and not strategy.noise:
+        _fail(
+            "moe.router.zero_init",
+            r.zero_init,
+            f"needs router.strategy={strategies_with('noise')} (else every token ties)",
+        )
 
 
 def _balance(cfg: TrainConfig) -> None:
+    from moetrain.moe.losses import BALANCE_LOSSES, coefficient_keys
+    from moetrain.moe.strategies import STRATEGIES, strategies_with
+
     moe, r, b = cfg.moe, cfg.moe.router, cfg.moe.balance
     groups = resolve_num_groups(moe, cfg.parallel.ep)
-    for key in ("expert_coef", "device_coef", "comm_coef", "seq_coef", "z_loss_coef", "importance_coef", "load_coef"):
+    for key in coefficient_keys():
         if getattr(b, key) < 0:
             _fail(f"moe.balance.{key}", getattr(b, key), "must be >= 0")
     _choice("moe.balance.scope", b.scope, BALANCE_SCOPES)
     _choice("moe.balance.expert_form", b.expert_form, EXPERT_FORMS)
     if b.expert_form == "transformers" and b.scope == "global":
         _fail("moe.balance.expert_form", b.expert_form, "pools one forward's layers; use moe.balance.scope=micro_batch")
-    if r.zero_init and r.strategy != "noisy_topk":
-        _fail("moe.router.zero_init", r.zero_init, "needs router.strategy=noisy_topk (else every token ties)")
-    if b.load_coef > 0 and moe.top_k >= moe.num_experts:
-        _fail("moe.balance.load_coef", b.load_coef, "needs moe.top_k < moe.num_experts (a (k+1)-th expert)")
-    if b.load_coef > 0 and r.strategy != "noisy_topk":
-        _fail(
-            "moe.balance.load_coef", b.load_coef, "needs router.strategy=noisy_topk (the load is a noise probability)"
-        )
-    for key in ("device_coef", "comm_coef"):
-        if getattr(b, key) > 0 and groups < 2:
-            _fail(f"moe.balance.{key}", getattr(b, key), "needs 2+ device groups (router.num_groups or parallel.ep)")
+    for loss in BALANCE_LOSSES:  # what each enabled loss needs (moetrain.moe.losses)
+        key, coef = f"moe.balance.{loss.coef}", getattr(b, loss.coef)
+        if not coef > 0:
+            continue
+        if loss.needs_spare_expert and moe.top_k >= moe.num_experts:
+            _fail(key, coef, "needs moe.top_k < moe.num_experts (a (k+1)-th expert)")
+        if loss.needs_noise and not STRATEGIES[r.strategy].noise:
+            _fail(key, coef, f"needs router.strategy={strategies_with('noise')} (the load is a noise probability)")
+        if loss.needs_groups and groups < 2:
+            _fail(key, coef, "needs 2+ device groups (router.num_groups or parallel.ep)")
 
 
 def _data(d: DataConfig) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from moetrain.config import ModelConfig, MoEConfig, TrainConfig, resolve_num_groups
 from moetrain.model.transformer import Transformer, is_moe_layer
+from moetrain.moe.strategies import STRATEGIES
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 """``model_type`` of each ``transformers`` architecture moetrain maps onto exactly."""
@@ -58,7 +59,8 @@ def check_routing(cfg: TrainConfig, model: Transformer | None) -> bool:
     """Raise unless the routing is plain softmax top-K (what Mixtral / Qwen route with); returns whether the
     K weights are renormalised."""
     r = cfg.moe.router
-    if r.strategy not in ("topk", "topk_softmax"):
+    strategy = STRATEGIES.get(r.strategy)
+    if strategy is None or "softmax_topk" not in strategy.hf_routers:
         raise _refuse("moe.router.strategy", r.strategy, "only plain token-choice top-K maps")
     if r.score_fn != "softmax":
         raise _refuse("moe.router.score_fn", r.score_fn, "Mixtral / Qwen2-MoE route with softmax scores")
@@ -73,7 +75,7 @@ def check_routing(cfg: TrainConfig, model: Transformer | None) -> bool:
         biases = [layer.router.expert_bias for layer in model.moe_layers().values()]
         if any(b.abs().max() > 0 for b in biases):
             raise _refuse("moe.router.bias_update_rate", r.bias_update_rate, "the loss-free bias changes expert choice")
-    return r.norm_topk_prob or r.strategy == "topk_softmax"  # softmax over the K logits = renormalised
+    return r.norm_topk_prob or strategy.renormalised  # topk_softmax: softmax over the K logits = renormalised
 
 
 def hf_architecture(cfg: TrainConfig, model: Transformer | None = None) -> str:
@@ -132,7 +134,7 @@ def hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: dict[str, i
         "intermediate_size": m.ffn_hidden_size,
         "moe_intermediate_size": moe.expert_hidden_size,
         "num_experts": moe.num_experts,
-        "norm_topk_prob": moe.router.norm_topk_prob or moe.router.strategy == "topk_softmax",
+        "norm_topk_prob": moe.router.norm_topk_prob or STRATEGIES[moe.router.strategy].renormalised,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [i for i in range(m.n_layers) if not is_moe_layer(m, i)],
         "use_sliding_window": False,

@@ -28,6 +28,7 @@ import torch
 from moetrain.config import TrainConfig, resolve_num_groups
 from moetrain.hf.mapping import ExportError
 from moetrain.model.transformer import Transformer
+from moetrain.moe.strategies import STRATEGIES
 
 
 def _groups(cfg: TrainConfig) -> tuple[int, int]:
@@ -43,7 +44,9 @@ def deepseek_routing(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
     """(``deepseek_v2`` or ``deepseek_v3``, the router keys of its transformers config); :class:`ExportError`
     (one line naming the key) when transformers' DeepSeek routers would choose differently."""
     r = cfg.moe.router
-    if r.strategy != "topk" or r.capacity_factor is not None or r.eval_capacity_factor is not None:
+    dropless = r.capacity_factor is None and r.eval_capacity_factor is None
+    strategy = STRATEGIES.get(r.strategy)
+    if strategy is None or "deepseek" not in strategy.hf_routers or not dropless:
         raise ExportError(f"moe.router.strategy={r.strategy!r} with capacity: DeepSeek routers are dropless top-K")
     groups, m = _groups(cfg)
     keys: dict[str, Any] = {"n_group": groups, "topk_group": m, "routed_scaling_factor": r.scaling_factor}

@@ -25,15 +25,16 @@ def apply_activation_checkpointing(model: Transformer) -> Transformer:
     Non-reentrant ``torch.utils.checkpoint`` with the RNG state preserved, so noisy
     routing draws the same noise when recomputed and the routing (hence the
     all-to-all under EP) is identical in both passes. The block's ``forward`` is
-    rebound on the instance, so parameter names and checkpoints are unchanged.
+    rebound on the instance, so parameter names and checkpoints are unchanged; it takes the block's
+    arguments as they come, keyword ones included (non-reentrant checkpointing passes them through).
     """
     for block in model.blocks:
         if getattr(block, "activation_checkpointing", False):
             continue
         inner = block.forward
 
-        def forward(*args: torch.Tensor, _inner=inner):  # type: ignore[no-untyped-def]
-            return checkpoint(_inner, *args, use_reentrant=False, preserve_rng_state=True)
+        def forward(*args: Any, _inner=inner, **kwargs: Any):  # type: ignore[no-untyped-def]
+            return checkpoint(_inner, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
         block.forward = forward  # type: ignore[method-assign]
         block.activation_checkpointing = True

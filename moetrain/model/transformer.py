@@ -16,9 +16,9 @@ from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig, resolve_num_groups
 from moetrain.model.layers import Attention, KVCache, RMSNorm, document_ids, document_layout, rope_tables
-from moetrain.moe.balance import pooled_expert_balance_loss
 from moetrain.moe.experts import SwiGLU
 from moetrain.moe.layer import MoELayer, MoEStats
+from moetrain.moe.losses import model_loss
 
 
 def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
@@ -39,24 +39,26 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_idx)
         self.ffn: nn.Module = (
-            MoELayer(cfg.dim, moe_cfg, num_groups, vocab_size) if self.is_moe else SwiGLU(cfg.dim, cfg.ffn_hidden_size)
+            MoELayer(cfg.dim, moe_cfg, num_groups=num_groups, vocab_size=vocab_size, layer_idx=layer_idx)
+            if self.is_moe
+            else SwiGLU(cfg.dim, cfg.ffn_hidden_size)
         )
 
     def forward(
         self,
         x_BSD: torch.Tensor,
+        *,
         cos: torch.Tensor,
         sin: torch.Tensor,
         token_ids_BS: torch.Tensor,
         cache: KVCache | None = None,
         pos: int = 0,
-        global_counts: dict[str, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, pos, mask)
         h = self.ffn_norm(x_BSD)
         if self.is_moe:
-            y, stats = self.ffn(h, token_ids_BS, global_counts)
+            y, stats = self.ffn(h, token_ids_BS)
             return x_BSD + y, stats
         return x_BSD + self.ffn(h), None
 
@@ -68,7 +70,7 @@ class ModelOutput:
     moe_stats: dict[int, MoEStats]
     """Statistics of each MoE layer, by block index."""
     pooled_loss: torch.Tensor | None = None
-    """The weighted expert-level loss pooled over all MoE layers (``moe.balance.expert_form=transformers``)."""
+    """The weighted ``model``-scope balance losses, pooled over all MoE layers (:func:`pooled_loss`)."""
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -78,15 +80,10 @@ class ModelOutput:
 
 
 def pooled_loss(moe_cfg: MoEConfig, stats: dict[int, MoEStats]) -> torch.Tensor | None:
-    """``expert_coef`` x transformers' ``load_balancing_loss_func`` over this forward's MoE layers
-    (:func:`~moetrain.moe.balance.pooled_expert_balance_loss`), when ``balance.expert_form=transformers``."""
-    b = moe_cfg.balance
-    if b.expert_form != "transformers" or b.expert_coef <= 0 or not stats:
-        return None
-    layers = list(stats.values())
-    counts_LN = torch.stack([s.sel_counts_N for s in layers])  # type: ignore[misc]
-    scores_LN = torch.stack([s.mean_scores_N for s in layers])  # type: ignore[misc]
-    return b.expert_coef * pooled_expert_balance_loss(counts_LN, scores_LN, layers[0].num_tokens, moe_cfg.top_k)
+    """The enabled ``model``-scope balance losses over this forward's MoE layers
+    (:func:`~moetrain.moe.losses.model_loss`): transformers' ``load_balancing_loss_func`` times ``expert_coef``
+    when ``balance.expert_form=transformers``."""
+    return model_loss(moe_cfg.balance, list(stats.values()), moe_cfg.top_k)
 
 
 class Transformer(nn.Module):
@@ -179,15 +176,13 @@ class Transformer(nn.Module):
         tokens_BS: torch.Tensor,
         caches: list[KVCache] | None = None,
         pos: int = 0,
-        global_counts: dict[int, dict[str, torch.Tensor]] | None = None,
         doc_ids_BS: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for tokens at positions [pos, pos + S); ``caches`` (from :meth:`new_kv_caches`)
         hold the keys and values of the earlier positions for incremental decoding.
 
-        ``global_counts``: the step's f-type routing counts by MoE layer index
-        (:func:`~moetrain.moe.layer.global_routing_counts`, ``moe.balance.scope=global``); layer i's balance
-        losses use ``global_counts[i]`` instead of this batch's counts. ``doc_ids_BS`` (non-decreasing along
+        The step's global-batch routing counts (``moe.balance.scope=global``) reach the MoE layers through
+        :func:`~moetrain.moe.step_state.step_state`, not through here. ``doc_ids_BS`` (non-decreasing along
         each row; default: from ``doc_eos`` when set, without caches) masks attention across documents and
         restarts positions per document.
         """
@@ -204,9 +199,8 @@ class Transformer(nn.Module):
         x = self.embed(tokens_BS)
         stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
-            counts = global_counts.get(block.layer_idx) if global_counts is not None else None
             cache = caches[i] if caches is not None else None
-            x, s = block(x, cos, sin, tokens_BS, cache, pos, counts, mask)
+            x, s = block(x, cos=cos, sin=sin, token_ids_BS=tokens_BS, cache=cache, pos=pos, mask=mask)
             if s is not None:
                 stats[block.layer_idx] = s
         return ModelOutput(self.lm_head(self.norm(x)), stats, pooled_loss(self.moe_cfg, stats))

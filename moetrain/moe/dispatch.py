@@ -23,14 +23,32 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from moetrain.parallel.all_to_all import CommStats
+
+@dataclass
+class CommStats:
+    """What one all-to-all dispatch + combine moved, for one forward on one rank (tensors, no host sync).
+
+    Filled by :class:`~moetrain.parallel.all_to_all.AllToAllDispatcher`; defined here, with the dispatcher
+    contract that carries it, so the MoE package never imports the parallel one."""
+
+    rows_sent: torch.Tensor
+    """(token, rank) rows this rank sent to *other* ranks in the dispatch."""
+    bytes_sent: torch.Tensor
+    """Payload bytes this rank sends to other ranks in the dispatch and the combine (see ``AllToAllDispatcher``)."""
+    rows_local: torch.Tensor
+    """(token, rank) rows whose destination was this rank itself (no network)."""
+    rows_total: torch.Tensor
+    """All (token, rank) rows of this rank's tokens (local + sent)."""
+    recv_rows_W: torch.Tensor
+    """Expert rows (one per (token, local expert)) this rank computed, at its global rank's entry of a [W] vector."""
+    dropped: torch.Tensor
+    """Assignments of this rank's tokens dropped by the receive budget (``moe.max_recv_factor``)."""
 
 
 class Dispatched(NamedTuple):

@@ -14,26 +14,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moetrain.moe.balance import (
-    comm_balance_loss,
-    device_balance_loss,
-    expert_balance_loss,
-    importance_loss,
-    router_z_loss,
-    sequence_balance_loss,
-    smooth_load_loss,
-)
 from moetrain.moe.capacity import capacity, capacity_keep, device_capacity_keep, drop_priority
-from moetrain.moe.dispatch import DeviceCapacity, Dispatcher, OverlapWork, kept_after_dispatch
+from moetrain.moe.dispatch import CommStats, DeviceCapacity, Dispatcher, OverlapWork, kept_after_dispatch
 from moetrain.moe.experts import GroupedExperts, SwiGLU
 from moetrain.moe.fused import FusedLocalDispatcher
+from moetrain.moe.losses import LayerInputs, layer_losses
 from moetrain.moe.router import Router, capacity_factors
 from moetrain.moe.routing import Routing, protected_sequences
 from moetrain.moe.stats import router_entropy
+from moetrain.moe.step_state import global_counts_of
 
 if TYPE_CHECKING:
     from moetrain.config import MoEConfig
-    from moetrain.parallel.all_to_all import CommStats
 
 
 @dataclass
@@ -45,7 +37,7 @@ class MoEStats:
     aux_loss: torch.Tensor
     """Sum of the enabled weighted balance losses (differentiable scalar)."""
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Each enabled weighted loss, detached, by name (expert, device, comm, seq, z, importance)."""
+    """Each enabled weighted ``layer``-scope loss, detached, by key (:data:`~moetrain.moe.losses.BALANCE_LOSSES`)."""
     num_selected: torch.Tensor | None = None
     """Assignments chosen by the router, before capacity dropping."""
     num_dropped: torch.Tensor | None = None
@@ -132,19 +124,23 @@ class MoELayer(nn.Module):
     here, so the layer routes the same whatever process runs it. ``dispatcher``:
     how rows reach the experts and come back (:class:`~moetrain.moe.dispatch.Dispatcher`);
     one process's :class:`~moetrain.moe.fused.FusedLocalDispatcher` unless given,
-    replaced from outside under expert parallelism.
+    replaced from outside under expert parallelism. ``layer_idx``: its block's index in the model, under
+    which it finds the step's global-batch counts (:func:`~moetrain.moe.step_state.global_counts_of`).
     """
 
     def __init__(
         self,
         dim: int,
         cfg: MoEConfig,
+        *,
         num_groups: int = 1,
         vocab_size: int | None = None,
         dispatcher: Dispatcher | None = None,
+        layer_idx: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layer_idx = layer_idx
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.num_groups = num_groups
         self.router = Router(dim, cfg, num_groups, vocab_size)
@@ -156,18 +152,12 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if gated else None
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else FusedLocalDispatcher(cfg.num_experts)
 
-    def forward(
-        self,
-        x_BSD: torch.Tensor,
-        token_ids_BS: torch.Tensor | None = None,
-        global_counts: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         """The layer's output and statistics.
 
-        ``global_counts``: the step's f-type counts summed over micro-batches and
-        ranks (:func:`~moetrain.moe.stats.global_routing_counts`); when given, every
-        f*P balance loss uses them instead of this micro-batch's (global-batch
-        balance, ``moe.balance.scope=global``).
+        Inside :func:`~moetrain.moe.step_state.step_state` with global counts (``moe.balance.scope=global``),
+        every f*P balance loss uses this layer's counts summed over the step's micro-batches and ranks
+        (:func:`global_routing_counts`) instead of this micro-batch's.
         """
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
@@ -177,7 +167,7 @@ class MoELayer(nn.Module):
         keep_TK, device_capacity = self._drop(r, token_ids_BS)
 
         # Every slot kept (token choice, nothing dropped): no boolean indexing, so no host sync on GPU.
-        dropless = keep_TK is r.keep_TK and self.cfg.router.strategy != "expert_choice"
+        dropless = keep_TK is r.keep_TK and not self.router.strategy.variable_k
         # The experts (routed and shared) and the all-to-all see the compute dtype; the router stayed fp32.
         xc_TD = x_TD.to(compute_dtype(x_TD))
         # Flat kept assignments (token-major), dispatched, computed (each row scaled by its weight), combined.
@@ -201,7 +191,7 @@ class MoELayer(nn.Module):
         if out.overlap_out is not None:
             y_TD = y_TD + out.overlap_out  # the shared experts, added in x's dtype (the residual stream's)
 
-        stats = self._stats(r, r.keep_TK, keep_TK, B, S, global_counts)
+        stats = self._stats(r, r.keep_TK, keep_TK, B=B, S=S)
         stats.comm = out.comm
         return y_TD.view(B, S, D), stats
 
@@ -256,15 +246,7 @@ class MoELayer(nn.Module):
         )
         return keep_TK, None
 
-    def _stats(
-        self,
-        r: Routing,
-        selected_TK: torch.Tensor,
-        keep_TK: torch.Tensor,
-        B: int,
-        S: int,
-        global_counts: dict[str, torch.Tensor] | None = None,
-    ) -> MoEStats:
+    def _stats(self, r: Routing, selected_TK: torch.Tensor, keep_TK: torch.Tensor, *, B: int, S: int) -> MoEStats:
         N, G = self.num_experts, self.num_groups
         T = B * S
         idx_TK = r.expert_idx_TK
@@ -282,7 +264,7 @@ class MoELayer(nn.Module):
             devices_per_token = (kept_hits_TG > 0).float().sum(dim=1).mean()
 
         # f-type statistics: this micro-batch's, or the step's global ones (Qiu et al. 2025).
-        g = global_counts
+        g = global_counts_of(self.layer_idx)
         counts_f = g["expert"] if g is not None else sel_counts_N
         tokens_f = g["tokens"].reshape(()) if g is not None else T
         sent_f = g.get("sent", sent_G) if g is not None else sent_G
@@ -292,7 +274,12 @@ class MoELayer(nn.Module):
         if self.cfg.router.score_fn == "sigmoid":
             s_TN = s_TN / s_TN.sum(dim=-1, keepdim=True)
         p_N = s_TN.mean(0)
-        losses = self._losses(r, selected_TK, s_TN, p_N, (counts_f, tokens_f, sent_f), B, S)
+        inputs = LayerInputs(
+            routing=r, selected_TK=selected_TK, scores_TN=s_TN, mean_scores_N=p_N,
+            counts_N=counts_f, num_tokens=tokens_f, sent_G=sent_f,
+            batch=B, seq_len=S, top_k=self.top_k, num_groups=G, topk_groups=self.cfg.router.topk_groups,
+        )  # fmt: skip
+        losses = layer_losses(self.cfg.balance, inputs)
         aux = sum(losses.values(), torch.zeros((), device=load_N.device))
         num_selected = selected_TK.sum()
         return MoEStats(
@@ -309,35 +296,3 @@ class MoELayer(nn.Module):
             num_groups=G,
             mean_scores_N=p_N,
         )
-
-    def _losses(
-        self, r: Routing, selected_TK: torch.Tensor, s_TN: torch.Tensor, p_N: torch.Tensor,
-        f: tuple[torch.Tensor, torch.Tensor | int, torch.Tensor | None], B: int, S: int,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
-        """Each enabled weighted balance loss; ``f`` = (selections per expert, tokens, tokens sent per group)."""
-        b = self.cfg.balance
-        N, G, K = self.num_experts, self.num_groups, self.top_k
-        T, idx_TK, dev = B * S, r.expert_idx_TK, r.expert_idx_TK.device
-        counts_f, tokens_f, sent_f = f
-        losses: dict[str, torch.Tensor] = {}
-        if b.expert_coef > 0 and b.expert_form == "per_layer":  # the transformers form is pooled over layers
-            losses["expert"] = b.expert_coef * expert_balance_loss(counts_f, p_N, tokens_f, K)
-        if b.device_coef > 0 and G > 1:
-            losses["device"] = b.device_coef * device_balance_loss(counts_f, p_N, tokens_f, K, G)
-        if b.comm_coef > 0 and sent_f is not None:
-            m = self.cfg.router.topk_groups or min(K, G)
-            losses["comm"] = b.comm_coef * comm_balance_loss(sent_f, p_N, tokens_f, m)
-        if b.seq_coef > 0:
-            sel_TN = torch.zeros(T, N, device=dev).scatter_add_(1, idx_TK, selected_TK.float())
-            counts_BN = sel_TN.view(B, S, N).sum(dim=1)
-            losses["seq"] = b.seq_coef * sequence_balance_loss(counts_BN, s_TN.view(B, S, N), K)
-        if b.z_loss_coef > 0:
-            losses["z"] = b.z_loss_coef * router_z_loss(r.logits_TN)
-        if b.importance_coef > 0:
-            gates_TN = torch.zeros(T, N, device=dev).scatter_add(
-                1, idx_TK, r.weight_TK * selected_TK.to(r.weight_TK.dtype)
-            )
-            losses["importance"] = b.importance_coef * importance_loss(gates_TN)
-        if b.load_coef > 0 and r.noise_TN is not None and r.noise_scale_TN is not None:  # training only
-            losses["load"] = b.load_coef * smooth_load_loss(r.logits_TN, r.logits_TN + r.noise_TN, r.noise_scale_TN, K)
-        return losses

@@ -6,19 +6,17 @@ Shape suffixes: T tokens, D model dim, N routed experts.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.moe.routing import STRATEGIES, RouteSpec, Routing, hash_experts
+from moetrain.moe.routing import ROUTER_DTYPES, RouteSpec, Routing, hash_experts
+from moetrain.moe.strategies import STRATEGIES
 
 if TYPE_CHECKING:
     from moetrain.config import MoEConfig, RouterConfig
-
-ROUTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""``moe.router.dtype``: the router GEMM's operand dtype."""
 
 
 class CapacityFactors(NamedTuple):
@@ -36,9 +34,10 @@ def capacity_factors(rc: RouterConfig, training: bool) -> CapacityFactors:
     """The one reading of ``router.capacity_factor`` / ``router.eval_capacity_factor``.
 
     Token choice: ``capacity_factor`` in training, ``eval_capacity_factor`` at evaluation (unset: dropless).
-    Expert choice: ``capacity_factor`` as c, at evaluation ``eval_capacity_factor`` when set, else the same c.
+    Variable K (expert choice): ``capacity_factor`` as c, at evaluation ``eval_capacity_factor`` when set, else
+    the same c.
     """
-    if rc.strategy == "expert_choice":
+    if STRATEGIES[rc.strategy].variable_k:
         c = rc.eval_capacity_factor if not training and rc.eval_capacity_factor is not None else rc.capacity_factor
         return CapacityFactors(route=c, drop=None)
     return CapacityFactors(route=None, drop=rc.capacity_factor if training else rc.eval_capacity_factor)
@@ -46,9 +45,9 @@ def capacity_factors(rc: RouterConfig, training: bool) -> CapacityFactors:
 
 class Router(nn.Module):
     """Linear router with fp32 logits, the loss-free balancing bias (a buffer, never trained) and,
-    for ``strategy=noisy_topk`` only, the trainable noise projection W_noise.
+    for a strategy that draws noise (``noisy_topk``) only, the trainable noise projection W_noise.
 
-    The GEMMs run outside autocast in ``moe.router.dtype`` (:data:`ROUTER_DTYPES`): fp32 by default, so the
+    The GEMMs run outside autocast in ``moe.router.dtype`` (:data:`~moetrain.moe.routing.ROUTER_DTYPES`): fp32 by default, so the
     routing is the fp32 model's whatever the compute dtype (it follows torch's fp32 matmul precision, exact
     unless ``torch.set_float32_matmul_precision`` allows TF32); ``bf16`` runs them on bf16 operands and upcasts
     the bf16 logits."""
@@ -56,10 +55,11 @@ class Router(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig, num_groups: int, vocab_size: int | None = None) -> None:
         super().__init__()
         r = cfg.router
+        self.strategy = STRATEGIES[r.strategy]
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self.hash_table: torch.Tensor | None
-        if r.strategy == "hash" and r.hash_table == "balanced":
+        if self.strategy.token_ids and r.hash_table == "balanced":
             if vocab_size is None:
                 raise ValueError("router.hash_table=balanced needs the vocabulary size")
             # The random hash until the corpus frequencies are known (moetrain.model.apply.apply_balanced_hash);
@@ -68,7 +68,7 @@ class Router(nn.Module):
             self.register_buffer("hash_table", hash_experts(ids, cfg.num_experts, cfg.top_k, r.hash_seed))
         else:
             self.hash_table = None
-        if r.strategy == "noisy_topk":
+        if self.strategy.noise:
             # W_noise of Shazeer et al. 2017's eq. 4, zero-initialised in their appendix A; init_weights re-draws it.
             self.noise_weight: nn.Parameter | None = nn.Parameter(torch.zeros(cfg.num_experts, dim))
         else:
@@ -89,7 +89,6 @@ class Router(nn.Module):
             hash_seed=r.hash_seed,
         )
         self.eval_spec = replace(self.spec, capacity_factor=capacity_factors(r, training=False).route)
-        self.route_fn = STRATEGIES[r.strategy]
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -101,11 +100,21 @@ class Router(nn.Module):
                 noise_logits_TN = F.linear(xg_TD, self.noise_weight.to(self.gemm_dtype)).float()
                 scale_TN = F.softplus(noise_logits_TN) * self.noise_std
                 noise_TN = torch.randn_like(logits_TN) * scale_TN
-        bias = self.expert_bias if self.bias_update_rate > 0 else None
         spec = self.spec if self.training else self.eval_spec
-        table = {} if self.hash_table is None else {"hash_table_VK": self.hash_table}
-        r = self.route_fn(logits_TN, spec, bias_N=bias, token_ids_T=token_ids_T, noise_TN=noise_TN, **table)
+        r = self.strategy.route(logits_TN, spec, **self._needs(token_ids_T, noise_TN))
         return r if noise_TN is None else replace(r, noise_TN=noise_TN, noise_scale_TN=scale_TN)
+
+    def _needs(self, token_ids_T: torch.Tensor | None, noise_TN: torch.Tensor | None) -> dict[str, Any]:
+        """What the strategy's rule is given, as its :class:`~moetrain.moe.strategies.RoutingStrategy` says."""
+        s = self.strategy
+        needs: dict[str, Any] = {}
+        if s.uses_bias:
+            needs["bias_N"] = self.expert_bias if self.bias_update_rate > 0 else None
+        if s.noise:
+            needs["noise_TN"] = noise_TN
+        if s.token_ids:
+            needs["token_ids_T"], needs["hash_table_VK"] = token_ids_T, self.hash_table
+        return needs
 
     @torch.no_grad()
     def update_bias(self, load_N: torch.Tensor) -> None:

@@ -8,18 +8,22 @@ A routing decision for T tokens is a :class:`Routing`: ``expert_idx_TK`` and
 the assignment). Strategies where a token may take a variable number of experts
 (expert choice) use K = N with ``keep_TK`` marking the chosen ones, so every
 later stage (capacity, dispatch, statistics) sees one representation.
+
+The strategies are registered by name, with what each needs, in :mod:`moetrain.moe.strategies`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from moetrain.moe.capacity import DROP_POLICIES as DROP_POLICIES  # the registry config validation reads
 from moetrain.moe.capacity import capacity
+
+ROUTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``moe.router.dtype``: the router GEMM's operand dtype."""
 
 
 @dataclass
@@ -150,13 +154,7 @@ def select_topk(scores_TN: torch.Tensor, spec: RouteSpec, bias_N: torch.Tensor |
     return topk_experts(sel_TN, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_score)
 
 
-def route_topk(
-    logits_TN: torch.Tensor,
-    spec: RouteSpec,
-    bias_N: torch.Tensor | None = None,
-    token_ids_T: torch.Tensor | None = None,
-    noise_TN: torch.Tensor | None = None,
-) -> Routing:
+def route_topk(logits_TN: torch.Tensor, spec: RouteSpec, *, bias_N: torch.Tensor | None = None) -> Routing:
     """Token-choice top-K routing (``strategy=topk``).
 
     s = score_fn(logits); choose TopK(s + b) (b = loss-free bias, Wang et al. 2024,
@@ -177,13 +175,7 @@ def route_topk(
     return Routing(idx_TK, w_TK, keep_TK, scores_TN, logits_TN)
 
 
-def route_topk_softmax(
-    logits_TN: torch.Tensor,
-    spec: RouteSpec,
-    bias_N: torch.Tensor | None = None,
-    token_ids_T: torch.Tensor | None = None,
-    noise_TN: torch.Tensor | None = None,
-) -> Routing:
+def route_topk_softmax(logits_TN: torch.Tensor, spec: RouteSpec, *, bias_N: torch.Tensor | None = None) -> Routing:
     """Mixtral routing (Jiang et al. 2024, arXiv 2401.04088, sec. 2.1, ``strategy=topk_softmax``):
     G(x) = Softmax(TopK(x W_g)), the softmax taken over the K chosen logits only.
 
@@ -203,8 +195,8 @@ def route_topk_softmax(
 def route_noisy_topk(
     logits_TN: torch.Tensor,
     spec: RouteSpec,
+    *,
     bias_N: torch.Tensor | None = None,
-    token_ids_T: torch.Tensor | None = None,
     noise_TN: torch.Tensor | None = None,
 ) -> Routing:
     """Noisy top-K gating (Shazeer et al. 2017, arXiv 1701.06538, eq. 3-5, ``strategy=noisy_topk``).
@@ -213,7 +205,7 @@ def route_noisy_topk(
     G(x) = Softmax(KeepTopK(H(x), k))                                  (eq. 3, 5)
 
     ``noise_TN`` is the already drawn noise term StandardNormal() *
-    Softplus(x W_noise) (the :class:`~moetrain.moe.layer.Router` draws it in
+    Softplus(x W_noise) (the :class:`~moetrain.moe.router.Router` draws it in
     training only; ``None`` = no noise, as at evaluation). ``scores_TN`` is
     Softmax(H) over all experts (for P_i and the entropy); ``logits_TN`` stays the
     clean x W_g (for the z-loss).
@@ -231,13 +223,7 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, factor: float) -> 
     return min(num_tokens, capacity(num_tokens, num_experts, 1, factor))
 
 
-def route_expert_choice(
-    logits_TN: torch.Tensor,
-    spec: RouteSpec,
-    bias_N: torch.Tensor | None = None,
-    token_ids_T: torch.Tensor | None = None,
-    noise_TN: torch.Tensor | None = None,
-) -> Routing:
+def route_expert_choice(logits_TN: torch.Tensor, spec: RouteSpec, *, bias_N: torch.Tensor | None = None) -> Routing:
     """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368, ``strategy=expert_choice``).
 
     S = Softmax(X W_g) over experts; each expert i takes the k = ceil(T c / N)
@@ -332,9 +318,8 @@ def balanced_hash_table(token_counts_V: torch.Tensor, num_experts: int, top_k: i
 def route_hash(
     logits_TN: torch.Tensor,
     spec: RouteSpec,
-    bias_N: torch.Tensor | None = None,
+    *,
     token_ids_T: torch.Tensor | None = None,
-    noise_TN: torch.Tensor | None = None,
     hash_table_VK: torch.Tensor | None = None,
 ) -> Routing:
     """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models", ``strategy=hash``).
@@ -361,17 +346,3 @@ def route_hash(
     w_TK = torch.full(idx_TK.shape, spec.scaling_factor / spec.top_k, device=logits_TN.device)
     keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
     return Routing(idx_TK, w_TK, keep_TK, logits_TN.softmax(dim=-1), logits_TN)
-
-
-RouteFn = Callable[..., Routing]
-
-STRATEGIES: dict[str, RouteFn] = {
-    "topk": route_topk,
-    "topk_softmax": route_topk_softmax,
-    "noisy_topk": route_noisy_topk,
-    "expert_choice": route_expert_choice,
-    "hash": route_hash,
-}
-"""Selection rules by name (``moe.router.strategy``); the Router looks one up at build time.
-
-Every rule takes ``(logits_TN, spec, bias_N=, token_ids_T=, noise_TN=)`` and returns a :class:`Routing`."""

@@ -5,7 +5,7 @@
 :class:`~moetrain.moe.dispatch.Dispatcher` protocol, so the layer does not know
 whether it is distributed. Besides the rows it returns, in its
 :class:`~moetrain.moe.dispatch.Dispatched`, the traffic of the exchange
-(:class:`CommStats`) and the assignments the receivers dropped (``keep_A``).
+(:class:`~moetrain.moe.dispatch.CommStats`) and the assignments the receivers dropped (``keep_A``).
 
 Shape suffixes: T tokens, D model dim, A assignments, P (token, destination)
 rows sent, Q rows received, R rows at the local experts, E local experts.
@@ -24,6 +24,7 @@ from torch import nn
 from moetrain.moe.capacity import rank_within_segment
 from moetrain.moe.dispatch import (
     Combined,
+    CommStats,
     DeviceCapacity,
     Dispatched,
     Dispatcher,
@@ -52,24 +53,6 @@ def local_expert_slice(num_experts: int, ep_size: int, ep_rank: int) -> tuple[in
         raise ValueError(f"num_experts={num_experts} is not divisible by the EP size {ep_size}")
     count = num_experts // ep_size
     return ep_rank * count, count
-
-
-@dataclass
-class CommStats:
-    """What one all-to-all dispatch + combine moved, for one forward on one rank (tensors, no host sync)."""
-
-    rows_sent: torch.Tensor
-    """(token, rank) rows this rank sent to *other* ranks in the dispatch."""
-    bytes_sent: torch.Tensor
-    """Payload bytes this rank sends to other ranks in the dispatch and the combine (see :class:`AllToAllDispatcher`)."""
-    rows_local: torch.Tensor
-    """(token, rank) rows whose destination was this rank itself (no network)."""
-    rows_total: torch.Tensor
-    """All (token, rank) rows of this rank's tokens (local + sent)."""
-    recv_rows_W: torch.Tensor
-    """Expert rows (one per (token, local expert)) this rank computed, at its global rank's entry of a [W] vector."""
-    dropped: torch.Tensor
-    """Assignments of this rank's tokens dropped by the receive budget (``moe.max_recv_factor``)."""
 
 
 @dataclass

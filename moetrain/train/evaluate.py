@@ -14,7 +14,7 @@ from moetrain.data import val_batches
 from moetrain.parallel.context import ParallelContext
 from moetrain.train.metrics import MetricRecorder
 from moetrain.train.module import TrainModule
-from moetrain.train.moe_metrics import val_moe_metrics
+from moetrain.train.moe_metrics import load_key, val_moe_metrics
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ def evaluate(
             rec.record("val/loss_sum", ce.double(), "sum")
             rec.record("val/tokens", zero + tokens[:, 1:].numel(), "sum")
         for i, s in out.moe_stats.items():
-            rec.record(f"val/layer_{i}/load", torch.zeros_like(s.load_N) if empty else s.load_N, "sum")
+            rec.record(load_key(i, "val"), torch.zeros_like(s.load_N) if empty else s.load_N, "sum")
     reduced = rec.reduce(pc)
     loss = 0.0
     if "val/loss_sum" in reduced:

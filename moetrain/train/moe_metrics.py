@@ -29,11 +29,23 @@ COMM_SUMS = {
 """Raw all-to-all counters (summed over micro-batches and ranks) -> :class:`CommStats` fields."""
 
 
+def load_key(layer: int, prefix: str = "moe") -> str:
+    """The key of MoE layer ``layer``'s per-expert load: ``moe/layer_{i}/load`` (``val/layer_{i}/load`` in
+    evaluation), the one place it is spelled."""
+    return f"{prefix}/layer_{layer}/load"
+
+
+def layer_load(reduced: ReducedMetrics, layer: int) -> torch.Tensor:
+    """MoE layer ``layer``'s per-expert load of the step, summed over its micro-batches and all ranks: the
+    same on every rank (what the loss-free bias update reads)."""
+    return reduced.tensor(load_key(layer))
+
+
 def record_moe(rec: MetricRecorder, stats: dict[int, MoEStats], prefix: str = "moe") -> None:
     """Record one forward's statistics of every MoE layer."""
     for i, s in stats.items():
         p = f"{prefix}/layer_{i}"
-        rec.record(f"{p}/load", s.load_N, "sum")
+        rec.record(load_key(i, prefix), s.load_N, "sum")
         for name, value in (("selected", s.num_selected), ("dropped", s.num_dropped)):
             if value is not None:
                 rec.record(f"{p}/{name}", value, "sum")
@@ -49,7 +61,7 @@ def record_moe(rec: MetricRecorder, stats: dict[int, MoEStats], prefix: str = "m
 
 def stacked_loads(reduced: ReducedMetrics, layers: list[int], prefix: str = "moe") -> torch.Tensor | None:
     """The reduced per-expert loads as one ``[L, N]`` tensor (``None`` without MoE layers)."""
-    loads = [reduced.tensor(f"{prefix}/layer_{i}/load") for i in layers if f"{prefix}/layer_{i}/load" in reduced]
+    loads = [reduced.tensor(load_key(i, prefix)) for i in layers if load_key(i, prefix) in reduced]
     return torch.stack(loads) if loads else None
 
 

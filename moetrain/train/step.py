@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from moetrain.model.transformer import ModelOutput
 from moetrain.moe.layer import MoEStats, global_routing_counts
+from moetrain.moe.step_state import step_state
 from moetrain.parallel.context import ParallelContext
 from moetrain.train.metrics import MetricRecorder
 from moetrain.train.moe_metrics import record_moe
 
 Forward = Callable[..., ModelOutput]
-"""``forward(tokens_BS, global_counts=...)`` -> the model's output."""
+"""``forward(tokens_BS)`` -> the model's output."""
 
 
 def staged_for(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -76,15 +77,18 @@ def accumulate_gradients(
     sizes the accumulated gradient is that of the mean loss over the rank's sequences. ``last_backward()``, if
     given, is entered around the last micro-batch's backward only, the one that makes the step's final
     gradients (the native engine overlaps their all-reduce with it, :mod:`moetrain.parallel.grad_buckets`).
+    ``global_counts`` (the routing pre-pass's) are installed for every forward and backward of the step
+    (:func:`~moetrain.moe.step_state.step_state`).
     """
-    for i, mb in enumerate(micro):
-        mb = mb.to(device, non_blocking=True)
-        with autocast():
-            out = forward(mb[:, :-1], global_counts=global_counts)
-            loss_lm = lm_loss(out.logits, mb[:, 1:])
-            aux = out.aux_loss
-        with last_backward() if last_backward is not None and i == len(micro) - 1 else nullcontext():
-            backward(loss_lm + aux, len(micro))
-        rec.record("train/loss", loss_lm, "mean")
-        rec.record("train/aux_loss", aux, "mean")
-        record_moe(rec, out.moe_stats)
+    with step_state(global_counts=global_counts):
+        for i, mb in enumerate(micro):
+            mb = mb.to(device, non_blocking=True)
+            with autocast():
+                out = forward(mb[:, :-1])
+                loss_lm = lm_loss(out.logits, mb[:, 1:])
+                aux = out.aux_loss
+            with last_backward() if last_backward is not None and i == len(micro) - 1 else nullcontext():
+                backward(loss_lm + aux, len(micro))
+            rec.record("train/loss", loss_lm, "mean")
+            rec.record("train/aux_loss", aux, "mean")
+            record_moe(rec, out.moe_stats)

@@ -43,7 +43,7 @@ from moetrain.train.flops import flops_per_token, peak_tflops
 from moetrain.train.guards import StopSignals, exit_code_for
 from moetrain.train.metrics import MetricRecorder, ReducedMetrics
 from moetrain.train.module import StepInfo, TrainModule, autocast_dtype
-from moetrain.train.moe_metrics import moe_log_metrics
+from moetrain.train.moe_metrics import layer_load, moe_log_metrics
 from moetrain.train.native import NativeTrainModule
 from moetrain.train.sinks import JSONLSink, MetricSink, WandbSink
 from moetrain.train.step import lm_loss, staged_for
@@ -228,7 +228,7 @@ class Trainer:
         info = self.module.optim_step(self.step + 1, reduced)
         if info.applied:  # a skipped step updates nothing, the loss-free bias included
             for i, layer in self.moe_layers.items():
-                layer.router.update_bias(reduced.tensor(f"moe/layer_{i}/load"))  # identical on all ranks
+                layer.router.update_bias(layer_load(reduced, i))  # identical on all ranks
         self.progress.step += 1
         self.progress.tokens_seen += global_batch.shape[0] * (global_batch.shape[1] - 1)
         return StepOutput(reduced, info, lr)

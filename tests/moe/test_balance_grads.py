@@ -16,11 +16,13 @@ import torch.nn.functional as F
 
 from moetrain.config import BalanceConfig, MoEConfig, RouterConfig
 from moetrain.moe import MoELayer
+from moetrain.moe.step_state import step_state
 
 pytestmark = pytest.mark.unit
 
 B, S, D, N, K, G = 3, 6, 8, 8, 3, 4  # 4 device groups of 2 experts; device-limited cases use M >= 2
 COEF = 0.7
+LAYER = 1  # the layer's index in a model: the key of its global counts
 LOSSES = ["expert", "device", "comm", "seq", "z", "importance"]
 COEF_KEY = {
     "expert": "expert_coef",
@@ -36,7 +38,7 @@ def make_layer(loss: str, score_fn: str, topk_groups: int | None) -> MoELayer:
     balance = BalanceConfig(**{"expert_coef": 0.0, COEF_KEY[loss]: COEF})
     router = RouterConfig(score_fn=score_fn, num_groups=G, topk_groups=topk_groups)
     cfg = MoEConfig(num_experts=N, top_k=K, expert_hidden_size=4, router=router, balance=balance)
-    layer = MoELayer(D, cfg, num_groups=G)
+    layer = MoELayer(D, cfg, num_groups=G, layer_idx=LAYER)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in layer.parameters():
@@ -152,7 +154,8 @@ def test_global_scope_gradient_uses_global_f_and_local_p(loss, score_fn):
             c = {"expert": st.sel_counts_N, "tokens": torch.tensor([float(st.num_tokens)]), "sent": st.sent_G}
             counts = c if counts is None else {k: counts[k] + v for k, v in c.items()}
     assert counts is not None
-    _, stats = layer(x, global_counts=counts)
+    with step_state(global_counts={LAYER: counts}):  # as the trainer installs the pre-pass's counts
+        _, stats = layer(x)
     W = layer.router.weight
     (got,) = torch.autograd.grad(stats.aux_loss, W)
     ref_value = reference_loss(loss, x.view(-1, D), W, score_fn, None, counts)

@@ -13,7 +13,6 @@ from moetrain.config import MoEConfig, RouterConfig
 from moetrain.moe import MoELayer
 from moetrain.moe.capacity import capacity_keep, device_capacity_keep
 from moetrain.moe.routing import (
-    STRATEGIES,
     RouteSpec,
     expert_choice_capacity,
     hash_experts,
@@ -24,6 +23,7 @@ from moetrain.moe.routing import (
     route_topk_softmax,
     topk_experts,
 )
+from moetrain.moe.strategies import STRATEGIES
 
 pytestmark = pytest.mark.unit
 

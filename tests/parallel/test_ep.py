@@ -288,7 +288,7 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
     from torch.distributed.tensor import DTensor
 
     from moetrain.parallel.context import ParallelContext
-    from moetrain.train.moe_metrics import moe_log_metrics
+    from moetrain.train.moe_metrics import layer_load, moe_log_metrics
     from moetrain.train.trainer import Trainer
 
     def step(
@@ -309,7 +309,7 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
         groups = {i: layer.num_groups for i, layer in t.moe_layers.items()}
         metrics = moe_log_metrics(reduced, host, sorted(t.moe_layers), groups)
         for i, layer in t.moe_layers.items():
-            layer.router.update_bias(reduced.tensor(f"moe/layer_{i}/load"))
+            layer.router.update_bias(layer_load(reduced, i))
         bias = {name: b.clone() for name, b in t.model.named_buffers() if name.endswith("expert_bias")}
         logged = {k: v for k, v in metrics.items() if "/loss/" in k}
         logged["aux"] = host["train/aux_loss"]

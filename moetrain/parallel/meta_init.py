@@ -126,9 +126,12 @@ def build_local_model(
     return model
 
 
-def _materialise(model: Transformer, ep: int, ep_rank: int, stats: InitStats) -> None:
-    """Give each meta parameter CPU storage (routed experts: the local slice only); the draws come later."""
-    for m in model.modules():
+def _materialise(
+    model: Transformer, ep: int, ep_rank: int, stats: InitStats, modules: list[nn.Module] | None = None
+) -> None:
+    """Give each meta parameter of ``modules`` (default: all) CPU storage (routed experts: the local slice only);
+    the draws come later. A pipeline stage passes only its modules (:mod:`moetrain.parallel.pipeline_stage`)."""
+    for m in model.modules() if modules is None else modules:
         if isinstance(m, GroupedExperts):
             lo, e = local_expert_slice(m.num_global_experts, ep, ep_rank)
             m.w13 = nn.Parameter(torch.empty(e, *m.w13.shape[1:], dtype=m.w13.dtype))
@@ -140,7 +143,7 @@ def _materialise(model: Transformer, ep: int, ep_rank: int, stats: InitStats) ->
                 setattr(m, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    stats.param_numel = sum(p.numel() for p in model.parameters())
+    stats.param_numel = sum(p.numel() for p in model.parameters() if p.device != _META)
 
 
 @torch.no_grad()

@@ -197,6 +197,18 @@ class ParallelConfig:
     """Under expert parallelism, run the shared experts while the dispatch and combine all-to-alls are in
     flight, forward and backward (Megatron-Core's ``moe_shared_expert_overlap``); bitwise the results of
     ``false``, which runs them after the combine (``moetrain.parallel.all_to_all``)."""
+    pp: int = 1
+    """Pipeline-parallel size: the blocks split into this many stages (docs/pipeline.md); EP and data
+    parallelism run inside each stage's ``world / pp`` ranks. The stages, schedules and exact aux losses exist
+    (``moetrain.parallel.pipeline``); the trainer does not run them yet, so ``pp > 1`` is refused."""
+    pp_layers: str | None = None
+    """Blocks per stage, e.g. ``"embedding+3,4,4,3+head"`` (one count per stage, ``pp x stages per rank`` of
+    them); ``null``: as even as possible, the stages nearest the middle taking the remainder."""
+    pp_schedule: str = "1f1b"
+    """``gpipe``, ``1f1b``, ``interleaved_1f1b``, ``interleaved_zero_bubble`` or ``zbv`` (torch's
+    ``torch.distributed.pipelining`` schedules; the bubble of each in docs/pipeline.md)."""
+    pp_virtual: int = 2
+    """Stages per rank of ``interleaved_1f1b`` and ``interleaved_zero_bubble`` (``zbv`` always has 2)."""
 
 
 @dataclass

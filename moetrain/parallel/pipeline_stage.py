@@ -31,12 +31,12 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
 from moetrain.config import ConfigError, ModelConfig, MoEConfig, resolve_num_groups
+from moetrain.config.pipeline_layout import StageSpec
 from moetrain.model.layers import document_ids, document_layout
 from moetrain.model.transformer import Transformer
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.losses import enabled
 from moetrain.parallel.meta_init import InitStats, _draw_experts, _materialise, _MetaConstruction
-from moetrain.parallel.pipeline import StageSpec
 
 _META = torch.device("meta")
 SKIP_CHUNK = 1 << 20

@@ -7,20 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetrain.config import BalanceConfig, ConfigError, ModelConfig, MoEConfig
-from moetrain.model import build_model
-from moetrain.parallel.pipeline import (
-    SCHEDULES,
-    available_schedules,
-    bubble_fraction,
-    build_schedule,
-    check_schedule,
+from moetrain.config import BalanceConfig, ConfigError, ModelConfig, MoEConfig, TrainConfig, validate
+from moetrain.config.pipeline_layout import (
+    PP_SCHEDULES,
     default_split,
     parse_split,
     stage_ids,
     stage_specs,
     stages_per_rank,
 )
+from moetrain.model import build_model
+from moetrain.parallel.pipeline import SCHEDULES, available_schedules, bubble_fraction, build_schedule, check_schedule
 from moetrain.parallel.pipeline_stage import build_stage_modules, check_pipeline_model, pipeline_stage, skip_normal
 from moetrain.train.step import lm_loss
 from tests.helpers.distributed import run_distributed
@@ -78,6 +75,7 @@ def test_schedules_bubbles_and_stage_placement() -> None:
     assert stage_ids(1, 4, 2, "v") == [1, 6]
     assert stages_per_rank("1f1b", 1) == 1 and stages_per_rank("interleaved_1f1b", 3) == 3
     assert {"gpipe", "1f1b", "interleaved_1f1b"} <= set(available_schedules())
+    assert tuple(SCHEDULES) == PP_SCHEDULES
     with pytest.raises(ConfigError, match=r"parallel\.pp_schedule='pipedream'"):
         check_schedule("pipedream")
     with pytest.raises(ConfigError, match=r"parallel\.pp_virtual=1"):
@@ -205,3 +203,29 @@ def test_aux_loss_left_out_of_the_backward_is_caught() -> None:
     router = "blocks.1.ffn.router.weight"
     assert router in grads  # type: ignore[operator]
     assert not torch.allclose(grads[router], want[router], rtol=1e-5, atol=1e-7)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("changes", "world", "message"),
+    [
+        ({"pp": 3}, 4, "parallel.pp=3: must divide the world size (4 ranks)"),
+        ({"pp": 0}, 4, "parallel.pp=0: must be > 0"),
+        ({"pp_schedule": "pipedream"}, 1, "parallel.pp_schedule='pipedream': must be one of gpipe, 1f1b"),
+        ({"pp": 2, "pp_layers": "embedding+1,2+head"}, 2, "3 blocks, the model has 4 (model.n_layers)"),
+        ({"pp": 2, "pp_layers": "embedding+4+head"}, 2, "1 stages, the layout has 2"),
+        ({"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual": 1}, 2, "parallel.pp_virtual=1: interleaved"),
+        ({"pp": 2, "pp_schedule": "zbv"}, 4, "parallel.pp=2: pipeline stages are not run by the trainer yet"),
+        ({"pp": 2, "ep": 4}, 4, "parallel.ep=4: must divide the world size / parallel.pp (2 ranks)"),
+        ({"pp": 5}, 5, "parallel.pp: 5 stages for 4 blocks"),
+    ],
+)
+def test_pp_config_errors_are_one_line(changes: dict[str, object], world: int, message: str) -> None:
+    """Catches a pipeline layout accepted though it cannot run (pp not dividing the ranks, a split rule not
+    covering the blocks, an unknown schedule, EP not fitting a stage), or ``pp > 1`` silently training without
+    pipeline stages while the trainer does not run them."""
+    cfg = TrainConfig()
+    for key, value in changes.items():
+        setattr(cfg.parallel, key, value)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=world)
+    assert message in str(err.value) and "\n" not in str(err.value)

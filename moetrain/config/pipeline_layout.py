@@ -1,0 +1,94 @@
+"""The pipeline's stage layout, pure: ``parallel.pp_schedule``'s names, the split of the blocks into stages
+(``parallel.pp_layers`` or the balanced default) and which stages a rank holds. Here, not in
+:mod:`moetrain.parallel.pipeline`, so config validation checks ``parallel.pp_layers`` before any work starts
+(the config package imports nothing of ``moetrain.parallel``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moetrain.config.errors import ConfigError
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv")
+"""``parallel.pp_schedule`` names (:data:`moetrain.parallel.pipeline.SCHEDULES` maps each to torch's class)."""
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble")
+"""The schedules whose ranks hold ``parallel.pp_virtual`` stages each (``zbv``: always 2)."""
+
+
+def stages_per_rank(schedule: str, virtual: int) -> int:
+    """How many stages each rank holds under ``schedule`` (``virtual``: ``parallel.pp_virtual``)."""
+    if schedule == "zbv":
+        return 2
+    if schedule not in MULTI_STAGE_SCHEDULES:
+        return 1
+    if virtual < 2:
+        raise ConfigError(f"parallel.pp_virtual={virtual}: {schedule} needs at least 2 stages per rank")
+    return virtual
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One pipeline stage: blocks ``[first, last)`` and whether it holds the embedding or the final norm and head."""
+
+    index: int
+    first: int
+    last: int
+    embedding: bool
+    head: bool
+
+    @property
+    def blocks(self) -> range:
+        return range(self.first, self.last)
+
+
+def stage_ids(pp_rank: int, pp: int, n_per_rank: int, style: str = "loop") -> list[int]:
+    """The stage indices rank ``pp_rank`` holds: ``loop`` r, r + P, r + 2P, ... (interleaved 1F1B); ``v``
+    r and 2P - 1 - r (the V shape of ZBV, Qi et al. 2024, arXiv 2405.15362)."""
+    if style == "v":
+        if n_per_rank != 2:
+            raise ValueError(f"stage_ids: the v style has 2 stages per rank, not {n_per_rank}")
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(n_per_rank)]
+
+
+def default_split(n_layers: int, n_stages: int) -> list[int]:
+    """Blocks per stage, as even as possible; the stages nearest the middle take the remainder, since the first
+    holds the embedding and the last the norm and the LM head."""
+    if n_stages > n_layers:
+        raise ConfigError(f"parallel.pp: {n_stages} stages for {n_layers} blocks (model.n_layers); use fewer stages")
+    base, extra = divmod(n_layers, n_stages)
+    middle = (n_stages - 1) / 2
+    by_centre = sorted(range(n_stages), key=lambda s: (abs(s - middle), s))
+    plus = set(by_centre[:extra])
+    return [base + (s in plus) for s in range(n_stages)]
+
+
+def parse_split(rule: str, n_layers: int, n_stages: int) -> list[int]:
+    """Blocks per stage from ``parallel.pp_layers`` (``"embedding+3,4,4,3+head"``: one count per stage, the
+    first prefixed ``embedding+``, the last suffixed ``+head``); one :class:`ConfigError` line if it does not
+    name ``n_stages`` stages covering all ``n_layers`` blocks."""
+    key = f"parallel.pp_layers={rule!r}"
+    parts = [p.strip() for p in rule.split(",")]
+    if len(parts) != n_stages:
+        raise ConfigError(f"{key}: {len(parts)} stages, the layout has {n_stages}")
+    if not parts[0].startswith("embedding+") or not parts[-1].endswith("+head"):
+        raise ConfigError(f"{key}: the first stage must start 'embedding+' and the last end '+head'")
+    parts[0], parts[-1] = parts[0].removeprefix("embedding+"), parts[-1].removesuffix("+head")
+    if n_stages == 1:
+        parts = [rule.strip().removeprefix("embedding+").removesuffix("+head")]
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(f"{key}: each stage must be a count of blocks")
+    counts = [int(p) for p in parts]
+    if sum(counts) != n_layers:
+        raise ConfigError(f"{key}: {sum(counts)} blocks, the model has {n_layers} (model.n_layers)")
+    return counts
+
+
+def stage_specs(n_layers: int, n_stages: int, rule: str | None = None) -> list[StageSpec]:
+    """All stages of the pipeline, from ``rule`` (:func:`parse_split`) or :func:`default_split`."""
+    counts = parse_split(rule, n_layers, n_stages) if rule else default_split(n_layers, n_stages)
+    specs, first = [], 0
+    for s, n in enumerate(counts):
+        specs.append(StageSpec(s, first, first + n, embedding=s == 0, head=s == n_stages - 1))
+        first += n
+    return specs

@@ -85,8 +85,9 @@ def float_values(obj: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
-    """Check every value and cross-field rule; raise :class:`ConfigError` on the first break."""
+def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -> TrainConfig:
+    """Check every value and cross-field rule; raise :class:`ConfigError` on the first break. ``for_training``
+    false (``moetrain-plan``) accepts what is planned but not yet trained (``parallel.pp > 1``)."""
     for key, value in float_values(cfg).items():  # NaN passes every `< 0` test below: refuse it first
         if not math.isfinite(value):
             _fail(key, value, "must be a finite number")
@@ -94,7 +95,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
             _fail(key, value, f"must be 0 or within float32's range ({FLOAT32_TINY:.1e} to {FLOAT32_MAX:.1e})")
     _model(cfg.model)
     _moe(cfg.moe)
-    _parallel(cfg, world_size)
+    _parallel(cfg, world_size, for_training)
     _router(cfg)
     _balance(cfg)
     _data(cfg.data)
@@ -141,7 +142,7 @@ def _moe(moe: MoEConfig) -> None:
     _choice("moe.recv_overflow", moe.recv_overflow, RECV_OVERFLOWS)
 
 
-def _parallel(cfg: TrainConfig, world_size: int) -> None:
+def _parallel(cfg: TrainConfig, world_size: int, for_training: bool = True) -> None:
     moe = cfg.moe
     p = cfg.parallel
     _positive("parallel.ep", p.ep)
@@ -154,7 +155,7 @@ def _parallel(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             layout_error.replace("the world size", "the world size / parallel.pp") if p.pp > 1 else layout_error
         )
-    if p.pp > 1:
+    if p.pp > 1 and for_training:
         _fail("parallel.pp", p.pp, "pipeline stages are not run by the trainer yet (docs/pipeline.md); use 1")
 
 

@@ -227,7 +227,20 @@ def plan(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int = 1) -> 
     for k, v in memory_per_gpu(cfg, vocab_size, W, zero, micro, fsdp=True).items():
         out[f"fsdp_mem_{k}_gb"] = v
     out["fsdp_mem_total_gb"] = sum(memory_per_gpu(cfg, vocab_size, W, zero, micro, fsdp=True).values())
+    out.update(pipeline_plan(cfg, W))
     return out
+
+
+def pipeline_plan(cfg: TrainConfig, world: int) -> dict[str, float]:
+    """``parallel.pp``'s micro-batches per step (the accumulation of each of the ``world / pp`` pipelines) and
+    the bubble fraction its schedule implies (:func:`~moetrain.parallel.pipeline.bubble_fraction`)."""
+    from moetrain.config.pipeline_layout import stages_per_rank
+    from moetrain.parallel.pipeline import bubble_fraction
+
+    p = cfg.parallel
+    m = max(1, cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * max(1, world // p.pp)))
+    v = stages_per_rank(p.pp_schedule, p.pp_virtual)
+    return {"pp_microbatches": m, "pp_stages_per_rank": v, "pp_bubble": bubble_fraction(p.pp_schedule, p.pp, m, v)}
 
 
 def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> str:
@@ -256,6 +269,13 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
         f"step time estimate: {p['step_s']:.3f} s = compute {p['compute_s']:.3f} (MFU {cluster.mfu:.0%}) "
         f"+ all-to-all {p['a2a_s']:.3f} + grad all-reduce {p['allreduce_s']:.3f} (no overlap assumed)",
     ]
+    pp = cfg.parallel.pp
+    if pp > 1:
+        lines.append(
+            f"pipeline: PP={pp}, {p['pp_stages_per_rank']:.0f} stage(s)/rank, {cfg.parallel.pp_schedule}, "
+            f"{p['pp_microbatches']:.0f} micro-batches/step: bubble {p['pp_bubble']:.1%} of the step "
+            "(equal stages; memory and step time above are without PP; docs/pipeline.md)"
+        )
     return "\n".join(lines)
 
 
@@ -287,7 +307,7 @@ def _main(argv: list[str] | None = None) -> None:
     check_known_keys(dcfg)
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, TrainConfig)
-    validate(cfg, world_size=cluster.world)  # a ConfigError is one line (guarded_main)
+    validate(cfg, world_size=cluster.world, for_training=False)  # a ConfigError is one line (guarded_main)
     vocab = vocab_for(cfg.model, build_tokenizer(cfg.data.tokenizer).vocab_size)
     print(report(cfg, cluster, vocab, args.zero))
 

@@ -131,3 +131,20 @@ def test_fsdp_memory_shards_the_non_expert_part_over_dp_and_the_experts_over_edp
     p = plan(cfg, Cluster(nodes=2, gpus_per_node=8), vocab, zero=0)
     assert p["fsdp_mem_total_gb"] < p["mem_total_gb"]
     assert "with FSDP" in report(cfg, Cluster(nodes=2, gpus_per_node=8), vocab, zero=0)
+
+
+def test_plan_prints_the_pipeline_bubble_of_the_layout():
+    """Catches a plan that counts the pipeline's micro-batches over the whole world instead of its DP = W / pp
+    replicas, or prints no bubble, for a layout that validation (for planning) accepts."""
+    from moetrain.config import validate
+
+    cfg = TrainConfig(model=ModelConfig(dim=256, n_layers=8), moe=MoEConfig(num_experts=16, top_k=2))
+    cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.pp_schedule = 4, 2, "interleaved_1f1b"
+    cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size = 64, 1
+    validate(cfg, world_size=16, for_training=False)
+    p = plan(cfg, Cluster(nodes=2, gpus_per_node=8), vocab_size=32000)
+    assert p["pp_microbatches"] == 16  # 64 sequences over DP = 16 / 4 pipelines, one per micro-batch
+    assert p["pp_bubble"] == pytest.approx(3 / (2 * 16 + 3))
+    assert "pipeline: PP=4, 2 stage(s)/rank, interleaved_1f1b, 16 micro-batches/step: bubble 8.6%" in report(
+        cfg, Cluster(nodes=2, gpus_per_node=8), 32000, zero=1
+    )

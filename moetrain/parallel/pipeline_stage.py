@@ -85,6 +85,11 @@ class StageModule(nn.Module):
         self.attach_aux = True
         self.aux_losses: list[torch.Tensor] = []
 
+    def moe_layers(self) -> dict[int, nn.Module]:
+        """This stage's MoE layers by global block index (what
+        :func:`~moetrain.parallel.expert_parallel.apply_expert_parallel` shards and names them by)."""
+        return {int(i): b.ffn for i, b in self.blocks.items() if b.is_moe}
+
     def forward(self, h: torch.Tensor, *, tokens_BS: torch.Tensor) -> torch.Tensor:
         x = self.embed(h) if self.embed is not None else h
         S = tokens_BS.shape[1]

@@ -229,3 +229,70 @@ def test_pp_config_errors_are_one_line(changes: dict[str, object], world: int, m
     with pytest.raises(ConfigError) as err:
         validate(cfg, world_size=world)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _pp_ep_rank(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """PP=2 x EP=2 on 4 ranks: mesh (pp, ep); pipelines {0, 2} and {1, 3}, each fed its own batch; a stage's
+    non-expert gradients averaged over its 2 data-parallel ranks, its experts' divided by them (the EP rule of
+    docs/parallelism.md inside one stage)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moetrain.parallel import ParallelContext, apply_expert_parallel, expert_parameters
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+    pc = ParallelContext(rank=rank, world_size=world, ep_size=2, ep_group=mesh["ep"].get_group())
+    pp_rank, dp_rank = divmod(rank, 2)
+    model_cfg, moe_cfg = _configs()
+    specs = stage_specs(model_cfg.n_layers, 2)
+    (module,) = build_stage_modules(
+        model_cfg, moe_cfg, VOCAB, SEQ, [specs[pp_rank]], 2, ep=2, ep_rank=pc.ep_rank, seed=SEED
+    )
+    apply_expert_parallel(module, pc)
+    stage = pipeline_stage(
+        module,
+        2,
+        microbatch=BATCH // 2 // MICRO,
+        seq_len=SEQ,
+        dim=model_cfg.dim,
+        vocab_size=VOCAB,
+        device=CPU,
+        group=mesh["pp"].get_group(),
+    )
+    batch = _batch().chunk(2)[dp_rank]
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    first, last = specs[pp_rank].embedding, specs[pp_rank].head
+    build_schedule("1f1b", [stage], MICRO, lm_loss).step(
+        *((inputs,) if first else ()), tokens_BS=inputs, target=targets if last else None
+    )
+    experts = {id(p) for p in expert_parameters(module)}
+    for p in module.parameters():
+        if id(p) not in experts:
+            dist.all_reduce(p.grad, group=mesh["ep"].get_group())
+        p.grad /= 2
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def test_pp2_x_ep2_equals_one_process_with_aux_loss() -> None:
+    """Catches PP composed with EP going wrong: the all-to-all over the wrong group (another stage's ranks),
+    a stage's experts not the EP rank's slice of the one-process init, or the aux losses of EP ranks lost. One
+    process runs both pipelines' micro-batches (BATCH / MICRO sequences each, as one EP rank's), the step's
+    loss their mean."""
+    batch = _batch()
+    model_cfg, moe_cfg = _configs()
+    model = build_model(model_cfg, moe_cfg, VOCAB, SEQ, seed=SEED)
+    per_rank = [half.chunk(MICRO) for half in batch.chunk(2)]
+    for i in range(MICRO):  # each EP rank's micro-batch i, both forwarded as one EP step routes them
+        for mbs in per_rank:
+            out = model(mbs[i][:, :-1])
+            ((lm_loss(out.logits, mbs[i][:, 1:]) + out.aux_loss) / (2 * MICRO)).backward()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    ranks = run_distributed(_pp_ep_rank, 4)
+    n_experts = moe_cfg.num_experts // 2
+    for rank, grads in enumerate(ranks):
+        for name, g in grads.items():
+            ref = want[name]
+            if name.endswith(("experts.w13", "experts.w2")):
+                ref = ref[(rank % 2) * n_experts : (rank % 2 + 1) * n_experts]
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
+    assert {n for r in ranks for n in r} == set(want)

@@ -35,7 +35,8 @@ class ScheduleInfo:
 
 def _bubble_1f1b(p: int, m: int, v: int) -> float:
     # Narayanan et al. 2021 (arXiv 2104.04473) sec. 2.2.1: bubble time (p-1)(tf+tb) next to m(tf+tb) of work,
-    # the same for GPipe (Huang et al. 2019) and 1F1B (PipeDream-Flush).
+    # the same for GPipe (Huang et al. 2019) and 1F1B (PipeDream-Flush). The paper's (p-1)/m is relative to the
+    # ideal time; as a fraction of the step it is (p-1) / (m + p-1).
     return (p - 1) / (m + p - 1)
 
 

@@ -140,6 +140,8 @@ def check_pipeline_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, n_stages: i
         return
     if model_cfg.tie_embeddings:
         raise ConfigError("parallel.pp > 1 with model.tie_embeddings: the embedding and LM head are on two stages")
+    if getattr(model_cfg, "mtp_depth", 0):  # main's multi-token prediction (issue 30): the stage module has no MTP
+        raise ConfigError("parallel.pp > 1 with model.mtp_depth > 0: the MTP modules are not placed on a stage yet")
     model_losses = [f"moe.balance.{loss.coef}" for loss, _ in enabled(moe_cfg.balance, "model")]
     if model_losses:
         raise ConfigError(f"parallel.pp > 1: the model-scope balance losses {model_losses} span every stage")

@@ -26,9 +26,11 @@ def apply_activation_checkpointing(model: Transformer) -> Transformer:
     routing draws the same noise when recomputed and the routing (hence the
     all-to-all under EP) is identical in both passes. The block's ``forward`` is
     rebound on the instance, so parameter names and checkpoints are unchanged; it takes the block's
-    arguments as they come, keyword ones included (non-reentrant checkpointing passes them through).
+    arguments as they come, keyword ones included (non-reentrant checkpointing passes them through). A pipeline
+    stage (:class:`~moetrain.parallel.pipeline_stage.StageModule`) holds its blocks in an ``nn.ModuleDict``.
     """
-    for block in model.blocks:
+    blocks = model.blocks.values() if isinstance(model.blocks, torch.nn.ModuleDict) else model.blocks
+    for block in blocks:
         if getattr(block, "activation_checkpointing", False):
             continue
         inner = block.forward

@@ -17,6 +17,7 @@ from moetrain.config.pipeline_layout import (
     stages_per_rank,
 )
 from moetrain.model import build_model
+from moetrain.model.apply import apply_activation_checkpointing
 from moetrain.parallel.pipeline import SCHEDULES, available_schedules, bubble_fraction, build_schedule, check_schedule
 from moetrain.parallel.pipeline_stage import build_stage_modules, check_pipeline_model, pipeline_stage, skip_normal
 from moetrain.train.step import lm_loss
@@ -141,7 +142,7 @@ def _one_process(batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Te
     return grads, torch.stack(lm), torch.stack(aux)
 
 
-def _pp_rank(rank: int, world: int, schedule: str, virtual: int, attach: bool) -> dict[str, object]:
+def _pp_rank(rank: int, world: int, schedule: str, virtual: int, attach: bool, ac: bool) -> dict[str, object]:
     model_cfg, moe_cfg = _configs()
     n_per = stages_per_rank(schedule, virtual)
     n_stages = world * n_per
@@ -150,6 +151,8 @@ def _pp_rank(rank: int, world: int, schedule: str, virtual: int, attach: bool) -
     modules = build_stage_modules(model_cfg, moe_cfg, VOCAB, SEQ, mine, n_stages, seed=SEED)
     for m in modules:
         m.attach_aux = attach
+        if ac:
+            apply_activation_checkpointing(m)  # type: ignore[arg-type]
     stages = [
         pipeline_stage(
             m, n_stages, microbatch=BATCH // MICRO, seq_len=SEQ, dim=model_cfg.dim, vocab_size=VOCAB, device=CPU
@@ -170,20 +173,28 @@ def _pp_rank(rank: int, world: int, schedule: str, virtual: int, attach: bool) -
     }
 
 
-def _run_pp(schedule: str, virtual: int = 1, attach: bool = True) -> list[dict[str, object]]:
-    return run_distributed(_pp_rank, 2, schedule, virtual, attach)
+def _run_pp(schedule: str, virtual: int = 1, attach: bool = True, ac: bool = False) -> list[dict[str, object]]:
+    return run_distributed(_pp_rank, 2, schedule, virtual, attach, ac)
 
 
 @pytest.mark.parametrize(
-    ("schedule", "virtual"),
-    [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zero_bubble", 2), ("zbv", 2)],
+    ("schedule", "virtual", "ac"),
+    [
+        ("gpipe", 1, False),
+        ("1f1b", 1, False),
+        ("1f1b", 1, True),
+        ("interleaved_1f1b", 2, False),
+        ("interleaved_zero_bubble", 2, False),
+        ("zbv", 2, False),
+    ],
 )
-def test_pp2_equals_one_process_with_aux_loss(schedule: str, virtual: int) -> None:
+def test_pp2_equals_one_process_with_aux_loss(schedule: str, virtual: int, ac: bool) -> None:
     """Catches any schedule whose gradients differ from the one-process step: a stage's aux loss missing or
     scaled differently from the LM loss, micro-batches mis-split, a stage's parameters lost; the LM losses and
-    the stages' aux losses (summing to the model's) must equal the one-process micro-batches' too."""
+    the stages' aux losses (summing to the model's) must equal the one-process micro-batches' too. ``ac``: each
+    stage's blocks under activation checkpointing (their recomputation must route identically)."""
     want, lm, aux = _one_process(_batch())
-    ranks = _run_pp(schedule, virtual)
+    ranks = _run_pp(schedule, virtual, ac=ac)
     grads = {n: g for r in ranks for n, g in r["grads"].items()}  # type: ignore[union-attr]
     assert grads.keys() == want.keys()
     for name, g in want.items():

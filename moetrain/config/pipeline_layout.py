@@ -92,3 +92,21 @@ def stage_specs(n_layers: int, n_stages: int, rule: str | None = None) -> list[S
         specs.append(StageSpec(s, first, first + n, embedding=s == 0, head=s == n_stages - 1))
         first += n
     return specs
+
+
+def check_pipeline_layout(
+    pp: int, schedule: str, virtual: int, rule: str | None, n_layers: int, world_size: int
+) -> list[StageSpec]:
+    """``parallel.pp*`` (config validation): ``pp`` divides the ranks, the schedule is known, and the split rule
+    covers the blocks; one :class:`ConfigError` line naming the key otherwise. Returns the stages."""
+    if pp <= 0:
+        raise ConfigError(f"parallel.pp={pp!r}: must be > 0")
+    if world_size % pp:
+        raise ConfigError(
+            f"parallel.pp={pp!r}: must divide the world size ({world_size} rank{'s' if world_size != 1 else ''})"
+        )
+    if schedule not in PP_SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule={schedule!r}: must be one of {', '.join(PP_SCHEDULES)}")
+    if virtual <= 0:
+        raise ConfigError(f"parallel.pp_virtual={virtual!r}: must be > 0")
+    return stage_specs(n_layers, pp * stages_per_rank(schedule, virtual), rule)

@@ -14,7 +14,7 @@ from typing import Any
 
 from moetrain.config.errors import ConfigError
 from moetrain.config.model import ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
-from moetrain.config.pipeline_layout import PP_SCHEDULES, stage_specs, stages_per_rank
+from moetrain.config.pipeline_layout import check_pipeline_layout
 from moetrain.config.run import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, TrainerConfig, config_keys
 
 SCORE_FNS = ("softmax", "sigmoid")
@@ -149,7 +149,7 @@ def _parallel(cfg: TrainConfig, world_size: int, for_training: bool = True) -> N
     _choice("parallel.backend", p.backend, BACKENDS)
     if not (p.bucket_mb > 0 and math.isfinite(p.bucket_mb)):  # nan and inf pass a plain "> 0"
         _fail("parallel.bucket_mb", p.bucket_mb, "must be a finite size in MiB > 0 (PyTorch DDP's default is 25)")
-    _pipeline(cfg, world_size)
+    check_pipeline_layout(p.pp, p.pp_schedule, p.pp_virtual, p.pp_layers, cfg.model.n_layers, world_size)
     layout_error = ep_layout_error(world_size // p.pp, p.ep, moe.num_experts)
     if layout_error:
         raise ConfigError(
@@ -157,19 +157,6 @@ def _parallel(cfg: TrainConfig, world_size: int, for_training: bool = True) -> N
         )
     if p.pp > 1 and for_training:
         _fail("parallel.pp", p.pp, "pipeline stages are not run by the trainer yet (docs/pipeline.md); use 1")
-
-
-def _pipeline(cfg: TrainConfig, world_size: int) -> None:
-    """``parallel.pp*``: the layout, the schedule name and the split rule (:mod:`.pipeline_layout`). ``pp > 1``
-    is then refused by :func:`_parallel` while the trainer does not run pipeline stages (docs/pipeline.md)."""
-    p = cfg.parallel
-    _positive("parallel.pp", p.pp)
-    if world_size % p.pp:
-        _fail("parallel.pp", p.pp, f"must divide the world size ({world_size} rank{'s' if world_size != 1 else ''})")
-    _choice("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
-    _positive("parallel.pp_virtual", p.pp_virtual)
-    n_stages = p.pp * stages_per_rank(p.pp_schedule, p.pp_virtual)
-    stage_specs(cfg.model.n_layers, n_stages, p.pp_layers)
 
 
 def _router(cfg: TrainConfig) -> None:

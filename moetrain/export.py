@@ -9,18 +9,19 @@ expert-parallel size into one full model and writes
   (``{"moetrain": {...}, "vocab_size": V, "step": s}``);
 * ``OUT_DIR/hf/``: a folder ``transformers.AutoModelForCausalLM.from_pretrained``
   loads with the same logits, when the architecture maps exactly onto Mixtral,
-  Qwen2-MoE or Qwen3-MoE (:mod:`moetrain.hf.mapping`; ``--hf auto``, the
+  Qwen2-MoE or Qwen3-MoE (:mod:`moetrain.hf.mapping`) or, with ``model.attention=mla``
+  and DeepSeek routing, DeepSeek-V2 / V3 (:mod:`moetrain.hf.deepseek`; ``--hf auto``, the
   default; ``--hf none`` skips it), with the run's tokenizer files and its
   bos / eos / pad ids (:mod:`moetrain.hf.tokenizer`). Anything else (sigmoid
   scores, a loss-free bias that is not zero, routed scaling, device-limited
   routing, capacity at evaluation, other strategies) changes which experts a
   token uses or their weights, so no ``hf/`` is written and the reason is said
   in one line;
-* ``OUT_DIR/hf_routing/``: for DeepSeek-V2/V3-style routing, the
+* ``OUT_DIR/hf_routing/``: for DeepSeek-V2/V3-style routing in a model without MLA, the
   ``transformers`` DeepSeek config and router tensors that reproduce the routing
   (:mod:`moetrain.hf.routing`).
 
-``moetrain-export --from-hf HF_DIR OUT_DIR`` goes the other way for Mixtral,
+``moetrain-export --from-hf HF_DIR OUT_DIR`` goes the other way for Mixtral, DeepSeek-V2 / V3,
 Qwen2-MoE (its shared-expert gate becomes ``moe.shared_expert_gate=true``) and
 Qwen3-MoE (``model.qk_norm=true``): it writes a weights-only moetrain checkpoint
 ``OUT_DIR/step_000000`` and ``OUT_DIR/config.yaml``, a whole config that
@@ -41,14 +42,10 @@ import torch
 
 from moetrain.config import TrainConfig, from_dict, to_dict
 from moetrain.errors import guarded_main
+from moetrain.hf.convert import from_hf_state, hf_architecture, hf_class, hf_config, to_hf_state
 from moetrain.hf.mapping import (
     ExportError,
-    from_hf_state,
-    hf_architecture,
-    hf_class,
-    hf_config,
     permute_heads,  # noqa: F401  (re-exported: moetrain.export.permute_heads)
-    to_hf_state,
 )
 from moetrain.model.transformer import Transformer, build_model
 from moetrain.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint

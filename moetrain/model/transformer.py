@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig, resolve_num_groups
-from moetrain.model.layers import Attention, KVCache, RMSNorm, document_ids, document_layout, rope_tables
+from moetrain.model.layers import Attention, KVCache, RMSNorm, document_ids, document_layout
+from moetrain.model.mla import MLA, LatentCache, latent_caches, model_rope_tables
 from moetrain.moe.balance import pooled_expert_balance_loss
 from moetrain.moe.experts import SwiGLU
 from moetrain.moe.layer import MoELayer, MoEStats
@@ -35,7 +36,11 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.qk_norm, cfg.norm_eps)
+        self.attn: nn.Module = (
+            MLA(cfg)
+            if cfg.attention == "mla"
+            else Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.qk_norm, cfg.norm_eps)
+        )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_idx)
         self.ffn: nn.Module = (
@@ -121,7 +126,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg, max_seq_len)  # the head dim's, or MLA's RoPE width's (YaRN too)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if not skip_init:
@@ -164,12 +169,17 @@ class Transformer(nn.Module):
     def moe_layers(self) -> dict[int, MoELayer]:
         return {b.layer_idx: b.ffn for b in self.blocks if b.is_moe}  # type: ignore[misc]
 
-    def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
-        """One empty :class:`KVCache` per block for incremental decoding of up to ``max_len`` positions."""
+    def new_kv_caches(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> list[KVCache] | list[LatentCache]:
+        """One empty :class:`KVCache` (MLA: :class:`~moetrain.model.mla.LatentCache`) per block for incremental
+        decoding of up to ``max_len`` positions."""
         max_len = max_len or self.max_seq_len
         if max_len > self.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.max_seq_len}")
         w = self.embed.weight
+        if self.cfg.attention == "mla":
+            return latent_caches(self.cfg, len(self.blocks), batch, max_len, w.device, dtype or w.dtype)
         n_kv = self.cfg.n_kv_heads or self.cfg.n_heads
         head_dim = self.cfg.dim // self.cfg.n_heads
         return [KVCache(batch, n_kv, max_len, head_dim, w.device, dtype or w.dtype) for _ in self.blocks]

@@ -163,7 +163,7 @@ def memory_per_gpu(
     """
     counts = param_counts(cfg, vocab_size)
     ep = cfg.parallel.ep
-    dense = totals(counts)[0] - counts["routed_experts"]
+    dense = totals(counts)[0] - counts["routed_experts"] + counts["mtp"]  # MTP modules held whole (upper bound)
     expert = counts["routed_experts"] / ep
     edp = world // ep
     gb = 1e9
@@ -202,6 +202,7 @@ def plan(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int = 1) -> 
         "params_total": total,
         "params_active": active,
         "params_active_no_lookup": active - (0 if cfg.model.tie_embeddings else counts["embedding"]),
+        "params_mtp": counts["mtp"],
         "flops_per_token": fpt,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "compute_s": compute_s,
@@ -245,7 +246,9 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
     W, ep = cluster.world, cfg.parallel.ep
     lines = [
         f"model: {p['params_total'] / 1e9:.3f}B parameters, {p['params_active'] / 1e9:.3f}B active "
-        f"({p['params_active_no_lookup'] / 1e9:.3f}B without the embedding lookup); "
+        f"({p['params_active_no_lookup'] / 1e9:.3f}B without the embedding lookup)"
+        + (f", + {p['params_mtp'] / 1e9:.3f}B in multi-token prediction" if p["params_mtp"] else "")
+        + "; "
         f"{p['flops_per_token'] / 1e9:.2f} GFLOPs/token (training); "
         f"KV cache {p['kv_cache_bytes_per_token'] / 1024:.1f} KiB/token in bf16 ({cfg.model.attention})",
         f"cluster: {cluster.nodes} x {cluster.gpus_per_node} GPUs, EP={ep}, DP={W}, ZeRO-{zero}; "

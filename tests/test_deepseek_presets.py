@@ -58,6 +58,8 @@ def test_tiny_presets_train_a_step_and_map_onto_transformers(preset):
     needs_transformers = pytest.importorskip("transformers")
     from moetrain.hf.convert import hf_architecture, hf_class, hf_config
     from moetrain.model import build_model
+    from moetrain.model.mtp import mtp_loss
+    from moetrain.train.step import lm_loss
 
     cfg = compose_without_hydra([f"model={preset}", "data.seq_len=32"])
     validate(cfg)
@@ -65,8 +67,10 @@ def test_tiny_presets_train_a_step_and_map_onto_transformers(preset):
     assert cfg.model.attention == "mla" and cfg.model.first_k_dense == 1
     assert cfg.moe.router.score_fn == ("sigmoid" if version == "3" else "softmax")
     model = build_model(cfg.model, cfg.moe, 320, 32, seed=0)
-    out = model(torch.randint(0, 320, (2, 32)))
-    loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
+    tokens = torch.randint(0, 320, (2, 33))
+    out = model(tokens[:, :-1])
+    assert len(out.mtp_logits) == (1 if version == "3" else 0)  # V3: one multi-token prediction module
+    loss = lm_loss(out.logits, tokens[:, 1:]) + out.aux_loss + mtp_loss(out.mtp_logits, tokens[:, 1:], 0.3)[0]
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
     arch = hf_architecture(cfg, model)

@@ -74,6 +74,10 @@ class ModelConfig:
     """MLA: each head's value width."""
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     """Context extension of RoPE (YaRN)."""
+    mtp_depth: int = 0
+    """D, the multi-token prediction modules after the main model (DeepSeek-V3 sec. 2.2: 1); 0 = off."""
+    mtp_lambda: float = 0.3
+    """lambda, the weight of the mean MTP loss (DeepSeek-V3: 0.3, then 0.1 for the last 4.8T tokens)."""
 
 
 @dataclass

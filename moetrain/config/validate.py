@@ -141,6 +141,9 @@ def _attention(m: ModelConfig) -> None:
             _positive("model.q_lora_rank", m.q_lora_rank)
         if m.qk_rope_head_dim % 2:
             _fail("model.qk_rope_head_dim", m.qk_rope_head_dim, "must be even for RoPE")
+    if m.mtp_depth < 0 or m.mtp_lambda < 0:
+        key = "model.mtp_depth" if m.mtp_depth < 0 else "model.mtp_lambda"
+        _fail(key, getattr(m, key.split(".")[1]), "must be >= 0")
     if m.rope_scaling.type == "yarn":
         if m.attention != "mla":
             _fail("model.rope_scaling.type", "yarn", "YaRN is implemented for model.attention=mla (DeepSeek-V2/V3)")

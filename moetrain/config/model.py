@@ -63,9 +63,9 @@ class ModelConfig:
     arXiv 2405.04434 sec. 2.1: keys and values from a cached ``kv_lora_rank`` latent, plus a RoPE key shared
     across heads; docs/deepseek.md)."""
     kv_lora_rank: int = 64
-    """MLA: d_c, the width of the compressed key-value latent c_KV (eq. 9), the numbers cached per token."""
+    """MLA: d_c, the width of the compressed key-value latent c_KV (sec. 2.1.2), the numbers cached per token."""
     q_lora_rank: int | None = None
-    """MLA: d_c', the width of the compressed query latent c_Q (eq. 12); ``None`` = full-rank queries."""
+    """MLA: d_c', the width of the compressed query latent c_Q (sec. 2.1.2); ``None`` = full-rank queries."""
     qk_rope_head_dim: int = 16
     """MLA: d_h^R, the width of the decoupled RoPE query per head and of the one RoPE key shared by all heads."""
     qk_nope_head_dim: int = 32

@@ -167,7 +167,9 @@ def check_loading_info(hf_path: Path, info: dict[str, Any]) -> None:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = None) -> Path:
-    """Write a weights-only moetrain checkpoint of a ``transformers`` Mixtral / Qwen2-MoE / Qwen3-MoE folder.
+    """Write a weights-only moetrain checkpoint of a ``transformers`` Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
+    DeepSeek-V2 / DeepSeek-V3 folder (its safetensors read tensor by tensor, :mod:`moetrain.hf.lazy`, when they
+    are exactly the model's; through ``from_pretrained`` otherwise).
 
     The checkpoint ``OUT_DIR/step_000000`` starts a run at step 0 with these
     weights (``trainer.resume=OUT_DIR/step_000000``); ``OUT_DIR/config.yaml`` holds
@@ -176,22 +178,27 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
     """
     import transformers
 
+    from moetrain.hf.lazy import assigned_model, read_lazily
     from moetrain.hf.tokenizer import has_tokenizer
 
     hf_path, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
     check_import_target(out)
-    # its load report (many lines) is kept off the terminal by the CLI (import_hf_reported), which reads the
-    # mismatch table from it when the load fails; check_loading_info says what does not map in one line
-    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(hf_path), dtype=torch.float32, output_loading_info=True
-    )
-    check_loading_info(hf_path, info)
-    cfg, state = from_hf_state(hf_model.state_dict(), hf_model.config)
-    cfg.data.seq_len = seq_len or min(int(hf_model.config.max_position_embeddings), 4096)
+    lazy = read_lazily(hf_path)  # safetensors (sharded or not) exactly the model's: read tensor by tensor
+    if lazy is not None:
+        hf_config, cfg, state = lazy
+    else:
+        # its load report (many lines) is kept off the terminal by the CLI (import_hf_reported), which reads the
+        # mismatch table from it when the load fails; check_loading_info says what does not map in one line
+        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(hf_path), dtype=torch.float32, output_loading_info=True
+        )
+        check_loading_info(hf_path, info)
+        hf_config = hf_model.config
+        cfg, state = from_hf_state(hf_model.state_dict(), hf_config)
+    cfg.data.seq_len = seq_len or min(int(hf_config.max_position_embeddings), 4096)
     if has_tokenizer(hf_path):
         cfg.data.tokenizer = str(hf_path)
-    model = build_model(cfg.model, cfg.moe, cfg.model.vocab_size or 0, cfg.data.seq_len)
-    model.load_state_dict(state, strict=True)
+    model = assigned_model(cfg, state)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = publish_weights(model, cfg, out, {"source": str(hf_path)})
     cfg.trainer.resume = str(ckpt)

@@ -56,6 +56,11 @@ class ModelConfig:
     """Share the token embedding and LM head weights."""
     qk_norm: bool = False
     """RMSNorm over each head's query and key before RoPE (Qwen3, OLMo-2); off = plain attention."""
+    qk_norm_scope: str = "head"
+    """With ``qk_norm``: ``head`` (each head's Dh, Qwen3) or ``all`` (the whole q and k projections at once,
+    OLMoE / OLMo-2)."""
+    attention_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2, Qwen1.5-MoE); initialised at 0."""
     init_std: float = 0.02
     """Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
     attention: str = "gqa"

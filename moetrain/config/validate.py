@@ -134,6 +134,7 @@ def _attention(m: ModelConfig) -> None:
     """``model.attention`` and, for MLA, its widths (even RoPE width) and the YaRN keys."""
     _choice("model.attention", m.attention, ATTENTIONS)
     _choice("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    _choice("model.qk_norm_scope", m.qk_norm_scope, ("head", "all"))
     if m.attention == "mla":
         for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
             _positive(f"model.{key}", getattr(m, key))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moetrain.config import ModelConfig, MoEConfig, RopeScalingConfig, TrainConfig
-from moetrain.hf.mapping import DENSE_MAP, ExportError, _experts_to_hf
+from moetrain.hf.mapping import DENSE_MAP, ExportError, _experts_from_hf, _experts_to_hf
 from moetrain.hf.routing import deepseek_routing
 from moetrain.model.transformer import Transformer, is_moe_layer
 
@@ -244,9 +244,8 @@ def deepseek_from_hf_state(state: dict[str, torch.Tensor], hf_cfg: Any) -> tuple
             out.update({p + ours: state[h + theirs] for ours, theirs in DENSE_MAP.items()})
             continue
         e = h + "mlp."
-        out[p + "ffn.router.weight"] = state[e + "gate.weight"]
-        out[p + "ffn.router.expert_bias"] = state.get(e + "gate.e_score_correction_bias", torch.zeros(n))
-        out[p + "ffn.experts.w13"] = state[e + "experts.gate_up_proj"].transpose(1, 2).contiguous()
-        out[p + "ffn.experts.w2"] = state[e + "experts.down_proj"].transpose(1, 2).contiguous()
+        out.update(_experts_from_hf(state, p, e, hf_cfg.model_type, n))  # fused, or per expert as on disk
+        if e + "gate.e_score_correction_bias" in state:
+            out[p + "ffn.router.expert_bias"] = state[e + "gate.e_score_correction_bias"]
         out.update({p + ours: state[e + theirs] for ours, theirs in SHARED_EXPERTS_MAP.items() if e + theirs in state})
     return cfg, out

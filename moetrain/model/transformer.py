@@ -40,7 +40,15 @@ class Block(nn.Module):
         self.attn: nn.Module = (
             MLA(cfg)
             if cfg.attention == "mla"
-            else Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.qk_norm, cfg.norm_eps)
+            else Attention(
+                cfg.dim,
+                cfg.n_heads,
+                cfg.n_kv_heads or cfg.n_heads,
+                cfg.qk_norm,
+                cfg.norm_eps,
+                cfg.attention_bias,
+                cfg.qk_norm_scope,
+            )
         )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_idx)
@@ -167,10 +175,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def zero_init(self) -> None:
-        """After the draws: loss-free biases at 0; with ``router.zero_init`` the router weights too."""
+        """After the draws: loss-free biases and attention biases at 0; with ``router.zero_init`` the router
+        weights too."""
         for name, buf in self.named_buffers():
             if name.endswith("expert_bias"):
                 buf.zero_()
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):  # the q/k/v biases (model.attention_bias) start at 0
+                p.zero_()
         if self.moe_cfg.router.zero_init:  # Shazeer et al. 2017, appendix A: no signal and some noise at first
             for name, p in self.named_parameters():
                 if name.endswith(("router.weight", "router.noise_weight")):

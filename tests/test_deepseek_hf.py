@@ -143,14 +143,25 @@ def test_what_does_not_map_is_refused_naming_the_key(tmp_path):
         hf_architecture(cfg)
 
 
+def source_model(arch: str):  # type: ignore[no-untyped-def]
+    """The tiny random transformers model of each architecture issue 30 imports."""
+    from tests.test_hf_olmoe_qwen_bias import tiny
+
+    if arch.startswith("deepseek_v"):
+        return tiny_deepseek(int(arch[-1]))
+    return tiny("olmoe") if arch == "olmoe" else tiny("qwen2_moe")
+
+
 @pytest.mark.e2e
-def test_import_train_three_steps_export_loads_in_transformers_with_the_trained_logits(tmp_path):
-    """DeepSeek-V3 folder -> import -> 3 training steps (the loss-free bias moves) -> export: transformers loads
-    it with the trained model's logits (catches a bias or trained tensor left behind)."""
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "olmoe", "qwen2_moe"])
+def test_import_train_three_steps_export_loads_in_transformers_with_the_trained_logits(tmp_path, arch):
+    """transformers folder -> import -> 3 training steps -> export: transformers loads it with the trained
+    model's logits (catches a trained tensor, or DeepSeek-V3's moved loss-free bias, left behind); Qwen2-MoE
+    with q/k/v biases (they train too)."""
     needs("transformers", "safetensors", "tokenizers")
     from moetrain.hf.tokenizer import save_tokenizer
 
-    tiny_deepseek(3).save_pretrained(str(tmp_path / "hf"))
+    source_model(arch).save_pretrained(str(tmp_path / "hf"))
     save_tokenizer("byte", tmp_path / "hf")
     ckpt = import_hf(tmp_path / "hf", tmp_path / "imported", seq_len=32)
     corpus = ",".join(write_corpus(tmp_path / "corpus"))
@@ -164,16 +175,19 @@ def test_import_train_three_steps_export_loads_in_transformers_with_the_trained_
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3]
     written = export(tmp_path / "run", tmp_path / "out")
-    assert written["arch"] == "deepseek_v3" and "hf_routing" not in written
+    assert written["arch"] == arch and "hf_routing" not in written
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(Path(written["hf"])), dtype=torch.float32).eval()
     model, _, meta = load_checkpoint_model(tmp_path / "run")
+    imported = load_checkpoint_model(tmp_path / "imported" / "step_000000")[0]
     assert meta["step"] == 3
-    bias = model.blocks[1].ffn.router.expert_bias
-    assert not torch.equal(
-        bias, load_checkpoint_model(tmp_path / "imported" / "step_000000")[0].blocks[1].ffn.router.expert_bias
-    )
+    moved = [n for n, t in model.state_dict().items() if not torch.equal(t, imported.state_dict()[n])]
+    assert "blocks.1.attn.wo.weight" in moved
+    if arch == "deepseek_v3":
+        assert "blocks.1.ffn.router.expert_bias" in moved
+    if arch == "qwen2_moe":
+        assert "blocks.1.attn.wq.bias" in moved
     tokens = torch.randint(0, 256, (2, 32))
     diff = (logits_of(hf, tokens) - logits_of(model, tokens)).abs().max().item()
     assert diff < 1e-5, f"exported logits differ by {diff}"

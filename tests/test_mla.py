@@ -186,3 +186,18 @@ def test_cost_formulas_reduce_to_gqa_and_count_mla_widths():
     mla = mla_cfg()
     assert attention_score_flops(mla, 128) == 6 * 3 * 128 * 4 * (6 + 8 + 10)
     assert kv_numbers_per_token(mla) == 12 + 8
+
+
+def test_checkpoint_architecture_names_a_changed_mla_width_and_ignores_it_for_gqa(tmp_path):
+    """Catches a resume that loads MLA weights of another latent width (a state-dict error instead of one line
+    naming the key), or a GQA run refused over an MLA width it does not build."""
+    from types import SimpleNamespace
+
+    from moetrain.train.checkpoint import CheckpointError, arch_of, check_arch
+
+    built = SimpleNamespace(vocab_size=V, num_groups=1)
+    saved, run = TrainConfig(model=mla_cfg()), TrainConfig(model=mla_cfg(kv_lora_rank=16))
+    with pytest.raises(CheckpointError, match=r"model\.kv_lora_rank=12 in the checkpoint but 16 in this run"):
+        check_arch(tmp_path, {"arch": arch_of(saved, built)}, arch_of(run, built))
+    gqa_saved, gqa_run = TrainConfig(), TrainConfig(model=ModelConfig(kv_lora_rank=16))
+    check_arch(tmp_path, {"arch": arch_of(gqa_saved, built)}, arch_of(gqa_run, built))

@@ -14,7 +14,14 @@ its value and the rule, before any model or data is built.
 """
 
 from moetrain.config.errors import ConfigError
-from moetrain.config.model import BalanceConfig, ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
+from moetrain.config.model import (
+    BalanceConfig,
+    ModelConfig,
+    MoEConfig,
+    RopeScalingConfig,
+    RouterConfig,
+    resolve_num_groups,
+)
 from moetrain.config.run import (
     CheckpointConfig,
     DataConfig,
@@ -74,6 +81,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "RopeScalingConfig",
     "RouterConfig",
     "SourceConfig",
     "TrainConfig",

@@ -124,6 +124,34 @@ def _model(m: ModelConfig) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.rope_theta", m.rope_theta)
     _positive("model.norm_eps", m.norm_eps)
+    _attention(m)
+
+
+ATTENTIONS = ("gqa", "mla")
+ROPE_SCALINGS = ("none", "yarn")
+
+
+def _attention(m: ModelConfig) -> None:
+    """``model.attention`` and, for MLA, its widths (even RoPE width) and the YaRN keys."""
+    _choice("model.attention", m.attention, ATTENTIONS)
+    _choice("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    _choice("model.qk_norm_scope", m.qk_norm_scope, ("head", "all"))
+    if m.attention == "mla":
+        for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            _positive(f"model.{key}", getattr(m, key))
+        if m.q_lora_rank is not None:
+            _positive("model.q_lora_rank", m.q_lora_rank)
+        if m.qk_rope_head_dim % 2:
+            _fail("model.qk_rope_head_dim", m.qk_rope_head_dim, "must be even for RoPE")
+    if m.mtp_depth < 0 or m.mtp_lambda < 0:
+        key = "model.mtp_depth" if m.mtp_depth < 0 else "model.mtp_lambda"
+        _fail(key, getattr(m, key.split(".")[1]), "must be >= 0")
+    if m.rope_scaling.type == "yarn":
+        if m.attention != "mla":
+            _fail("model.rope_scaling.type", "yarn", "YaRN is implemented for model.attention=mla (DeepSeek-V2/V3)")
+        if m.rope_scaling.factor < 1:
+            _fail("model.rope_scaling.factor", m.rope_scaling.factor, "must be >= 1")
+        _positive("model.rope_scaling.original_max_seq_len", m.rope_scaling.original_max_seq_len)
 
 
 def _moe(moe: MoEConfig) -> None:

@@ -9,18 +9,19 @@ expert-parallel size into one full model and writes
   (``{"moetrain": {...}, "vocab_size": V, "step": s}``);
 * ``OUT_DIR/hf/``: a folder ``transformers.AutoModelForCausalLM.from_pretrained``
   loads with the same logits, when the architecture maps exactly onto Mixtral,
-  Qwen2-MoE or Qwen3-MoE (:mod:`moetrain.hf.mapping`; ``--hf auto``, the
+  Qwen2-MoE or Qwen3-MoE (:mod:`moetrain.hf.mapping`) or, with ``model.attention=mla``
+  and DeepSeek routing, DeepSeek-V2 / V3 (:mod:`moetrain.hf.deepseek`; ``--hf auto``, the
   default; ``--hf none`` skips it), with the run's tokenizer files and its
   bos / eos / pad ids (:mod:`moetrain.hf.tokenizer`). Anything else (sigmoid
   scores, a loss-free bias that is not zero, routed scaling, device-limited
   routing, capacity at evaluation, other strategies) changes which experts a
   token uses or their weights, so no ``hf/`` is written and the reason is said
   in one line;
-* ``OUT_DIR/hf_routing/``: for DeepSeek-V2/V3-style routing, the
+* ``OUT_DIR/hf_routing/``: for DeepSeek-V2/V3-style routing in a model without MLA, the
   ``transformers`` DeepSeek config and router tensors that reproduce the routing
   (:mod:`moetrain.hf.routing`).
 
-``moetrain-export --from-hf HF_DIR OUT_DIR`` goes the other way for Mixtral,
+``moetrain-export --from-hf HF_DIR OUT_DIR`` goes the other way for Mixtral, DeepSeek-V2 / V3,
 Qwen2-MoE (its shared-expert gate becomes ``moe.shared_expert_gate=true``) and
 Qwen3-MoE (``model.qk_norm=true``): it writes a weights-only moetrain checkpoint
 ``OUT_DIR/step_000000`` and ``OUT_DIR/config.yaml``, a whole config that
@@ -41,14 +42,10 @@ import torch
 
 from moetrain.config import TrainConfig, from_dict, to_dict
 from moetrain.errors import guarded_main
+from moetrain.hf.convert import from_hf_state, hf_architecture, hf_class, hf_config, to_hf_state
 from moetrain.hf.mapping import (
     ExportError,
-    from_hf_state,
-    hf_architecture,
-    hf_class,
-    hf_config,
     permute_heads,  # noqa: F401  (re-exported: moetrain.tools.export.permute_heads)
-    to_hf_state,
 )
 from moetrain.model.transformer import Transformer, build_model
 from moetrain.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
@@ -170,7 +167,9 @@ def check_loading_info(hf_path: Path, info: dict[str, Any]) -> None:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = None) -> Path:
-    """Write a weights-only moetrain checkpoint of a ``transformers`` Mixtral / Qwen2-MoE / Qwen3-MoE folder.
+    """Write a weights-only moetrain checkpoint of a ``transformers`` Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
+    DeepSeek-V2 / DeepSeek-V3 folder (its safetensors read tensor by tensor, :mod:`moetrain.hf.lazy`, when they
+    are exactly the model's; through ``from_pretrained`` otherwise).
 
     The checkpoint ``OUT_DIR/step_000000`` starts a run at step 0 with these
     weights (``trainer.resume=OUT_DIR/step_000000``); ``OUT_DIR/config.yaml`` holds
@@ -179,22 +178,27 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
     """
     import transformers
 
+    from moetrain.hf.lazy import assigned_model, read_lazily
     from moetrain.hf.tokenizer import has_tokenizer
 
     hf_path, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
     check_import_target(out)
-    # its load report (many lines) is kept off the terminal by the CLI (import_hf_reported), which reads the
-    # mismatch table from it when the load fails; check_loading_info says what does not map in one line
-    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(hf_path), dtype=torch.float32, output_loading_info=True
-    )
-    check_loading_info(hf_path, info)
-    cfg, state = from_hf_state(hf_model.state_dict(), hf_model.config)
-    cfg.data.seq_len = seq_len or min(int(hf_model.config.max_position_embeddings), 4096)
+    lazy = read_lazily(hf_path)  # safetensors (sharded or not) exactly the model's: read tensor by tensor
+    if lazy is not None:
+        hf_config, cfg, state = lazy
+    else:
+        # its load report (many lines) is kept off the terminal by the CLI (import_hf_reported), which reads the
+        # mismatch table from it when the load fails; check_loading_info says what does not map in one line
+        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(hf_path), dtype=torch.float32, output_loading_info=True
+        )
+        check_loading_info(hf_path, info)
+        hf_config = hf_model.config
+        cfg, state = from_hf_state(hf_model.state_dict(), hf_config)
+    cfg.data.seq_len = seq_len or min(int(hf_config.max_position_embeddings), 4096)
     if has_tokenizer(hf_path):
         cfg.data.tokenizer = str(hf_path)
-    model = build_model(cfg.model, cfg.moe, cfg.model.vocab_size or 0, cfg.data.seq_len)
-    model.load_state_dict(state, strict=True)
+    model = assigned_model(cfg, state)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = publish_weights(model, cfg, out, {"source": str(hf_path)})
     cfg.trainer.resume = str(ckpt)

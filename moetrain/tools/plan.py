@@ -28,6 +28,7 @@ import torch
 
 from moetrain.config import TrainConfig, resolve_num_groups
 from moetrain.errors import check_arg, guarded_main
+from moetrain.model.mla import attention_score_flops, kv_numbers_per_token
 from moetrain.model.transformer import build_model, total_and_active
 from moetrain.moe.routing import topk_experts
 from moetrain.parallel.all_to_all import META_BYTES
@@ -82,10 +83,17 @@ def totals(counts: dict[str, int]) -> tuple[int, int]:
 
 
 def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
-    """6 x active non-embedding parameters (LM head included) + 12 L D S (``moetrain.train.flops``)."""
+    """6 x active non-embedding parameters (LM head included) + the attention scores, 12 L D S for GQA
+    (:func:`~moetrain.model.mla.attention_score_flops`, ``moetrain.train.flops``)."""
     counts = param_counts(cfg, vocab_size)
     active = totals(counts)[1] - counts["embedding"] + (counts["embedding"] if cfg.model.tie_embeddings else 0)
-    return 6.0 * active + 12.0 * cfg.model.n_layers * cfg.model.dim * cfg.data.seq_len
+    return 6.0 * active + attention_score_flops(cfg.model, cfg.data.seq_len)
+
+
+def kv_cache_bytes_per_token(cfg: TrainConfig, bytes_per_number: int = 2) -> int:
+    """Generation cache bytes per token, all layers, bf16 by default: MLA's latent + RoPE key or GQA's K and V
+    (:func:`~moetrain.model.mla.kv_numbers_per_token`)."""
+    return kv_numbers_per_token(cfg.model) * cfg.model.n_layers * bytes_per_number
 
 
 def expected_remote_ranks(num_experts: int, top_k: int, ep: int) -> float:
@@ -155,7 +163,7 @@ def memory_per_gpu(
     """
     counts = param_counts(cfg, vocab_size)
     ep = cfg.parallel.ep
-    dense = totals(counts)[0] - counts["routed_experts"]
+    dense = totals(counts)[0] - counts["routed_experts"] + counts["mtp"]  # MTP modules held whole (upper bound)
     expert = counts["routed_experts"] / ep
     edp = world // ep
     gb = 1e9
@@ -193,7 +201,10 @@ def plan(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int = 1) -> 
     out: dict[str, float] = {
         "params_total": total,
         "params_active": active,
+        "params_active_no_lookup": active - (0 if cfg.model.tie_embeddings else counts["embedding"]),
+        "params_mtp": counts["mtp"],
         "flops_per_token": fpt,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "compute_s": compute_s,
     }
 
@@ -234,8 +245,12 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
     p = plan(cfg, cluster, vocab_size, zero)
     W, ep = cluster.world, cfg.parallel.ep
     lines = [
-        f"model: {p['params_total'] / 1e9:.3f}B parameters, {p['params_active'] / 1e9:.3f}B active; "
-        f"{p['flops_per_token'] / 1e9:.2f} GFLOPs/token (training)",
+        f"model: {p['params_total'] / 1e9:.3f}B parameters, {p['params_active'] / 1e9:.3f}B active "
+        f"({p['params_active_no_lookup'] / 1e9:.3f}B without the embedding lookup)"
+        + (f", + {p['params_mtp'] / 1e9:.3f}B in multi-token prediction" if p["params_mtp"] else "")
+        + "; "
+        f"{p['flops_per_token'] / 1e9:.2f} GFLOPs/token (training); "
+        f"KV cache {p['kv_cache_bytes_per_token'] / 1024:.1f} KiB/token in bf16 ({cfg.model.attention})",
         f"cluster: {cluster.nodes} x {cluster.gpus_per_node} GPUs, EP={ep}, DP={W}, ZeRO-{zero}; "
         f"{cfg.trainer.global_batch_size} x {cfg.data.seq_len} tokens/step",
         f"memory/GPU: weights {p['mem_weights_gb']:.1f} GB, grads {p['mem_grads_gb']:.1f} GB, "

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moetrain.model.mtp import mtp_loss
 from moetrain.model.transformer import ModelOutput
 from moetrain.moe.layer import MoEStats, global_routing_counts
 from moetrain.moe.step_state import step_state
@@ -87,8 +88,11 @@ def accumulate_gradients(
                 out = forward(mb[:, :-1])
                 loss_lm = lm_loss(out.logits, mb[:, 1:])
                 aux = out.aux_loss
+                mtp, mtp_k = mtp_loss(out.mtp_logits, mb[:, 1:], out.mtp_lambda)  # 0 and [] without MTP
             with last_backward() if last_backward is not None and i == len(micro) - 1 else nullcontext():
-                backward(loss_lm + aux, len(micro))
+                backward(loss_lm + aux + mtp if mtp_k else loss_lm + aux, len(micro))
             rec.record("train/loss", loss_lm, "mean")
             rec.record("train/aux_loss", aux, "mean")
+            for k, loss_k in enumerate(mtp_k, start=1):
+                rec.record(f"train/mtp_loss_{k}", loss_k, "mean")  # DeepSeek-V3 eq. 24, unweighted
             record_moe(rec, out.moe_stats)

@@ -258,6 +258,7 @@ class Trainer:
         return {
             "train/loss": host["train/loss"],
             "train/aux_loss": host["train/aux_loss"],
+            **{k: v for k, v in host.items() if k.startswith("train/mtp_loss_")},  # multi-token prediction, by depth
             "train/lr": out.lr,
             "train/grad_norm": out.info.grad_norm.item(),
             "perf/tokens_per_sec": tokens_per_sec,

@@ -104,6 +104,10 @@ COMPOSE_CASES = [
     ["moe=deepseek_v3", "logger=none", "data.source=files", "data.paths=[a.txt,b.txt]", "moe.router.num_groups=null"],
     ["experiment=smoke", "moe=hash", "trainer.max_steps=3", "moe.balance.expert_coef=0", "model.dim=96"],
     ["moe=switch", "trainer.resume_allow_changes=[optim.lr]", "trainer.precision=bf16", "data.tokenizer='gpt2'"],
+    # a model preset's own defaults pick the routing preset unless the command line picks one
+    ["model=deepseek_v3", "moe.top_k=6"],
+    ["model=deepseek_v2_tiny", "moe=default", "experiment=smoke"],
+    ["model=deepseek_v2_lite"],
 ]
 
 

@@ -134,8 +134,8 @@ def test_adopted_experts_save_and_load_per_expert_in_deepspeed_naming():
     from deepspeed.moe.utils import is_moe_param
 
     from moetrain.moe.experts import GroupedExperts
-    from moetrain.parallel.deepspeed_moe import DeepSpeedGroupedExperts, split_moe_param_groups
     from moetrain.parallel.expert_parallel import shard_experts
+    from moetrain.train.deepspeed.moe_layers import DeepSpeedGroupedExperts, split_moe_param_groups
 
     torch.manual_seed(0)
     experts = GroupedExperts(4, 8, 6)

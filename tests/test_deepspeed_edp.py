@@ -5,7 +5,7 @@ copy and ZeRO's expert partitioning (DeepSpeed's ``expert_data_parallel``
 groups, the expert gradients' all-reduce over them) never runs. Here every
 shard has two copies: ZeRO-2 must average the expert gradients over the EDP
 pair with the scale that makes EP x DP equal one process, as the native engine
-does (``parallel/grad_sync.py``), and clip by the same global norm.
+does (``parallel/data_parallel.py``), and clip by the same global norm.
 """
 
 from __future__ import annotations

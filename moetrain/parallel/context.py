@@ -17,8 +17,9 @@ Layout (docs/parallelism.md), W ranks and expert-parallel size ``ep``:
 
 The groups come from one two-dimensional :class:`~torch.distributed.device_mesh.DeviceMesh` of shape
 ``(W / ep, ep)`` with named dimensions ``("edp", "ep")``: row ``g`` is EP group ``g`` (contiguous ranks), column
-``k`` the EDP group of shard ``k`` (strided ranks); FSDP (:mod:`moetrain.parallel.fsdp`) shards the non-expert
-part over the two flattened (``"dp"``, all W ranks) and the experts over ``"edp"``, torchtitan's layout. The
+``k`` the EDP group of shard ``k`` (strided ranks); the data-parallel units (:mod:`moetrain.parallel.data_parallel`)
+reduce the non-expert part over the two flattened (``"dp"``, all W ranks) and the experts over ``"edp"``,
+torchtitan's layout. The
 mesh and its groups live on the context object that is passed explicitly (no module globals), like
 torchtitan's ``ParallelDims``.
 """
@@ -96,12 +97,6 @@ class ParallelContext:
         that must not interleave with the training ones; made on first use by every rank in the same order,
         then cached by ``name``. ``None`` on one process."""
         return self._own_group(f"host/{name}", "gloo")
-
-    def own_group(self, name: str) -> Any:
-        """A group over all ranks on the training backend for one stream of collectives whose issue order must
-        not mix with the others' (the bucketed gradient all-reduce: :mod:`moetrain.parallel.grad_buckets`);
-        made on first use, cached by ``name``. ``None`` on one process."""
-        return self._own_group(f"train/{name}", None)
 
     def _own_group(self, key: str, backend: str | None) -> Any:
         if not (self.distributed and dist.is_initialized()):

@@ -92,6 +92,20 @@ class ParallelContext:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return t
 
+    def all_reduce_flat(self, tensors: list[torch.Tensor], op: str = "sum", group: Any = None) -> list[torch.Tensor]:
+        """``tensors`` (one dtype, one device) summed (``op="sum"``) or maximised (``"max"``) over all ranks (or
+        ``group``) in one all-reduce of them flattened together; returns views of the result, each shaped as its
+        input (scalars stay 0-d). The inputs themselves on one process."""
+        if not self.distributed or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.all_reduce_max(flat, group) if op == "max" else self.all_reduce_sum(flat, group)
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out
+
     def host_group(self, name: str) -> Any:
         """A CPU gloo group over all ranks for host-side collectives (checkpoint publishing, the stop vote)
         that must not interleave with the training ones; made on first use by every rank in the same order,

@@ -9,7 +9,7 @@ the step's last). :class:`~moetrain.train.native.NativeTrainModule` is moetrain'
 ``replicate`` or ``fully_shard`` over DP / EDP, clipping by the true global norm, autocast);
 :class:`~moetrain.train.deepspeed.module.DeepSpeedTrainModule` runs the same model through
 ``deepspeed.initialize``. To add an engine, subclass :class:`TrainModule` in a package of its own and add it to
-:func:`moetrain.train.trainer.build_train_module` (docs/engines.md).
+:func:`moetrain.train.trainer.build_train_module` (docs/architecture.md, "Where to add ...").
 """
 
 from __future__ import annotations

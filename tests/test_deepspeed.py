@@ -193,7 +193,11 @@ def _curve(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    """This rank's parameters as plain tensors (the native engine's are replicated DTensors: their local tensor is
+    the whole)."""
+    from moetrain.train.checkpoint.sharded import local_tensor
+
+    return {n: local_tensor(p).detach().float().clone() for n, p in model.named_parameters()}
 
 
 def _engines_worker(rank: int, world: int, cfg: Any, tmp: str) -> dict[str, Any]:

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,22 +171,24 @@ class DeepSpeedTrainModule(TrainModule):
         if self.model.moe_layers():
             check_expert_groups(pc)
 
-    def micro_batch_context(self, i: int, n: int) -> nullcontext[None]:
-        """DeepSpeed counts the micro-batches itself (its accumulation boundary): its count must be the step's."""
+    @contextmanager
+    def micro_batch_context(self, i: int, n: int) -> Iterator[None]:
+        """DeepSpeed's accumulation count must be the step's micro-batches; after each but the last,
+        ``engine.step()`` only advances its micro-step count (the last one's, in :meth:`optim_step`, updates)."""
         gas = self.ds.gradient_accumulation_steps()
         if gas != n:
             raise RuntimeError(f"DeepSpeed accumulates {gas} micro-batches, this step has {n}")
-        return nullcontext()
+        yield
+        if 0 <= i < n - 1:  # not the routing pre-pass (i = -1), not the last micro-batch
+            self.ds.step()
 
     def forward(self, tokens_BS: torch.Tensor, **kw: Any) -> ModelOutput:
         return self.ds(tokens_BS, **kw)  # type: ignore[no-any-return]
 
     def backward(self, loss: torch.Tensor, num_micro: int) -> None:
         """``engine.backward`` scales by 1 / gradient_accumulation_steps (= ``num_micro``) and reduces at the
-        boundary; ``engine.step()`` after a non-final micro-batch only advances DeepSpeed's micro-step count."""
+        accumulation boundary (the last micro-batch)."""
         self.ds.backward(loss)
-        if not self.ds.is_gradient_accumulation_boundary():
-            self.ds.step()
 
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:
         """``engine.step()`` at the boundary. A non-finite loss (or, when moetrain clips, gradient norm) stops

@@ -146,12 +146,10 @@ def apply_data_parallel(
             _unit(layer.router, mesh, shard, False, mp_policy=mixed_precision(None))
         model.embed.register_forward_hook(_fp32_output)  # type: ignore[union-attr]  # the residual stream: fp32
     blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
-    for i, block in enumerate(blocks):
-        # the last block's parameters are needed at once by the backward: keep them gathered after forward
-        _unit(block, mesh, shard, i != len(blocks) - 1, mp_policy=mp)
-    _unit(model, mesh, shard, False, mp_policy=mp)  # the root keeps its weights for backward
-    if not shard:  # every unit: sum over its ranks / W, an all-reduce of sums (gloo has no AVG)
-        for unit in fsdp_units(model):
+    dense = [_unit(b, mesh, shard, i != len(blocks) - 1, mp_policy=mp) for i, b in enumerate(blocks)]  # the last
+    dense.append(_unit(model, mesh, shard, False, mp_policy=mp))  # block and the root keep their weights for backward
+    if not shard:  # sum over all W ranks / W as an all-reduce of sums (gloo has no AVG); the experts' is set above
+        for unit in dense:
             unit.set_gradient_divide_factor(float(pc.world_size))
     return model
 

@@ -180,19 +180,15 @@ class ParallelConfig:
     fsdp: bool = False
     """Shard the non-expert parameters, gradients and AdamW states over the data-parallel ranks (FSDP2,
     ``torch.distributed.fsdp.fully_shard`` per block and over the embedding and head); the routed experts, split
-    over EP, are sharded over their EDP ranks. Native engine only. Its checkpoints are a run's without FSDP: they
-    resume with or without it, on any world and EP size, and export alike."""
+    over EP, are sharded over their EDP ranks. ``false``: the same units replicated (FSDP2's ``replicate``: the
+    gradients all-reduced, overlapped with the backward). Native engine only. Its checkpoints are a run's without
+    FSDP: they resume with or without it, on any world and EP size, and export alike."""
     fsdp_keep_gathered: bool = True
     """With ``parallel.fsdp`` and gradient accumulation: keep the gathered weights and the unsharded gradients
     between a step's micro-batches (one all-gather per unit and one reduce-scatter per step, while the
     non-expert part is held whole for the step, as under ZeRO-2); ``false`` reshards after every micro-batch's
-    forward and backward (the least memory, an all-gather pair and a reduce-scatter per micro-batch)."""
-    bucket_mb: float = 25.0
-    """Native engine: gradients are all-reduced in buckets of about this many MiB (a bucket closes once it
-    reaches it), each launched during the last micro-batch's backward as soon as its gradients are final,
-    overlapping the rest of the backward (PyTorch DDP's ``bucket_cap_mb``, same default; the first bucket is
-    capped at 1 MiB as in DDP). Larger buckets mean fewer collectives, smaller ones an earlier start
-    (``moetrain.parallel.grad_buckets``)."""
+    forward and backward (the least memory, an all-gather pair and a reduce-scatter per micro-batch). Without
+    FSDP the gradients are reduced once per step, in the last micro-batch's backward, always."""
     overlap_shared_experts: bool = True
     """Under expert parallelism, run the shared experts while the dispatch and combine all-to-alls are in
     flight, forward and backward (Megatron-Core's ``moe_shared_expert_overlap``); bitwise the results of
@@ -280,11 +276,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+RETIRED_KEYS = {("ParallelConfig", "bucket_mb")}
+"""Keys an older moetrain wrote into checkpoints that no longer act (``parallel.bucket_mb``: the hand-written
+gradient buckets gave way to FSDP2's units); :func:`from_dict` drops them."""
+
+
 def from_dict(data: dict[str, Any], cls: type = TrainConfig) -> Any:
-    """Rebuild a (nested) config dataclass from :func:`to_dict` output; unknown keys fail."""
+    """Rebuild a (nested) config dataclass from :func:`to_dict` output; unknown keys fail, retired ones
+    (:data:`RETIRED_KEYS`) are dropped."""
     kwargs = {}
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
+        if (cls.__name__, key) in RETIRED_KEYS:
+            continue
         if key not in names:
             raise ConfigError(f"{cls.__name__}.{key}: unknown key")
         sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None

@@ -173,8 +173,6 @@ def _parallel(cfg: TrainConfig, world_size: int) -> None:
     p = cfg.parallel
     _positive("parallel.ep", p.ep)
     _choice("parallel.backend", p.backend, BACKENDS)
-    if not (p.bucket_mb > 0 and math.isfinite(p.bucket_mb)):  # nan and inf pass a plain "> 0"
-        _fail("parallel.bucket_mb", p.bucket_mb, "must be a finite size in MiB > 0 (PyTorch DDP's default is 25)")
     layout_error = ep_layout_error(world_size, p.ep, moe.num_experts)
     if layout_error:
         raise ConfigError(layout_error)

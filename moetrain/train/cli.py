@@ -90,6 +90,8 @@ def check_device(device: str, backend: str = "auto") -> None:
 
 def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
     """Options set to something that has no effect in this setting, each with the reason."""
+    from moetrain.train.deepspeed.config import inactive_engine_options
+
     out = []
     moe, ep = cfg.moe, cfg.parallel.ep
     if moe.max_recv_factor is not None and ep == 1:
@@ -99,13 +101,7 @@ def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
     micro = cfg.trainer.global_batch_size // max(cfg.trainer.micro_batch_size * world_size, 1)
     if moe.balance.scope == "global" and world_size == 1 and micro == 1:
         out.append("moe.balance.scope=global equals micro_batch with one rank and one micro-batch per step")
-    if cfg.engine.name == "native":
-        defaults = type(cfg.engine)()
-        for key in ("zero_stage", "loss_scale", "initial_scale_power", "loss_scale_window", "min_loss_scale"):
-            if getattr(cfg.engine, key) != getattr(defaults, key):
-                out.append(f"engine.{key} only acts with engine=deepspeed")
-        if cfg.engine.config_json:
-            out.append("engine.config_json only acts with engine=deepspeed")
+    out += inactive_engine_options(cfg)
     if cfg.trainer.nonfinite == "stop" and cfg.trainer.nonfinite_max_skips != type(cfg.trainer)().nonfinite_max_skips:
         out.append("trainer.nonfinite_max_skips only acts with trainer.nonfinite=skip")
     if not cfg.checkpoint.enabled and cfg.checkpoint.async_save:
@@ -115,15 +111,13 @@ def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
 
 
 def _parallel_notes(cfg: TrainConfig, world_size: int) -> list[str]:
-    """The ``parallel.*`` options without effect: sharding and gradient buckets need several ranks."""
+    """The ``parallel.*`` options without effect: sharding needs several ranks."""
     out = []
     p, defaults = cfg.parallel, type(cfg.parallel)()
     if p.fsdp and world_size == 1:
         out.append("parallel.fsdp=true only acts with several ranks (one process holds the whole model)")
     if p.fsdp_keep_gathered != defaults.fsdp_keep_gathered and not p.fsdp:
         out.append("parallel.fsdp_keep_gathered only acts with parallel.fsdp=true")
-    if p.bucket_mb != defaults.bucket_mb and (world_size == 1 or cfg.engine.name != "native"):
-        out.append("parallel.bucket_mb only acts with the native engine on several ranks")
     if not p.overlap_shared_experts and (p.ep == 1 or cfg.moe.num_shared_experts == 0):
         out.append("parallel.overlap_shared_experts only acts with shared experts under parallel.ep > 1")
     return out

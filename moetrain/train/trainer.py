@@ -33,7 +33,6 @@ from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_
 from moetrain.model.transformer import Transformer, vocab_for
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import apply_expert_parallel
-from moetrain.parallel.fsdp import apply_fsdp
 from moetrain.parallel.meta_init import build_local_model
 from moetrain.train import hooks
 from moetrain.train.checkpoint import CheckpointManager, arch_of
@@ -42,7 +41,7 @@ from moetrain.train.evaluate import evaluate
 from moetrain.train.flops import flops_per_token, peak_tflops
 from moetrain.train.guards import StopSignals, exit_code_for
 from moetrain.train.metrics import MetricRecorder, ReducedMetrics
-from moetrain.train.module import StepInfo, TrainModule, autocast_dtype
+from moetrain.train.module import StepInfo, TrainModule
 from moetrain.train.moe_metrics import layer_load, moe_log_metrics
 from moetrain.train.native import NativeTrainModule
 from moetrain.train.sinks import JSONLSink, MetricSink, WandbSink
@@ -118,7 +117,7 @@ def build_parallel_model(
 ) -> Transformer:
     """The model with the same seed on every rank, built on the meta device with only this rank's experts
     materialised (:func:`~moetrain.parallel.meta_init.build_local_model`: EP=N starts from EP=1's exact weights
-    and no rank ever holds every expert), then activation checkpointing, compilation and FSDP as configured."""
+    and no rank ever holds every expert), then activation checkpointing and compilation as configured (the engine applies its data parallelism)."""
     t = cfg.trainer
     groups = resolve_num_groups(cfg.moe, cfg.parallel.ep)
     local = build_local_model(
@@ -132,9 +131,6 @@ def build_parallel_model(
         apply_activation_checkpointing(model)
     if t.compile:
         apply_compile(model)
-    if cfg.parallel.fsdp:
-        cuda_dtype = autocast_dtype(t.precision, pc.device) if pc.device.type == "cuda" else None
-        apply_fsdp(model, pc, cuda_dtype)
     return model
 
 

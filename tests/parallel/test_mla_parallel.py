@@ -17,11 +17,11 @@ from moetrain.config import ModelConfig, MoEConfig, ParallelConfig, RouterConfig
 from moetrain.data import rank_slice
 from moetrain.model import build_model
 from moetrain.model.mtp import mtp_loss
-from moetrain.parallel import apply_expert_parallel, init_parallel, sync_gradients
+from moetrain.parallel import init_parallel
 from moetrain.train.step import lm_loss
 from tests.conftest import tiny_train_config
 from tests.helpers.distributed import run_distributed
-from tests.helpers.ep_parity import assert_grads_equal_reference
+from tests.helpers.ep_parity import assert_grads_equal_reference, ep_model
 
 pytestmark = pytest.mark.parity
 
@@ -42,7 +42,7 @@ def _ep_parity(rank: int, world: int) -> dict[str, Any]:
     pc = init_parallel(ParallelConfig(ep=2), "cpu", num_experts=N)
     ref = build_model(MODEL, MOE, V, S, ep=2, seed=0)
     assert len(ref.moe_layers()) == 4  # 2 main + 2 MTP blocks, all MoE: their experts are sharded too
-    model = apply_expert_parallel(copy.deepcopy(ref), pc)
+    model = ep_model(ref, pc)  # experts sharded, gradients reduced in the backward by FSDP2's replicate units
     batch = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
     ref_loss = torch.zeros(())
     for r in range(world):
@@ -53,7 +53,6 @@ def _ep_parity(rank: int, world: int) -> dict[str, Any]:
     loss.backward()
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss)
-    sync_gradients(model, pc)
     torch.testing.assert_close(global_loss / world, ref_loss, rtol=1e-6, atol=1e-7)
     return {"max_grad_diff": assert_grads_equal_reference(model, ref, pc, "mla+mtp")}
 
@@ -87,7 +86,10 @@ def _train(rank: int, world: int, tmp: str, fsdp: bool) -> dict[str, Any]:
         "loss": [s.loss.item() for s in steps],
         "mtp": [s.reduced.host()["train/mtp_loss_1"] for s in steps],
         "params": params,
-        "sharded": any(isinstance(p, DTensor) for p in t.model.parameters()),
+        # replicate units hold Replicate DTensors too; FSDP's hold Shard ones
+        "sharded": any(
+            isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements) for p in t.model.parameters()
+        ),
     }
     t.close()
     return out

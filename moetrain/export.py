@@ -51,6 +51,7 @@ from moetrain.hf.mapping import (
     to_hf_state,
 )
 from moetrain.model.transformer import Transformer, build_model
+from moetrain.threads import add_threads_flag, set_threads
 from moetrain.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from moetrain.train.checkpoint.native import publish_weights
 from moetrain.train.weights import load_model_weights
@@ -269,7 +270,9 @@ def _main(argv: list[str] | None = None) -> int:
         "--from-hf", action="store_true", help="import a transformers Mixtral / Qwen2-MoE / Qwen3-MoE folder"
     )
     parser.add_argument("--seq-len", type=int, default=None, help="with --from-hf: the run's data.seq_len")
+    add_threads_flag(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     try:
         if args.from_hf:
             ckpt = import_hf_reported(args.source, args.out_dir, args.seq_len)

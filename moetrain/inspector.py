@@ -25,6 +25,7 @@ import torch
 
 from moetrain.errors import guarded_main
 from moetrain.model.transformer import Transformer
+from moetrain.threads import add_threads_flag, set_threads
 
 # Categorical colours for expert ids: expert e uses PALETTE[e % 16] and PATTERNS[e // 16 % 4] (64 distinct).
 PALETTE = [
@@ -220,7 +221,9 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", required=True)
     p.add_argument("--html", type=Path, default=Path("routes.html"))
     p.add_argument("--corpus", type=int, default=0, help="per-expert statistics over N validation sequences")
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    set_threads(args.threads)
 
     model, cfg, meta = load_checkpoint_model(args.checkpoint)
     tokenizer = build_tokenizer(cfg.data.tokenizer)

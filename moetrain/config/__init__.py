@@ -44,10 +44,13 @@ from moetrain.config.validate import (
     SCORE_FNS,
     WANDB_MODES,
     ZERO_STAGES,
+    default_threads,
     ep_layout_error,
     float_values,
+    micro_batch_for,
     validate,
     validate_engine,
+    with_micro_batch,
 )
 
 __all__ = [
@@ -80,11 +83,14 @@ __all__ = [
     "TrainerConfig",
     "WandbConfig",
     "config_keys",
+    "default_threads",
     "ep_layout_error",
     "float_values",
     "from_dict",
+    "micro_batch_for",
     "resolve_num_groups",
     "to_dict",
     "validate",
     "validate_engine",
+    "with_micro_batch",
 ]

@@ -100,8 +100,9 @@ class TrainerConfig:
     """Optimizer steps."""
     global_batch_size: int = 16
     """Sequences per optimizer step, over all ranks and micro-batches."""
-    micro_batch_size: int = 16
-    """Sequences per forward/backward on one rank; accumulation = global / (micro * world)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on one rank; accumulation = global / (micro * world). ``None`` = this
+    rank's whole share of the global batch (global / world size), so one config runs on any number of ranks."""
     log_every: int = 10
     """Log train metrics every n steps (and at the last step)."""
     eval_every: int = 100
@@ -123,7 +124,8 @@ class TrainerConfig:
     progress: bool = True
     """Show a console progress bar."""
     num_threads: int | None = None
-    """CPU threads for torch (``None`` = torch's default); at most the CPUs this process may use."""
+    """CPU threads for torch; ``None`` = the CPUs this process may use (its affinity mask) split over the
+    ranks on this node (1 per rank under ``torchrun`` on a small machine); at most the CPUs it may use."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory, about one more forward)."""
     compile: bool = False

@@ -44,6 +44,36 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads(local_world_size: int = 1) -> int:
+    """Threads for torch when ``trainer.num_threads`` is unset: the CPUs this process may use, shared by the
+    ranks on this node, at least 1. torch's own default counts the machine's cores, not the ones the process
+    may use: on a shared 2-core slice of a large machine it oversubscribes them (issue 31: 34 s instead of 7 s)."""
+    return max(1, usable_cpus() // max(local_world_size, 1))
+
+
+def micro_batch_for(t: TrainerConfig, world_size: int) -> int:
+    """``trainer.micro_batch_size``, or when unset the rank's share of the global batch (global / world size);
+    raises :class:`ConfigError` naming the keys when the global batch does not split over the ranks."""
+    if t.micro_batch_size is not None:
+        return t.micro_batch_size
+    if t.global_batch_size > 0 and t.global_batch_size % world_size:
+        _fail(
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be divisible by the world size={world_size} (each rank takes an equal share); "
+            f"use a multiple of {world_size}",
+        )
+    return max(t.global_batch_size // world_size, 1)
+
+
+def with_micro_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """``cfg`` with ``trainer.micro_batch_size`` resolved (:func:`micro_batch_for`); ``cfg`` itself when set."""
+    if cfg.trainer.micro_batch_size is not None:
+        return cfg
+    trainer = dataclasses.replace(cfg.trainer, micro_batch_size=micro_batch_for(cfg.trainer, world_size))
+    return dataclasses.replace(cfg, trainer=trainer)
+
+
 def ep_layout_error(world_size: int, ep: int, num_experts: int | None = None) -> str | None:
     """The one check that W ranks split into EP groups of ``ep`` and the experts over each group (a
     :class:`ConfigError` line, or ``None``)."""
@@ -269,15 +299,21 @@ def _optim(o: OptimConfig) -> None:
 
 
 def _trainer(t: TrainerConfig, world_size: int) -> None:
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
+    for key in ("max_steps", "global_batch_size", "log_every"):
         _positive(f"trainer.{key}", getattr(t, key))
+    if t.micro_batch_size is not None:
+        _positive("trainer.micro_batch_size", t.micro_batch_size)
     if t.eval_every < 0:
         _fail("trainer.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
-    if t.global_batch_size % (t.micro_batch_size * world_size):
+    micro = micro_batch_for(t, world_size)
+    if t.global_batch_size % (micro * world_size):
+        share, fix = t.global_batch_size // world_size, f"use a global batch that is a multiple of {world_size}"
+        if share and t.global_batch_size % world_size == 0:
+            fix = f"set trainer.micro_batch_size to a divisor of {share} (each rank's share) or unset it (null)"
         _fail(
             "trainer.global_batch_size",
             t.global_batch_size,
-            f"must be divisible by trainer.micro_batch_size={t.micro_batch_size} x world size={world_size}",
+            f"must be divisible by trainer.micro_batch_size={micro} x world size={world_size}: {fix}",
         )
     _choice("trainer.device", t.device, DEVICES)
     _choice("trainer.precision", t.precision, PRECISIONS)

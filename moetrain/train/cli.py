@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moetrain.config import ConfigError, TrainConfig, config_keys, to_dict, validate
+from moetrain.config import ConfigError, TrainConfig, config_keys, to_dict, validate, with_micro_batch
 from moetrain.config_docs import config_dir, register_schema
 from moetrain.errors import USER_ERROR_EXIT_CODE, is_failure, report, user_error
 from moetrain.launch.slurm import export_slurm_env
@@ -177,6 +177,7 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
 
     export_slurm_env()  # srun / submitit tasks without torchrun: ranks from SLURM's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = with_micro_batch(cfg, world)  # micro_batch_size=None: each rank's share, saved so in config.yaml
     validate_run(cfg, world)
     check_device(cfg.trainer.device, cfg.parallel.backend)
     warn_inactive(cfg, world)

@@ -132,7 +132,8 @@ class TrainerConfig:
     """``torch.compile`` region by region (inductor): dense blocks whole; in MoE blocks the norms, attention,
     router and shared experts (dispatch, experts and combine stay eager)."""
     resume: str = "auto"
-    """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
+    """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``latest`` (continue
+    the newest unfinished run under ``runs/``, of ``run_name`` if set), ``none``, or a path."""
     resume_allow_changes: list[str] = field(default_factory=list)
     """Config keys (``optim.lr``) or whole sections (``optim``) a resume may change; any other change of a
     key that shapes the run (model, routing, data, batch, optimizer, seed) is refused. See the README."""
@@ -262,7 +263,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run_dir: str | None = None
-    """Where the run writes; ``None`` = Hydra's output directory (or ``runs/<time>`` without Hydra)."""
+    """Where the run writes; ``None`` = ``runs/<run_name>`` with a name, else Hydra's output directory
+    (``runs/<time>``)."""
+    run_name: str | None = None
+    """A name for a single run: it writes to ``runs/<run_name>``, so the same command run again continues it
+    (``trainer.resume=auto``); ``trainer.resume=latest`` continues the newest unfinished run of that name."""
 
 
 def config_keys(cfg: Any, prefix: str = "") -> set[str]:

@@ -325,7 +325,7 @@ def _trainer(t: TrainerConfig, world_size: int) -> None:
             _fail("trainer.num_threads", t.num_threads, f"must be <= the {usable_cpus()} CPUs this process may use")
 
     if not t.resume:
-        _fail("trainer.resume", t.resume, "must be auto, none or a checkpoint path")
+        _fail("trainer.resume", t.resume, "must be auto, latest, none or a checkpoint path")
     known = config_keys(TrainConfig())
     for key in t.resume_allow_changes:
         if key not in known and not any(k.startswith(f"{key}.") for k in known):

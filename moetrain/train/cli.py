@@ -8,6 +8,7 @@ validated before any data or model is built. The run directory is rank 0's
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -25,11 +26,16 @@ from moetrain.errors import USER_ERROR_EXIT_CODE, is_failure, report, user_error
 from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
 from moetrain.train.checkpoint import CheckpointError, flat_config
+from moetrain.train.command import resolve_run_args, resume_command
 from moetrain.train.guards import NonFiniteError
-from moetrain.train.rundir import RunDirError, RunDirLock, preflight
+from moetrain.train.rundir import RunDirError, RunDirLock, chosen_run_dir, preflight
 
 NONFINITE_EXIT_CODE = 3
 """Exit status of a run stopped by a non-finite loss or gradient norm (user errors exit 2)."""
+STOP_EXIT_CODES = (130, 143)
+"""A run stopped by SIGINT / SIGTERM (128 + signal), with its checkpoint: it prints the command that continues."""
+USER_ARGS: list[str] | None = None
+"""The overrides as the user typed them (set by :func:`main`), for the command that continues a stopped run."""
 SWEEP_SUMMARY_CALLBACK = "moetrain.launch.sweep.SweepSummary"
 """The Hydra callback that writes a sweep's summary when it ends and exits 1 when a job failed."""
 
@@ -181,9 +187,12 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
     validate_run(cfg, world)
     check_device(cfg.trainer.device, cfg.parallel.backend)
     warn_inactive(cfg, world)
+    chosen = run_dir or chosen_run_dir(cfg.run_dir, cfg.run_name, cfg.trainer.resume)
+    if cfg.trainer.resume == "latest":  # the run it names is chosen: continue it from its newest checkpoint
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume="auto"))
     pc = init_parallel(cfg.parallel, cfg.trainer.device)
     try:
-        chosen = run_dir or cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+        chosen = chosen or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
         run_path = Path(str(pc.broadcast_object(str(chosen))))
         if not pc.is_main and run_dir is not None:
             remove_stray_run_dir(Path(run_dir), run_path)
@@ -194,6 +203,10 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
             trainer = make_trainer(cfg, run_path, pc)
             try:
                 final = trainer.fit()
+            except SystemExit as e:
+                if pc.is_main and e.code in STOP_EXIT_CODES:
+                    say_how_to_continue(run_path)
+                raise
             finally:
                 trainer.close()
             if pc.is_main:
@@ -204,6 +217,14 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
                 lock.release()
     finally:
         pc.close()
+
+
+def say_how_to_continue(run_path: Path) -> None:
+    """The exact command that continues a stopped run (the user's own, with its run directory named)."""
+    if USER_ARGS is None:  # the Python API: the run directory is what a caller needs
+        print(f"moetrain: continue it with run({run_path!s}) or moetrain-train run_dir={run_path}", flush=True)
+        return
+    print(f"moetrain: to continue this run: {resume_command(USER_ARGS, str(run_path))}", flush=True)
 
 
 def agreed_preflight(cfg: TrainConfig, run_path: Path, pc: Any) -> RunDirLock | None:
@@ -307,9 +328,12 @@ def main() -> None:
     """``moetrain-train``. With ``run_dir=X`` Hydra's output dir is X too, without Hydra's own files
     (``.hydra/``, ``train.log``), so nothing is written elsewhere and nothing in X before the run's checks;
     an X that Hydra created for a run that stopped before writing anything is removed again."""
+    global USER_ARGS
     argv = strip_launcher_args(sys.argv)
     if any(a in ("--help", "-h") for a in argv[1:]):
         sys.exit(print_help(argv[1:]))
+    USER_ARGS = argv[1:]
+    argv = [argv[0], *resolve_run_args(argv[1:])]  # run_name, trainer.resume=latest: a run_dir=
     run_dir = run_dir_override(argv[1:])
     existed = run_dir is None or Path(run_dir).exists()
     if run_dir is not None:

@@ -323,7 +323,9 @@ class Trainer:
     def _stop_for_signal(self, signum: int) -> int:
         saved = self.checkpointer.save_for_stop()
         where = f"checkpoint {saved}" if saved else "no checkpoint (checkpoint.enabled=false)"
-        LOG.info(f"moetrain: stopped by a signal at step {self.step}; {where}; rerun to continue")
+        LOG.info(
+            f"moetrain: stopped by a signal at step {self.step}; {where}; rerun with the same run directory to continue"
+        )
         return exit_code_for(signum)
 
     # ------------------------------------------------------------------ sinks

@@ -29,19 +29,17 @@ from typing import Any
 import numpy as np
 
 from moetrain.errors import guarded_main
+from moetrain.extras import require
 from moetrain.run_records import read_metrics
 
 LAYER_KEY = re.compile(r"^moe/layer_(\d+)/(load|maxvio|drop_frac|devices_per_token)$")
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
+    """matplotlib's pyplot (Agg), or one line naming the command that installs it (:mod:`moetrain.extras`)."""
+    require("matplotlib", "moetrain-plot draws with it").use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit("moetrain-plot needs matplotlib: pip install 'moetrain[plot]'") from e
     return plt
 
 

@@ -132,3 +132,127 @@ def test_resume_latest_picks_the_newest_unfinished_run_of_the_name(tmp_path):
     assert chosen_run_dir(None, "c", "latest", tmp_path) == str(tmp_path / "c")
     assert chosen_run_dir("x", "a", "latest", tmp_path) == "x"
     assert chosen_run_dir(None, None, "auto", tmp_path) is None
+
+
+@pytest.mark.e2e
+def test_a_torchrun_sweep_with_one_invalid_job_launches_nothing_and_names_it(tmp_path):
+    """Before: all four jobs of a README sweep started, each failed on a config error found only inside its
+    ``launcher.log``, then a Hydra traceback. Catches a launcher that starts jobs before checking every job's
+    config, one that hides which job is bad, and a traceback instead of one line."""
+    import os
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "moetrain.train", "-m", "hydra/launcher=torchrun", f"hydra.sweep.dir={sweep}"]
+    cmd += ["experiment=smoke", "hydra.launcher.nproc_per_node=2", "optim.lr=1e-3,-1,2e-3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("moetrain")]
+    assert lines == [
+        "moetrain: sweep job #1 (experiment=smoke optim.lr=-1): config error: optim.lr=-1.0: must be > 0",
+        "moetrain: config error: 1 of 3 sweep jobs would fail (above); nothing was launched",
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not sweep.is_dir() or not [p for p in sweep.iterdir() if p.is_dir()]  # no job directory, no job ran
+
+
+@pytest.mark.unit
+def test_a_failed_jobs_cause_is_its_own_one_line_error_and_tokens_per_sec_is_one_median(tmp_path):
+    """Catches a failure cause taken from torchrun's noise instead of moetrain's line, and the summary and the
+    HTML report averaging tokens/s differently (they disagreed before)."""
+    import json
+
+    from moetrain.launch.jobs import failure_cause
+    from moetrain.launch.sweep import read_job
+    from moetrain.report import final_metrics
+
+    log = tmp_path / "launcher.log"
+    log.write_text(
+        "python -m torch.distributed.run ...\nmoetrain: config error: trainer.max_steps=0: must be > 0\n"
+        "[rank0]: torch.distributed.elastic.multiprocessing.errors.ChildFailedError: boom\nE1206 failed\n"
+    )
+    assert failure_cause(log) == "moetrain: config error: trainer.max_steps=0: must be > 0"
+    records = [{"step": s, "perf/tokens_per_sec": v} for s, v in ((10, 100.0), (20, 400.0), (30, 500.0))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "metrics": {"perf/tokens_per_sec": 500}}))
+    assert read_job(tmp_path)["perf/tokens_per_sec"] == 400.0 == final_metrics(tmp_path)["perf/tokens_per_sec"]
+
+
+@pytest.mark.e2e
+def test_an_imported_models_config_composes_with_every_config_group(tmp_path):
+    """Before: the config ``moetrain-export --from-hf`` wrote knew no config group, so ``logger=none`` was read
+    as a value ("str is not a subclass of LoggerConfig"). Catches an imported config without the groups, and
+    one whose own keys (the imported weights to start from) a group would silently replace."""
+    pytest.importorskip("transformers")
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moetrain.config_docs import register_schema
+    from moetrain.export import import_hf
+    from tests.test_hf_interop import tiny_hf
+
+    tiny_hf("qwen2_moe").save_pretrained(str(tmp_path / "hf"))
+    ckpt = import_hf(tmp_path / "hf", tmp_path / "imported", seq_len=32)
+    register_schema()
+    for overrides in (["logger=none", "experiment=smoke"], ["data=files", "parallel=single", "engine=native"]):
+        with initialize_config_dir(config_dir=str(ckpt.parent), version_base="1.3"):
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+        assert cfg.trainer.resume == str(ckpt)
+        if "logger=none" in overrides:
+            assert cfg.logger.wandb.mode == "disabled" and cfg.trainer.max_steps == 10  # both groups applied
+        else:
+            assert cfg.data.source == "files" and cfg.data.seq_len == 32 and cfg.model.vocab_size == 320
+
+
+@pytest.mark.unit
+def test_moe_mixtral_export_refusal_names_the_override_for_the_architecture_asked():
+    """Before: ``moe=mixtral`` was refused for Mixtral without a fix (the model default ``first_k_dense=1``), and
+    ``--hf qwen3_moe`` printed the Mixtral message. Catches a refusal that names no override or another
+    architecture's."""
+    from moetrain.export import ExportError, checked_arch
+
+    mixtral = composed_defaults(["moe=mixtral"])
+    with pytest.raises(ExportError, match=r"to export as Mixtral, train with model.first_k_dense=0$"):
+        checked_arch(mixtral, None, "auto")
+    with pytest.raises(
+        ExportError, match=r"^--hf qwen3_moe: this model does not map to Qwen3-MoE: train with model.qk_norm=true$"
+    ):
+        checked_arch(mixtral, None, "qwen3_moe")
+    assert checked_arch(composed_defaults(["moe=mixtral", "model.first_k_dense=0"]), None, "auto") == "mixtral"
+    with pytest.raises(ExportError, match=r"Qwen3-MoE: train with model.qk_norm=true moe.num_shared_experts=0$"):
+        checked_arch(composed_defaults([]), None, "qwen3_moe")
+
+
+@pytest.mark.unit
+def test_inspector_text_contrasts_with_every_expert_colour():
+    """Before: white text on pale colours (#aec7e8, #edc948) was unreadable. Catches a text colour chosen
+    without the background's luminance: every pair must reach WCAG's 3:1 contrast for large text."""
+    from moetrain.inspector import PALETTE, text_colour
+
+    def luminance(hex_colour: str) -> float:
+        lin = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+        lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in lin]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    for colour in PALETTE:
+        text = {"#111": "#111111", "#fff": "#ffffff"}[text_colour(colour)]
+        hi, lo = sorted((luminance(colour), luminance(text)), reverse=True)
+        assert (hi + 0.05) / (lo + 0.05) >= 3.0, colour
+
+
+@pytest.mark.e2e
+def test_inspect_without_text_writes_statistics_into_the_run_dir_page(tmp_path, capsys):
+    """Before: statistics needed ``--text``, stayed off the page, and the page went to the working directory.
+    Catches any of the three."""
+    from moetrain.inspector import main as inspect_main
+    from moetrain.train.trainer import Trainer
+    from tests.conftest import tiny_train_config
+
+    Trainer(tiny_train_config(tmp_path, max_steps=2), tmp_path / "run").fit()
+    inspect_main([str(tmp_path / "run"), "--corpus", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "per-expert statistics over 4 validation sequences" in out
+    page = (tmp_path / "run" / "routes.html").read_text()
+    assert "per-expert statistics over 4 validation sequences" in page and "e0" in page

@@ -20,12 +20,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moetrain.config import ConfigError, TrainConfig, config_keys, to_dict, validate, with_micro_batch
+from moetrain.config import ConfigError, TrainConfig, to_dict, validate, with_micro_batch
 from moetrain.config_docs import config_dir, register_schema
 from moetrain.errors import USER_ERROR_EXIT_CODE, is_failure, report, user_error
+from moetrain.launch.jobs import check_known_keys, check_override_keys
 from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
-from moetrain.train.checkpoint import CheckpointError, flat_config
+from moetrain.train.checkpoint import CheckpointError
 from moetrain.train.command import resolve_run_args, resume_command
 from moetrain.train.guards import NonFiniteError
 from moetrain.train.rundir import RunDirError, RunDirLock, chosen_run_dir, preflight
@@ -36,6 +37,8 @@ STOP_EXIT_CODES = (130, 143)
 """A run stopped by SIGINT / SIGTERM (128 + signal), with its checkpoint: it prints the command that continues."""
 USER_ARGS: list[str] | None = None
 """The overrides as the user typed them (set by :func:`main`), for the command that continues a stopped run."""
+FAILURE: list[str] = []
+"""The one-line causes of this process's failed runs (a sweep job's ``failed.json`` keeps its own)."""
 SWEEP_SUMMARY_CALLBACK = "moetrain.launch.sweep.SweepSummary"
 """The Hydra callback that writes a sweep's summary when it ends and exits 1 when a job failed."""
 
@@ -254,17 +257,18 @@ def _hydra_entry(dcfg: DictConfig) -> None:
         (job_dir / "failed.json").unlink(missing_ok=True)  # a relaunched sweep: this attempt decides
     code = _run_reported(dcfg)
     if code and sweeping:
-        write_failed_job(job_dir, code)
+        write_failed_job(job_dir, code, FAILURE[-1] if FAILURE else None)
     elif code:
         sys.exit(code)
 
 
-def write_failed_job(job_dir: Path, code: int) -> None:
-    """``JOB_DIR/failed.json``: the job's exit status, for :func:`moetrain.launch.sweep.read_job`."""
+def write_failed_job(job_dir: Path, code: int, cause: str | None = None) -> None:
+    """``JOB_DIR/failed.json``: the job's exit status and its one-line cause, for
+    :func:`moetrain.launch.sweep.read_job`."""
     import json
 
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / "failed.json").write_text(json.dumps({"exit_code": code}))
+    (job_dir / "failed.json").write_text(json.dumps({"exit_code": code, "cause": cause}))
 
 
 def _run_reported(dcfg: DictConfig) -> int:
@@ -277,6 +281,7 @@ def _run_reported(dcfg: DictConfig) -> int:
         run(cfg, run_dir)
         return 0
     except NonFiniteError as e:
+        FAILURE.append(f"training stopped: {e}")
         if os.environ.get("RANK", "0") == "0":
             print(f"moetrain: training stopped: {e}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
@@ -285,20 +290,10 @@ def _run_reported(dcfg: DictConfig) -> int:
         if found is None or os.environ.get("MOETRAIN_DEBUG") == "1":
             raise
         kind, message = found
+        FAILURE.append(f"{kind} error: {message}")
         if os.environ.get("RANK", "0") == "0" or kind == "file":  # the ranks agree on the others; one says why
             print(f"moetrain: {kind} error: {message}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
-
-
-def check_known_keys(dcfg: DictConfig) -> None:
-    """Refuse keys the schema does not define, also those added with ``+key=value`` (Hydra lets them in)."""
-    known = config_keys(TrainConfig())
-    data = OmegaConf.to_container(dcfg, resolve=False)
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
-    for key in sorted(flat_config(data)):
-        if key not in known and not any(key.startswith(f"{k}.") for k in known):  # list / dict values
-            raise ConfigError(f"{key}: unknown key (moetrain-train --help lists every key)")
 
 
 def run_dir_override(argv: list[str]) -> str | None:
@@ -321,7 +316,19 @@ def print_help(args: list[str]) -> int:
         print(f"moetrain: config error: {' '.join(str(e).split())}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     print(help_text(cfg), end="")
+    print(group_options())
     return 0
+
+
+def group_options(root: str | None = None) -> str:
+    """Each config group and its options (the YAML files of ``configs/GROUP/``), for ``--help``."""
+    base = Path(root or config_dir())
+    lines = ["", "Config groups (GROUP=OPTION on the command line):"]
+    for group in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "hydra"):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        if options:
+            lines.append(f"  {group.name}: {', '.join(options)}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -333,6 +340,11 @@ def main() -> None:
     if any(a in ("--help", "-h") for a in argv[1:]):
         sys.exit(print_help(argv[1:]))
     USER_ARGS = argv[1:]
+    try:
+        groups = {p.name for p in Path(config_dir()).iterdir() if p.is_dir()}
+        check_override_keys(argv[1:], groups)  # a misspelled key: one line with the nearest known key
+    except ConfigError as e:
+        sys.exit(report("moetrain", e))
     argv = [argv[0], *resolve_run_args(argv[1:])]  # run_name, trainer.resume=latest: a run_dir=
     run_dir = run_dir_override(argv[1:])
     existed = run_dir is None or Path(run_dir).exists()

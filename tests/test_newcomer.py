@@ -256,3 +256,40 @@ def test_inspect_without_text_writes_statistics_into_the_run_dir_page(tmp_path, 
     assert "per-expert statistics over 4 validation sequences" in out
     page = (tmp_path / "run" / "routes.html").read_text()
     assert "per-expert statistics over 4 validation sequences" in page and "e0" in page
+
+
+@pytest.mark.unit
+def test_console_start_tree_step_hardware_closing_summary_and_group_help(tmp_path):
+    """Catches a start tree that lists defaults (a wall of keys) or misses a changed one, an MFU that is not a
+    percentage, a closing summary without the next commands, and ``--help`` without a group's options."""
+    from moetrain.config import to_dict
+    from moetrain.config_docs import config_dir
+    from moetrain.train.command import group_options
+    from moetrain.train.console import closing_summary, config_tree, hardware_text
+
+    cfg = composed_defaults(["experiment=smoke", "moe=switch"])
+    tree = config_tree(to_dict(cfg), to_dict(TrainConfig()), tmp_path)
+    assert "  model: dim=64" in tree and "max_steps=10" in tree and "optim.lr" not in tree
+    assert tree.splitlines()[-1] == f"  (every key: {tmp_path / 'config.yaml'})"
+    assert hardware_text({"perf/mfu": 0.4123}).startswith(" | mfu 41.2%")
+    done = closing_summary(tmp_path, {"val/loss": 1.5, "train/loss": 1.4}, 5450.0, "moetrain-train run_dir=x")
+    assert done.splitlines()[0] == "moetrain: done: val/loss 1.5000 | train/loss 1.4000 | 5,450 tok/s (median)"
+    assert f"moetrain-plot {tmp_path} --html" in done and "moetrain-train run_dir=x" in done
+    assert "moetrain-export" in done and "moetrain-inspect" in done
+    groups = group_options(config_dir())
+    assert "  moe: deepseek_v2, deepseek_v3, default" in groups and "  logger: none, wandb" in groups
+
+
+@pytest.mark.unit
+def test_a_misspelled_key_names_the_nearest_known_one_before_hydra():
+    """Before: Hydra's "Could not override 'trainer.max_step'" named no fix. Catches a check that refuses groups,
+    sections or list/dict values, or one that names no near miss."""
+    from moetrain.launch.jobs import check_override_keys
+
+    groups = {"moe", "logger", "experiment", "hydra"}
+    check_override_keys(["moe=switch", "trainer.max_steps=3", "hydra/launcher=torchrun", "-m", "run_name=x"], groups)
+    check_override_keys(["+trainer.extra=1", "data.paths=[a,b]", "optim.lr=1e-3,3e-3", "trainer=null"], groups)
+    with pytest.raises(ConfigError, match=r"^trainer.max_step: unknown key \(did you mean trainer.max_steps\? "):
+        check_override_keys(["trainer.max_step=3"], groups)
+    with pytest.raises(ConfigError, match=r"did you mean logger\?"):
+        check_override_keys(["loger=none"], groups)

@@ -27,7 +27,8 @@ from moetrain.launch.jobs import check_known_keys, check_override_keys
 from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
 from moetrain.train.checkpoint import CheckpointError
-from moetrain.train.command import resolve_run_args, resume_command
+from moetrain.train.command import group_options, resolve_run_args, say_done, say_how_to_continue
+from moetrain.train.console import config_tree
 from moetrain.train.guards import NonFiniteError
 from moetrain.train.rundir import RunDirError, RunDirLock, chosen_run_dir, preflight
 
@@ -203,31 +204,25 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
         try:
             if pc.is_main:
                 save_resolved_config(cfg, run_path)
+                print(config_tree(to_dict(cfg), to_dict(TrainConfig()), run_path), flush=True)
             trainer = make_trainer(cfg, run_path, pc)
             try:
                 final = trainer.fit()
             except SystemExit as e:
                 if pc.is_main and e.code in STOP_EXIT_CODES:
-                    say_how_to_continue(run_path)
+                    say_how_to_continue(run_path, USER_ARGS)
                 raise
             finally:
                 trainer.close()
             if pc.is_main:
                 write_run_summary(run_path, final)
+                say_done(run_path, final, cfg.trainer.max_steps, USER_ARGS)
             return final
         finally:
             if lock is not None:
                 lock.release()
     finally:
         pc.close()
-
-
-def say_how_to_continue(run_path: Path) -> None:
-    """The exact command that continues a stopped run (the user's own, with its run directory named)."""
-    if USER_ARGS is None:  # the Python API: the run directory is what a caller needs
-        print(f"moetrain: continue it with run({run_path!s}) or moetrain-train run_dir={run_path}", flush=True)
-        return
-    print(f"moetrain: to continue this run: {resume_command(USER_ARGS, str(run_path))}", flush=True)
 
 
 def agreed_preflight(cfg: TrainConfig, run_path: Path, pc: Any) -> RunDirLock | None:
@@ -316,19 +311,8 @@ def print_help(args: list[str]) -> int:
         print(f"moetrain: config error: {' '.join(str(e).split())}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     print(help_text(cfg), end="")
-    print(group_options())
+    print(group_options(config_dir()))
     return 0
-
-
-def group_options(root: str | None = None) -> str:
-    """Each config group and its options (the YAML files of ``configs/GROUP/``), for ``--help``."""
-    base = Path(root or config_dir())
-    lines = ["", "Config groups (GROUP=OPTION on the command line):"]
-    for group in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "hydra"):
-        options = sorted(f.stem for f in group.glob("*.yaml"))
-        if options:
-            lines.append(f"  {group.name}: {', '.join(options)}")
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 
 from moetrain.train.rundir import RUNS_ROOT, chosen_run_dir
 
@@ -64,3 +65,39 @@ def resume_command(user_args: list[str], run_dir: str) -> str:
     else:
         prefix = ["moetrain-train"]
     return shlex.join([*prefix, *args])
+
+
+def say_done(run_path: Path, final: dict, max_steps: int, user_args: list[str] | None) -> None:
+    """The closing summary (:func:`moetrain.train.console.closing_summary`), its command to train longer the
+    user's own (with the run directory named) with twice the steps."""
+    from moetrain.run_records import median_tokens_per_sec, parse_metrics
+    from moetrain.train.console import closing_summary
+
+    if user_args is not None and any(a in SWEEP_FLAGS for a in user_args):
+        return  # a job of an in-process sweep: the sweep's summary follows
+    records = parse_metrics(run_path / "metrics.jsonl")[0] if (run_path / "metrics.jsonl").is_file() else []
+    args = [a for a in (user_args or []) if not a.startswith("trainer.max_steps=")]
+    longer = resume_command([*args, f"trainer.max_steps={2 * max_steps}"], str(run_path))
+    print(closing_summary(run_path, final, median_tokens_per_sec(records), longer), flush=True)
+
+
+def say_how_to_continue(run_path: Path, user_args: list[str] | None) -> None:
+    """The exact command that continues a stopped run (the user's own, with its run directory named)."""
+    if user_args is None:  # the Python API: the run directory is what a caller needs
+        print(f"moetrain: continue it with run({run_path!s}) or moetrain-train run_dir={run_path}", flush=True)
+        return
+    if any(a in SWEEP_FLAGS for a in user_args):  # relaunching the sweep skips its completed jobs
+        print("moetrain: to continue, run the sweep again with the same hydra.sweep.dir", flush=True)
+        return
+    print(f"moetrain: to continue this run: {resume_command(user_args, str(run_path))}", flush=True)
+
+
+def group_options(root: str) -> str:
+    """Each config group and its options (the YAML files of ``configs/GROUP/``), for ``--help``."""
+    base = Path(root)
+    lines = ["", "Config groups (GROUP=OPTION on the command line):"]
+    for group in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "hydra"):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        if options:
+            lines.append(f"  {group.name}: {', '.join(options)}")
+    return "\n".join(lines)

@@ -77,6 +77,14 @@ def balance_norm(share: np.ndarray, n: int) -> Any:
     return TwoSlopeNorm(vmin=0.0, vcenter=even, vmax=top)
 
 
+def balance_colorbar(fig: Any, im: Any, ax: Any, n: int) -> Any:
+    """The colour bar of a load heatmap, with ticks at 0, 1/N (labelled) and the top of the scale."""
+    bar = fig.colorbar(im, ax=ax, label="share of tokens", pad=0.01)
+    top = im.norm.vmax
+    bar.set_ticks([0.0, 1 / max(n, 1), top], labels=["0", f"1/N={1 / max(n, 1):.3f}", f"{top:.2f}"])
+    return bar
+
+
 def balance_label(n: int) -> str:
     return f"share of tokens (white = 1/N = {1 / max(n, 1):.3f}; red over, blue under)"
 
@@ -101,7 +109,7 @@ def load_heatmap_figure(records: list[dict[str, Any]], title: str = "") -> Any:
             extent=(steps[0] - 0.5, steps[-1] + 0.5, n - 0.5, -0.5) if len(steps) else None,
         )
         ax.set_ylabel(f"layer {layer}\nexpert")
-        fig.colorbar(im, ax=ax, label="share of tokens", pad=0.01)
+        balance_colorbar(fig, im, ax, n)
     axes[-1, 0].set_xlabel("step")
     n = load_matrix(records, layers[0])[1].shape[0] if layers else 1
     fig.suptitle(f"{title or 'tokens per expert'}: {balance_label(n)}", fontsize=10)
@@ -123,21 +131,37 @@ def step_load_figure(loads: dict[str, list[float]], step: int) -> Any:
     ax.set_yticks(range(n_layers), [k.split("/")[1].removeprefix("layer_") for k in keys], fontsize=8)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
-    fig.colorbar(im, ax=ax, label="share of tokens", pad=0.01)
+    balance_colorbar(fig, im, ax, n)
     ax.set_title(f"tokens per expert, step {step}\n{balance_label(n)}", fontsize=9)
     return fig
 
 
 STYLES = ("-", "--", ":", "-.")
 """Line style by key, in the order given: train solid, val dashed (then the rest)."""
+KEY_LABELS = {
+    "train/loss": "train (train/loss)",
+    "val/loss": "val (val/loss)",
+    "moe/maxvio": "train: layers' mean (moe/maxvio)",
+    "val/maxvio_global": "val: global (val/maxvio_global)",
+}
 
 
 def _lines(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, out: Path, logy: bool = False) -> bool:
+    """Save :func:`lines_figure` to ``out``; ``False`` (nothing written) when no run logged any of the keys."""
+    fig = lines_figure(plt, runs, keys, ylabel, logy)
+    if fig is None:
+        return False
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # the legends outside the axes included
+    plt.close(fig)
+    return True
+
+
+def lines_figure(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, logy: bool = False) -> Any:
     """One panel for every run and key: one colour per run, a line style per key (``keys[0]`` solid, ``keys[1]``
     dashed, ...), two legends outside the axes (runs by colour, keys by style) so nothing covers a curve."""
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     drawn_runs, drawn_keys = [], []
     one_run = len(runs) == 1
@@ -153,23 +177,24 @@ def _lines(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, 
             drawn_keys += [] if key in drawn_keys else [key]
     if not drawn_keys:
         plt.close(fig)
-        return False
+        return None
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    styles = [Line2D([], [], color="0.3", ls=STYLES[keys.index(k) % len(STYLES)], label=k) for k in drawn_keys]
-    first = ax.legend(handles=styles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="metric")
+    styles = [
+        Line2D([], [], color="0.3", ls=STYLES[keys.index(k) % len(STYLES)], label=KEY_LABELS.get(k, k))
+        for k in drawn_keys
+    ]
+    outside = {"bbox_transform": ax.transAxes, "fontsize": 8}  # figure legends: a tight save keeps them whole
+    fig.legend(handles=styles, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="metric", **outside)
     if not one_run:
-        ax.add_artist(first)
         handles = [
             Line2D([], [], color=colours[list(runs).index(n) % len(colours)], lw=2.5, label=n) for n in drawn_runs
         ]
-        ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=8, title="run")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+        fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.01, 0.0), title="run", **outside)
+    return fig
 
 
 def maxvio_figure(plt: Any, runs: dict[str, list[dict]], out: Path) -> bool:
@@ -179,7 +204,7 @@ def maxvio_figure(plt: Any, runs: dict[str, list[dict]], out: Path) -> bool:
     if len(runs) > 1:
         return _lines(plt, runs, ["moe/maxvio", "val/maxvio_global"], "MaxVio", out)
     ((name, records),) = runs.items()
-    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     for layer in moe_layers(records):
         steps, values = series(records, f"moe/layer_{layer}/maxvio")
         ax.plot(steps, values, lw=1.2, label=f"layer {layer}")
@@ -192,7 +217,7 @@ def maxvio_figure(plt: Any, runs: dict[str, list[dict]], out: Path) -> bool:
     ax.set_ylabel("MaxVio")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 

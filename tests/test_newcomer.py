@@ -293,3 +293,35 @@ def test_a_misspelled_key_names_the_nearest_known_one_before_hydra():
         check_override_keys(["trainer.max_step=3"], groups)
     with pytest.raises(ConfigError, match=r"did you mean logger\?"):
         check_override_keys(["loger=none"], groups)
+
+
+@pytest.mark.unit
+def test_comparison_pictures_colour_by_run_style_by_split_and_centre_the_load_scale_on_1_over_n():
+    """Before: train and val of one run got unrelated colours, legends of long labels covered the curves, and the
+    load heatmap's viridis scale hid which experts were over or under 1/N. Catches a colour per line instead of
+    per run, a legend inside the axes, and a colour scale not centred on 1/N."""
+    import numpy as np
+
+    from moetrain.plot import _pyplot, balance_norm, lines_figure
+
+    def records(scale: float) -> list[dict]:
+        return [{"step": s, "moe/maxvio": scale / s, "val/maxvio_global": 2 * scale / s} for s in (1, 2, 3)]
+
+    plt = _pyplot()
+    runs = {"moe=switch": records(1.0), "moe=deepseek_v2": records(2.0), "moe=hash": records(3.0)}
+    fig = lines_figure(plt, runs, ["moe/maxvio", "val/maxvio_global"], "MaxVio")
+    (ax,) = fig.axes  # one overlaid panel
+    lines = ax.get_lines()
+    assert len(lines) == 6
+    for i in range(3):  # per run: train then val, one colour, solid then dashed
+        train, val = lines[2 * i], lines[2 * i + 1]
+        assert train.get_color() == val.get_color() and (train.get_linestyle(), val.get_linestyle()) == ("-", "--")
+    assert len({line.get_color() for line in lines}) == 3
+    fig.canvas.draw()
+    axes_right = ax.get_window_extent().x1
+    legends = fig.legends
+    assert len(legends) == 2 and all(leg.get_window_extent().x0 > axes_right for leg in legends)
+    assert {t.get_text() for t in legends[-1].get_texts()} == set(runs)
+    plt.close(fig)
+    norm = balance_norm(np.array([[0.05, 0.3], [0.2, 0.1]]), 8)
+    assert norm(1 / 8) == pytest.approx(0.5) and norm(0.0) == 0.0 and norm(0.3) == pytest.approx(1.0)

@@ -134,6 +134,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         cells = {**r, "overrides": own if len(rows) > 1 else r["overrides"]}
         if r.get("cause"):
             cells["status"] = f"{r['status']}: {str(r['cause']).replace('|', '/')}"
+        if isinstance(cells["perf/tokens_per_sec"], float):  # a rate: whole tokens
+            cells["perf/tokens_per_sec"] = f"{cells['perf/tokens_per_sec']:,.0f}"
         lines.append("| " + " | ".join(_fmt(cells[c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
 from moetrain.train.checkpoint import CheckpointError
 from moetrain.train.command import group_options, resolve_run_args, say_done, say_how_to_continue
-from moetrain.train.console import config_tree
+from moetrain.train.console import config_tree, say_config
 from moetrain.train.guards import NonFiniteError
 from moetrain.train.rundir import RunDirError, RunDirLock, chosen_run_dir, preflight
 
@@ -204,7 +204,7 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
         try:
             if pc.is_main:
                 save_resolved_config(cfg, run_path)
-                print(config_tree(to_dict(cfg), to_dict(TrainConfig()), run_path), flush=True)
+                say_config(config_tree(to_dict(cfg), to_dict(TrainConfig()), run_path), run_path)
             trainer = make_trainer(cfg, run_path, pc)
             try:
                 final = trainer.fit()

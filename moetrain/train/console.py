@@ -112,11 +112,20 @@ def config_tree(resolved: dict[str, Any], defaults: dict[str, Any], run_dir: Pat
     for key, value in new.items():
         if base.get(key, object()) != value:
             section, _, rest = key.partition(".")
-            sections.setdefault(section if rest else "", []).append(f"{rest or key}={value}")
+            shown = str(value) if len(str(value)) <= 60 else f"{str(value)[:57]}..."
+            sections.setdefault(section if rest else "", []).append(f"{rest or key}={shown}")
     lines = ["config (differs from the defaults):"]
     lines += [f"  {name or '(root)'}: {' '.join(items)}" for name, items in sections.items()] or ["  (defaults)"]
     lines.append(f"  (every key: {run_dir / 'config.yaml'})")
     return "\n".join(lines)
+
+
+def say_config(tree: str, run_dir: Path) -> None:
+    """The start tree on rank 0's console and at the top of this run's part of ``train.log`` (the console and the
+    file hold the same lines)."""
+    print(tree, flush=True)
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        log.write(tree + "\n")
 
 
 def closing_summary(run_dir: Path, final: dict[str, Any], tokens_per_sec: float | None, resume: str) -> str:

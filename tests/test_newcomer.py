@@ -325,3 +325,55 @@ def test_comparison_pictures_colour_by_run_style_by_split_and_centre_the_load_sc
     plt.close(fig)
     norm = balance_norm(np.array([[0.05, 0.3], [0.2, 0.1]]), 8)
     assert norm(1 / 8) == pytest.approx(0.5) and norm(0.0) == 0.0 and norm(0.3) == pytest.approx(1.0)
+
+
+@pytest.mark.unit
+def test_a_running_jobs_progress_line_has_step_total_loss_and_eta(tmp_path):
+    """Catches a progress line that repeats an unchanged step, reads a half-written last line, or has no ETA
+    once two steps were seen."""
+    import json
+
+    from moetrain.launch.jobs import JobProgress
+
+    progress = JobProgress(max_steps=10, every=0.0)
+    assert progress.line(3, tmp_path) is None  # nothing logged yet
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 2, "train/loss": 3.5}) + "\n" + '{"step": 3, "train/lo')
+    assert progress.line(3, tmp_path) == "#3 step 2/10 | loss 3.5000 | eta ?"
+    assert progress.line(3, tmp_path) is None  # the same step: nothing new to say
+    path.write_text(json.dumps({"step": 2, "train/loss": 3.5}) + "\n" + json.dumps({"step": 6, "train/loss": 3.0}))
+    line = progress.line(3, tmp_path)
+    assert line is not None and line.startswith("#3 step 6/10 | loss 3.0000 | eta 0:00:0")
+
+
+@pytest.mark.unit
+def test_wandb_says_once_why_it_logs_no_load_pictures(monkeypatch, caplog):
+    """Before: without matplotlib W&B silently got no heatmaps. Catches silence, and a note repeated at every
+    log step."""
+    import sys
+
+    from moetrain.train import sinks
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    monkeypatch.setattr(sinks, "_SAID_NO_PICTURES", [])
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("moetrain"), "propagate", True)  # a run in this process turned it off
+    with caplog.at_level("WARNING", logger="moetrain"):
+        for step in (1, 2, 3):
+            assert sinks.load_pictures(object(), step, {"moe/layer_1/load": [1.0, 2.0]}) == {}
+    notes = [r.getMessage() for r in caplog.records if "no load pictures" in r.getMessage()]
+    assert len(notes) == 1 and "matplotlib is missing" in notes[0] and "scripts/setup.sh plot" in notes[0]
+
+
+@pytest.mark.unit
+def test_moetrain_plan_runs_with_no_arguments_and_prints_fitting_units(capsys):
+    """Before: ``moetrain-plan`` failed on its own defaults (micro-batch 16 x 8 ranks > global 16) and printed
+    ``0.0 GB`` for a small model. Catches either."""
+    from moetrain.plan import main
+
+    main([])
+    out = capsys.readouterr().out
+    assert "6.86M parameters" in out and "micro-batch 2" in out
+    assert " 0.0 GB" not in out and "MB" in out

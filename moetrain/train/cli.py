@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moetrain.config import ConfigError, TrainConfig, to_dict, validate, with_micro_batch
+from moetrain.config import ConfigError, TrainConfig, micro_batch_for, to_dict, validate, with_micro_batch
 from moetrain.config_docs import config_dir, register_schema
 from moetrain.errors import USER_ERROR_EXIT_CODE, is_failure, report, user_error
 from moetrain.launch.jobs import check_known_keys, check_override_keys
@@ -106,7 +106,7 @@ def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
         out.append(f"moe.max_recv_factor={moe.max_recv_factor} only acts under expert parallelism (parallel.ep > 1)")
     if moe.recv_overflow != "drop" and moe.max_recv_factor is None:
         out.append(f"moe.recv_overflow={moe.recv_overflow} only acts with moe.max_recv_factor set")
-    micro = cfg.trainer.global_batch_size // max(cfg.trainer.micro_batch_size * world_size, 1)
+    micro = cfg.trainer.global_batch_size // max(micro_batch_for(cfg.trainer, world_size) * world_size, 1)
     if moe.balance.scope == "global" and world_size == 1 and micro == 1:
         out.append("moe.balance.scope=global equals micro_batch with one rank and one micro-batch per step")
     if cfg.engine.name == "native":

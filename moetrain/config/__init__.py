@@ -56,6 +56,7 @@ from moetrain.config.validate import (
     validate,
     validate_engine,
 )
+from moetrain.config.world import default_threads, micro_batch_for, with_micro_batch
 
 __all__ = [
     "BACKENDS",
@@ -88,11 +89,14 @@ __all__ = [
     "TrainerConfig",
     "WandbConfig",
     "config_keys",
+    "default_threads",
     "ep_layout_error",
     "float_values",
     "from_dict",
+    "micro_batch_for",
     "resolve_num_groups",
     "to_dict",
     "validate",
     "validate_engine",
+    "with_micro_batch",
 ]

@@ -100,8 +100,9 @@ class TrainerConfig:
     """Optimizer steps."""
     global_batch_size: int = 16
     """Sequences per optimizer step, over all ranks and micro-batches."""
-    micro_batch_size: int = 16
-    """Sequences per forward/backward on one rank; accumulation = global / (micro * world)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on one rank; accumulation = global / (micro * world). ``None`` = this
+    rank's whole share of the global batch (global / world size), so one config runs on any number of ranks."""
     log_every: int = 10
     """Log train metrics every n steps (and at the last step)."""
     eval_every: int = 100
@@ -123,14 +124,16 @@ class TrainerConfig:
     progress: bool = True
     """Show a console progress bar."""
     num_threads: int | None = None
-    """CPU threads for torch (``None`` = torch's default); at most the CPUs this process may use."""
+    """CPU threads for torch; ``None`` = the CPUs this process may use (its affinity mask) split over the
+    ranks on this node (1 per rank under ``torchrun`` on a small machine); at most the CPUs it may use."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory, about one more forward)."""
     compile: bool = False
     """``torch.compile`` region by region (inductor): dense blocks whole; in MoE blocks the norms, attention,
     router and shared experts (dispatch, experts and combine stay eager)."""
     resume: str = "auto"
-    """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
+    """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``latest`` (continue
+    the newest unfinished run under ``runs/``, of ``run_name`` if set), ``none``, or a path."""
     resume_allow_changes: list[str] = field(default_factory=list)
     """Config keys (``optim.lr``) or whole sections (``optim``) a resume may change; any other change of a
     key that shapes the run (model, routing, data, batch, optimizer, seed) is refused. See docs/checkpoints.md."""
@@ -256,7 +259,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run_dir: str | None = None
-    """Where the run writes; ``None`` = Hydra's output directory (or ``runs/<time>`` without Hydra)."""
+    """Where the run writes; ``None`` = ``runs/<run_name>`` with a name, else Hydra's output directory
+    (``runs/<time>``)."""
+    run_name: str | None = None
+    """A name for a single run: it writes to ``runs/<run_name>``, so the same command run again continues it
+    (``trainer.resume=auto``); ``trainer.resume=latest`` continues the newest unfinished run of that name."""
 
 
 def config_keys(cfg: Any, prefix: str = "") -> set[str]:

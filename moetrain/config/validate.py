@@ -15,6 +15,7 @@ from typing import Any
 from moetrain.config.errors import ConfigError
 from moetrain.config.model import ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
 from moetrain.config.run import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, TrainerConfig, config_keys
+from moetrain.config.world import micro_batch_for, usable_cpus
 
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "topk_sum")
@@ -33,16 +34,6 @@ FLOAT32_MAX = 3.4028234663852886e38
 """``torch.finfo(torch.float32).max``: the trainer holds learning rates, coefficients and losses in float32."""
 FLOAT32_TINY = 1.1754943508222875e-38
 """``torch.finfo(torch.float32).tiny``, the smallest normal float32: a non-zero value below it underflows."""
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, as ``taskset`` / SLURM's cgroup set it)."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS has no affinity masks
-        return os.cpu_count() or 1
 
 
 def ep_layout_error(world_size: int, ep: int, num_experts: int | None = None) -> str | None:
@@ -316,15 +307,21 @@ def _optim(o: OptimConfig) -> None:
 
 
 def _trainer(t: TrainerConfig, world_size: int) -> None:
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
+    for key in ("max_steps", "global_batch_size", "log_every"):
         _positive(f"trainer.{key}", getattr(t, key))
+    if t.micro_batch_size is not None:
+        _positive("trainer.micro_batch_size", t.micro_batch_size)
     if t.eval_every < 0:
         _fail("trainer.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
-    if t.global_batch_size % (t.micro_batch_size * world_size):
+    micro = micro_batch_for(t, world_size)
+    if t.global_batch_size % (micro * world_size):
+        share, fix = t.global_batch_size // world_size, f"use a global batch that is a multiple of {world_size}"
+        if share and t.global_batch_size % world_size == 0:
+            fix = f"set trainer.micro_batch_size to a divisor of {share} (each rank's share) or unset it (null)"
         _fail(
             "trainer.global_batch_size",
             t.global_batch_size,
-            f"must be divisible by trainer.micro_batch_size={t.micro_batch_size} x world size={world_size}",
+            f"must be divisible by trainer.micro_batch_size={micro} x world size={world_size}: {fix}",
         )
     _choice("trainer.device", t.device, DEVICES)
     _choice("trainer.precision", t.precision, PRECISIONS)
@@ -336,7 +333,7 @@ def _trainer(t: TrainerConfig, world_size: int) -> None:
             _fail("trainer.num_threads", t.num_threads, f"must be <= the {usable_cpus()} CPUs this process may use")
 
     if not t.resume:
-        _fail("trainer.resume", t.resume, "must be auto, none or a checkpoint path")
+        _fail("trainer.resume", t.resume, "must be auto, latest, none or a checkpoint path")
     known = config_keys(TrainConfig())
     for key in t.resume_allow_changes:
         if key not in known and not any(k.startswith(f"{key}.") for k in known):

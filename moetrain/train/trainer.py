@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from moetrain.config import TrainConfig, resolve_num_groups, to_dict
+from moetrain.config import TrainConfig, default_threads, resolve_num_groups, to_dict, with_micro_batch
 from moetrain.data import (
     PackedData,
     build_loader,
@@ -103,8 +103,7 @@ class Throughput:
 def setup_torch(cfg: TrainConfig) -> None:
     """Threads, determinism and the seed, before anything random is drawn."""
     t = cfg.trainer
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    torch.set_num_threads(t.num_threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -150,9 +149,9 @@ class Trainer:
         self, cfg: TrainConfig, run_dir: Path, pc: ParallelContext | None = None, data: PackedData | None = None
     ) -> None:
         """``data``: sequences already prepared (a benchmark's token source); ``None`` = ``cfg.data``'s corpus."""
-        self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.pc = pc or ParallelContext()
+        self.cfg = cfg = with_micro_batch(cfg, self.pc.world_size)  # micro_batch_size=None: each rank's share
         self.device = self.pc.device
         setup_torch(cfg)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -321,7 +320,9 @@ class Trainer:
     def _stop_for_signal(self, signum: int) -> int:
         saved = self.checkpointer.save_for_stop()
         where = f"checkpoint {saved}" if saved else "no checkpoint (checkpoint.enabled=false)"
-        LOG.info(f"moetrain: stopped by a signal at step {self.step}; {where}; rerun to continue")
+        LOG.info(
+            f"moetrain: stopped by a signal at step {self.step}; {where}; rerun with the same run directory to continue"
+        )
         return exit_code_for(signum)
 
     # ------------------------------------------------------------------ sinks

@@ -34,7 +34,7 @@ def cfg_with(**changes) -> TrainConfig:
         ({"moe__top_k": 9}, "moe.top_k=9: must be <= moe.num_experts=8"),
         ({"model__first_k_dense": 7}, "model.first_k_dense=7: must be in [0, model.n_layers=4]"),
         (
-            {"trainer__global_batch_size": 12},
+            {"trainer__global_batch_size": 12, "trainer__micro_batch_size": 16},
             "trainer.global_batch_size=12: must be divisible by trainer.micro_batch_size=16",
         ),
         ({"moe__router__score_fn": "relu"}, "moe.router.score_fn='relu': must be one of softmax, sigmoid"),

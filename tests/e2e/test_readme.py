@@ -31,6 +31,7 @@ LONG = (
     ".venv/bin/python -m pytest",
     "moetrain-export --from-hf ./DeepSeek",  # a downloaded checkpoint: tests/hf/ round-trips tiny ones
     "moetrain-export runs/v2lite_cpt",
+    "moetrain-inspect runs/",  # needs a trained run: scripts/newcomer_check.sh inspects one
     "moetrain-train -m ",  # sweeps: composed below, run by tests/launch/test_*sweep*.py and newcomer_check.sh
 )
 """Command prefixes not run here, and where they are exercised instead."""

@@ -566,7 +566,7 @@ def test_plus_unknown_key_is_refused_and_an_explicit_run_dir_leaves_nothing_else
     bad = cli(tmp_path, "+model.dimm=3", "trainer.max_steps=1", f"run_dir={run_dir}")
     assert bad.returncode == 2
     assert error_lines(bad) == [
-        "moetrain: config error: model.dimm: unknown key (moetrain-train --help lists every key)"
+        "moetrain: config error: model.dimm: unknown key (did you mean model.dim? moetrain-train --help lists every key)"
     ]
     assert not run_dir.exists()
     good = cli(tmp_path, "trainer.max_steps=1", f"run_dir={run_dir}")

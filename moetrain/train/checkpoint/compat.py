@@ -93,6 +93,7 @@ def check_engine(ckpt: Path, meta: dict[str, Any], engine: str) -> None:
 
 RESUME_FREE_KEYS = (
     "run_dir",
+    "run_name",
     "trainer.max_steps",
     "trainer.micro_batch_size",
     "trainer.log_every",

@@ -148,9 +148,9 @@ MUTATIONS: list[Mutation] = [
         "expert gradients averaged over the expert-data-parallel group (1/EDP) instead of 1/W",
         [
             (
-                "moetrain/parallel/grad_sync.py",
-                "_flat_all_reduce(expert_grads, pc.edp_group, 1.0 / pc.world_size)",
-                "_flat_all_reduce(expert_grads, pc.edp_group, 1.0 / pc.edp_size)",
+                "moetrain/parallel/data_parallel.py",
+                "experts.set_gradient_divide_factor(float(pc.world_size))",
+                "experts.set_gradient_divide_factor(float(pc.edp_size))",
             )
         ],
         "tests/parallel/test_ep_skew.py",
@@ -161,9 +161,9 @@ MUTATIONS: list[Mutation] = [
         "clipping scales the dense gradients only (the norm is right, expert gradients stay unclipped)",
         [
             (
-                "moetrain/parallel/grad_sync.py",
-                "every = [p.grad for p in dense + experts if p.grad is not None] + sharded",
-                "every = [p.grad for p in dense if p.grad is not None] + sharded",
+                "moetrain/parallel/clip.py",
+                "for g in once + world + ep:",
+                "for g in once + world:",
             )
         ],
         "tests/parallel/test_ep_skew.py",
@@ -174,7 +174,7 @@ MUTATIONS: list[Mutation] = [
         "FSDP gradients reduced in bf16 under the bf16 policy (reduce_dtype = param_dtype)",
         [
             (
-                "moetrain/parallel/fsdp.py",
+                "moetrain/parallel/data_parallel.py",
                 "MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)",
                 "MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype, cast_forward_inputs=False)",
             )
@@ -187,7 +187,7 @@ MUTATIONS: list[Mutation] = [
         "FSDP's expert units divide their EDP sum by the EP size instead of W (a sum at EP=1)",
         [
             (
-                "moetrain/parallel/fsdp.py",
+                "moetrain/parallel/data_parallel.py",
                 "experts.set_gradient_divide_factor(float(pc.world_size))",
                 "experts.set_gradient_divide_factor(float(pc.ep_size))",
             )
@@ -195,12 +195,17 @@ MUTATIONS: list[Mutation] = [
         FSDP + "test_fsdp_steps_equal_the_replicated_run[2-ep1]",
     ),
     _m(
-        "grad_buckets_unsorted",
+        "reduce_every_micro_batch",
         "parallel",
-        "gradient buckets left in closing order, not sorted by first parameter (a bucket waits behind later ones)",
-        [("moetrain/parallel/grad_buckets.py", "return sorted(out, key=lambda b: first[id(b)])", "return out")],
-        "tests/parallel/test_grad_buckets.py::test_buckets_follow_backward_order_and_never_mix_groups_or_dtypes",
-        fast=True,
+        "every micro-batch's backward reduces the gradients, not only the step's last (the reduction repeated)",
+        [
+            (
+                "moetrain/train/native.py",
+                "set_micro_batch_sync(self.model, last=i == n - 1)",
+                "set_micro_batch_sync(self.model, last=True)",
+            )
+        ],
+        "tests/parallel/test_data_parallel.py::test_only_the_last_micro_batch_reduces_and_the_reduction_overlaps_the_backward",
     ),
     _m(
         "overlap_shared_detached",

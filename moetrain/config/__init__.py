@@ -14,7 +14,14 @@ its value and the rule, before any model or data is built.
 """
 
 from moetrain.config.errors import ConfigError
-from moetrain.config.model import BalanceConfig, ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
+from moetrain.config.model import (
+    BalanceConfig,
+    ModelConfig,
+    MoEConfig,
+    RopeScalingConfig,
+    RouterConfig,
+    resolve_num_groups,
+)
 from moetrain.config.run import (
     CheckpointConfig,
     DataConfig,
@@ -49,6 +56,7 @@ from moetrain.config.validate import (
     validate,
     validate_engine,
 )
+from moetrain.config.world import default_threads, micro_batch_for, with_micro_batch
 
 __all__ = [
     "BACKENDS",
@@ -74,17 +82,21 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "RopeScalingConfig",
     "RouterConfig",
     "SourceConfig",
     "TrainConfig",
     "TrainerConfig",
     "WandbConfig",
     "config_keys",
+    "default_threads",
     "ep_layout_error",
     "float_values",
     "from_dict",
+    "micro_batch_for",
     "resolve_num_groups",
     "to_dict",
     "validate",
     "validate_engine",
+    "with_micro_batch",
 ]

@@ -4,7 +4,8 @@ omegaconf (the GPU check's machine: ``scripts/gpu_check.sh``, the benchmarks).
 
 It follows Hydra's order for the subset of the grammar the configs use: the dataclass defaults, then each group
 of ``train.yaml``'s defaults list at its package (``model: tiny`` fills ``model.*``; a file headed
-``# @package _global_``, as ``experiment/*.yaml``, fills the root), then ``train.yaml``'s own keys, then the
+``# @package _global_``, as ``experiment/*.yaml``, fills the root; its ``defaults: [override /moe: X]`` picks
+another option of a group the command line left alone), then ``train.yaml``'s own keys, then the
 experiment, then the command line's ``key=value`` overrides. ``group=option`` picks another file of a group;
 values read as Hydra reads them (``null``, ``true``, ``1e-3``, ``[a,b]``, quoted strings). Interpolations,
 ``+key``/``~key`` and sweeps are Hydra's alone. ``tests/config/test_validation.py`` checks it against Hydra.
@@ -98,6 +99,22 @@ def _defaults(root: dict[str, Any]) -> list[tuple[str, str | None]]:
     return out
 
 
+def _group_overrides(folder: Path, choices: dict[str, str | None], chosen: set[str]) -> None:
+    """A group file's own ``defaults: [override /group: option]`` (``model=deepseek_v3`` picks
+    ``moe=deepseek_v3_671b``), as Hydra applies them: a group chosen on the command line keeps its choice."""
+    for group, option in list(choices.items()):
+        path = folder / group / f"{option}.yaml"
+        if option is None or not path.is_file():
+            continue
+        for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+            ((key, value),) = entry.items() if isinstance(entry, dict) else ((entry, None),)
+            target = str(key).removeprefix("override ").strip().lstrip("/")
+            if not str(key).startswith("override ") or target not in choices:
+                raise ConfigError(f"{path}: defaults entry {entry!r} is not understood without Hydra")
+            if target not in chosen:
+                choices[target] = value
+
+
 def _floats(tree: dict[str, Any], cfg: Any) -> None:
     """Ints given for float keys become floats, as Hydra's structured configs convert them."""
     for f in dataclasses.fields(cfg):
@@ -122,6 +139,7 @@ def compose_without_hydra(overrides: list[str] | tuple[str, ...] = ()) -> TrainC
             choices[key] = None if text in ("null", "") else text
         else:
             values.append((key, text))
+    _group_overrides(folder, choices, {item.partition("=")[0] for item in overrides} & set(choices))
     tree = to_dict(TrainConfig())
     later: list[dict[str, Any]] = []
     for group, option in choices.items():
@@ -132,6 +150,7 @@ def compose_without_hydra(overrides: list[str] | tuple[str, ...] = ()) -> TrainC
             options = sorted(p.stem for p in (folder / group).glob("*.yaml"))
             raise ConfigError(f"{group}={option}: no such option (one of {', '.join(options)})")
         data, is_global = _read(path)
+        data.pop("defaults", None)  # its overrides are applied above (_group_overrides)
         if is_global:
             later.append(data)  # after train.yaml's own keys, as Hydra orders an experiment
         else:

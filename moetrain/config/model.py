@@ -6,6 +6,27 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class RopeScalingConfig:
+    """YaRN context extension of RoPE (Peng et al. 2023, arXiv 2309.00071) as DeepSeek-V3 configures it
+    (``rope_scaling`` of its ``config.json``, transformers' ``rope_parameters``); ``model.attention=mla`` only."""
+
+    type: str = "none"
+    """``none`` (plain RoPE) or ``yarn``."""
+    factor: float = 1.0
+    """s, the context extension factor (DeepSeek-V3: 40)."""
+    original_max_seq_len: int = 4096
+    """The pretraining context the frequencies were tuned for."""
+    beta_fast: float = 32.0
+    """YaRN's alpha/beta boundaries of the interpolation ramp (rotations): the fast end."""
+    beta_slow: float = 1.0
+    """The slow end of the ramp."""
+    mscale: float = 1.0
+    """YaRN's attention temperature coefficient of the RoPE tables."""
+    mscale_all_dim: float = 0.0
+    """MLA's softmax scale is multiplied by (0.1 mscale_all_dim ln s + 1)^2 (DeepSeek-V3's mscale); 0 = off."""
+
+
+@dataclass
 class ModelConfig:
     """The decoder-only Transformer (everything except the MoE FFNs)."""
 
@@ -35,8 +56,33 @@ class ModelConfig:
     """Share the token embedding and LM head weights."""
     qk_norm: bool = False
     """RMSNorm over each head's query and key before RoPE (Qwen3, OLMo-2); off = plain attention."""
+    qk_norm_scope: str = "head"
+    """With ``qk_norm``: ``head`` (each head's Dh, Qwen3) or ``all`` (the whole q and k projections at once,
+    OLMoE / OLMo-2)."""
+    attention_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2, Qwen1.5-MoE); initialised at 0."""
     init_std: float = 0.02
     """Std of the normal init; output projections are scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+    attention: str = "gqa"
+    """``gqa`` (grouped-query attention, ``n_kv_heads``) or ``mla`` (DeepSeek-V2's Multi-head Latent Attention,
+    arXiv 2405.04434 sec. 2.1: keys and values from a cached ``kv_lora_rank`` latent, plus a RoPE key shared
+    across heads; docs/deepseek.md)."""
+    kv_lora_rank: int = 64
+    """MLA: d_c, the width of the compressed key-value latent c_KV (sec. 2.1.2), the numbers cached per token."""
+    q_lora_rank: int | None = None
+    """MLA: d_c', the width of the compressed query latent c_Q (sec. 2.1.2); ``None`` = full-rank queries."""
+    qk_rope_head_dim: int = 16
+    """MLA: d_h^R, the width of the decoupled RoPE query per head and of the one RoPE key shared by all heads."""
+    qk_nope_head_dim: int = 32
+    """MLA: d_h, each head's query/key width without position (from the latents)."""
+    v_head_dim: int = 32
+    """MLA: each head's value width."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """Context extension of RoPE (YaRN)."""
+    mtp_depth: int = 0
+    """D, the multi-token prediction modules after the main model (DeepSeek-V3 sec. 2.2: 1); 0 = off."""
+    mtp_lambda: float = 0.3
+    """lambda, the weight of the mean MTP loss (DeepSeek-V3: 0.3, then 0.1 for the last 4.8T tokens)."""
 
 
 @dataclass

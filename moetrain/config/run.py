@@ -100,8 +100,9 @@ class TrainerConfig:
     """Optimizer steps."""
     global_batch_size: int = 16
     """Sequences per optimizer step, over all ranks and micro-batches."""
-    micro_batch_size: int = 16
-    """Sequences per forward/backward on one rank; accumulation = global / (micro * world)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on one rank; accumulation = global / (micro * world). ``None`` = this
+    rank's whole share of the global batch (global / world size), so one config runs on any number of ranks."""
     log_every: int = 10
     """Log train metrics every n steps (and at the last step)."""
     eval_every: int = 100
@@ -123,14 +124,16 @@ class TrainerConfig:
     progress: bool = True
     """Show a console progress bar."""
     num_threads: int | None = None
-    """CPU threads for torch (``None`` = torch's default); at most the CPUs this process may use."""
+    """CPU threads for torch; ``None`` = the CPUs this process may use (its affinity mask) split over the
+    ranks on this node (1 per rank under ``torchrun`` on a small machine); at most the CPUs it may use."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory, about one more forward)."""
     compile: bool = False
     """``torch.compile`` region by region (inductor): dense blocks whole; in MoE blocks the norms, attention,
     router and shared experts (dispatch, experts and combine stay eager)."""
     resume: str = "auto"
-    """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``none``, or a path."""
+    """``auto`` (continue from the newest complete checkpoint in ``checkpoint.dir``, if any), ``latest`` (continue
+    the newest unfinished run under ``runs/``, of ``run_name`` if set), ``none``, or a path."""
     resume_allow_changes: list[str] = field(default_factory=list)
     """Config keys (``optim.lr``) or whole sections (``optim``) a resume may change; any other change of a
     key that shapes the run (model, routing, data, batch, optimizer, seed) is refused. See docs/checkpoints.md."""
@@ -180,19 +183,15 @@ class ParallelConfig:
     fsdp: bool = False
     """Shard the non-expert parameters, gradients and AdamW states over the data-parallel ranks (FSDP2,
     ``torch.distributed.fsdp.fully_shard`` per block and over the embedding and head); the routed experts, split
-    over EP, are sharded over their EDP ranks. Native engine only. Its checkpoints are a run's without FSDP: they
-    resume with or without it, on any world and EP size, and export alike."""
+    over EP, are sharded over their EDP ranks. ``false``: the same units replicated (FSDP2's ``replicate``: the
+    gradients all-reduced, overlapped with the backward). Native engine only. Its checkpoints are a run's without
+    FSDP: they resume with or without it, on any world and EP size, and export alike."""
     fsdp_keep_gathered: bool = True
     """With ``parallel.fsdp`` and gradient accumulation: keep the gathered weights and the unsharded gradients
     between a step's micro-batches (one all-gather per unit and one reduce-scatter per step, while the
     non-expert part is held whole for the step, as under ZeRO-2); ``false`` reshards after every micro-batch's
-    forward and backward (the least memory, an all-gather pair and a reduce-scatter per micro-batch)."""
-    bucket_mb: float = 25.0
-    """Native engine: gradients are all-reduced in buckets of about this many MiB (a bucket closes once it
-    reaches it), each launched during the last micro-batch's backward as soon as its gradients are final,
-    overlapping the rest of the backward (PyTorch DDP's ``bucket_cap_mb``, same default; the first bucket is
-    capped at 1 MiB as in DDP). Larger buckets mean fewer collectives, smaller ones an earlier start
-    (``moetrain.parallel.grad_buckets``)."""
+    forward and backward (the least memory, an all-gather pair and a reduce-scatter per micro-batch). Without
+    FSDP the gradients are reduced once per step, in the last micro-batch's backward, always."""
     overlap_shared_experts: bool = True
     """Under expert parallelism, run the shared experts while the dispatch and combine all-to-alls are in
     flight, forward and backward (Megatron-Core's ``moe_shared_expert_overlap``); bitwise the results of
@@ -272,7 +271,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run_dir: str | None = None
-    """Where the run writes; ``None`` = Hydra's output directory (or ``runs/<time>`` without Hydra)."""
+    """Where the run writes; ``None`` = ``runs/<run_name>`` with a name, else Hydra's output directory
+    (``runs/<time>``)."""
+    run_name: str | None = None
+    """A name for a single run: it writes to ``runs/<run_name>``, so the same command run again continues it
+    (``trainer.resume=auto``); ``trainer.resume=latest`` continues the newest unfinished run of that name."""
 
 
 def config_keys(cfg: Any, prefix: str = "") -> set[str]:
@@ -292,11 +295,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+RETIRED_KEYS = {("ParallelConfig", "bucket_mb")}
+"""Keys an older moetrain wrote into checkpoints that no longer act (``parallel.bucket_mb``: the hand-written
+gradient buckets gave way to FSDP2's units); :func:`from_dict` drops them."""
+
+
 def from_dict(data: dict[str, Any], cls: type = TrainConfig) -> Any:
-    """Rebuild a (nested) config dataclass from :func:`to_dict` output; unknown keys fail."""
+    """Rebuild a (nested) config dataclass from :func:`to_dict` output; unknown keys fail, retired ones
+    (:data:`RETIRED_KEYS`) are dropped."""
     kwargs = {}
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
+        if (cls.__name__, key) in RETIRED_KEYS:
+            continue
         if key not in names:
             raise ConfigError(f"{cls.__name__}.{key}: unknown key")
         sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None

@@ -16,6 +16,7 @@ from moetrain.config.errors import ConfigError
 from moetrain.config.model import ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
 from moetrain.config.pipeline_layout import check_pipeline_layout
 from moetrain.config.run import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, TrainerConfig, config_keys
+from moetrain.config.world import micro_batch_for, usable_cpus
 
 SCORE_FNS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "topk_sum")
@@ -34,16 +35,6 @@ FLOAT32_MAX = 3.4028234663852886e38
 """``torch.finfo(torch.float32).max``: the trainer holds learning rates, coefficients and losses in float32."""
 FLOAT32_TINY = 1.1754943508222875e-38
 """``torch.finfo(torch.float32).tiny``, the smallest normal float32: a non-zero value below it underflows."""
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, as ``taskset`` / SLURM's cgroup set it)."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS has no affinity masks
-        return os.cpu_count() or 1
 
 
 def ep_layout_error(world_size: int, ep: int, num_experts: int | None = None) -> str | None:
@@ -126,6 +117,34 @@ def _model(m: ModelConfig) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.rope_theta", m.rope_theta)
     _positive("model.norm_eps", m.norm_eps)
+    _attention(m)
+
+
+ATTENTIONS = ("gqa", "mla")
+ROPE_SCALINGS = ("none", "yarn")
+
+
+def _attention(m: ModelConfig) -> None:
+    """``model.attention`` and, for MLA, its widths (even RoPE width) and the YaRN keys."""
+    _choice("model.attention", m.attention, ATTENTIONS)
+    _choice("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    _choice("model.qk_norm_scope", m.qk_norm_scope, ("head", "all"))
+    if m.attention == "mla":
+        for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            _positive(f"model.{key}", getattr(m, key))
+        if m.q_lora_rank is not None:
+            _positive("model.q_lora_rank", m.q_lora_rank)
+        if m.qk_rope_head_dim % 2:
+            _fail("model.qk_rope_head_dim", m.qk_rope_head_dim, "must be even for RoPE")
+    if m.mtp_depth < 0 or m.mtp_lambda < 0:
+        key = "model.mtp_depth" if m.mtp_depth < 0 else "model.mtp_lambda"
+        _fail(key, getattr(m, key.split(".")[1]), "must be >= 0")
+    if m.rope_scaling.type == "yarn":
+        if m.attention != "mla":
+            _fail("model.rope_scaling.type", "yarn", "YaRN is implemented for model.attention=mla (DeepSeek-V2/V3)")
+        if m.rope_scaling.factor < 1:
+            _fail("model.rope_scaling.factor", m.rope_scaling.factor, "must be >= 1")
+        _positive("model.rope_scaling.original_max_seq_len", m.rope_scaling.original_max_seq_len)
 
 
 def _moe(moe: MoEConfig) -> None:
@@ -147,8 +166,6 @@ def _parallel(cfg: TrainConfig, world_size: int, for_training: bool = True) -> N
     p = cfg.parallel
     _positive("parallel.ep", p.ep)
     _choice("parallel.backend", p.backend, BACKENDS)
-    if not (p.bucket_mb > 0 and math.isfinite(p.bucket_mb)):  # nan and inf pass a plain "> 0"
-        _fail("parallel.bucket_mb", p.bucket_mb, "must be a finite size in MiB > 0 (PyTorch DDP's default is 25)")
     check_pipeline_layout(p.pp, p.pp_schedule, p.pp_virtual, p.pp_layers, cfg.model.n_layers, world_size)
     layout_error = ep_layout_error(world_size // p.pp, p.ep, moe.num_experts)
     if layout_error:
@@ -297,15 +314,21 @@ def _optim(o: OptimConfig) -> None:
 
 
 def _trainer(t: TrainerConfig, world_size: int) -> None:
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every"):
+    for key in ("max_steps", "global_batch_size", "log_every"):
         _positive(f"trainer.{key}", getattr(t, key))
+    if t.micro_batch_size is not None:
+        _positive("trainer.micro_batch_size", t.micro_batch_size)
     if t.eval_every < 0:
         _fail("trainer.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
-    if t.global_batch_size % (t.micro_batch_size * world_size):
+    micro = micro_batch_for(t, world_size)
+    if t.global_batch_size % (micro * world_size):
+        share, fix = t.global_batch_size // world_size, f"use a global batch that is a multiple of {world_size}"
+        if share and t.global_batch_size % world_size == 0:
+            fix = f"set trainer.micro_batch_size to a divisor of {share} (each rank's share) or unset it (null)"
         _fail(
             "trainer.global_batch_size",
             t.global_batch_size,
-            f"must be divisible by trainer.micro_batch_size={t.micro_batch_size} x world size={world_size}",
+            f"must be divisible by trainer.micro_batch_size={micro} x world size={world_size}: {fix}",
         )
     _choice("trainer.device", t.device, DEVICES)
     _choice("trainer.precision", t.precision, PRECISIONS)
@@ -317,7 +340,7 @@ def _trainer(t: TrainerConfig, world_size: int) -> None:
             _fail("trainer.num_threads", t.num_threads, f"must be <= the {usable_cpus()} CPUs this process may use")
 
     if not t.resume:
-        _fail("trainer.resume", t.resume, "must be auto, none or a checkpoint path")
+        _fail("trainer.resume", t.resume, "must be auto, latest, none or a checkpoint path")
     known = config_keys(TrainConfig())
     for key in t.resume_allow_changes:
         if key not in known and not any(k.startswith(f"{key}.") for k in known):

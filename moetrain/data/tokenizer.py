@@ -65,7 +65,7 @@ class HFTokenizer:
             from transformers import AutoTokenizer
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(
-                f"data.tokenizer={name!r} needs the transformers package: install moetrain[transformers]"
+                f"data.tokenizer={name!r} needs the transformers package: scripts/setup.sh transformers (a clone) or pip install -e '.[transformers]'"
             ) from exc
         try:
             self._tok = AutoTokenizer.from_pretrained(name)

@@ -11,6 +11,12 @@ Three architectures map exactly (same logits):
   token) and doubles the shared down-projection, which is exact in floating point.
 - **Qwen3-MoE** (``Qwen3MoeForCausalLM``): ``model.qk_norm=true`` (per-head RMSNorm
   of q and k), no shared experts, dense layers anywhere.
+- **OLMoE** (``OlmoeForCausalLM``; Muennighoff et al. 2024): ``model.qk_norm=true`` with
+  ``model.qk_norm_scope=all`` (one RMSNorm over all heads' q, one over k), every layer MoE, no
+  shared experts. Its norm weights are permuted head by head like the q/k rows.
+
+Qwen2-MoE's q/k/v biases (Qwen1.5-MoE) are ``model.attention_bias=true``; the q and k biases
+are permuted like their rows.
 
 RoPE: moetrain rotates interleaved pairs ``(x[2j], x[2j+1])`` (Su et al. 2021,
 eq. 34), ``transformers`` rotates halves ``(x[j], x[j + Dh/2])``
@@ -29,7 +35,7 @@ from moetrain.config import ModelConfig, MoEConfig, TrainConfig, resolve_num_gro
 from moetrain.model.transformer import Transformer, is_moe_layer
 from moetrain.moe.strategies import STRATEGIES
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 """``model_type`` of each ``transformers`` architecture moetrain maps onto exactly."""
 
 
@@ -82,6 +88,12 @@ def hf_architecture(cfg: TrainConfig, model: Transformer | None = None) -> str:
     """``mixtral``, ``qwen2_moe`` or ``qwen3_moe``; :class:`ExportError` naming the first key that does not map."""
     m, moe = cfg.model, cfg.moe
     renormalised = check_routing(cfg, model)
+    if m.attention_bias and (m.qk_norm or moe.num_shared_experts == 0):
+        raise _refuse("model.attention_bias", True, "q/k/v biases map onto Qwen2-MoE (shared experts, no q/k norm)")
+    if m.qk_norm and m.qk_norm_scope == "all":
+        if moe.num_shared_experts or m.first_k_dense or m.moe_every != 1:
+            raise _refuse("model.qk_norm_scope", "all", "OLMoE has MoE in every layer and no shared experts")
+        return "olmoe"
     if m.qk_norm:
         if moe.num_shared_experts:
             raise _refuse(
@@ -141,8 +153,13 @@ def hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: dict[str, i
     }
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**common, **qwen, attention_bias=False)
+    if arch == "olmoe":
+        qwen["intermediate_size"] = moe.expert_hidden_size
+        keep = ("intermediate_size", "num_experts", "norm_topk_prob")
+        return transformers.OlmoeConfig(**common, **{k: qwen[k] for k in keep}, clip_qkv=None, attention_bias=False)
     shared = (moe.shared_hidden_size or moe.expert_hidden_size) * moe.num_shared_experts
-    return transformers.Qwen2MoeConfig(**common, **qwen, shared_expert_intermediate_size=shared, qkv_bias=False)
+    qkv_bias = m.attention_bias
+    return transformers.Qwen2MoeConfig(**common, **qwen, shared_expert_intermediate_size=shared, qkv_bias=qkv_bias)
 
 
 def hf_class(arch: str) -> Any:
@@ -153,6 +170,7 @@ def hf_class(arch: str) -> Any:
         "mixtral": transformers.MixtralForCausalLM,
         "qwen2_moe": transformers.Qwen2MoeForCausalLM,
         "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+        "olmoe": transformers.OlmoeForCausalLM,
     }[arch]
 
 
@@ -173,14 +191,26 @@ SHARED_MAP = {"ffn.shared.w1.weight": "shared_expert.gate_proj.weight"}
 SHARED_MAP["ffn.shared.w3.weight"] = "shared_expert.up_proj.weight"
 
 
+def _qk_tensors(m: ModelConfig) -> list[tuple[str, str, int | None]]:
+    """(moetrain, transformers, heads to permute by; None = as is) of a block's q/k/v tensors: the projections,
+    the biases (``attention_bias``) and the q/k norms (per head: one head's order; ``all``: every head's)."""
+    heads, kv = m.n_heads, m.n_kv_heads or m.n_heads
+    out: list[tuple[str, str, int | None]] = [("wq.weight", "q_proj.weight", heads), ("wk.weight", "k_proj.weight", kv)]
+    if m.attention_bias:
+        out += [("wq.bias", "q_proj.bias", heads), ("wk.bias", "k_proj.bias", kv), ("wv.bias", "v_proj.bias", None)]
+    if m.qk_norm:
+        whole = m.qk_norm_scope == "all"
+        out += [("q_norm.weight", "q_norm.weight", heads if whole else 1)]
+        out += [("k_norm.weight", "k_norm.weight", kv if whole else 1)]
+    return out
+
+
 def _attention_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig, p: str, h: str) -> dict[str, torch.Tensor]:
     """One block's norms and attention under transformers names (q/k rows in rotate-half order)."""
     out = {h + theirs: sd[p + ours] for ours, theirs in ATTN_MAP.items()}
-    out[h + "self_attn.q_proj.weight"] = permute_heads(sd[p + "attn.wq.weight"], m.n_heads)
-    out[h + "self_attn.k_proj.weight"] = permute_heads(sd[p + "attn.wk.weight"], m.n_kv_heads or m.n_heads)
-    if m.qk_norm:
-        out[h + "self_attn.q_norm.weight"] = permute_heads(sd[p + "attn.q_norm.weight"], 1)
-        out[h + "self_attn.k_norm.weight"] = permute_heads(sd[p + "attn.k_norm.weight"], 1)
+    for ours, theirs, n in _qk_tensors(m):
+        t = sd[p + "attn." + ours]
+        out[h + "self_attn." + theirs] = t if n is None else permute_heads(t, n)
     return out
 
 
@@ -236,7 +266,7 @@ def to_hf_state(model: Transformer, arch: str, hf_keys: set[str]) -> dict[str, t
 
 def _dense_layers(hf_cfg: Any) -> list[int]:
     """The indices of the dense (MLP-only) layers of a transformers MoE config."""
-    if hf_cfg.model_type == "mixtral":
+    if hf_cfg.model_type in ("mixtral", "olmoe"):
         return []
     n = hf_cfg.num_hidden_layers
     step = hf_cfg.decoder_sparse_step
@@ -253,9 +283,11 @@ def check_importable(hf_cfg: Any) -> None:
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     if head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
         raise ExportError(f"head_dim={head_dim}: moetrain needs head_dim * num_attention_heads == hidden_size")
-    biased = getattr(hf_cfg, "qkv_bias", False) or getattr(hf_cfg, "attention_bias", False)
-    if mtype != "mixtral" and (biased or getattr(hf_cfg, "use_sliding_window", False)):
-        raise ExportError(f"{mtype}: attention biases / sliding windows are not in moetrain")
+    if getattr(hf_cfg, "attention_bias", False):  # Qwen3-MoE's and OLMoE's include the output projection's
+        raise ExportError(f"attention_bias=True: {mtype}'s output-projection bias is not in moetrain")
+    if getattr(hf_cfg, "use_sliding_window", False) or getattr(hf_cfg, "clip_qkv", None) is not None:
+        key = "use_sliding_window" if getattr(hf_cfg, "use_sliding_window", False) else "clip_qkv"
+        raise ExportError(f"{key}={getattr(hf_cfg, key)!r}: not in moetrain's attention")
     rope = getattr(hf_cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ExportError(f"rope_type={rope.get('rope_type')!r}: moetrain has plain RoPE only")
@@ -270,7 +302,7 @@ def config_from_hf(hf_cfg: Any) -> TrainConfig:
     check_importable(hf_cfg)
     mtype = hf_cfg.model_type
     rope = getattr(hf_cfg, "rope_parameters", None) or {}
-    mixtral = mtype == "mixtral"
+    mixtral, olmoe = mtype == "mixtral", mtype == "olmoe"
     shared = 0 if mtype != "qwen2_moe" else hf_cfg.shared_expert_intermediate_size
     cfg = TrainConfig()
     cfg.model = ModelConfig(
@@ -285,9 +317,11 @@ def config_from_hf(hf_cfg: Any) -> TrainConfig:
         rope_theta=float(rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))),
         norm_eps=hf_cfg.rms_norm_eps,
         tie_embeddings=bool(hf_cfg.tie_word_embeddings),
-        qk_norm=mtype == "qwen3_moe",
+        qk_norm=mtype in ("qwen3_moe", "olmoe"),
+        qk_norm_scope="all" if olmoe else "head",
+        attention_bias=bool(getattr(hf_cfg, "qkv_bias", False)),
     )
-    expert_hidden = hf_cfg.intermediate_size if mixtral else hf_cfg.moe_intermediate_size
+    expert_hidden = hf_cfg.intermediate_size if mixtral or olmoe else hf_cfg.moe_intermediate_size
     cfg.moe = MoEConfig(
         num_experts=hf_cfg.num_local_experts if mixtral else hf_cfg.num_experts,
         top_k=hf_cfg.num_experts_per_tok,
@@ -304,13 +338,9 @@ def config_from_hf(hf_cfg: Any) -> TrainConfig:
 def _attention_from_hf(state: dict[str, torch.Tensor], m: ModelConfig, p: str, h: str) -> dict[str, torch.Tensor]:
     """One block's norms and attention from transformers names (q/k rows back to interleaved order)."""
     out = {p + ours: state[h + theirs] for ours, theirs in ATTN_MAP.items()}
-    out[p + "attn.wq.weight"] = permute_heads(state[h + "self_attn.q_proj.weight"], m.n_heads, inverse=True)
-    out[p + "attn.wk.weight"] = permute_heads(
-        state[h + "self_attn.k_proj.weight"], m.n_kv_heads or m.n_heads, inverse=True
-    )
-    if m.qk_norm:
-        out[p + "attn.q_norm.weight"] = permute_heads(state[h + "self_attn.q_norm.weight"], 1, inverse=True)
-        out[p + "attn.k_norm.weight"] = permute_heads(state[h + "self_attn.k_norm.weight"], 1, inverse=True)
+    for ours, theirs, n in _qk_tensors(m):
+        t = state[h + "self_attn." + theirs]
+        out[p + "attn." + ours] = t if n is None else permute_heads(t, n, inverse=True)
     return out
 
 

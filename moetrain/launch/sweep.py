@@ -24,25 +24,24 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from moetrain.errors import guarded_main
-from moetrain.tools.run_records import parse_metrics, warn_bad_lines
+from moetrain.tools.run_records import median_tokens_per_sec, parse_metrics, warn_bad_lines
 
 COLUMNS = ("job", "status", "overrides", "val/loss", "val/maxvio_global", "perf/tokens_per_sec")
+HEADERS = {"perf/tokens_per_sec": "tokens/s (median)"}
 
 
-def _metrics(job_dir: Path, tool: str) -> tuple[dict[str, Any], list[float]]:
-    """The job's last value of each key and its tokens/s records (bad lines skipped with one warning)."""
+def _metrics(job_dir: Path, tool: str) -> tuple[dict[str, Any], float | None]:
+    """The job's last value of each key and its tokens/s (:func:`median_tokens_per_sec`; bad lines skipped with
+    one warning)."""
     last: dict[str, Any] = {}
-    tps: list[float] = []
     path = job_dir / "metrics.jsonl"
+    records: list[dict[str, Any]] = []
     if path.exists():
         records, bad = parse_metrics(path)
         warn_bad_lines(tool, path, bad)
         for record in records:
             last.update(record)
-            value = record.get("perf/tokens_per_sec")
-            if isinstance(value, int | float):
-                tps.append(value)
-    return last, tps
+    return last, median_tokens_per_sec(records)
 
 
 def _hydra_job(job_dir: Path) -> dict[str, Any]:
@@ -74,8 +73,10 @@ def read_job(job_dir: str | Path, tool: str = "moetrain") -> dict[str, Any]:
     meta = job_meta(job_dir)
     last, tps = _metrics(job_dir, tool)
     done = json.loads((job_dir / "summary.json").read_text()) if (job_dir / "summary.json").exists() else None
+    cause = None
     if (job_dir / "failed.json").exists():
-        status = f"failed (exit {json.loads((job_dir / 'failed.json').read_text())['exit_code']})"
+        failed = json.loads((job_dir / "failed.json").read_text())
+        status, cause = f"failed (exit {failed['exit_code']})", failed.get("cause")
     elif done is not None and done.get("status") == "completed":
         status = "completed"
     else:
@@ -88,7 +89,8 @@ def read_job(job_dir: str | Path, tool: str = "moetrain") -> dict[str, Any]:
         "dir": str(job_dir),
         "val/loss": source.get("val/loss"),
         "val/maxvio_global": source.get("val/maxvio_global"),
-        "perf/tokens_per_sec": sum(tps) / len(tps) if tps else None,
+        "perf/tokens_per_sec": tps,
+        "cause": cause,
     }
 
 
@@ -122,8 +124,19 @@ def _fmt(value: Any) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    """The Markdown table: overrides without those every job shares (said once above it), a failed job's
+    status with its cause, tokens/s the median of the logged windows."""
+    shown = distinct_overrides([list(r["overrides"]) for r in rows])
+    common = sorted(set.intersection(*(set(r["overrides"]) for r in rows))) if len(rows) > 1 else []
+    head = [f"all jobs: {' '.join(common)}", ""] if common else []
+    lines = [*head, "| " + " | ".join(HEADERS.get(c, c) for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r, own in zip(rows, shown):
+        cells = {**r, "overrides": own if len(rows) > 1 else r["overrides"]}
+        if r.get("cause"):
+            cells["status"] = f"{r['status']}: {str(r['cause']).replace('|', '/')}"
+        if isinstance(cells["perf/tokens_per_sec"], float):  # a rate: whole tokens
+            cells["perf/tokens_per_sec"] = f"{cells['perf/tokens_per_sec']:,.0f}"
+        lines.append("| " + " | ".join(_fmt(cells[c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -160,6 +173,9 @@ class SweepSummary(Callback):
         failed = failed_rows(rows)
         print(f"moetrain: sweep summary: {sweep_dir / 'summary.md'}", file=sys.stderr)
         if failed:
+            for r in failed:
+                cause = f": {r['cause']}" if r.get("cause") else ""
+                print(f"moetrain: sweep job #{r['job']} {r['status']}{cause} ({r['dir']})", file=sys.stderr)
             jobs = ", ".join(f"#{r['job']} ({str(r['status']).removeprefix('failed ').strip('()')})" for r in failed)
             print(f"moetrain: {len(failed)} of {len(rows)} sweep jobs failed: {jobs}", file=sys.stderr)
             sys.exit(1)

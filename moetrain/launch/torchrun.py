@@ -36,6 +36,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from moetrain.config import ConfigError
+from moetrain.launch.jobs import JobProgress, failure_cause, job_config_error
 from moetrain.launch.sweep import read_job, write_summary
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class _Job:
     proc: subprocess.Popen | None = None
     rc: int | None = None
     skipped: bool = False
+    progress: JobProgress | None = None
 
 
 class TorchrunLauncherImpl(Launcher):
@@ -174,7 +177,8 @@ class TorchrunLauncherImpl(Launcher):
         (job.job_dir / "failed.json").unlink(missing_ok=True)  # a relaunched sweep: this attempt decides
         (job.job_dir / "job.json").write_text(json.dumps({"num": job.num, "overrides": job.overrides}))
         cmd = self.command(job, sweep_dir, group)
-        log.info(f"\t#{job.num} : {' '.join(filter_overrides(job.overrides))}")
+        log.info(f"\t#{job.num} : {' '.join(filter_overrides(job.overrides))} (log: {job.job_dir / 'launcher.log'})")
+        job.progress = JobProgress(int(OmegaConf.select(job.config, "trainer.max_steps", default=0) or 0))
         env = {**os.environ, **self.env}
         with open(job.job_dir / "launcher.log", "w") as out:
             out.write(" ".join(cmd) + "\n")
@@ -186,7 +190,6 @@ class TorchrunLauncherImpl(Launcher):
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         group = OmegaConf.select(self.config, "logger.wandb.group") or sweep_dir.name
 
         jobs: list[_Job] = []
@@ -204,8 +207,27 @@ class TorchrunLauncherImpl(Launcher):
                 log.info(f"\t#{num} : already completed in {job.job_dir}, skipped")
             jobs.append(job)
 
+        self.check_jobs(jobs)  # every job's config, before any starts
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Launching {sum(not j.skipped for j in jobs)} torchrun jobs ({self.nproc_per_node} ranks each)")
-        pending = [j for j in jobs if not j.skipped]
+        self.run_jobs([j for j in jobs if not j.skipped], sweep_dir, group)
+        table = write_summary(sweep_dir)
+        log.info(f"Sweep summary ({sweep_dir / 'summary.md'}):\n{table}")
+        return [self._job_return(job) for job in jobs]
+
+    def check_jobs(self, jobs: list[_Job]) -> None:
+        """Every job's composed config checked as its run would check it (:func:`job_config_error`) before any
+        job starts: one line per bad job, then a :class:`ConfigError` and nothing launched."""
+        world = self.nproc_per_node * self.nnodes
+        bad = [(j, e) for j in jobs if not j.skipped and (e := job_config_error(j.config, world))]
+        for job, error in bad:
+            print(f"moetrain: sweep job #{job.num} ({' '.join(job.overrides)}): {error}", file=sys.stderr)
+        if bad:
+            raise ConfigError(f"{len(bad)} of {len(jobs)} sweep jobs would fail (above); nothing was launched")
+
+    def run_jobs(self, pending: list[_Job], sweep_dir: Path, group: str) -> None:
+        """Run the jobs, ``max_parallel`` at once; a progress line per running job, one line per ended job
+        (a failed one with its cause, also kept in its ``failed.json``)."""
         running: list[_Job] = []
         while pending or running:
             while pending and len(running) < self.max_parallel:
@@ -214,18 +236,19 @@ class TorchrunLauncherImpl(Launcher):
                 running.append(job)
             time.sleep(0.2)
             for job in list(running):
-                assert job.proc is not None
-                if job.proc.poll() is not None:
-                    job.rc = job.proc.returncode
-                    running.remove(job)
-                    status = "completed" if job.rc == 0 else f"FAILED (exit {job.rc})"
-                    log.info(f"\t#{job.num} : {status}")
-                    if job.rc != 0:
-                        (job.job_dir / "failed.json").write_text(json.dumps({"exit_code": job.rc}))
-
-        table = write_summary(sweep_dir)
-        log.info(f"Sweep summary ({sweep_dir / 'summary.md'}):\n{table}")
-        return [self._job_return(job) for job in jobs]
+                assert job.proc is not None and job.progress is not None
+                if job.proc.poll() is None:
+                    if line := job.progress.line(job.num, job.job_dir):
+                        log.info(f"\t{line}")
+                    continue
+                job.rc = job.proc.returncode
+                running.remove(job)
+                if job.rc == 0:
+                    log.info(f"\t#{job.num} : completed")
+                    continue
+                cause = failure_cause(job.job_dir / "launcher.log")
+                log.info(f"\t#{job.num} : FAILED (exit {job.rc}): {cause or 'no output'}")
+                (job.job_dir / "failed.json").write_text(json.dumps({"exit_code": job.rc, "cause": cause}))
 
     def _job_return(self, job: _Job) -> JobReturn:
         """Every job is reported to Hydra as done, a failed one too (its row says ``failed (exit N)``): a failed

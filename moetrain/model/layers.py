@@ -83,17 +83,31 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention with RoPE and grouped-query attention (Ainslie et al. 2023)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool = False, eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        qk_norm: bool = False,
+        eps: float = 1e-6,
+        bias: bool = False,
+        qk_norm_scope: str = "head",
+    ) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = dim // n_heads
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=bias)  # biased q, k, v: Qwen2 / Qwen1.5-MoE
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-        # Per-head RMSNorm of q and k before RoPE (Qwen3); absent (no parameters) by default.
-        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        # RMSNorm of q and k before RoPE, per head (Qwen3) or over all heads at once (OLMoE, OLMo-2);
+        # absent (no parameters) by default.
+        self.norm_all = qk_norm_scope == "all"
+        q_width, k_width = (
+            (n_heads * self.head_dim, n_kv_heads * self.head_dim) if self.norm_all else (self.head_dim,) * 2
+        )
+        self.q_norm = RMSNorm(q_width, eps) if qk_norm else None
+        self.k_norm = RMSNorm(k_width, eps) if qk_norm else None
 
     def forward(
         self,
@@ -109,10 +123,13 @@ class Attention(nn.Module):
         With a document ``mask`` ``[B, 1, S, S]`` (:func:`document_layout`), ``cos`` / ``sin`` are
         already per token (``[B, 1, S, Dh/2]``) and attention stays inside each document."""
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
+        q, k = self.wq(x_BSD), self.wk(x_BSD)
+        if self.norm_all and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over all heads at once, per position
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None and self.k_norm is not None:
+        if not self.norm_all and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over Dh, per head and position
         if mask is None:
             cos, sin = cos[pos : pos + S], sin[pos : pos + S]

@@ -9,13 +9,15 @@ Shape suffixes: B batch, S sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig, resolve_num_groups
-from moetrain.model.layers import Attention, KVCache, RMSNorm, document_ids, document_layout, rope_tables
+from moetrain.model.layers import Attention, KVCache, RMSNorm, document_ids, document_layout
+from moetrain.model.mla import MLA, LatentCache, latent_caches, model_rope_tables
+from moetrain.model.mtp import MTPModule, mtp_logits
 from moetrain.moe.experts import SwiGLU
 from moetrain.moe.layer import MoELayer, MoEStats
 from moetrain.moe.losses import model_loss
@@ -35,7 +37,19 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.qk_norm, cfg.norm_eps)
+        self.attn: nn.Module = (
+            MLA(cfg)
+            if cfg.attention == "mla"
+            else Attention(
+                cfg.dim,
+                cfg.n_heads,
+                cfg.n_kv_heads or cfg.n_heads,
+                cfg.qk_norm,
+                cfg.norm_eps,
+                cfg.attention_bias,
+                cfg.qk_norm_scope,
+            )
+        )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_idx)
         self.ffn: nn.Module = (
@@ -71,6 +85,10 @@ class ModelOutput:
     """Statistics of each MoE layer, by block index."""
     pooled_loss: torch.Tensor | None = None
     """The weighted ``model``-scope balance losses, pooled over all MoE layers (:func:`pooled_loss`)."""
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    """Multi-token prediction, training only: depth k's ``[B, S - k, V]`` logits (:mod:`moetrain.model.mtp`)."""
+    mtp_lambda: float = 0.0
+    """lambda of the MTP loss (``model.mtp_lambda``), for :func:`~moetrain.model.mtp.mtp_loss`."""
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -118,7 +136,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
+        with torch.random.fork_rng(devices=[]):  # registered last, built aside: the main model's draws unchanged
+            self.mtp = nn.ModuleList(
+                MTPModule(cfg, Block(cfg, moe_cfg, cfg.n_layers + k, num_groups, vocab_size))
+                for k in range(cfg.mtp_depth)
+            )
+        cos, sin = model_rope_tables(cfg, max_seq_len)  # the head dim's, or MLA's RoPE width's (YaRN too)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if not skip_init:
@@ -149,24 +172,35 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def zero_init(self) -> None:
-        """After the draws: loss-free biases at 0; with ``router.zero_init`` the router weights too."""
+        """After the draws: loss-free biases and attention biases at 0; with ``router.zero_init`` the router
+        weights too."""
         for name, buf in self.named_buffers():
             if name.endswith("expert_bias"):
                 buf.zero_()
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):  # the q/k/v biases (model.attention_bias) start at 0
+                p.zero_()
         if self.moe_cfg.router.zero_init:  # Shazeer et al. 2017, appendix A: no signal and some noise at first
             for name, p in self.named_parameters():
                 if name.endswith(("router.weight", "router.noise_weight")):
                     p.zero_()
 
     def moe_layers(self) -> dict[int, MoELayer]:
-        return {b.layer_idx: b.ffn for b in self.blocks if b.is_moe}  # type: ignore[misc]
+        """The MoE layers by layer index, the multi-token prediction blocks' (indices from ``n_layers``) too."""
+        blocks = [*self.blocks, *(m.block for m in self.mtp)]
+        return {b.layer_idx: b.ffn for b in blocks if b.is_moe}  # type: ignore[misc]
 
-    def new_kv_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
-        """One empty :class:`KVCache` per block for incremental decoding of up to ``max_len`` positions."""
+    def new_kv_caches(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> list[KVCache] | list[LatentCache]:
+        """One empty :class:`KVCache` (MLA: :class:`~moetrain.model.mla.LatentCache`) per block for incremental
+        decoding of up to ``max_len`` positions."""
         max_len = max_len or self.max_seq_len
         if max_len > self.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.max_seq_len}")
         w = self.embed.weight
+        if self.cfg.attention == "mla":
+            return latent_caches(self.cfg, len(self.blocks), batch, max_len, w.device, dtype or w.dtype)
         n_kv = self.cfg.n_kv_heads or self.cfg.n_heads
         head_dim = self.cfg.dim // self.cfg.n_heads
         return [KVCache(batch, n_kv, max_len, head_dim, w.device, dtype or w.dtype) for _ in self.blocks]
@@ -203,7 +237,9 @@ class Transformer(nn.Module):
             x, s = block(x, cos=cos, sin=sin, token_ids_BS=tokens_BS, cache=cache, pos=pos, mask=mask)
             if s is not None:
                 stats[block.layer_idx] = s
-        return ModelOutput(self.lm_head(self.norm(x)), stats, pooled_loss(self.moe_cfg, stats))
+        mtp = mtp_logits(self, x, tokens_BS, (cos, sin, mask), stats) if self.training else []
+        logits = self.lm_head(self.norm(x))
+        return ModelOutput(logits, stats, pooled_loss(self.moe_cfg, stats), mtp, self.cfg.mtp_lambda)
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts by part, the one counting rule (``moetrain.tools.plan`` reports these too).
@@ -212,7 +248,8 @@ class Transformer(nn.Module):
         norm), ``dense_ffn``, ``router``, ``shared_experts``, ``routed_experts``
         (all N experts: under expert parallelism a rank's N / ep experts are
         scaled up to N, so the count does not depend on ep) and
-        ``routed_experts_active`` (K of the N per MoE layer), plus ``moe_layers``.
+        ``routed_experts_active`` (K of the N per MoE layer), plus ``moe_layers``; ``mtp``, the multi-token
+        prediction modules, is apart from the totals (DeepSeek-V3 counts its 671B without them).
         """
         moe = self.moe_cfg
         out = dict.fromkeys(PARAM_PARTS, 0)
@@ -220,7 +257,8 @@ class Transformer(nn.Module):
             n = p.numel()
             if name.endswith(("experts.w13", "experts.w2")):
                 n = n // p.shape[0] * moe.num_experts
-                out["routed_experts_active"] += n * moe.top_k // moe.num_experts
+                if not name.startswith("mtp."):
+                    out["routed_experts_active"] += n * moe.top_k // moe.num_experts
             out[_param_part(name)] += n
         out["moe_layers"] = len(self.moe_layers())
         return out
@@ -234,7 +272,7 @@ class Transformer(nn.Module):
 
 def total_and_active(counts: dict[str, int], embeddings: bool = True) -> tuple[int, int]:
     """(total, active) parameters from :meth:`Transformer.param_counts`: active counts K of N routed experts."""
-    skip = {"routed_experts", "routed_experts_active", "moe_layers"} | (
+    skip = {"routed_experts", "routed_experts_active", "moe_layers", "mtp"} | (
         set() if embeddings else {"embedding", "lm_head"}
     )
     base = sum(v for k, v in counts.items() if k not in skip)
@@ -243,7 +281,7 @@ def total_and_active(counts: dict[str, int], embeddings: bool = True) -> tuple[i
 
 PARAM_PARTS = (
     "embedding", "lm_head", "attention", "dense_ffn", "router", "shared_experts",
-    "routed_experts", "routed_experts_active", "moe_layers",
+    "routed_experts", "routed_experts_active", "moe_layers", "mtp",
 )  # fmt: skip
 """The parts of :meth:`Transformer.param_counts`."""
 
@@ -252,6 +290,8 @@ def _param_part(name: str) -> str:
     """The part of :meth:`Transformer.param_counts` a parameter belongs to, by its name."""
     if name == "embed.weight":
         return "embedding"
+    if name.startswith("mtp."):
+        return "mtp"
     if name == "lm_head.weight":
         return "lm_head"
     if ".ffn.experts." in name:

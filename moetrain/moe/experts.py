@@ -312,7 +312,7 @@ class GroupedExperts(nn.Module):
         """Segment-GEMM backend (:data:`GEMM_BACKENDS`); ``auto`` picks the fastest that runs."""
         self.cache_casts = True
         """Keep the weights' compute-dtype copy until they change (:meth:`cast_weight`); FSDP, which refills
-        the gathered weights in place, turns it off (``moetrain.parallel.fsdp.apply_fsdp``)."""
+        the gathered weights in place, turns it off (``moetrain.parallel.data_parallel.apply_data_parallel``)."""
         self._casts: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))

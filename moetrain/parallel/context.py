@@ -17,8 +17,9 @@ Layout (docs/parallelism.md), W ranks and expert-parallel size ``ep``:
 
 The groups come from one two-dimensional :class:`~torch.distributed.device_mesh.DeviceMesh` of shape
 ``(W / ep, ep)`` with named dimensions ``("edp", "ep")``: row ``g`` is EP group ``g`` (contiguous ranks), column
-``k`` the EDP group of shard ``k`` (strided ranks); FSDP (:mod:`moetrain.parallel.fsdp`) shards the non-expert
-part over the two flattened (``"dp"``, all W ranks) and the experts over ``"edp"``, torchtitan's layout. The
+``k`` the EDP group of shard ``k`` (strided ranks); the data-parallel units (:mod:`moetrain.parallel.data_parallel`)
+reduce the non-expert part over the two flattened (``"dp"``, all W ranks) and the experts over ``"edp"``,
+torchtitan's layout. The
 mesh and its groups live on the context object that is passed explicitly (no module globals), like
 torchtitan's ``ParallelDims``.
 """
@@ -91,17 +92,25 @@ class ParallelContext:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return t
 
+    def all_reduce_flat(self, tensors: list[torch.Tensor], op: str = "sum", group: Any = None) -> list[torch.Tensor]:
+        """``tensors`` (one dtype, one device) summed (``op="sum"``) or maximised (``"max"``) over all ranks (or
+        ``group``) in one all-reduce of them flattened together; returns views of the result, each shaped as its
+        input (scalars stay 0-d). The inputs themselves on one process."""
+        if not self.distributed or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.all_reduce_max(flat, group) if op == "max" else self.all_reduce_sum(flat, group)
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out
+
     def host_group(self, name: str) -> Any:
         """A CPU gloo group over all ranks for host-side collectives (checkpoint publishing, the stop vote)
         that must not interleave with the training ones; made on first use by every rank in the same order,
         then cached by ``name``. ``None`` on one process."""
         return self._own_group(f"host/{name}", "gloo")
-
-    def own_group(self, name: str) -> Any:
-        """A group over all ranks on the training backend for one stream of collectives whose issue order must
-        not mix with the others' (the bucketed gradient all-reduce: :mod:`moetrain.parallel.grad_buckets`);
-        made on first use, cached by ``name``. ``None`` on one process."""
-        return self._own_group(f"train/{name}", None)
 
     def _own_group(self, key: str, backend: str | None) -> Any:
         if not (self.distributed and dist.is_initialized()):

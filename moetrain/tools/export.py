@@ -9,18 +9,19 @@ expert-parallel size into one full model and writes
   (``{"moetrain": {...}, "vocab_size": V, "step": s}``);
 * ``OUT_DIR/hf/``: a folder ``transformers.AutoModelForCausalLM.from_pretrained``
   loads with the same logits, when the architecture maps exactly onto Mixtral,
-  Qwen2-MoE or Qwen3-MoE (:mod:`moetrain.hf.mapping`; ``--hf auto``, the
+  Qwen2-MoE or Qwen3-MoE (:mod:`moetrain.hf.mapping`) or, with ``model.attention=mla``
+  and DeepSeek routing, DeepSeek-V2 / V3 (:mod:`moetrain.hf.deepseek`; ``--hf auto``, the
   default; ``--hf none`` skips it), with the run's tokenizer files and its
   bos / eos / pad ids (:mod:`moetrain.hf.tokenizer`). Anything else (sigmoid
   scores, a loss-free bias that is not zero, routed scaling, device-limited
   routing, capacity at evaluation, other strategies) changes which experts a
   token uses or their weights, so no ``hf/`` is written and the reason is said
   in one line;
-* ``OUT_DIR/hf_routing/``: for DeepSeek-V2/V3-style routing, the
+* ``OUT_DIR/hf_routing/``: for DeepSeek-V2/V3-style routing in a model without MLA, the
   ``transformers`` DeepSeek config and router tensors that reproduce the routing
   (:mod:`moetrain.hf.routing`).
 
-``moetrain-export --from-hf HF_DIR OUT_DIR`` goes the other way for Mixtral,
+``moetrain-export --from-hf HF_DIR OUT_DIR`` goes the other way for Mixtral, DeepSeek-V2 / V3,
 Qwen2-MoE (its shared-expert gate becomes ``moe.shared_expert_gate=true``) and
 Qwen3-MoE (``model.qk_norm=true``): it writes a weights-only moetrain checkpoint
 ``OUT_DIR/step_000000`` and ``OUT_DIR/config.yaml``, a whole config that
@@ -32,6 +33,7 @@ one, is ``data.tokenizer``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -41,16 +43,14 @@ import torch
 
 from moetrain.config import TrainConfig, from_dict, to_dict
 from moetrain.errors import guarded_main
+from moetrain.extras import install_hint, require
+from moetrain.hf.convert import from_hf_state, hf_architecture, hf_class, hf_config, to_hf_state
 from moetrain.hf.mapping import (
     ExportError,
-    from_hf_state,
-    hf_architecture,
-    hf_class,
-    hf_config,
     permute_heads,  # noqa: F401  (re-exported: moetrain.tools.export.permute_heads)
-    to_hf_state,
 )
 from moetrain.model.transformer import Transformer, build_model
+from moetrain.threads import add_threads_flag, set_threads
 from moetrain.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from moetrain.train.checkpoint.native import publish_weights
 from moetrain.train.weights import load_model_weights
@@ -81,6 +81,7 @@ def full_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def export_safetensors(model: Transformer, cfg: TrainConfig, out_dir: Path, step: int = 0) -> None:
     """``model.safetensors`` and ``config.json`` (the moetrain config) in ``out_dir``."""
+    require("safetensors", "moetrain-export writes model.safetensors")
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,24 +123,29 @@ def export_hf(model: Transformer, cfg: TrainConfig, out_dir: Path, arch: str | N
 IMPORT_HEADER = """# moetrain config of an imported transformers model. Train from it with
 #   moetrain-train --config-path {out} --config-name config [key=value ...]
 # (trainer.resume names the imported weights; set trainer.resume=auto to continue a run dir instead).
-defaults:
-  - train_schema
-  - _self_
-hydra:
-  run:
-    dir: runs/${{now:%Y%m%d-%H%M%S}}
-  job:
-    chdir: false
+# The model and moe sections below are the import's; every config group composes as with moetrain-train
+# (logger=none, data=files, experiment=..., parallel=...), a group's values under the import's.
 """
 
 
 def write_import_config(cfg: TrainConfig, out: Path) -> Path:
-    """``out/config.yaml``: the whole config on the schema, usable with ``--config-path out``."""
+    """``out/config.yaml``: ``configs/train.yaml``'s defaults list (its groups found through Hydra's search path)
+    with the import's own keys on top (the architecture, the context, the tokenizer, the weights to start
+    from), so that every group composes with it (before, ``logger=none`` was refused: no group was known)."""
     from omegaconf import OmegaConf
 
-    body = OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+    from moetrain.config.compose import config_dir
+
+    train = OmegaConf.load(Path(config_dir()) / "train.yaml")
+    full = to_dict(cfg)
+    own = {"model": full["model"], "moe": full["moe"], "trainer": {"resume": cfg.trainer.resume}}
+    own["data"] = {"seq_len": cfg.data.seq_len, "tokenizer": cfg.data.tokenizer}
+    hydra = OmegaConf.to_container(train.hydra)
+    assert isinstance(hydra, dict)
+    hydra["searchpath"] = [f"file://{config_dir()}"]
+    body = {"defaults": OmegaConf.to_container(train.defaults), **own, "hydra": hydra}
     path = out / "config.yaml"
-    path.write_text(IMPORT_HEADER.format(out=out) + body)
+    path.write_text(IMPORT_HEADER.format(out=out) + OmegaConf.to_yaml(OmegaConf.create(body)))
     return path
 
 
@@ -170,7 +176,9 @@ def check_loading_info(hf_path: Path, info: dict[str, Any]) -> None:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = None) -> Path:
-    """Write a weights-only moetrain checkpoint of a ``transformers`` Mixtral / Qwen2-MoE / Qwen3-MoE folder.
+    """Write a weights-only moetrain checkpoint of a ``transformers`` Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
+    DeepSeek-V2 / DeepSeek-V3 folder (its safetensors read tensor by tensor, :mod:`moetrain.hf.lazy`, when they
+    are exactly the model's; through ``from_pretrained`` otherwise).
 
     The checkpoint ``OUT_DIR/step_000000`` starts a run at step 0 with these
     weights (``trainer.resume=OUT_DIR/step_000000``); ``OUT_DIR/config.yaml`` holds
@@ -179,22 +187,27 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
     """
     import transformers
 
+    from moetrain.hf.lazy import assigned_model, read_lazily
     from moetrain.hf.tokenizer import has_tokenizer
 
     hf_path, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
     check_import_target(out)
-    # its load report (many lines) is kept off the terminal by the CLI (import_hf_reported), which reads the
-    # mismatch table from it when the load fails; check_loading_info says what does not map in one line
-    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(hf_path), dtype=torch.float32, output_loading_info=True
-    )
-    check_loading_info(hf_path, info)
-    cfg, state = from_hf_state(hf_model.state_dict(), hf_model.config)
-    cfg.data.seq_len = seq_len or min(int(hf_model.config.max_position_embeddings), 4096)
+    lazy = read_lazily(hf_path)  # safetensors (sharded or not) exactly the model's: read tensor by tensor
+    if lazy is not None:
+        hf_config, cfg, state = lazy
+    else:
+        # its load report (many lines) is kept off the terminal by the CLI (import_hf_reported), which reads the
+        # mismatch table from it when the load fails; check_loading_info says what does not map in one line
+        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(hf_path), dtype=torch.float32, output_loading_info=True
+        )
+        check_loading_info(hf_path, info)
+        hf_config = hf_model.config
+        cfg, state = from_hf_state(hf_model.state_dict(), hf_config)
+    cfg.data.seq_len = seq_len or min(int(hf_config.max_position_embeddings), 4096)
     if has_tokenizer(hf_path):
         cfg.data.tokenizer = str(hf_path)
-    model = build_model(cfg.model, cfg.moe, cfg.model.vocab_size or 0, cfg.data.seq_len)
-    model.load_state_dict(state, strict=True)
+    model = assigned_model(cfg, state)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = publish_weights(model, cfg, out, {"source": str(hf_path)})
     cfg.trainer.resume = str(ckpt)
@@ -206,6 +219,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, seq_len: int | None = Non
 def import_hf_reported(hf_dir: str, out_dir: str, seq_len: int | None) -> Path:
     """:func:`import_hf` with a folder transformers cannot load (no weights file, a garbled ``config.json``,
     tensors whose shapes differ from it) as one :class:`ExportError` line (:mod:`moetrain.hf.load_errors`)."""
+    require("transformers", "--from-hf reads a transformers folder")
     from moetrain.hf.load_errors import hf_load_error, quiet_transformers
 
     with quiet_transformers() as messages:
@@ -218,6 +232,52 @@ def import_hf_reported(hf_dir: str, out_dir: str, seq_len: int | None) -> Path:
             raise error from None
 
 
+ARCH_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
+
+
+def arch_fixes(cfg: TrainConfig, arch: str) -> list[str]:
+    """The overrides a run needs (set at training: they change the model) to map onto ``arch``: Mixtral has MoE
+    in every layer, no shared expert, no q/k norms and renormalised top-K; Qwen2-MoE no q/k norms; Qwen3-MoE
+    q/k norms and no shared expert (:func:`moetrain.hf.mapping.hf_architecture`)."""
+    m, moe = cfg.model, cfg.moe
+    want: dict[str, Any] = {"model.qk_norm": arch == "qwen3_moe"}
+    if arch in ("mixtral", "qwen3_moe"):
+        want["moe.num_shared_experts"] = 0
+    if arch == "mixtral":
+        want |= {"model.first_k_dense": 0, "model.moe_every": 1}
+        if moe.router.strategy != "topk_softmax":
+            want["moe.router.norm_topk_prob"] = True
+    have = {"model.qk_norm": m.qk_norm, "moe.num_shared_experts": moe.num_shared_experts,
+            "model.first_k_dense": m.first_k_dense, "model.moe_every": m.moe_every,
+            "moe.router.norm_topk_prob": moe.router.norm_topk_prob}  # fmt: skip
+    return [f"{k}={str(v).lower()}" for k, v in want.items() if have[k] != v]
+
+
+def closest_arch(cfg: TrainConfig) -> str:
+    """The architecture a refused model is nearest to: Qwen3-MoE with q/k norms, Mixtral without shared experts."""
+    if cfg.model.qk_norm:
+        return "qwen3_moe"
+    return "mixtral" if cfg.moe.num_shared_experts == 0 else "qwen2_moe"
+
+
+def checked_arch(cfg: TrainConfig, model: Transformer | None, hf: str) -> str:
+    """The transformers architecture to write (``hf``: ``auto`` or the one asked), or :class:`ExportError` naming
+    what does not map and the overrides that would have made it map, for the architecture asked."""
+    asked = closest_arch(cfg) if hf == "auto" else hf
+    fixes = arch_fixes(cfg, asked)
+    if hf != "auto" and fixes:
+        raise ExportError(f"--hf {hf}: this model does not map to {ARCH_NAMES[hf]}: train with {' '.join(fixes)}")
+    try:
+        arch = hf_architecture(cfg, model)
+    except ExportError as e:
+        if not fixes:
+            raise
+        raise ExportError(f"{e}; to export as {ARCH_NAMES[asked]}, train with {' '.join(fixes)}") from None
+    if hf not in ("auto", arch):  # pragma: no cover - arch_fixes names what differs first
+        raise ExportError(f"--hf {hf}: this model maps to {ARCH_NAMES[arch]}, not {ARCH_NAMES[hf]}")
+    return arch
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto") -> dict[str, Any]:
     """Export a checkpoint (see the module docstring); returns what was written."""
     model, cfg, meta = load_checkpoint_model(checkpoint)
@@ -226,15 +286,17 @@ def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto") -> dic
     written: dict[str, Any] = {"safetensors": str(out / "model.safetensors"), "hf": None}
     if hf == "none":
         return written
+    if hf == "auto" and importlib.util.find_spec("transformers") is None:
+        written["hf_skipped"] = f"transformers is missing (the hf/ folder needs it): {install_hint('transformers')}"
+        return written
     try:
-        arch = hf_architecture(cfg, model)
+        arch = checked_arch(cfg, model, hf)
     except ExportError as e:
         if hf != "auto":
             raise
         written["hf_skipped"] = str(e)
         return {**written, **export_deepseek_routing(model, cfg, out)}
-    if hf not in ("auto", arch):
-        raise ExportError(f"--hf {hf}: this model maps to {arch}")
+    require("transformers", f"--hf {hf} writes a transformers folder")
     export_hf(model, cfg, out / "hf", arch)
     return {**written, "hf": str(out / "hf"), "arch": arch}
 
@@ -269,7 +331,9 @@ def _main(argv: list[str] | None = None) -> int:
         "--from-hf", action="store_true", help="import a transformers Mixtral / Qwen2-MoE / Qwen3-MoE folder"
     )
     parser.add_argument("--seq-len", type=int, default=None, help="with --from-hf: the run's data.seq_len")
+    add_threads_flag(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     try:
         if args.from_hf:
             ckpt = import_hf_reported(args.source, args.out_dir, args.seq_len)

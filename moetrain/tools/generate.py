@@ -111,6 +111,7 @@ def _main(argv: list[str] | None = None) -> None:
     import argparse
 
     from moetrain.data import build_tokenizer
+    from moetrain.threads import add_threads_flag, set_threads
     from moetrain.tools.export import load_checkpoint_model
 
     p = argparse.ArgumentParser(description="Sample text from a moetrain checkpoint (KV cache, CPU or GPU).")
@@ -124,7 +125,9 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checking)")
+    add_threads_flag(p)
     args = check_sampling_args(p.parse_args(argv))
+    set_threads(args.threads)
 
     model, cfg, _ = load_checkpoint_model(args.checkpoint)
     model = apply_slot_sum(model.to(args.device), torch.device(args.device))

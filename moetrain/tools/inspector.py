@@ -1,11 +1,12 @@
-"""``moetrain-inspect CHECKPOINT --text "..."``: which experts each token is routed to.
+"""``moetrain-inspect CHECKPOINT [--text "..."]``: which experts each token is routed to.
 
 For every token of the text and every MoE layer it prints the experts the router
 chose, with their combine weights, as a terminal table, and writes a
-self-contained HTML page (``--html``, default ``routes.html``) that colours each
+self-contained HTML page (``--html``, default ``RUN_DIR/routes.html``) that colours each
 token by its top expert, one row per layer (hover a token for all its experts).
-``--corpus N`` adds per-expert statistics over N validation sequences: each
-expert's share of the tokens and the tokens and character classes it takes most.
+``--corpus N`` adds per-expert statistics over N validation sequences (64 by default without
+``--text``), on the terminal and in the page: each expert's share of the tokens and the tokens and
+character classes it takes most.
 
 The routes are read where each MoE layer hands its assignments to its dispatcher
 during one ordinary forward, so they are exactly what the experts computed.
@@ -23,8 +24,9 @@ from typing import Any
 
 import torch
 
-from moetrain.errors import guarded_main
+from moetrain.errors import check_arg, guarded_main
 from moetrain.model.transformer import Transformer
+from moetrain.threads import add_threads_flag, set_threads
 
 # Categorical colours for expert ids: expert e uses PALETTE[e % 16] and PATTERNS[e // 16 % 4] (64 distinct).
 PALETTE = [
@@ -43,9 +45,19 @@ PATTERNS = [
 
 
 def expert_style(e: int) -> str:
-    """CSS ``background`` of expert ``e``: one of 16 colours x 4 patterns, distinct for up to 64 experts."""
+    """CSS ``background`` and text ``color`` of expert ``e``: one of 16 colours x 4 patterns, distinct for up to
+    64 experts, with dark text on light colours and white on dark ones (white on the pale ones was unreadable)."""
     colour, pattern = PALETTE[e % len(PALETTE)], PATTERNS[(e // len(PALETTE)) % len(PATTERNS)]
-    return f"{pattern}, {colour}" if pattern else colour
+    background = f"{pattern}, {colour}" if pattern else colour
+    return f"background:{background};color:{text_colour(colour)}"
+
+
+def text_colour(hex_colour: str) -> str:
+    """``#111`` or ``#fff``, whichever contrasts more with the colour (WCAG relative luminance, threshold 0.18)."""
+    r, g, b = (int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+    luminance = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    return "#111" if luminance > 0.18 else "#fff"
 
 
 @dataclass
@@ -140,32 +152,41 @@ def terminal_table(pieces: list[str], routes: dict[int, LayerRoutes]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def html_page(pieces: list[str], routes: dict[int, LayerRoutes], title: str) -> str:
-    """A self-contained page: per layer, the text with each token coloured by its top expert."""
+def html_page(pieces: list[str], routes: dict[int, LayerRoutes], title: str, stats: str | None = None) -> str:
+    """A self-contained page: per layer, the text with each token coloured by its top expert; then the per-expert
+    statistics (``--corpus``), when given."""
     num_experts = 1 + max((e for r in routes.values() for es in r.experts for e in es), default=0)
-    legend = "".join(f'<span class="tok" style="background:{expert_style(e)}">e{e}</span>' for e in range(num_experts))
+    legend = "".join(f'<span class="tok" style="{expert_style(e)}">e{e}</span>' for e in range(num_experts))
     sections = []
     for i, r in routes.items():
         spans = []
         for t, piece in enumerate(pieces):
             tip = ", ".join(f"e{e} {w:.3f}" for e, w in zip(r.experts[t], r.weights[t])) or "dropped"
-            colour = expert_style(r.experts[t][0]) if r.experts[t] else "#ddd"
+            style = expert_style(r.experts[t][0]) if r.experts[t] else "background:#ddd;color:#111"
             text = html.escape(_show(piece))
-            spans.append(f'<span class="tok" style="background:{colour}" title="{html.escape(tip)}">{text}</span>')
+            spans.append(f'<span class="tok" style="{style}" title="{html.escape(tip)}">{text}</span>')
             if piece == "\n":
                 spans.append("<br>")
         sections.append(f"<h2>layer {i}</h2><div class='text'>{''.join(spans)}</div>")
+    if stats:
+        sections.append(f"<h2>per-expert statistics</h2><pre>{html.escape(stats)}</pre>")
+    intro = (
+        "<p>Each token is coloured by the expert with the highest combine weight; hover for all its experts and "
+        f"weights.</p><p>{legend}</p>"
+        if pieces
+        else ""
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; }}
 .text {{ font-family: monospace; font-size: 15px; line-height: 2.0; }}
-.tok {{ padding: 2px 1px; margin: 0 1px; border-radius: 3px; color: #fff; text-shadow: 0 0 2px #000; }}
+.tok {{ padding: 2px 1px; margin: 0 1px; border-radius: 3px; }}
+pre {{ background: #f6f6f6; padding: 0.8em; font-size: 12px; }}
 h2 {{ font-size: 15px; margin: 1em 0 0.2em 0; }}
 </style></head><body>
 <h1 style="font-size:18px">{html.escape(title)}</h1>
-<p>Each token is coloured by the expert with the highest combine weight; hover for all its experts and weights.</p>
-<p>{legend}</p>
+{intro}
 {"".join(sections)}
 </body></html>
 """
@@ -186,9 +207,12 @@ def char_class(piece: str) -> str:
 
 def expert_statistics(model: Transformer, tokenizer, seqs: torch.Tensor, batch: int = 8) -> str:  # type: ignore[no-untyped-def]
     """Per layer and expert: share of assignments, top character classes and top tokens."""
+    from tqdm import tqdm
+
     counts: dict[int, list[Counter]] = {}
     classes: dict[int, list[Counter]] = {}
-    for start in range(0, seqs.shape[0], batch):
+    starts = range(0, seqs.shape[0], batch)
+    for start in tqdm(starts, desc="routing the corpus", unit="batch", disable=len(starts) < 2, leave=False):
         x = seqs[start : start + batch, :-1]
         pieces = token_pieces(tokenizer, x.reshape(-1).tolist())
         for i, r in routes_for(model, x).items():
@@ -211,33 +235,53 @@ def expert_statistics(model: Transformer, tokenizer, seqs: torch.Tensor, batch: 
     return "\n".join(lines)
 
 
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory of a checkpoint argument: the directory itself when it is a run's, the run holding
+    ``checkpoints/step_N``, else the checkpoint's own directory."""
+    p = Path(checkpoint).resolve()
+    if p.parent.name == "checkpoints":
+        return p.parent.parent
+    return p if p.is_dir() else p.parent
+
+
 def _main(argv: list[str] | None = None) -> None:
     from moetrain.data import build_tokenizer, prepare_data
     from moetrain.tools.export import load_checkpoint_model
 
     p = argparse.ArgumentParser(description="Show which experts each token is routed to.")
     p.add_argument("checkpoint", help="a checkpoint directory (or a run directory: its newest checkpoint)")
-    p.add_argument("--text", required=True)
-    p.add_argument("--html", type=Path, default=Path("routes.html"))
-    p.add_argument("--corpus", type=int, default=0, help="per-expert statistics over N validation sequences")
+    p.add_argument("--text", default=None, help="the text to route (without it: statistics only, see --corpus)")
+    p.add_argument("--html", type=Path, default=None, help="the page to write (default RUN_DIR/routes.html)")
+    p.add_argument("--corpus", type=int, default=None, help="per-expert statistics over N validation sequences "
+                   "(default 64 without --text, else none)")  # fmt: skip
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    set_threads(args.threads)
+    corpus = args.corpus if args.corpus is not None else (0 if args.text else 64)
+    check_arg("--corpus", corpus, corpus >= 0, "must be >= 0")
 
     model, cfg, meta = load_checkpoint_model(args.checkpoint)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    ids = [int(t) for t in tokenizer.encode(args.text)][: model.max_seq_len]
-    if not ids:
-        raise SystemExit("moetrain-inspect: --text is empty")
-    routes = routes_for(model, torch.tensor([ids]))
-    pieces = token_pieces(tokenizer, ids)
-    print(terminal_table(pieces, routes))
-    title = f"moetrain routes: {args.checkpoint} (step {meta.get('step', '?')})"
-    args.html.write_text(html_page(pieces, routes, title), encoding="utf-8")
-    print(f"\nwrote {args.html}")
-    if args.corpus:
+    pieces: list[str] = []
+    routes: dict[int, LayerRoutes] = {}
+    if args.text is not None:
+        ids = [int(t) for t in tokenizer.encode(args.text)][: model.max_seq_len]
+        if not ids:
+            raise SystemExit("moetrain-inspect: --text is empty")
+        routes = routes_for(model, torch.tensor([ids]))
+        pieces = token_pieces(tokenizer, ids)
+        print(terminal_table(pieces, routes))
+    stats = None
+    if corpus:
         data = prepare_data(cfg.data, tokenizer)
-        seqs = torch.from_numpy(data.val[: args.corpus].astype("int64"))
-        print(f"\nper-expert statistics over {seqs.shape[0]} validation sequences:")
-        print(expert_statistics(model, tokenizer, seqs))
+        seqs = torch.from_numpy(data.val[:corpus].astype("int64"))
+        stats = f"per-expert statistics over {seqs.shape[0]} validation sequences:\n"
+        stats += expert_statistics(model, tokenizer, seqs)
+        print(f"\n{stats}")
+    page = args.html or run_dir_of(args.checkpoint) / "routes.html"
+    title = f"moetrain routes: {args.checkpoint} (step {meta.get('step', '?')})"
+    page.write_text(html_page(pieces, routes, title, stats), encoding="utf-8")
+    print(f"\nwrote {page}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moetrain.config import TrainConfig, resolve_num_groups
+from moetrain.config import TrainConfig, micro_batch_for, resolve_num_groups
 from moetrain.errors import check_arg, guarded_main
+from moetrain.model.mla import attention_score_flops, kv_numbers_per_token
 from moetrain.model.transformer import build_model, total_and_active
 from moetrain.moe.routing import topk_experts
 from moetrain.parallel.all_to_all import META_BYTES
@@ -82,10 +83,17 @@ def totals(counts: dict[str, int]) -> tuple[int, int]:
 
 
 def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
-    """6 x active non-embedding parameters (LM head included) + 12 L D S (``moetrain.train.flops``)."""
+    """6 x active non-embedding parameters (LM head included) + the attention scores, 12 L D S for GQA
+    (:func:`~moetrain.model.mla.attention_score_flops`, ``moetrain.train.flops``)."""
     counts = param_counts(cfg, vocab_size)
     active = totals(counts)[1] - counts["embedding"] + (counts["embedding"] if cfg.model.tie_embeddings else 0)
-    return 6.0 * active + 12.0 * cfg.model.n_layers * cfg.model.dim * cfg.data.seq_len
+    return 6.0 * active + attention_score_flops(cfg.model, cfg.data.seq_len)
+
+
+def kv_cache_bytes_per_token(cfg: TrainConfig, bytes_per_number: int = 2) -> int:
+    """Generation cache bytes per token, all layers, bf16 by default: MLA's latent + RoPE key or GQA's K and V
+    (:func:`~moetrain.model.mla.kv_numbers_per_token`)."""
+    return kv_numbers_per_token(cfg.model) * cfg.model.n_layers * bytes_per_number
 
 
 def expected_remote_ranks(num_experts: int, top_k: int, ep: int) -> float:
@@ -155,7 +163,7 @@ def memory_per_gpu(
     """
     counts = param_counts(cfg, vocab_size)
     ep = cfg.parallel.ep
-    dense = totals(counts)[0] - counts["routed_experts"]
+    dense = totals(counts)[0] - counts["routed_experts"] + counts["mtp"]  # MTP modules held whole (upper bound)
     expert = counts["routed_experts"] / ep
     edp = world // ep
     gb = 1e9
@@ -193,7 +201,10 @@ def plan(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int = 1) -> 
     out: dict[str, float] = {
         "params_total": total,
         "params_active": active,
+        "params_active_no_lookup": active - (0 if cfg.model.tie_embeddings else counts["embedding"]),
+        "params_mtp": counts["mtp"],
         "flops_per_token": fpt,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
         "compute_s": compute_s,
     }
 
@@ -220,7 +231,7 @@ def plan(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int = 1) -> 
     grad_bytes = ring(dense, W) + ring(counts["routed_experts"] / ep, W // ep)
     out["allreduce_s"] = grad_bytes / (cluster.inter_bw_gbs * 1e9 if cluster.nodes > 1 else cluster.intra_bw_gbs * 1e9)
     out["step_s"] = compute_s + out["a2a_s"] + out["allreduce_s"]
-    micro = cfg.trainer.micro_batch_size
+    micro = micro_batch_for(cfg.trainer, W)
     for k, v in memory_per_gpu(cfg, vocab_size, W, zero, micro).items():
         out[f"mem_{k}_gb"] = v
     out["mem_total_gb"] = sum(v for k, v in out.items() if k.startswith("mem_") and k.endswith("_gb"))
@@ -238,36 +249,63 @@ def pipeline_plan(cfg: TrainConfig, world: int) -> dict[str, float]:
     from moetrain.parallel.pipeline import bubble_fraction
 
     p = cfg.parallel
-    m = max(1, cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * max(1, world // p.pp)))
+    dp = max(1, world // p.pp)  # the data-parallel ranks: one pipeline each
+    m = max(1, cfg.trainer.global_batch_size // (micro_batch_for(cfg.trainer, dp) * dp))
     v = stages_per_rank(p.pp_schedule, p.pp_virtual)
     return {"pp_microbatches": m, "pp_stages_per_rank": v, "pp_bubble": bubble_fraction(p.pp_schedule, p.pp, m, v)}
+
+
+def size(gb: float) -> str:
+    """A size given in GB in the unit that fits it (``83.0 MB``, not ``0.1 GB``)."""
+    for unit, scale in (("GB", 1.0), ("MB", 1e3), ("kB", 1e6)):
+        if abs(gb) * scale >= 1:
+            return f"{gb * scale:.1f} {unit}"
+    return f"{gb * 1e9:.0f} B"
+
+
+def duration(s: float) -> str:
+    """Seconds in the unit that fits them (``0.744 ms``, ``2.31 s``)."""
+    return f"{s:.3g} s" if s >= 1 or s == 0 else f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} us"
+
+
+def count(n: float) -> str:
+    """A parameter count in the unit that fits it (``6.86M``, ``1.204B``)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}" if unit != "B" else f"{n / scale:.3f}{unit}"
+    return f"{n:.0f}"
 
 
 def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> str:
     p = plan(cfg, cluster, vocab_size, zero)
     W, ep = cluster.world, cfg.parallel.ep
+    fits = lambda total: "  ** does not fit **" if total > cluster.gpu_mem_gb else ""  # noqa: E731
     lines = [
-        f"model: {p['params_total'] / 1e9:.3f}B parameters, {p['params_active'] / 1e9:.3f}B active; "
-        f"{p['flops_per_token'] / 1e9:.2f} GFLOPs/token (training)",
+        f"model: {count(p['params_total'])} parameters, {count(p['params_active'])} active "
+        f"({count(p['params_active_no_lookup'])} without the embedding lookup)"
+        + (f", + {count(p['params_mtp'])} in multi-token prediction" if p["params_mtp"] else "")
+        + "; "
+        f"{p['flops_per_token'] / 1e9:.3g} GFLOPs/token (training); "
+        f"KV cache {p['kv_cache_bytes_per_token'] / 1024:.1f} KiB/token in bf16 ({cfg.model.attention})",
         f"cluster: {cluster.nodes} x {cluster.gpus_per_node} GPUs, EP={ep}, DP={W}, ZeRO-{zero}; "
         f"{cfg.trainer.global_batch_size} x {cfg.data.seq_len} tokens/step",
-        f"memory/GPU: weights {p['mem_weights_gb']:.1f} GB, grads {p['mem_grads_gb']:.1f} GB, "
-        f"optimizer {p['mem_optimizer_gb']:.1f} GB, activations ~{p['mem_activations_gb']:.1f} GB "
-        f"(micro-batch {cfg.trainer.micro_batch_size}) = {p['mem_total_gb']:.1f} of {cluster.gpu_mem_gb:.0f} GB"
-        + ("  ** does not fit **" if p["mem_total_gb"] > cluster.gpu_mem_gb else ""),
+        f"memory/GPU: weights {size(p['mem_weights_gb'])}, grads {size(p['mem_grads_gb'])}, "
+        f"optimizer {size(p['mem_optimizer_gb'])}, activations ~{size(p['mem_activations_gb'])} "
+        f"(micro-batch {micro_batch_for(cfg.trainer, W)}) = {size(p['mem_total_gb'])} of {cluster.gpu_mem_gb:.0f} GB"
+        + fits(p["mem_total_gb"]),
         f"memory/GPU with FSDP (parallel.fsdp=true: weights, grads, optimizer / DP={W}, experts' / EDP={W // cfg.parallel.ep}): "
-        f"weights {p['fsdp_mem_weights_gb']:.1f} GB, grads {p['fsdp_mem_grads_gb']:.1f} GB, "
-        f"optimizer {p['fsdp_mem_optimizer_gb']:.1f} GB, activations as above = {p['fsdp_mem_total_gb']:.1f} of {cluster.gpu_mem_gb:.0f} GB"
-        + ("  ** does not fit **" if p["fsdp_mem_total_gb"] > cluster.gpu_mem_gb else ""),
-        f"all-to-all/step (fwd+bwd, all ranks): top-K {p['a2a_bytes_topk'] / 1e9:.2f} GB "
+        f"weights {size(p['fsdp_mem_weights_gb'])}, grads {size(p['fsdp_mem_grads_gb'])}, "
+        f"optimizer {size(p['fsdp_mem_optimizer_gb'])}, activations as above = {size(p['fsdp_mem_total_gb'])} of "
+        f"{cluster.gpu_mem_gb:.0f} GB" + fits(p["fsdp_mem_total_gb"]),
+        f"all-to-all/step (fwd+bwd, all ranks): top-K {size(p['a2a_bytes_topk'] / 1e9)} "
         f"({p['remote_ranks_topk']:.2f} other ranks/token)"
         + (
-            f"; top-M {p['a2a_bytes_topm'] / 1e9:.2f} GB ({p['remote_ranks_topm']:.2f} other ranks/token)"
+            f"; top-M {size(p['a2a_bytes_topm'] / 1e9)} ({p['remote_ranks_topm']:.2f} other ranks/token)"
             if "a2a_bytes_topm" in p
             else ""
         ),
-        f"step time estimate: {p['step_s']:.3f} s = compute {p['compute_s']:.3f} (MFU {cluster.mfu:.0%}) "
-        f"+ all-to-all {p['a2a_s']:.3f} + grad all-reduce {p['allreduce_s']:.3f} (no overlap assumed)",
+        f"step time estimate: {duration(p['step_s'])} = compute {duration(p['compute_s'])} (MFU {cluster.mfu:.0%}) "
+        f"+ all-to-all {duration(p['a2a_s'])} + grad all-reduce {duration(p['allreduce_s'])} (no overlap assumed)",
     ]
     pp = cfg.parallel.pp
     if pp > 1:
@@ -283,7 +321,7 @@ def _main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from moetrain.config import validate
+    from moetrain.config import validate, with_micro_batch
     from moetrain.data import build_tokenizer
     from moetrain.model.transformer import vocab_for
     from moetrain.train.cli import check_known_keys, config_dir
@@ -307,6 +345,8 @@ def _main(argv: list[str] | None = None) -> None:
     check_known_keys(dcfg)
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, TrainConfig)
+    # micro_batch_size=None: each data-parallel rank's share of the global batch (the world over the stages)
+    cfg = with_micro_batch(cfg, max(cluster.world // max(cfg.parallel.pp, 1), 1))
     validate(cfg, world_size=cluster.world, for_training=False)  # a ConfigError is one line (guarded_main)
     vocab = vocab_for(cfg.model, build_tokenizer(cfg.data.tokenizer).vocab_size)
     print(report(cfg, cluster, vocab, args.zero))

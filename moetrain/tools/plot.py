@@ -29,19 +29,17 @@ from typing import Any
 import numpy as np
 
 from moetrain.errors import guarded_main
+from moetrain.extras import require
 from moetrain.tools.run_records import read_metrics
 
 LAYER_KEY = re.compile(r"^moe/layer_(\d+)/(load|maxvio|drop_frac|devices_per_token)$")
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
+    """matplotlib's pyplot (Agg), or one line naming the command that installs it (:mod:`moetrain.extras`)."""
+    require("matplotlib", "moetrain-plot draws with it").use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit("moetrain-plot needs matplotlib: pip install 'moetrain[plot]'") from e
     return plt
 
 
@@ -65,11 +63,40 @@ def load_matrix(records: list[dict[str, Any]], layer: int) -> tuple[np.ndarray, 
     return steps, np.divide(loads, totals, out=np.zeros_like(loads), where=totals > 0)
 
 
+BALANCE_CMAP = "RdBu_r"
+"""Diverging: blue = under-loaded, white = the balanced share 1/N, red = over-loaded."""
+
+
+def balance_norm(share: np.ndarray, n: int) -> Any:
+    """A colour scale centred on the balanced share ``1/N`` (white), from 0 (deep blue, an idle expert) to at
+    least ``2/N`` (deep red), so over- and under-loaded experts read at a glance in any run."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    even = 1 / max(n, 1)
+    top = max(float(share.max()) if share.size else 0.0, 2 * even)
+    return TwoSlopeNorm(vmin=0.0, vcenter=even, vmax=top)
+
+
+def balance_colorbar(fig: Any, im: Any, ax: Any, n: int) -> Any:
+    """The colour bar of a load heatmap, with ticks at 0, 1/N (labelled) and the top of the scale."""
+    bar = fig.colorbar(im, ax=ax, label="share of tokens", pad=0.01)
+    top = im.norm.vmax
+    bar.set_ticks([0.0, 1 / max(n, 1), top], labels=["0", f"1/N={1 / max(n, 1):.3f}", f"{top:.2f}"])
+    return bar
+
+
+def balance_label(n: int) -> str:
+    return f"share of tokens (white = 1/N = {1 / max(n, 1):.3f}; red over, blue under)"
+
+
 def load_heatmap_figure(records: list[dict[str, Any]], title: str = "") -> Any:
-    """One heatmap per MoE layer: experts (rows) x logged steps (columns), colour = share of tokens."""
+    """One heatmap per MoE layer: experts (rows) x logged steps (columns), colour = share of tokens on a
+    diverging scale centred on 1/N (:func:`balance_norm`); the layers share the step axis."""
     plt = _pyplot()
     layers = moe_layers(records)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 2.2 + 1.6 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(layers), 1, figsize=(10, 1.6 + 1.7 * len(layers)), squeeze=False, sharex=True, layout="constrained"
+    )
     for ax, layer in zip(axes[:, 0], layers):
         steps, share = load_matrix(records, layer)
         n = share.shape[0]
@@ -77,15 +104,15 @@ def load_heatmap_figure(records: list[dict[str, Any]], title: str = "") -> Any:
             share,
             aspect="auto",
             interpolation="nearest",
-            cmap="viridis",
-            vmin=0.0,
+            cmap=BALANCE_CMAP,
+            norm=balance_norm(share, n),
             extent=(steps[0] - 0.5, steps[-1] + 0.5, n - 0.5, -0.5) if len(steps) else None,
         )
         ax.set_ylabel(f"layer {layer}\nexpert")
-        fig.colorbar(im, ax=ax, label=f"share (1/N = {1 / max(n, 1):.3f})")
+        balance_colorbar(fig, im, ax, n)
     axes[-1, 0].set_xlabel("step")
-    fig.suptitle(title or "tokens per expert (share of the step's assignments)")
-    fig.tight_layout()
+    n = load_matrix(records, layers[0])[1].shape[0] if layers else 1
+    fig.suptitle(f"{title or 'tokens per expert'}: {balance_label(n)}", fontsize=10)
     return fig
 
 
@@ -98,38 +125,99 @@ def step_load_figure(loads: dict[str, list[float]], step: int) -> Any:
     totals = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     n_layers, n = share.shape
-    fig, ax = plt.subplots(figsize=(min(3 + 0.18 * n, 14), min(1.6 + 0.22 * n_layers, 14)))
-    im = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
-    ax.set_yticks(range(n_layers), [k.split("/")[1].removeprefix("layer_") for k in keys], fontsize=7)
+    size = (min(max(6.5, 3 + 0.18 * n), 14), min(max(3.0, 1.6 + 0.22 * n_layers), 14))
+    fig, ax = plt.subplots(figsize=size, layout="constrained")  # constrained: no label clipped in W&B's image
+    im = ax.imshow(share, aspect="auto", interpolation="nearest", cmap=BALANCE_CMAP, norm=balance_norm(share, n))
+    ax.set_yticks(range(n_layers), [k.split("/")[1].removeprefix("layer_") for k in keys], fontsize=8)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
-    fig.colorbar(im, ax=ax, label=f"share of tokens (1/N = {1 / max(n, 1):.3f})")
-    ax.set_title(f"tokens per expert, step {step}", fontsize=10)
-    fig.tight_layout()
+    balance_colorbar(fig, im, ax, n)
+    ax.set_title(f"tokens per expert, step {step}\n{balance_label(n)}", fontsize=9)
     return fig
 
 
+STYLES = ("-", "--", ":", "-.")
+"""Line style by key, in the order given: train solid, val dashed (then the rest)."""
+KEY_LABELS = {
+    "train/loss": "train (train/loss)",
+    "val/loss": "val (val/loss)",
+    "moe/maxvio": "train: layers' mean (moe/maxvio)",
+    "val/maxvio_global": "val: global (val/maxvio_global)",
+}
+
+
 def _lines(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, out: Path, logy: bool = False) -> bool:
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    drawn = False
-    for name, records in runs.items():
-        for key in keys:
-            steps, values = series(records, key)
-            if len(steps):
-                label = key if len(runs) == 1 else f"{name}: {key}"
-                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=label)
-                drawn = True
-    if not drawn:
-        plt.close(fig)
+    """Save :func:`lines_figure` to ``out``; ``False`` (nothing written) when no run logged any of the keys."""
+    fig = lines_figure(plt, runs, keys, ylabel, logy)
+    if fig is None:
         return False
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # the legends outside the axes included
+    plt.close(fig)
+    return True
+
+
+def lines_figure(plt: Any, runs: dict[str, list[dict]], keys: list[str], ylabel: str, logy: bool = False) -> Any:
+    """One panel for every run and key: one colour per run, a line style per key (``keys[0]`` solid, ``keys[1]``
+    dashed, ...), two legends outside the axes (runs by colour, keys by style) so nothing covers a curve."""
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn_runs, drawn_keys = [], []
+    one_run = len(runs) == 1
+    for i, (name, records) in enumerate(runs.items()):
+        for j, key in enumerate(keys):
+            steps, values = series(records, key)
+            if not len(steps):
+                continue
+            colour = colours[(j if one_run and len(keys) > len(STYLES) else i) % len(colours)]
+            style = STYLES[j % len(STYLES)]
+            ax.plot(steps, values, style, color=colour, marker="o" if len(steps) < 30 else None, ms=3, lw=1.6)
+            drawn_runs += [] if name in drawn_runs else [name]
+            drawn_keys += [] if key in drawn_keys else [key]
+    if not drawn_keys:
+        plt.close(fig)
+        return None
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    styles = [
+        Line2D([], [], color="0.3", ls=STYLES[keys.index(k) % len(STYLES)], label=KEY_LABELS.get(k, k))
+        for k in drawn_keys
+    ]
+    outside = {"bbox_transform": ax.transAxes, "fontsize": 8}  # figure legends: a tight save keeps them whole
+    fig.legend(handles=styles, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="metric", **outside)
+    if not one_run:
+        handles = [
+            Line2D([], [], color=colours[list(runs).index(n) % len(colours)], lw=2.5, label=n) for n in drawn_runs
+        ]
+        fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.01, 0.0), title="run", **outside)
+    return fig
+
+
+def maxvio_figure(plt: Any, runs: dict[str, list[dict]], out: Path) -> bool:
+    """MaxVio over steps. One run: each MoE layer's (train) and their mean, black dashed. Several runs: one
+    overlaid panel, one colour per run, train (``moe/maxvio``, the layers' mean) solid, val
+    (``val/maxvio_global``) dashed, on shared axes."""
+    if len(runs) > 1:
+        return _lines(plt, runs, ["moe/maxvio", "val/maxvio_global"], "MaxVio", out)
+    ((name, records),) = runs.items()
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    for layer in moe_layers(records):
+        steps, values = series(records, f"moe/layer_{layer}/maxvio")
+        ax.plot(steps, values, lw=1.2, label=f"layer {layer}")
+    for key, style, label in (("moe/maxvio", "k-", "mean (train)"), ("val/maxvio_global", "k--", "val (global)")):
+        steps, values = series(records, key)
+        if len(steps):
+            ax.plot(steps, values, style, lw=2.0, marker="o" if len(steps) < 30 else None, ms=3, label=label)
+    ax.set_title(f"{name}: MaxVio per MoE layer", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MaxVio")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -208,28 +296,14 @@ def plot_runs(paths: list[Path], out: Path) -> list[Path]:
     if _lines(plt, runs, ["train/loss", "val/loss"], "loss (nats/token)", out / "loss.png"):
         written.append(out / "loss.png")
 
-    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 3.2 * len(runs)), squeeze=False)
-    for ax, (name, records) in zip(axes[:, 0], runs.items()):
-        for layer in moe_layers(records):
-            steps, values = series(records, f"moe/layer_{layer}/maxvio")
-            ax.plot(steps, values, label=f"layer {layer}")
-        steps, values = series(records, "moe/maxvio")
-        ax.plot(steps, values, "k--", lw=1.5, label="mean")
-        ax.set_title(name, fontsize=9)
-        ax.set_ylabel("MaxVio")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=4)
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out / "maxvio.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "maxvio.png")
+    if maxvio_figure(plt, runs, out / "maxvio.png"):
+        written.append(out / "maxvio.png")
 
     for name, records in runs.items():
         if not moe_layers(records) or not any(k.endswith("/load") for r in records for k in r):
             continue
         fname = "load_heatmap.png" if len(runs) == 1 else f"load_heatmap_{dirs[name].parent.name}_{dirs[name].name}.png"
-        fig = load_heatmap_figure(records, title=f"{name}: tokens per expert")
+        fig = load_heatmap_figure(records, title=name)
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         written.append(out / fname)

@@ -14,18 +14,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moetrain.tools.run_records import read_metrics
+from moetrain.tools.run_records import median_tokens_per_sec, read_metrics
 
 FINAL_KEYS = ("val/loss", "val/bpb", "val/maxvio_global", "train/loss", "moe/maxvio", "perf/tokens_per_sec")
 
 
 def final_metrics(run_dir: Path) -> dict[str, Any]:
-    """The run's last value of each key (``summary.json`` when it finished, else ``metrics.jsonl``)."""
-    if (run_dir / "summary.json").is_file():
-        return json.loads((run_dir / "summary.json").read_text()).get("metrics", {})
+    """The run's last value of each key (``summary.json`` when it finished, else ``metrics.jsonl``); tokens/s is
+    the median of the logged windows (:func:`median_tokens_per_sec`, as in the sweep summary)."""
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     last: dict[str, Any] = {}
-    for record in read_metrics(run_dir):
+    for record in records:
         last.update(record)
+    if (run_dir / "summary.json").is_file():
+        last = dict(json.loads((run_dir / "summary.json").read_text()).get("metrics", {}))
+    tps = median_tokens_per_sec(records)
+    if tps is not None:
+        last["perf/tokens_per_sec"] = tps
     return last
 
 
@@ -38,7 +43,8 @@ def _figure(path: Path) -> str:
 def _metrics_table(runs: dict[str, Path]) -> str:
     finals = {label: final_metrics(d) for label, d in runs.items()}
     keys = [k for k in FINAL_KEYS if any(k in f for f in finals.values())]
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["run", *keys])
+    names = {"perf/tokens_per_sec": "tokens/s (median)"}
+    head = "".join(f"<th>{html.escape(names.get(k, k))}</th>" for k in ["run", *keys])
     rows = []
     for label, f in finals.items():
         cells = [html.escape(label)] + [_fmt(f.get(k)) for k in keys]

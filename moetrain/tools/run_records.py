@@ -78,3 +78,13 @@ def read_metrics(run_dir: str | Path, tool: str = "moetrain") -> list[dict[str, 
     records, bad = parse_metrics(path)
     warn_bad_lines(tool, path, bad)
     return records
+
+
+def median_tokens_per_sec(records: list[dict[str, Any]]) -> float | None:
+    """The run's training speed, one statistic everywhere (sweep summary, HTML report, closing summary): the
+    median of the logged windows' ``perf/tokens_per_sec`` (the first window's start-up and a window slowed by a
+    checkpoint save move it little), ``None`` when none was logged."""
+    import statistics
+
+    values = [r["perf/tokens_per_sec"] for r in records if isinstance(r.get("perf/tokens_per_sec"), int | float)]
+    return float(statistics.median(values)) if values else None

@@ -8,6 +8,7 @@ validated before any data or model is built. The run directory is rank 0's
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -19,17 +20,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moetrain.config import ConfigError, TrainConfig, config_keys, to_dict, validate
+from moetrain.config import ConfigError, TrainConfig, micro_batch_for, to_dict, validate, with_micro_batch
 from moetrain.config.docs import config_dir, register_schema
 from moetrain.errors import USER_ERROR_EXIT_CODE, is_failure, report, user_error
+from moetrain.launch.jobs import check_known_keys, check_override_keys
 from moetrain.launch.slurm import export_slurm_env
 from moetrain.launch.torchrun import register as register_torchrun_launcher
-from moetrain.train.checkpoint import CheckpointError, flat_config
+from moetrain.train.checkpoint import CheckpointError
+from moetrain.train.command import group_options, resolve_run_args, say_done, say_how_to_continue
+from moetrain.train.console import config_tree, say_config
 from moetrain.train.guards import NonFiniteError
-from moetrain.train.rundir import RunDirError, RunDirLock, preflight
+from moetrain.train.rundir import RunDirError, RunDirLock, chosen_run_dir, preflight
 
 NONFINITE_EXIT_CODE = 3
 """Exit status of a run stopped by a non-finite loss or gradient norm (user errors exit 2)."""
+STOP_EXIT_CODES = (130, 143)
+"""A run stopped by SIGINT / SIGTERM (128 + signal), with its checkpoint: it prints the command that continues."""
+USER_ARGS: list[str] | None = None
+"""The overrides as the user typed them (set by :func:`main`), for the command that continues a stopped run."""
+FAILURE: list[str] = []
+"""The one-line causes of this process's failed runs (a sweep job's ``failed.json`` keeps its own)."""
 SWEEP_SUMMARY_CALLBACK = "moetrain.launch.sweep.SweepSummary"
 """The Hydra callback that writes a sweep's summary when it ends and exits 1 when a job failed."""
 
@@ -90,22 +100,18 @@ def check_device(device: str, backend: str = "auto") -> None:
 
 def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
     """Options set to something that has no effect in this setting, each with the reason."""
+    from moetrain.train.deepspeed.config import inactive_engine_options
+
     out = []
     moe, ep = cfg.moe, cfg.parallel.ep
     if moe.max_recv_factor is not None and ep == 1:
         out.append(f"moe.max_recv_factor={moe.max_recv_factor} only acts under expert parallelism (parallel.ep > 1)")
     if moe.recv_overflow != "drop" and moe.max_recv_factor is None:
         out.append(f"moe.recv_overflow={moe.recv_overflow} only acts with moe.max_recv_factor set")
-    micro = cfg.trainer.global_batch_size // max(cfg.trainer.micro_batch_size * world_size, 1)
+    micro = cfg.trainer.global_batch_size // max(micro_batch_for(cfg.trainer, world_size) * world_size, 1)
     if moe.balance.scope == "global" and world_size == 1 and micro == 1:
         out.append("moe.balance.scope=global equals micro_batch with one rank and one micro-batch per step")
-    if cfg.engine.name == "native":
-        defaults = type(cfg.engine)()
-        for key in ("zero_stage", "loss_scale", "initial_scale_power", "loss_scale_window", "min_loss_scale"):
-            if getattr(cfg.engine, key) != getattr(defaults, key):
-                out.append(f"engine.{key} only acts with engine=deepspeed")
-        if cfg.engine.config_json:
-            out.append("engine.config_json only acts with engine=deepspeed")
+    out += inactive_engine_options(cfg)
     if cfg.trainer.nonfinite == "stop" and cfg.trainer.nonfinite_max_skips != type(cfg.trainer)().nonfinite_max_skips:
         out.append("trainer.nonfinite_max_skips only acts with trainer.nonfinite=skip")
     if not cfg.checkpoint.enabled and cfg.checkpoint.async_save:
@@ -115,15 +121,13 @@ def inactive_options(cfg: TrainConfig, world_size: int) -> list[str]:
 
 
 def _parallel_notes(cfg: TrainConfig, world_size: int) -> list[str]:
-    """The ``parallel.*`` options without effect: sharding and gradient buckets need several ranks."""
+    """The ``parallel.*`` options without effect: sharding needs several ranks."""
     out = []
     p, defaults = cfg.parallel, type(cfg.parallel)()
     if p.fsdp and world_size == 1:
         out.append("parallel.fsdp=true only acts with several ranks (one process holds the whole model)")
     if p.fsdp_keep_gathered != defaults.fsdp_keep_gathered and not p.fsdp:
         out.append("parallel.fsdp_keep_gathered only acts with parallel.fsdp=true")
-    if p.bucket_mb != defaults.bucket_mb and (world_size == 1 or cfg.engine.name != "native"):
-        out.append("parallel.bucket_mb only acts with the native engine on several ranks")
     if not p.overlap_shared_experts and (p.ep == 1 or cfg.moe.num_shared_experts == 0):
         out.append("parallel.overlap_shared_experts only acts with shared experts under parallel.ep > 1")
     return out
@@ -177,12 +181,16 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
 
     export_slurm_env()  # srun / submitit tasks without torchrun: ranks from SLURM's variables
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = with_micro_batch(cfg, world)  # micro_batch_size=None: each rank's share, saved so in config.yaml
     validate_run(cfg, world)
     check_device(cfg.trainer.device, cfg.parallel.backend)
     warn_inactive(cfg, world)
+    chosen = run_dir or chosen_run_dir(cfg.run_dir, cfg.run_name, cfg.trainer.resume)
+    if cfg.trainer.resume == "latest":  # the run it names is chosen: continue it from its newest checkpoint
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume="auto"))
     pc = init_parallel(cfg.parallel, cfg.trainer.device)
     try:
-        chosen = run_dir or cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+        chosen = chosen or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
         run_path = Path(str(pc.broadcast_object(str(chosen))))
         if not pc.is_main and run_dir is not None:
             remove_stray_run_dir(Path(run_dir), run_path)
@@ -190,13 +198,19 @@ def run(cfg: TrainConfig, run_dir: str | Path | None = None) -> dict:
         try:
             if pc.is_main:
                 save_resolved_config(cfg, run_path)
+                say_config(config_tree(to_dict(cfg), to_dict(TrainConfig()), run_path), run_path)
             trainer = make_trainer(cfg, run_path, pc)
             try:
                 final = trainer.fit()
+            except SystemExit as e:
+                if pc.is_main and e.code in STOP_EXIT_CODES:
+                    say_how_to_continue(run_path, USER_ARGS)
+                raise
             finally:
                 trainer.close()
             if pc.is_main:
                 write_run_summary(run_path, final)
+                say_done(run_path, final, cfg.trainer.max_steps, USER_ARGS)
             return final
         finally:
             if lock is not None:
@@ -232,17 +246,18 @@ def _hydra_entry(dcfg: DictConfig) -> None:
         (job_dir / "failed.json").unlink(missing_ok=True)  # a relaunched sweep: this attempt decides
     code = _run_reported(dcfg)
     if code and sweeping:
-        write_failed_job(job_dir, code)
+        write_failed_job(job_dir, code, FAILURE[-1] if FAILURE else None)
     elif code:
         sys.exit(code)
 
 
-def write_failed_job(job_dir: Path, code: int) -> None:
-    """``JOB_DIR/failed.json``: the job's exit status, for :func:`moetrain.launch.sweep.read_job`."""
+def write_failed_job(job_dir: Path, code: int, cause: str | None = None) -> None:
+    """``JOB_DIR/failed.json``: the job's exit status and its one-line cause, for
+    :func:`moetrain.launch.sweep.read_job`."""
     import json
 
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / "failed.json").write_text(json.dumps({"exit_code": code}))
+    (job_dir / "failed.json").write_text(json.dumps({"exit_code": code, "cause": cause}))
 
 
 def _run_reported(dcfg: DictConfig) -> int:
@@ -255,6 +270,7 @@ def _run_reported(dcfg: DictConfig) -> int:
         run(cfg, run_dir)
         return 0
     except NonFiniteError as e:
+        FAILURE.append(f"training stopped: {e}")
         if os.environ.get("RANK", "0") == "0":
             print(f"moetrain: training stopped: {e}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
@@ -263,20 +279,10 @@ def _run_reported(dcfg: DictConfig) -> int:
         if found is None or os.environ.get("MOETRAIN_DEBUG") == "1":
             raise
         kind, message = found
+        FAILURE.append(f"{kind} error: {message}")
         if os.environ.get("RANK", "0") == "0" or kind == "file":  # the ranks agree on the others; one says why
             print(f"moetrain: {kind} error: {message}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
-
-
-def check_known_keys(dcfg: DictConfig) -> None:
-    """Refuse keys the schema does not define, also those added with ``+key=value`` (Hydra lets them in)."""
-    known = config_keys(TrainConfig())
-    data = OmegaConf.to_container(dcfg, resolve=False)
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
-    for key in sorted(flat_config(data)):
-        if key not in known and not any(key.startswith(f"{k}.") for k in known):  # list / dict values
-            raise ConfigError(f"{key}: unknown key (moetrain-train --help lists every key)")
 
 
 def run_dir_override(argv: list[str]) -> str | None:
@@ -299,6 +305,7 @@ def print_help(args: list[str]) -> int:
         print(f"moetrain: config error: {' '.join(str(e).split())}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     print(help_text(cfg), end="")
+    print(group_options(config_dir()))
     return 0
 
 
@@ -306,9 +313,17 @@ def main() -> None:
     """``moetrain-train``. With ``run_dir=X`` Hydra's output dir is X too, without Hydra's own files
     (``.hydra/``, ``train.log``), so nothing is written elsewhere and nothing in X before the run's checks;
     an X that Hydra created for a run that stopped before writing anything is removed again."""
+    global USER_ARGS
     argv = strip_launcher_args(sys.argv)
     if any(a in ("--help", "-h") for a in argv[1:]):
         sys.exit(print_help(argv[1:]))
+    USER_ARGS = argv[1:]
+    try:
+        groups = {p.name for p in Path(config_dir()).iterdir() if p.is_dir()}
+        check_override_keys(argv[1:], groups)  # a misspelled key: one line with the nearest known key
+    except ConfigError as e:
+        sys.exit(report("moetrain", e))
+    argv = [argv[0], *resolve_run_args(argv[1:])]  # run_name, trainer.resume=latest: a run_dir=
     run_dir = run_dir_override(argv[1:])
     existed = run_dir is None or Path(run_dir).exists()
     if run_dir is not None:

@@ -77,6 +77,74 @@ def terminal_bar_wanted(progress: bool) -> bool:
     return progress and sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns >= 40
 
 
+def hardware_text(metrics: dict[str, Any]) -> str:
+    """`` | mfu 41.2% | mem 12.3 GB``: the step's MFU (when logged) and the peak memory where it is known (the
+    GPU's allocator peak, else the process's peak resident set on Linux)."""
+    out = ""
+    mfu = metrics.get("perf/mfu")
+    if isinstance(mfu, int | float) and mfu == mfu:
+        out += f" | mfu {mfu:.1%}"
+    peak = peak_memory_gb()
+    return out + (f" | mem {peak:.2f} GB" if peak is not None else "")
+
+
+def peak_memory_gb() -> float | None:
+    """Peak memory of this process in GB: CUDA's ``max_memory_allocated`` when CUDA is in use, else the peak
+    resident set size (``getrusage``'s ``ru_maxrss``, kB on Linux), else ``None``."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 1e9
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 if sys.platform == "linux" else None
+
+
+def config_tree(resolved: dict[str, Any], defaults: dict[str, Any], run_dir: Path) -> str:
+    """The run's config at start, compact: per section the keys that differ from the schema's defaults (a tree
+    of one line per section), then where the whole resolved config is."""
+    from moetrain.train.checkpoint import flat_config
+
+    new, base = flat_config(resolved), flat_config(defaults)
+    sections: dict[str, list[str]] = {}
+    for key, value in new.items():
+        if base.get(key, object()) != value:
+            section, _, rest = key.partition(".")
+            shown = str(value) if len(str(value)) <= 60 else f"{str(value)[:57]}..."
+            sections.setdefault(section if rest else "", []).append(f"{rest or key}={shown}")
+    lines = ["config (differs from the defaults):"]
+    lines += [f"  {name or '(root)'}: {' '.join(items)}" for name, items in sections.items()] or ["  (defaults)"]
+    lines.append(f"  (every key: {run_dir / 'config.yaml'})")
+    return "\n".join(lines)
+
+
+def say_config(tree: str, run_dir: Path) -> None:
+    """The start tree on rank 0's console and at the top of this run's part of ``train.log`` (the console and the
+    file hold the same lines)."""
+    print(tree, flush=True)
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        log.write(tree + "\n")
+
+
+def closing_summary(run_dir: Path, final: dict[str, Any], tokens_per_sec: float | None, resume: str) -> str:
+    """What a finished run prints last: its final metrics, where its files are, and the next commands."""
+    shown = [(k, final[k]) for k in ("val/loss", "val/bpb", "val/maxvio_global", "train/loss") if k in final]
+    metrics = " | ".join(f"{k} {v:.4f}" for k, v in shown if isinstance(v, int | float))
+    if tokens_per_sec is not None:
+        metrics += f" | {tokens_per_sec:,.0f} tok/s (median)"
+    return "\n".join([
+        f"moetrain: done: {metrics}",
+        f"  files: {run_dir}/ (config.yaml, metrics.jsonl, train.log, checkpoints/, summary.json)",
+        f"  plots and report: moetrain-plot {run_dir} --html",
+        f"  routes:           moetrain-inspect {run_dir}",
+        f"  sample:           moetrain-generate {run_dir} --prompt 'def '",
+        f"  export:           moetrain-export {run_dir} {run_dir}/export",
+        f"  train longer:     {resume}",
+    ])  # fmt: skip
+
+
 class LogSink:
     """Step and evaluation lines (``step 10/300 | loss ... | elapsed 0:01:02 | eta 0:29:00``) and the bar."""
 
@@ -107,7 +175,7 @@ class LogSink:
             LOG.info(
                 f"step {step:>6}/{self.max_steps} | loss {m['train/loss']:.4f} | aux {m['train/aux_loss']:.4f} | "
                 f"maxvio {m.get('moe/maxvio', 0):.3f} | lr {m['train/lr']:.2e} | "
-                f"{m['perf/tokens_per_sec']:,.0f} tok/s | {self.timing(step)}"
+                f"{m['perf/tokens_per_sec']:,.0f} tok/s{hardware_text(m)} | {self.timing(step)}"
             )
         if "val/loss" in metrics:
             line = f"eval step {step}: val/loss {metrics['val/loss']:.4f}"

@@ -36,7 +36,7 @@ def evaluate(
     """
     model = module.model
     model.eval()
-    layers = sorted(model.moe_layers())
+    layers = sorted(i for i in model.moe_layers() if i < model.cfg.n_layers)  # MTP blocks are training only
     rec = MetricRecorder()
     zero = torch.zeros((), dtype=torch.float64, device=pc.device)
     for batch in val_batches(val, micro_batch_size * pc.world_size, pc.rank, pc.world_size):

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from moetrain.model.mla import attention_score_flops
 from moetrain.model.transformer import Transformer
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of common training GPUs.
@@ -14,12 +15,13 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active non-embedding parameters (routed experts
-    counted K of N, LM head included) plus 12 L D S for attention scores
-    (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B)."""
+    counted K of N, LM head included) plus the attention scores, 12 L D S for GQA
+    (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B; MLA's widths:
+    :func:`~moetrain.model.mla.attention_score_flops`)."""
     active = model.num_params(active=True) - model.embed.weight.numel()
     if model.cfg.tie_embeddings:
         active += model.embed.weight.numel()  # the tied head still does its matmul
-    return 6.0 * active + 12.0 * model.cfg.n_layers * model.cfg.dim * seq_len
+    return 6.0 * active + attention_score_flops(model.cfg, seq_len)
 
 
 def measured_gemm_tflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:

@@ -67,22 +67,11 @@ class MetricRecorder:
             for op in ("sum", "max"):
                 names = sorted(k for k, r in self.reductions.items() if (r == "max") == (op == "max"))
                 for dtype in sorted({totals[k].dtype for k in names}, key=str):
-                    _all_reduce_flat(pc, op, [k for k in names if totals[k].dtype == dtype], totals)
+                    keys = [k for k in names if totals[k].dtype == dtype]
+                    totals.update(zip(keys, pc.all_reduce_flat([totals[k] for k in keys], op)))
             if mean_names:
                 counts = pc.all_reduce_sum(counts.to(pc.device))
         return ReducedMetrics(totals, dict(zip(mean_names, counts)), dict(self.reductions))
-
-
-def _all_reduce_flat(pc: ParallelContext, op: str, names: list[str], totals: dict[str, torch.Tensor]) -> None:
-    if not names:
-        return
-    flat = torch.cat([totals[k].reshape(-1) for k in names])
-    pc.all_reduce_max(flat) if op == "max" else pc.all_reduce_sum(flat)
-    offset = 0
-    for k in names:  # scalars stay 0-d, vectors keep their length
-        size = totals[k].numel()
-        totals[k] = flat[offset : offset + size].view_as(totals[k])
-        offset += size
 
 
 @dataclass

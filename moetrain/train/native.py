@@ -1,9 +1,10 @@
-"""moetrain's own engine as a train module (see :mod:`moetrain.train.module` for the protocol)."""
+"""moetrain's own engine as a train module (see :mod:`moetrain.train.module` for the base class)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,90 +12,66 @@ import torch
 
 from moetrain.config import TrainConfig
 from moetrain.model.transformer import ModelOutput, Transformer
+from moetrain.parallel.clip import clip_grad_norm
 from moetrain.parallel.context import ParallelContext
-from moetrain.parallel.fsdp import set_micro_batch_sync
-from moetrain.parallel.grad_buckets import apply_grad_buckets, grad_reducer
-from moetrain.parallel.grad_sync import clip_grad_norm, sync_gradients
+from moetrain.parallel.data_parallel import apply_data_parallel, set_micro_batch_sync
 from moetrain.train.checkpoint import native
 from moetrain.train.guards import NonFiniteGuard
-from moetrain.train.metrics import MetricRecorder, ReducedMetrics
-from moetrain.train.module import StepInfo, autocast_dtype
+from moetrain.train.metrics import ReducedMetrics
+from moetrain.train.module import StepInfo, TrainModule, autocast_dtype
 from moetrain.train.optim import build_optimizer, build_scheduler
-from moetrain.train.step import accumulate_gradients, routing_prepass
 
 
-class NativeTrainModule:
-    """moetrain's own engine: AdamW with decay on matrices, warmup + cosine, DP/EDP gradient sync (bucketed,
-    overlapped with the last micro-batch's backward), global-norm clipping, bf16 autocast (fp32 router),
-    ``trainer.nonfinite``; checkpoints as resharding DCP shards."""
+class NativeTrainModule(TrainModule):
+    """moetrain's own engine: AdamW with decay on matrices, warmup + cosine, DP/EDP gradient reduction by FSDP2
+    units (``replicate``, or ``fully_shard`` under ``parallel.fsdp``: :mod:`moetrain.parallel.data_parallel`,
+    overlapped with the backward, only in the last micro-batch's), global-norm clipping, bf16 autocast (fp32
+    router), ``trainer.nonfinite``; checkpoints as resharding DCP shards."""
 
     engine = "native"
 
     def __init__(self, cfg: TrainConfig, model: Transformer, pc: ParallelContext) -> None:
-        self.cfg, self.model, self.pc = cfg, model, pc
+        super().__init__(cfg, model, pc)
+        self.dtype = autocast_dtype(cfg.trainer.precision, pc.device)
+        shard = cfg.parallel.fsdp  # fully_shard gathers bf16 weights on a GPU (FSDP2's policy), replicate keeps fp32
+        param_dtype = self.dtype if shard and pc.device.type == "cuda" else None
+        apply_data_parallel(model, pc, shard=shard, param_dtype=param_dtype)  # before the optimizer: DTensors
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
-        self.dtype = autocast_dtype(cfg.trainer.precision, pc.device)
         self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.nonfinite_max_skips, pc.is_main)
-        self.global_scope = cfg.moe.balance.scope == "global"
-        self.keep_gathered = cfg.parallel.fsdp and cfg.parallel.fsdp_keep_gathered
-        self._micro_index = self._num_micro = 0
-        apply_grad_buckets(model, pc, cfg.parallel.bucket_mb)  # the all-reduce overlaps the last backward
+        self.reduce_every_micro_batch = cfg.parallel.fsdp and not cfg.parallel.fsdp_keep_gathered
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
             return torch.autocast(self.pc.device.type, enabled=False)
         return torch.autocast(self.pc.device.type, dtype=self.dtype)
 
-    def train_batch(self, micro: list[torch.Tensor], rec: MetricRecorder) -> None:
-        self.model.train()
-        counts = None
-        self._micro_index, self._num_micro = 0, len(micro)
-        if self.global_scope and (len(micro) > 1 or self.pc.distributed):
-            counts = routing_prepass(self._prepass_forward, micro, self.pc, self.autocast)
-        reducer = grad_reducer(self.model)  # None on one process (or once removed: the flat sync then)
-        last = reducer.overlap if reducer is not None else None
-        accumulate_gradients(self._forward, self._backward, micro, rec, self.autocast, self.pc.device, counts, last)
+    @contextmanager
+    def micro_batch_context(self, i: int, n: int) -> Iterator[None]:
+        """Only the last micro-batch's backward reduces the gradients (and, under ``fully_shard``, the weights
+        stay gathered until then), unless ``parallel.fsdp_keep_gathered=false`` reshards and reduces after every
+        one (:func:`~moetrain.parallel.data_parallel.set_micro_batch_sync`)."""
+        if not self.reduce_every_micro_batch:
+            set_micro_batch_sync(self.model, last=i == n - 1)
+        yield
 
-    def _prepass_forward(self, tokens_BS: torch.Tensor, **kw: Any) -> ModelOutput:
-        """The routing pre-pass's forward: under FSDP the weights it gathers stay for the first micro-batch."""
-        if self.keep_gathered:
-            set_micro_batch_sync(self.model, last=False)
+    def forward(self, tokens_BS: torch.Tensor, **kw: Any) -> ModelOutput:
         return self.model(tokens_BS, **kw)
 
-    def _forward(self, tokens_BS: torch.Tensor, **kw: Any) -> ModelOutput:
-        """The model on one micro-batch of the step; under FSDP, gathered and reduced as
-        ``parallel.fsdp_keep_gathered`` says (:func:`~moetrain.parallel.fsdp.set_micro_batch_sync`)."""
-        if self.keep_gathered:
-            set_micro_batch_sync(self.model, last=self._micro_index == self._num_micro - 1)
-        self._micro_index += 1
-        return self.model(tokens_BS, **kw)
-
-    @staticmethod
-    def _backward(loss: torch.Tensor, num_micro: int) -> None:
+    def backward(self, loss: torch.Tensor, num_micro: int) -> None:
         (loss / num_micro).backward()
 
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:
-        """Sync, clip, check, step. Non-expert gradients are averaged over all W ranks, experts over their
-        EDP group (both / W); each expert shard counts once in the global norm."""
-        sync_gradients(self.model, self.pc)  # waits for the buckets the last backward launched
+        """Clip, check, step: the gradients were reduced in the last backward (non-expert ones averaged over all
+        W ranks, experts summed over their EDP group, both / W); each expert shard counts once in the norm."""
         grad_norm = clip_grad_norm(self.model, self.pc, self.cfg.optim.grad_clip)
-        losses = {"loss": reduced.tensor("train/loss"), "aux loss": reduced.tensor("train/aux_loss")}
-        if not self.nonfinite.check(step, {**losses, "gradient norm": grad_norm}):  # trainer.nonfinite=skip
-            self.optimizer.zero_grad(set_to_none=True)
+        if not self.nonfinite.check(step, {**self.step_losses(reduced), "gradient norm": grad_norm}):
+            self.optimizer.zero_grad(set_to_none=True)  # trainer.nonfinite=skip
             return StepInfo(grad_norm, False, {"train/nonfinite_skips": self.nonfinite.skipped})
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepInfo(grad_norm, True)
-
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    @torch.no_grad()
-    def eval_forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
-        with self.autocast():
-            return self.model(tokens_BS)
 
     # ------------------------------------------------------------ checkpoint
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -117,6 +94,3 @@ class NativeTrainModule:
         seed = self.cfg.trainer.seed
         native.load_state(path, meta, self.model, self.optimizer, self.scheduler, self.pc.rank, seed, group)
         self.nonfinite.skipped = int(meta.get("nonfinite_skips", 0))
-
-    def close(self) -> None:
-        """Nothing to release."""

@@ -148,3 +148,35 @@ def preflight(cfg: TrainConfig, run_dir: Path) -> RunDirLock:
     if lock.took_over:
         print(f"moetrain: {run_dir}: the previous run ({_describe(lock.took_over)}) ended without releasing it")
     return lock
+
+
+RUNS_ROOT = Path("runs")
+"""Where single runs go (``configs/train.yaml``'s ``hydra.run.dir`` is ``runs/<time>``)."""
+
+
+def unfinished_runs(root: Path, name: str | None = None) -> list[Path]:
+    """Run directories under ``root`` (named ``name``, or ``name-*``, when given) with a complete checkpoint and
+    no ``summary.json`` (a run that stopped before its end), newest checkpoint last."""
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if not d.is_dir() or (name and d.name != name and not d.name.startswith(f"{name}-")):
+            continue
+        ckpts = complete_checkpoints(d / "checkpoints")
+        if ckpts and not (d / "summary.json").is_file():
+            found.append((ckpts[-1][1].stat().st_mtime, d))
+    return [d for _, d in sorted(found)]
+
+
+def chosen_run_dir(run_dir: str | None, run_name: str | None, resume: str, root: Path = RUNS_ROOT) -> str | None:
+    """The run directory a command names: ``run_dir``; else ``runs/<run_name>`` (so the same command continues
+    the run); else, for ``trainer.resume=latest``, the newest unfinished run (:func:`unfinished_runs`); else
+    ``None`` (a new ``runs/<time>``)."""
+    if run_dir:
+        return run_dir
+    if resume == "latest":
+        runs = unfinished_runs(root, run_name)
+        if runs:
+            return str(runs[-1])
+    return str(root / run_name) if run_name else None

@@ -9,6 +9,7 @@ To add a sink, implement :class:`MetricSink` and open it in ``Trainer._open_sink
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -102,7 +103,8 @@ class WandbSink:
 
             from moetrain.tools.plot import load_heatmap_figure
         except ImportError:
-            return None  # matplotlib is the optional `plot` extra
+            say_no_pictures()
+            return None
         fig = load_heatmap_figure(self._load_history)
         image = self._wandb.Image(fig)
         plt.close(fig)
@@ -110,6 +112,22 @@ class WandbSink:
 
     def close(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+_SAID_NO_PICTURES: list[bool] = []
+
+
+def say_no_pictures() -> None:
+    """Once per process: W&B gets no load pictures, and why (matplotlib, a default dependency, is missing)."""
+    if _SAID_NO_PICTURES:
+        return
+    _SAID_NO_PICTURES.append(True)
+    from moetrain.extras import install_hint
+
+    logging.getLogger("moetrain").warning(
+        f"moetrain: note: W&B gets no load pictures (moe/load_heatmap, moe/load_by_layer): matplotlib is missing; "
+        f"{install_hint('matplotlib')}"
+    )
 
 
 def load_pictures(wandb: Any, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +143,7 @@ def load_pictures(wandb: Any, step: int, metrics: dict[str, Any]) -> dict[str, A
 
         from moetrain.tools.plot import step_load_figure
     except ImportError:
+        say_no_pictures()
         return {}
     fig = step_load_figure(loads, step)
     image = wandb.Image(fig)

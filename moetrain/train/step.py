@@ -1,25 +1,22 @@
-"""One step's gradient accumulation, shared by every train module: micro-batches, losses, metrics.
+"""The pieces of a training step shared by every train module: a micro-batch's losses, the routing pre-pass.
 
 Pure of any engine: a train module passes its own ``forward`` (the model, or
-DeepSpeed's engine) and ``backward``; this module runs the micro-batches, the
-global-batch routing pre-pass and records what each micro-batch produced.
+DeepSpeed's engine); the micro-batch loop is :meth:`moetrain.train.module.TrainModule.train_batch`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from moetrain.model.mtp import mtp_loss
 from moetrain.model.transformer import ModelOutput
 from moetrain.moe.layer import MoEStats, global_routing_counts
-from moetrain.moe.step_state import step_state
 from moetrain.parallel.context import ParallelContext
-from moetrain.train.metrics import MetricRecorder
-from moetrain.train.moe_metrics import record_moe
 
 Forward = Callable[..., ModelOutput]
 """``forward(tokens_BS)`` -> the model's output."""
@@ -60,35 +57,22 @@ def routing_prepass(
         return global_routing_counts(routing_forward, micro, pc.all_reduce_sum)
 
 
-def accumulate_gradients(
+def micro_batch_loss(
     forward: Forward,
-    backward: Callable[[torch.Tensor, int], None],
-    micro: list[torch.Tensor],
-    rec: MetricRecorder,
-    autocast: Callable[[], AbstractContextManager[Any]],
+    mb: torch.Tensor,
     device: torch.device,
-    global_counts: dict[int, dict[str, torch.Tensor]] | None = None,
-    last_backward: Callable[[], AbstractContextManager[Any]] | None = None,
-) -> None:
-    """Forward and backward of each micro-batch; records ``train/loss``, ``train/aux_loss`` (means over
-    micro-batches and ranks) and every MoE layer's statistics.
-
-    ``backward(loss, num_micro)`` accumulates the gradient of ``loss / num_micro``, so with equal micro-batch
-    sizes the accumulated gradient is that of the mean loss over the rank's sequences. ``last_backward()``, if
-    given, is entered around the last micro-batch's backward only, the one that makes the step's final
-    gradients (the native engine overlaps their all-reduce with it, :mod:`moetrain.parallel.grad_buckets`).
-    ``global_counts`` (the routing pre-pass's) are installed for every forward and backward of the step
-    (:func:`~moetrain.moe.step_state.step_state`).
-    """
-    with step_state(global_counts=global_counts):
-        for i, mb in enumerate(micro):
-            mb = mb.to(device, non_blocking=True)
-            with autocast():
-                out = forward(mb[:, :-1])
-                loss_lm = lm_loss(out.logits, mb[:, 1:])
-                aux = out.aux_loss
-            with last_backward() if last_backward is not None and i == len(micro) - 1 else nullcontext():
-                backward(loss_lm + aux, len(micro))
-            rec.record("train/loss", loss_lm, "mean")
-            rec.record("train/aux_loss", aux, "mean")
-            record_moe(rec, out.moe_stats)
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> tuple[ModelOutput, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One micro-batch of token ids ``[B, S + 1]`` forward: ``(output, LM loss, balance losses, MTP loss, the
+    MTP depths' unweighted losses)``; the train module's loop (:meth:`moetrain.train.module.TrainModule.train_batch`)
+    backpropagates the sum of the three losses. The MTP loss is 0 and the list empty without multi-token
+    prediction. The layers read the step's global-batch counts from :func:`~moetrain.moe.step_state.step_state`,
+    which the loop installs around every forward and backward of the step (a checkpointed block's recompute
+    runs in the backward)."""
+    mb = mb.to(device, non_blocking=True)
+    with autocast():
+        out = forward(mb[:, :-1])
+        loss_lm = lm_loss(out.logits, mb[:, 1:])
+        aux = out.aux_loss
+        mtp, mtp_k = mtp_loss(out.mtp_logits, mb[:, 1:], out.mtp_lambda)  # 0 and [] without MTP
+    return out, loss_lm, aux, mtp, mtp_k

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from moetrain.config import TrainConfig, resolve_num_groups, to_dict
+from moetrain.config import TrainConfig, default_threads, resolve_num_groups, to_dict, with_micro_batch
 from moetrain.data import (
     PackedData,
     build_loader,
@@ -33,7 +33,6 @@ from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_
 from moetrain.model.transformer import Transformer, vocab_for
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import apply_expert_parallel
-from moetrain.parallel.fsdp import apply_fsdp
 from moetrain.parallel.meta_init import build_local_model
 from moetrain.train import hooks
 from moetrain.train.checkpoint import CheckpointManager, arch_of
@@ -42,7 +41,7 @@ from moetrain.train.evaluate import evaluate
 from moetrain.train.flops import flops_per_token, peak_tflops
 from moetrain.train.guards import StopSignals, exit_code_for
 from moetrain.train.metrics import MetricRecorder, ReducedMetrics
-from moetrain.train.module import StepInfo, TrainModule, autocast_dtype
+from moetrain.train.module import StepInfo, TrainModule
 from moetrain.train.moe_metrics import layer_load, moe_log_metrics
 from moetrain.train.native import NativeTrainModule
 from moetrain.train.sinks import JSONLSink, MetricSink, WandbSink
@@ -104,8 +103,7 @@ class Throughput:
 def setup_torch(cfg: TrainConfig) -> None:
     """Threads, determinism and the seed, before anything random is drawn."""
     t = cfg.trainer
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    torch.set_num_threads(t.num_threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -118,7 +116,7 @@ def build_parallel_model(
 ) -> Transformer:
     """The model with the same seed on every rank, built on the meta device with only this rank's experts
     materialised (:func:`~moetrain.parallel.meta_init.build_local_model`: EP=N starts from EP=1's exact weights
-    and no rank ever holds every expert), then activation checkpointing, compilation and FSDP as configured."""
+    and no rank ever holds every expert), then activation checkpointing and compilation as configured (the engine applies its data parallelism)."""
     t = cfg.trainer
     groups = resolve_num_groups(cfg.moe, cfg.parallel.ep)
     local = build_local_model(
@@ -132,9 +130,6 @@ def build_parallel_model(
         apply_activation_checkpointing(model)
     if t.compile:
         apply_compile(model)
-    if cfg.parallel.fsdp:
-        cuda_dtype = autocast_dtype(t.precision, pc.device) if pc.device.type == "cuda" else None
-        apply_fsdp(model, pc, cuda_dtype)
     return model
 
 
@@ -154,9 +149,9 @@ class Trainer:
         self, cfg: TrainConfig, run_dir: Path, pc: ParallelContext | None = None, data: PackedData | None = None
     ) -> None:
         """``data``: sequences already prepared (a benchmark's token source); ``None`` = ``cfg.data``'s corpus."""
-        self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.pc = pc or ParallelContext()
+        self.cfg = cfg = with_micro_batch(cfg, self.pc.world_size)  # micro_batch_size=None: each rank's share
         self.device = self.pc.device
         setup_torch(cfg)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -258,6 +253,7 @@ class Trainer:
         return {
             "train/loss": host["train/loss"],
             "train/aux_loss": host["train/aux_loss"],
+            **{k: v for k, v in host.items() if k.startswith("train/mtp_loss_")},  # multi-token prediction, by depth
             "train/lr": out.lr,
             "train/grad_norm": out.info.grad_norm.item(),
             "perf/tokens_per_sec": tokens_per_sec,
@@ -324,7 +320,9 @@ class Trainer:
     def _stop_for_signal(self, signum: int) -> int:
         saved = self.checkpointer.save_for_stop()
         where = f"checkpoint {saved}" if saved else "no checkpoint (checkpoint.enabled=false)"
-        LOG.info(f"moetrain: stopped by a signal at step {self.step}; {where}; rerun to continue")
+        LOG.info(
+            f"moetrain: stopped by a signal at step {self.step}; {where}; rerun with the same run directory to continue"
+        )
         return exit_code_for(signum)
 
     # ------------------------------------------------------------------ sinks

@@ -34,7 +34,7 @@ def cfg_with(**changes) -> TrainConfig:
         ({"moe__top_k": 9}, "moe.top_k=9: must be <= moe.num_experts=8"),
         ({"model__first_k_dense": 7}, "model.first_k_dense=7: must be in [0, model.n_layers=4]"),
         (
-            {"trainer__global_batch_size": 12},
+            {"trainer__global_batch_size": 12, "trainer__micro_batch_size": 16},
             "trainer.global_batch_size=12: must be divisible by trainer.micro_batch_size=16",
         ),
         ({"moe__router__score_fn": "relu"}, "moe.router.score_fn='relu': must be one of softmax, sigmoid"),
@@ -104,6 +104,10 @@ COMPOSE_CASES = [
     ["moe=deepseek_v3", "logger=none", "data.source=files", "data.paths=[a.txt,b.txt]", "moe.router.num_groups=null"],
     ["experiment=smoke", "moe=hash", "trainer.max_steps=3", "moe.balance.expert_coef=0", "model.dim=96"],
     ["moe=switch", "trainer.resume_allow_changes=[optim.lr]", "trainer.precision=bf16", "data.tokenizer='gpt2'"],
+    # a model preset's own defaults pick the routing preset unless the command line picks one
+    ["model=deepseek_v3", "moe.top_k=6"],
+    ["model=deepseek_v2_tiny", "moe=default", "experiment=smoke"],
+    ["model=deepseek_v2_lite"],
 ]
 
 

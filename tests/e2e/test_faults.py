@@ -63,7 +63,7 @@ def fault_jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     jobs = {"straight": "", **{f"seed{s}": plan(s)[0] for s in SEEDS}}
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"cfg": to_dict(cfg), "jobs": jobs}))
-    driver = Path(__file__).resolve().parents[1] / "helpers" / "fault_driver.py"
+    driver = Path(__file__).absolute().parents[1] / "helpers" / "fault_driver.py"
     proc = subprocess.run([sys.executable, str(driver), str(spec)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp, json.loads(proc.stdout.strip().splitlines()[-1])

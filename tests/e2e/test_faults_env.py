@@ -68,8 +68,8 @@ def test_environment_and_hydra_errors_before_the_run_are_one_line(tmp_path):
     assert lines(proc.stderr) == [f"moetrain: file error: {ro}/a/run: read-only file system"]
     proc = cli_with_faults(tmp_path, {}, "model.dimm=3", f"run_dir={tmp_path / 'x'}")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert lines(proc.stderr) == [
-        "moetrain: config error: Could not override 'model.dimm'. To append to your config use +model.dimm=3"
+    assert lines(proc.stderr) == [  # before Hydra, with the nearest known key (issue 31)
+        "moetrain: config error: model.dimm: unknown key (did you mean model.dim? moetrain-train --help lists every key)"
     ]
 
 

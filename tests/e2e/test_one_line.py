@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from moetrain.config import ConfigError, TrainConfig, validate
-from moetrain.config.validate import usable_cpus
+from moetrain.config.world import usable_cpus
 from moetrain.train.trainer import Trainer
 from tests.conftest import tiny_train_config
 
@@ -226,7 +226,7 @@ def test_metrics_readers_skip_and_count_bad_lines_with_one_warning(tmp_path, cap
     summary_main([str(tmp_path / "sweep")])
     captured = capsys.readouterr()
     assert len(err_lines(captured.err)) == 1 and "moetrain-sweep-summary: warning:" in captured.err
-    assert "| 0 | incomplete | (defaults) | nan | — | 100.0000 |" in captured.out
+    assert "| 0 | incomplete | (defaults) | nan | — | 100 |" in captured.out  # tokens/s: whole tokens
 
 
 @pytest.mark.unit

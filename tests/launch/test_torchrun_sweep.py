@@ -17,7 +17,7 @@ from tests.helpers.wandb_records import read_wandb_history, read_wandb_run
 pytestmark = pytest.mark.e2e
 
 
-def run_sweep(tmp_path, sweep_dir, lrs: str) -> subprocess.CompletedProcess:
+def run_sweep(tmp_path, sweep_dir, swept: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MOETRAIN_CACHE": str(tmp_path / "cache"), "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
     env.pop("WANDB_MODE", None)
@@ -35,15 +35,17 @@ def run_sweep(tmp_path, sweep_dir, lrs: str) -> subprocess.CompletedProcess:
         "trainer.max_steps=6",
         "trainer.eval_every=0",
         "logger.wandb.mode=offline",
-        f"optim.lr={lrs}",
+        "optim.lr=2e-3",
+        swept,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
 
 
 def test_two_job_torchrun_sweep_with_a_failing_job_then_resume(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    # job 0 is fine; job 1 has an invalid learning rate and must fail on its own
-    proc = run_sweep(tmp_path, sweep_dir, "2e-3,-1")
+    # job 0 is fine; job 1's config is valid but names a checkpoint that is not there (a config error would
+    # launch nothing: tests/e2e/test_newcomer.py), so it fails on its own once it runs
+    proc = run_sweep(tmp_path, sweep_dir, "trainer.resume=auto,/nonexistent/step_000001")
     # the failed job is a row and one line (torchrun's exit code for a failed rank is 1), not Hydra's traceback
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "moetrain: 1 of 2 sweep jobs failed: #1 (exit 1)" in proc.stderr
@@ -52,8 +54,9 @@ def test_two_job_torchrun_sweep_with_a_failing_job_then_resume(tmp_path):
     assert [(r["job"], r["status"]) for r in rows] == [(0, "completed"), (1, "failed (exit 1)")]
     assert rows[0]["val/loss"] is not None and rows[0]["val/maxvio_global"] is not None
     assert rows[0]["perf/tokens_per_sec"] > 0
-    assert "optim.lr=-1" in " ".join(rows[1]["overrides"])
-    assert "optim.lr=-1.0: must be > 0" in (sweep_dir / "1" / "launcher.log").read_text()
+    assert "trainer.resume=/nonexistent/step_000001" in " ".join(rows[1]["overrides"])
+    assert "moetrain: checkpoint error:" in (sweep_dir / "1" / "launcher.log").read_text()
+    assert rows[1]["cause"].startswith("moetrain: checkpoint error:")  # the cause, in the summary's row too
     assert (sweep_dir / "summary.md").read_text().strip() == format_table(rows)
 
     # one run directory per job, written by rank 0 only; 2 ranks, EP=2
@@ -67,7 +70,7 @@ def test_two_job_torchrun_sweep_with_a_failing_job_then_resume(tmp_path):
     # a second job set in the same sweep dir: job 0 is skipped (already complete), job 1 now runs
     mtime = (job0 / "metrics.jsonl").stat().st_mtime
     (sweep_dir / "1" / "failed.json").unlink()
-    proc = run_sweep(tmp_path, sweep_dir, "2e-3,1e-3")
+    proc = run_sweep(tmp_path, sweep_dir, "trainer.resume=auto,none")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already completed" in proc.stderr + proc.stdout
     assert (job0 / "metrics.jsonl").stat().st_mtime == mtime

@@ -308,13 +308,12 @@ def _dp_global_step(rank: int, world: int, cfg, run_root: str, batch: torch.Tens
     from pathlib import Path
 
     from moetrain.parallel.context import init_parallel
-    from moetrain.parallel.grad_sync import sync_gradients
+    from tests.helpers.ep_parity import local_grad
 
     pc = init_parallel(cfg.parallel, "cpu")
     trainer = Trainer(cfg, Path(run_root) / f"rank{rank}", pc)
-    lm_sum, aux_sum, n = local_losses(trainer.forward_backward(batch))
-    sync_gradients(trainer.model, pc)  # the trainer's own gradient sync
-    grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
+    lm_sum, aux_sum, n = local_losses(trainer.forward_backward(batch))  # its last backward reduced the gradients
+    grads = {k: local_grad(p).clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
     return lm_sum.item(), aux_sum.item(), n, grads
 
 

@@ -22,11 +22,12 @@ from moetrain.model import build_model
 from moetrain.model.apply import apply_activation_checkpointing
 from moetrain.moe.routing import topk_experts
 from moetrain.moe.stats import maxvio
-from moetrain.parallel import apply_expert_parallel, init_parallel, sync_gradients
+from moetrain.parallel import apply_data_parallel, apply_expert_parallel, init_parallel
 from moetrain.parallel.expert_parallel import expert_parameters
 from moetrain.train.trainer import Trainer, lm_loss
 from tests.conftest import tiny_train_config
 from tests.helpers import spawned
+from tests.helpers.ep_parity import local_grad
 
 V, S = 64, 12
 MODEL = ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden_size=32, first_k_dense=0)
@@ -130,6 +131,7 @@ def _ep_case(rank: int, world: int, tmp: str, case: str) -> dict[str, Any]:
     model = apply_expert_parallel(copy.deepcopy(ref), pc)
     if case == "ac":
         apply_activation_checkpointing(model)
+    apply_data_parallel(model, pc, shard=False)  # the gradients reduced in the backward, as the trainer's
     batch = torch.randint(0, V, (4, S + 1), generator=torch.Generator().manual_seed(4))
     ref_loss = torch.zeros(())
     for r in range(world):
@@ -143,7 +145,6 @@ def _ep_case(rank: int, world: int, tmp: str, case: str) -> dict[str, Any]:
     loss = lm_loss(out.logits, mb[:, 1:]) + out.aux_loss
     loss.backward()
     dist.all_reduce(loss := loss.detach().clone())
-    sync_gradients(model, pc)
     torch.testing.assert_close(loss / world, ref_loss, rtol=1e-6, atol=1e-7)
     experts = {id(p) for p in expert_parameters(model)}
     ref_params = dict(ref.named_parameters())
@@ -152,8 +153,8 @@ def _ep_case(rank: int, world: int, tmp: str, case: str) -> dict[str, Any]:
         if id(p) in experts:
             e = p.shape[0]
             want = want[pc.ep_rank * e : (pc.ep_rank + 1) * e]
-        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=f"{case}: {name}")
-    layer = model.moe_layers()[0]
+        torch.testing.assert_close(local_grad(p), want, rtol=1e-4, atol=1e-7, msg=f"{case}: {name}")
+    layer = ref.moe_layers()[0]  # the same router weights; the model's are replicated DTensors outside a forward
     x = torch.randn(16, MODEL.dim, generator=torch.Generator().manual_seed(5))
     r = layer.router(x)
     s = r.scores_TN.detach()

@@ -24,7 +24,7 @@ def _model(checkpointed: bool = False) -> torch.nn.Module:
 
 def _router_grads(model: torch.nn.Module, x: torch.Tensor, counts=None, backward_inside: bool = True):
     """The aux loss's gradient on every router weight, forward under ``step_state(global_counts=counts)`` and
-    the backward inside it (as ``accumulate_gradients`` runs both) or after it."""
+    the backward inside it (as ``TrainModule.train_batch`` runs both) or after it."""
     model.zero_grad()
     with step_state(global_counts=counts):
         aux = model(x).aux_loss

@@ -22,12 +22,12 @@ from moetrain.config import BalanceConfig, ModelConfig, MoEConfig, ParallelConfi
 from moetrain.data import rank_slice
 from moetrain.model import build_model
 from moetrain.moe.dispatch import LocalDispatcher
-from moetrain.parallel import apply_expert_parallel, clip_grad_norm, init_parallel, sync_gradients
+from moetrain.parallel import apply_expert_parallel, clip_grad_norm, init_parallel
 from moetrain.parallel.all_to_all import AllToAllDispatcher, RecvOverflowError
 from scripts.bench_dispatch import NaiveAllToAllDispatcher
 from tests.conftest import tiny_train_config
 from tests.helpers.distributed import run_distributed
-from tests.helpers.ep_parity import assert_grads_equal_reference, ep_backward, model_loss
+from tests.helpers.ep_parity import assert_grads_equal_reference, ep_backward, ep_model, model_loss
 
 V, S, B, N = 64, 16, 8, 8
 MODEL = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=48, first_k_dense=0)
@@ -58,7 +58,7 @@ def _parity_case(rank: int, world: int, pc: Any, name: str, router_kw: dict[str,
             g = torch.Generator().manual_seed(5)
             for layer in ref.moe_layers().values():
                 layer.router.expert_bias.copy_(torch.randn(N, generator=g) * 0.05)
-        model = apply_expert_parallel(copy.deepcopy(ref), pc)
+        model = ep_model(ref, pc)
         batch = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
 
         ref_loss, dropped = torch.zeros(()), 0.0
@@ -288,7 +288,7 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
     from torch.distributed.tensor import DTensor
 
     from moetrain.parallel.context import ParallelContext
-    from moetrain.train.moe_metrics import layer_load, moe_log_metrics
+    from moetrain.train.moe_metrics import moe_log_metrics
     from moetrain.train.trainer import Trainer
 
     def step(
@@ -299,8 +299,7 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
         c.parallel.ep, c.parallel.fsdp = pcx.ep_size, fsdp
         t = Trainer(c, Path(tmp) / f"bal{micro}_{pcx.world_size}_{fsdp}", pcx)
         batch = t.loader.next_batch()
-        reduced = t.forward_backward(batch).reduce(pcx)
-        sync_gradients(t.model, pcx)
+        reduced = t.forward_backward(batch).reduce(pcx)  # the last backward reduced the gradients
         grads = {
             name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
             for name, p in t.model.named_parameters()
@@ -309,7 +308,7 @@ def _balance_matrix_check(rank: int, world: int, pc: Any, cfg: Any, tmp: str) ->
         groups = {i: layer.num_groups for i, layer in t.moe_layers.items()}
         metrics = moe_log_metrics(reduced, host, sorted(t.moe_layers), groups)
         for i, layer in t.moe_layers.items():
-            layer.router.update_bias(layer_load(reduced, i))
+            layer.router.update_bias(reduced.tensor(f"moe/layer_{i}/load"))
         bias = {name: b.clone() for name, b in t.model.named_buffers() if name.endswith("expert_bias")}
         logged = {k: v for k, v in metrics.items() if "/loss/" in k}
         logged["aux"] = host["train/aux_loss"]
@@ -349,7 +348,7 @@ def _device_drop_parity(rank: int, world: int, pc: Any) -> dict[str, Any]:
         for layer in ref.moe_layers().values():
             layer.router.weight.mul_(4.0)
             layer.router.weight[: N // world] += 0.3
-    model = apply_expert_parallel(copy.deepcopy(ref), pc)
+    model = ep_model(ref, pc)
     batch = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(5))
     ref_loss, ref_out = _loss(ref, batch)
     ref_loss.backward()

@@ -19,7 +19,6 @@ on 4, in the shared spawns of :mod:`tests.helpers.spawned`.
 
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Any
 
@@ -30,10 +29,10 @@ import torch.distributed as dist
 from moetrain.config import BalanceConfig, ModelConfig, MoEConfig, ParallelConfig, RouterConfig
 from moetrain.data import rank_slice
 from moetrain.model import build_model
-from moetrain.parallel import apply_expert_parallel, clip_grad_norm, init_parallel
+from moetrain.parallel import clip_grad_norm, init_parallel
 from moetrain.parallel.all_to_all import AllToAllDispatcher
 from tests.helpers import spawned
-from tests.helpers.ep_parity import assert_grads_equal_reference, ep_backward, model_loss
+from tests.helpers.ep_parity import assert_grads_equal_reference, ep_backward, ep_model, model_loss
 
 pytestmark = pytest.mark.parity
 
@@ -71,7 +70,7 @@ def _skew_case(rank: int, world: int, pc: Any, name: str, router_kw: dict[str, A
     ref = build_model(MODEL, moe, V, S, ep=ep, seed=0)
     for layer, bias in zip(ref.moe_layers().values(), skew_bias()):
         layer.router.expert_bias.copy_(bias)
-    model = apply_expert_parallel(copy.deepcopy(ref), pc)
+    model = ep_model(ref, pc)
     batch = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
 
     groups = world // ep if device_level else world  # the reference's micro-batches: EP groups, or ranks

@@ -58,7 +58,10 @@ def _train(
         t = trainer_mod.Trainer(copy.deepcopy(cfg), Path(tmp) / f"fsdp_{world}_{ep}_{fsdp}_{ac}_{compiled}_{keep}", pc)
     finally:
         trainer_mod.apply_compile = original
-    sharded = sorted(n for n, p in t.model.named_parameters() if isinstance(p, DTensor))
+    sharded = sorted(n for n, p in t.model.named_parameters() if isinstance(p, DTensor) and p.placements[0].is_shard())
+    replicated = sorted(
+        n for n, p in t.model.named_parameters() if isinstance(p, DTensor) and p.placements[0].is_replicate()
+    )
     grads = record_step_gradients(t.model, t.optimizer)
     steps = [t.train_step(t.loader.next_batch()) for _ in range(STEPS)]
     params = {
@@ -68,7 +71,8 @@ def _train(
     val = t.evaluate()["val/loss"]  # evaluation through the sharded blocks too
     out = {"loss": [s.loss.item() for s in steps], "norm": [s.info.grad_norm.item() for s in steps]}
     t.close()
-    return {**out, "params": params, "bias": bias, "sharded": sharded, "val": val, "grads": grads}
+    return {**out, "params": params, "bias": bias, "sharded": sharded, "replicated": replicated, "val": val,
+            "grads": grads}  # fmt: skip
 
 
 CASES: dict[int, dict[str, dict[str, Any]]] = {
@@ -107,14 +111,13 @@ def _assert_equal_runs(off: dict[str, Any], on: dict[str, Any], rank: int) -> No
 @pytest.mark.parametrize(("world", "case"), [(w, c) for w, cases in CASES.items() for c in cases])
 def test_fsdp_steps_equal_the_replicated_run(world, case):
     offs, ons = spawned.result(world, f"fsdp/{case}/0"), spawned.result(world, f"fsdp/{case}/1")
-    ep = CASES[world][case]["ep"]
     for rank, (off, on) in enumerate(zip(offs, ons)):
-        assert off["sharded"] == []
+        assert off["sharded"] == [] and off["replicated"] == sorted(off["params"])  # replicate units: every one
         experts = {n for n in on["params"] if ".experts." in n}
         dense = set(on["params"]) - experts
-        assert dense <= set(on["sharded"])  # every non-expert parameter is a DTensor
-        # the experts are FSDP-sharded over their EDP ranks, unless each rank alone holds its experts
-        assert (experts <= set(on["sharded"])) == (world // ep > 1), sorted(experts - set(on["sharded"]))
+        assert dense <= set(on["sharded"])  # every non-expert parameter is a sharded DTensor
+        # the experts are sharded over their EDP ranks (with ep == W a unit of one rank that only divides by W)
+        assert experts <= set(on["sharded"]), sorted(experts - set(on["sharded"]))
         _assert_equal_runs(off, on, rank)
 
 
@@ -138,7 +141,7 @@ def _bf16_policy(rank: int, world: int, tmp: str) -> dict[str, Any]:
 
     from moetrain.model.transformer import build_model
     from moetrain.parallel.context import init_parallel
-    from moetrain.parallel.fsdp import apply_fsdp
+    from moetrain.parallel.data_parallel import apply_data_parallel
 
     cfg = _cfg(Path(tmp) / "bf16")
     pc = init_parallel(cfg.parallel, "cpu", num_experts=cfg.moe.num_experts)
@@ -147,7 +150,7 @@ def _bf16_policy(rank: int, world: int, tmp: str) -> dict[str, Any]:
     for fsdp in (False, True):
         model = build_model(cfg.model, cfg.moe, 256, 16, seed=0)
         if fsdp:
-            apply_fsdp(model, pc, torch.bfloat16)
+            apply_data_parallel(model, pc, shard=True, param_dtype=torch.bfloat16)
             for name in ("blocks.1.ffn.router", "blocks.1.ffn.experts", "blocks.1.attn"):
 
                 def record(m: torch.nn.Module, _: Any, name: str = name) -> None:
@@ -232,7 +235,7 @@ def _collectives_per_step(rank: int, world: int, tmp: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     from moetrain.parallel.context import init_parallel
-    from moetrain.parallel.fsdp import fsdp_units
+    from moetrain.parallel.data_parallel import fsdp_units
     from moetrain.train.trainer import Trainer
 
     out: dict[str, Any] = {}

@@ -37,7 +37,7 @@ def _residual_dtypes(rank: int, world: int, tmp: str) -> dict[str, Any]:
     have in a forward under bf16 autocast, without and with FSDP's bf16 policy."""
     from moetrain.model.transformer import build_model
     from moetrain.parallel.context import init_parallel
-    from moetrain.parallel.fsdp import apply_fsdp
+    from moetrain.parallel.data_parallel import apply_data_parallel
 
     cfg = tiny_train_config(Path(tmp) / "residual", eval_at_start=False)
     cfg.moe.num_shared_experts = 1
@@ -47,7 +47,7 @@ def _residual_dtypes(rank: int, world: int, tmp: str) -> dict[str, Any]:
     for fsdp in (False, True):
         model = build_model(cfg.model, cfg.moe, 256, 16, seed=0)
         if fsdp:
-            apply_fsdp(model, pc, torch.bfloat16)
+            apply_data_parallel(model, pc, shard=True, param_dtype=torch.bfloat16)
         seen: dict[str, torch.dtype] = {}
         _record_dtypes(model, seen)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -33,6 +33,11 @@ def _configs() -> dict[str, tuple[ModelConfig, MoEConfig]]:
             ),
         ),
         "hash": (base, MoEConfig(num_experts=4, top_k=1, expert_hidden_size=8, router=RouterConfig(strategy="hash"))),
+        # MLA (moetrain.model.mla): its low-rank projections, latent norms and output projection drawn as eager
+        "mla": (
+            ModelConfig(dim=32, n_layers=3, n_heads=4, ffn_hidden_size=48, attention="mla", q_lora_rank=12),
+            MoEConfig(num_experts=4, top_k=2, expert_hidden_size=16),
+        ),
     }
 
 

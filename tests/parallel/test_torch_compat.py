@@ -60,13 +60,13 @@ def _router_unit_after_steps(rank: int, world: int, tmp: str) -> dict[str, Any]:
 
     from moetrain.model.transformer import build_model
     from moetrain.parallel.context import init_parallel
-    from moetrain.parallel.fsdp import RESHARD_AFTER_FORWARD, apply_fsdp
+    from moetrain.parallel.data_parallel import RESHARD_AFTER_FORWARD, apply_data_parallel
     from tests.conftest import tiny_train_config
 
     cfg = tiny_train_config(Path(tmp) / "router_unit", max_steps=1)
     pc = init_parallel(cfg.parallel, "cpu", num_experts=cfg.moe.num_experts)
     model = build_model(cfg.model, cfg.moe, 256, 16, seed=0)
-    apply_fsdp(model, pc, torch.bfloat16)
+    apply_data_parallel(model, pc, shard=True, param_dtype=torch.bfloat16)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
     for _ in range(2):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -134,8 +134,8 @@ def test_adopted_experts_save_and_load_per_expert_in_deepspeed_naming():
     from deepspeed.moe.utils import is_moe_param
 
     from moetrain.moe.experts import GroupedExperts
-    from moetrain.parallel.deepspeed_moe import DeepSpeedGroupedExperts, split_moe_param_groups
     from moetrain.parallel.expert_parallel import shard_experts
+    from moetrain.train.deepspeed.moe_layers import DeepSpeedGroupedExperts, split_moe_param_groups
 
     torch.manual_seed(0)
     experts = GroupedExperts(4, 8, 6)
@@ -193,7 +193,11 @@ def _curve(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    """This rank's parameters as plain tensors (the native engine's are replicated DTensors: their local tensor is
+    the whole)."""
+    from moetrain.train.checkpoint.sharded import local_tensor
+
+    return {n: local_tensor(p).detach().float().clone() for n, p in model.named_parameters()}
 
 
 def _engines_worker(rank: int, world: int, cfg: Any, tmp: str) -> dict[str, Any]:

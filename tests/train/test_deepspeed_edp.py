@@ -5,7 +5,7 @@ copy and ZeRO's expert partitioning (DeepSpeed's ``expert_data_parallel``
 groups, the expert gradients' all-reduce over them) never runs. Here every
 shard has two copies: ZeRO-2 must average the expert gradients over the EDP
 pair with the scale that makes EP x DP equal one process, as the native engine
-does (``parallel/grad_sync.py``), and clip by the same global norm.
+does (``parallel/data_parallel.py``), and clip by the same global norm.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ STEPS = 4
 
 def _worker(rank: int, world: int, cfg: Any, tmp: str) -> dict[str, Any]:
     from moetrain.parallel import init_parallel
+    from moetrain.train.checkpoint.sharded import local_tensor
     from moetrain.train.cli import make_trainer
 
     out: dict[str, Any] = {}
@@ -48,9 +49,9 @@ def _worker(rank: int, world: int, cfg: Any, tmp: str) -> dict[str, Any]:
         validate(c, world_size=world)
         trainer = make_trainer(c, Path(tmp) / name, init_parallel(c.parallel, "cpu", num_experts=c.moe.num_experts))
         try:
-            before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+            before = {n: local_tensor(p).detach().float().clone() for n, p in trainer.model.named_parameters()}
             trainer.fit()
-            after = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+            after = {n: local_tensor(p).detach().float().clone() for n, p in trainer.model.named_parameters()}
             out[name] = {n: after[n] - before[n] for n in after} if probe else after
         finally:
             trainer.close()

@@ -528,11 +528,10 @@ def test_unknown_tokenizer_offline_missing_gpu_and_inactive_options():
     assert "engine.zero_stage only acts with engine=deepspeed" in notes
     assert inactive_options(TrainConfig(), world_size=1) == []
     cfg = TrainConfig()
-    cfg.parallel.fsdp, cfg.parallel.bucket_mb = True, 5.0
+    cfg.parallel.fsdp = True
     assert inactive_options(cfg, world_size=2) == []
     assert inactive_options(cfg, world_size=1) == [
         "parallel.fsdp=true only acts with several ranks (one process holds the whole model)",
-        "parallel.bucket_mb only acts with the native engine on several ranks",
     ]
     cfg.parallel.fsdp, cfg.parallel.fsdp_keep_gathered = False, False
     assert inactive_options(cfg, world_size=2) == ["parallel.fsdp_keep_gathered only acts with parallel.fsdp=true"]
@@ -567,7 +566,7 @@ def test_plus_unknown_key_is_refused_and_an_explicit_run_dir_leaves_nothing_else
     bad = cli(tmp_path, "+model.dimm=3", "trainer.max_steps=1", f"run_dir={run_dir}")
     assert bad.returncode == 2
     assert error_lines(bad) == [
-        "moetrain: config error: model.dimm: unknown key (moetrain-train --help lists every key)"
+        "moetrain: config error: model.dimm: unknown key (did you mean model.dim? moetrain-train --help lists every key)"
     ]
     assert not run_dir.exists()
     good = cli(tmp_path, "trainer.max_steps=1", f"run_dir={run_dir}")

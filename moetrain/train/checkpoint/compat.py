@@ -24,6 +24,15 @@ ARCH_KEYS = (
     ("model", "moe_every"),
     ("model", "tie_embeddings"),
     ("model", "qk_norm"),
+    ("model", "qk_norm_scope"),
+    ("model", "attention_bias"),
+    ("model", "attention"),
+    ("model", "kv_lora_rank"),
+    ("model", "q_lora_rank"),
+    ("model", "qk_rope_head_dim"),
+    ("model", "qk_nope_head_dim"),
+    ("model", "v_head_dim"),
+    ("model", "mtp_depth"),
     ("moe", "num_experts"),
     ("moe", "expert_hidden_size"),
     ("moe", "num_shared_experts"),
@@ -43,13 +52,18 @@ def arch_of(cfg: TrainConfig, model: Any) -> dict[str, Any]:
 
 def effective_arch(arch: dict[str, Any]) -> dict[str, Any]:
     """``arch`` with ``moe.shared_hidden_size`` as the width it builds: ``None`` means ``expert_hidden_size``
-    (and nothing without shared experts), so equal models never differ on how the width was written."""
+    (and nothing without shared experts), so equal models never differ on how the width was written; MLA's
+    widths are ``None`` in a GQA model."""
     out = dict(arch)
     if "moe.shared_hidden_size" in out:
         shared = out.get("moe.num_shared_experts", 1)
         out["moe.shared_hidden_size"] = (
             (out["moe.shared_hidden_size"] or out.get("moe.expert_hidden_size")) if shared else None
         )
+    if out.get("model.attention", "gqa") != "mla":  # MLA's widths build nothing in a GQA model
+        for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            if f"model.{key}" in out:
+                out[f"model.{key}"] = None
     return out
 
 
@@ -79,6 +93,7 @@ def check_engine(ckpt: Path, meta: dict[str, Any], engine: str) -> None:
 
 RESUME_FREE_KEYS = (
     "run_dir",
+    "run_name",
     "trainer.max_steps",
     "trainer.micro_batch_size",
     "trainer.log_every",

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moetrain.parallel.fsdp import reshard
+from moetrain.parallel.data_parallel import reshard
 from moetrain.train.checkpoint.sharded import copy_local, local_rows, owned, restored
 
 

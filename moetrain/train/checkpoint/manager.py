@@ -2,11 +2,11 @@
 
 It knows no Trainer. A checkpoint is assembled from
 
-* the **engine's state** (:class:`EngineState`, a train module): its own files in
+* the **engine's state** (the :class:`~moetrain.train.module.TrainModule`, which owns it): its own files in
   the staging directory (DCP shards of model, optimizer and RNG for the native
   engine; DeepSpeed's files for ``engine=deepspeed``) and its ``meta.json``
   fields (scheduler, param groups, ...);
-* the **progress** (:class:`Progress`): JSON fields only (step, tokens seen,
+* the **loop's state** (:class:`LoopState`): JSON fields only (step, tokens seen,
   loader position, skipped steps);
 * the run's identity: ``arch`` (the tensors' shapes), the resolved config, the
   world and EP sizes.
@@ -19,9 +19,7 @@ import shutil
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from moetrain.config import CheckpointConfig, TrainConfig, to_dict
 from moetrain.parallel.context import ParallelContext
@@ -43,32 +41,13 @@ from moetrain.train.checkpoint.layout import (
 from moetrain.train.checkpoint.sharded import local_tensor
 from moetrain.train.guards import NonFiniteError, all_finite
 
-
-class EngineState(Protocol):
-    """What a train module contributes to a checkpoint."""
-
-    engine: str
-    model: torch.nn.Module
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """Its ``meta.json`` fields (JSON values)."""
-        ...
-
-    def save_checkpoint(self, tmp: Path, group: Any, asynchronous: bool) -> Future | None:
-        """Write its files into ``tmp`` (every rank); a future when the writing continues in the background."""
-        ...
-
-    def check_checkpoint(self, path: Path, meta: dict[str, Any]) -> None:
-        """Raise :class:`CheckpointError` if ``path`` cannot be loaded into this engine (before anything is read)."""
-        ...
-
-    def load_checkpoint(self, path: Path, meta: dict[str, Any], group: Any) -> None:
-        """Restore model, optimizer, schedule and RNG from ``path`` (a weights-only import: the model only)."""
-        ...
+if TYPE_CHECKING:
+    from moetrain.train.module import TrainModule
 
 
-class Progress(Protocol):
-    """JSON-only state of the loop (step, tokens, loader position)."""
+class LoopState(Protocol):
+    """JSON-only state of the loop (step, tokens, loader position): the Trainer's
+    :class:`~moetrain.train.trainer.Progress`."""
 
     step: int
 
@@ -90,8 +69,8 @@ class CheckpointManager:
         cfg: TrainConfig,
         run_dir: Path,
         pc: ParallelContext,
-        engine: EngineState,
-        progress: Progress,
+        engine: TrainModule,
+        progress: LoopState,
         arch: dict[str, Any],
     ) -> None:
         self.run_cfg = cfg

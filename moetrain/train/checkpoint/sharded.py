@@ -1,7 +1,8 @@
-"""FSDP's DTensors as checkpoint entries: each rank reads and writes its own shard, never the whole tensor.
+"""FSDP2's DTensors as checkpoint entries: each rank reads and writes its own shard, never the whole tensor.
 
-Under ``parallel.fsdp=true`` (:mod:`moetrain.parallel.fsdp`) a parameter and its AdamW moments are DTensors
-``Shard(0)``: their ``shape`` is the whole tensor's, ``to_local()`` this rank's rows.
+Under the native engine on several ranks (:mod:`moetrain.parallel.data_parallel`) a parameter and its AdamW moments
+are DTensors: ``Shard(0)`` under ``parallel.fsdp=true`` (their ``shape`` is the whole tensor's, ``to_local()`` this
+rank's rows), ``Replicate()`` otherwise (``to_local()`` is the whole tensor, as a plain one's).
 
 * A **non-expert** entry is the DTensor itself. DCP writes each rank's shard with its offset in the whole
   tensor; on load it reads into a plain tensor (the whole, for a run without FSDP) or into a DTensor of any
@@ -18,7 +19,7 @@ this rank's shard, on the mesh's device (DTensor keeps its local tensor there).
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
@@ -29,9 +30,11 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def local_rows(t: torch.Tensor) -> tuple[int, torch.Tensor]:
     """``(first, rows)``: the rows of a stacked tensor this rank holds (views, no copies) and the index of the
-    first in the whole stack; all of a plain tensor's (first 0)."""
+    first in the whole stack; all of a plain tensor's, or of a replicated DTensor's (first 0)."""
     if not isinstance(t, DTensor):
         return 0, t
+    if all(isinstance(p, Replicate) for p in t.placements):  # FSDP2's replicate: every EDP rank holds them all
+        return 0, t.to_local()
     if tuple(t.placements) != (Shard(0),):
         raise ValueError(f"stacked expert tensor with placements {t.placements}; expected (Shard(dim=0),)")
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)

@@ -42,7 +42,7 @@ def read_deepspeed_entries(path: Path) -> dict[str, torch.Tensor]:
     """The weights of an ``engine=deepspeed`` checkpoint as :func:`model_entries` names (experts by global index).
 
     Non-expert weights come from DeepSpeed's module file, each expert from its
-    ``layer_L_expert_E`` file (``moetrain.parallel.deepspeed_moe`` names them
+    ``layer_L_expert_E`` file (``moetrain.train.deepspeed.moe_layers`` names them
     ``<module>.deepspeed_moe.experts.deepspeed_experts.<E>.<w13|w2>`` with the global
     index E). Read with ``weights_only=True``: nothing is executed. The weights are
     the module's (bf16 when trained in bf16; ZeRO's fp32 master copy is in the optimizer shards).

@@ -31,6 +31,23 @@ OWNED_SECTIONS = ("optimizer", "scheduler")
 """JSON sections moetrain builds itself (``optim.*``)."""
 
 
+DEEPSPEED_ONLY = ("zero_stage", "loss_scale", "initial_scale_power", "loss_scale_window", "min_loss_scale")
+"""The ``engine.*`` keys only DeepSpeed reads (besides ``engine.config_json``)."""
+
+
+def inactive_engine_options(cfg: TrainConfig) -> list[str]:
+    """The DeepSpeed-only ``engine.*`` options set in a run of another engine, each with the reason (for
+    :func:`moetrain.train.cli.inactive_options`)."""
+    if cfg.engine.name == "deepspeed":
+        return []
+    defaults = type(cfg.engine)()
+    out = [f"engine.{key} only acts with engine=deepspeed" for key in DEEPSPEED_ONLY
+           if getattr(cfg.engine, key) != getattr(defaults, key)]  # fmt: skip
+    if cfg.engine.config_json:
+        out.append("engine.config_json only acts with engine=deepspeed")
+    return out
+
+
 def _error(message: str) -> Exception:
     from moetrain.config import ConfigError
 

@@ -8,13 +8,14 @@ differs:
   into DeepSpeed's ``moe: True`` groups (``split_params_into_different_moe_groups_for_optimizer``),
   and the warmup + cosine ``LambdaLR``, handed to ``deepspeed.initialize`` as
   client objects. The experts stay sharded by moetrain's EP dispatcher; DeepSpeed
-  sees them as its own MoE layers (:mod:`moetrain.parallel.deepspeed_moe`), so
+  sees them as its own MoE layers (:mod:`moetrain.train.deepspeed.moe_layers`), so
   ZeRO-1/2 partitions the non-expert state over all W ranks and each expert
   group's state over its expert-data-parallel group, and reduces expert
   gradients over that group only (sum / W, the same scaling as
-  :func:`moetrain.parallel.sync_gradients`).
+  the native engine's units, docs/parallelism.md "Gradient scaling").
 - forward / backward / step: ``engine(x)``, ``engine.backward(loss)`` (which
-  divides by ``gradient_accumulation_steps`` = the micro-batch count) and
+  divides by ``gradient_accumulation_steps`` = the micro-batch count, checked
+  against the step's micro-batches in :meth:`DeepSpeedTrainModule.micro_batch_context`) and
   ``engine.step()`` after every micro-batch (an update only at the boundary);
   precision (bf16, or fp16 with loss scaling) and clipping are DeepSpeed's.
   One exception: fp32 at ZeRO stage 0, where DeepSpeed clips by the *mean* of
@@ -29,8 +30,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +41,16 @@ import torch.distributed as dist
 
 from moetrain.config import ConfigError, TrainConfig
 from moetrain.model.transformer import ModelOutput, Transformer
+from moetrain.parallel.clip import clip_grad_norm
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import use_unfused_dispatch
-from moetrain.parallel.grad_sync import clip_grad_norm
 from moetrain.train.checkpoint import native
 from moetrain.train.deepspeed.checkpoint import check_layout, load_files, make_loading_safe, save_files
 from moetrain.train.deepspeed.config import build_ds_config, ds_precision
 from moetrain.train.guards import NonFiniteGuard
-from moetrain.train.metrics import MetricRecorder, ReducedMetrics
-from moetrain.train.module import StepInfo
+from moetrain.train.metrics import ReducedMetrics
+from moetrain.train.module import StepInfo, TrainModule
 from moetrain.train.optim import adamw, build_scheduler, group_hyperparameters, param_groups, restart_schedule
-from moetrain.train.step import accumulate_gradients, routing_prepass
 
 
 def ensure_process_group() -> bool:
@@ -104,7 +105,7 @@ def check_expert_groups(pc: ParallelContext) -> None:
     """DeepSpeed's EP / EDP groups must be moetrain's (same ranks)."""
     from deepspeed.utils import groups
 
-    from moetrain.parallel.deepspeed_moe import expert_group_name
+    from moetrain.train.deepspeed.moe_layers import expert_group_name
 
     name = expert_group_name(pc.ep_size)
     ep_ranks = dist.get_process_group_ranks(groups._get_expert_parallel_group(name))
@@ -116,7 +117,7 @@ def check_expert_groups(pc: ParallelContext) -> None:
         )
 
 
-class DeepSpeedTrainModule:
+class DeepSpeedTrainModule(TrainModule):
     """The model trained through ``deepspeed.initialize``: DeepSpeed does the backward, reduction, precision,
     step and checkpoint files; moetrain keeps the data, routing, balance losses, bias updates and metrics."""
 
@@ -124,7 +125,7 @@ class DeepSpeedTrainModule:
 
     def __init__(self, cfg: TrainConfig, model: Transformer, pc: ParallelContext) -> None:
         quiet_deepspeed()
-        self.cfg, self.model, self.pc = cfg, model, pc
+        super().__init__(cfg, model, pc)
         self.ds: Any = None
         self.set_local_rank = "LOCAL_RANK" not in os.environ  # ensure_process_group sets it; close() unsets
         self.owns_process_group = ensure_process_group()
@@ -134,12 +135,11 @@ class DeepSpeedTrainModule:
             self.close()
             raise
         self.nonfinite = NonFiniteGuard("stop", 0, pc.is_main)  # validate() allows only nonfinite=stop here
-        self.global_scope = cfg.moe.balance.scope == "global"
 
     def _initialize(self) -> None:
         import deepspeed
 
-        from moetrain.parallel.deepspeed_moe import adopt_experts, split_moe_param_groups
+        from moetrain.train.deepspeed.moe_layers import adopt_experts, split_moe_param_groups
 
         cfg, pc = self.cfg, self.pc
         ds_config = build_ds_config(cfg, pc.world_size, pc.device.type)
@@ -171,27 +171,24 @@ class DeepSpeedTrainModule:
         if self.model.moe_layers():
             check_expert_groups(pc)
 
-    @staticmethod
-    def autocast() -> AbstractContextManager[Any]:
-        """DeepSpeed casts the weights itself (bf16 / fp16); no autocast on top."""
-        return torch.autocast("cpu", enabled=False)
-
-    def train_batch(self, micro: list[torch.Tensor], rec: MetricRecorder) -> None:
-        self.model.train()
-        counts = None
-        if self.global_scope and (len(micro) > 1 or self.pc.distributed):
-            counts = routing_prepass(self.model, micro, self.pc, self.autocast)
-        accumulate_gradients(self.ds, self._backward, micro, rec, self.autocast, self.pc.device, counts)
-
-    def _backward(self, loss: torch.Tensor, num_micro: int) -> None:
-        """``engine.backward`` scales by 1 / gradient_accumulation_steps (= ``num_micro``) and reduces at the
-        boundary; ``engine.step()`` after a non-final micro-batch only advances DeepSpeed's micro-step count."""
+    @contextmanager
+    def micro_batch_context(self, i: int, n: int) -> Iterator[None]:
+        """DeepSpeed's accumulation count must be the step's micro-batches; after each but the last,
+        ``engine.step()`` only advances its micro-step count (the last one's, in :meth:`optim_step`, updates)."""
         gas = self.ds.gradient_accumulation_steps()
-        if gas != num_micro:
-            raise RuntimeError(f"DeepSpeed accumulates {gas} micro-batches, this step has {num_micro}")
-        self.ds.backward(loss)
-        if not self.ds.is_gradient_accumulation_boundary():
+        if gas != n:
+            raise RuntimeError(f"DeepSpeed accumulates {gas} micro-batches, this step has {n}")
+        yield
+        if 0 <= i < n - 1:  # not the routing pre-pass (i = -1), not the last micro-batch
             self.ds.step()
+
+    def forward(self, tokens_BS: torch.Tensor, **kw: Any) -> ModelOutput:
+        return self.ds(tokens_BS, **kw)  # type: ignore[no-any-return]
+
+    def backward(self, loss: torch.Tensor, num_micro: int) -> None:
+        """``engine.backward`` scales by 1 / gradient_accumulation_steps (= ``num_micro``) and reduces at the
+        accumulation boundary (the last micro-batch)."""
+        self.ds.backward(loss)
 
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:
         """``engine.step()`` at the boundary. A non-finite loss (or, when moetrain clips, gradient norm) stops
@@ -199,9 +196,8 @@ class DeepSpeedTrainModule:
         norm: torch.Tensor | None = None
         if self.own_clip:  # gradients are reduced by now (engine.backward at the boundary)
             norm = clip_grad_norm(self.model, self.pc, self.clip)
-        losses = {"loss": reduced.tensor("train/loss"), "aux loss": reduced.tensor("train/aux_loss")}
         if self.precision != "fp16":
-            self.nonfinite.check(step, {**losses, "gradient norm": norm})
+            self.nonfinite.check(step, {**self.step_losses(reduced), "gradient norm": norm})
         skipped_before = self.ds.skipped_steps
         self.ds.step()
         applied = self.ds.skipped_steps == skipped_before
@@ -216,13 +212,6 @@ class DeepSpeedTrainModule:
             extra["train/loss_scale"] = float(getattr(opt, "cur_scale", None) or opt.loss_scale)
             extra["train/skipped_steps"] = int(self.ds.skipped_steps)
         return StepInfo(norm.detach().float(), applied, extra)
-
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    @torch.no_grad()
-    def eval_forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
-        return self.model(tokens_BS)
 
     # ------------------------------------------------------------ checkpoint
     def checkpoint_meta(self) -> dict[str, Any]:

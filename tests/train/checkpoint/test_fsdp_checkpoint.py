@@ -224,7 +224,7 @@ def _uneven_rows(rank: int, world: int, tmp: str) -> dict[str, Any]:
     checkpoint; another FSDP model reads it back. The whole expert stacks, the local rows and both states."""
     from torch.distributed.tensor import DTensor
 
-    from moetrain.parallel.fsdp import reshard
+    from moetrain.parallel.data_parallel import reshard
     from moetrain.train.checkpoint.sharded import local_rows
 
     root = Path(tmp) / "fsdp_ckpt"

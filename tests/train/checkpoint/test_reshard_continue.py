@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from moetrain.config import TrainConfig, from_dict, to_dict
 from moetrain.train.checkpoint import model_entries, optimizer_entries
+from moetrain.train.checkpoint.sharded import local_tensor
 from moetrain.train.trainer import Trainer
 from tests.conftest import tiny_train_config
 from tests.helpers import spawned
@@ -44,9 +45,10 @@ def reshard_config(root: Path) -> TrainConfig:
 
 
 def state(trainer: Trainer) -> dict[str, Any]:
-    """Everything that decides the next step, keyed by global expert index (the same for every EP size)."""
-    tensors = {k: v.detach().clone() for k, v in model_entries(trainer.model).items()}
-    tensors.update({k: v.detach().clone() for k, v in optimizer_entries(trainer.model, trainer.optimizer).items()})
+    """Everything that decides the next step, keyed by global expert index (the same for every EP size); a
+    replicated DTensor entry (the native engine's ``replicate`` units) as its local tensor, the whole one."""
+    entries = {**model_entries(trainer.model), **optimizer_entries(trainer.model, trainer.optimizer)}
+    tensors = {k: local_tensor(v).detach().clone() for k, v in entries.items()}
     return {
         "tensors": tensors,
         "loader": trainer.loader.state_dict(),

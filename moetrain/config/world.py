@@ -1,0 +1,48 @@
+"""Values that follow the world a run starts in, when the config leaves them unset: the micro-batch (each
+rank's share of the global batch) and torch's thread count (the CPUs this process may use, shared by the
+ranks on its node). ``trainer.micro_batch_size`` and ``trainer.num_threads`` override them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moetrain.config.errors import ConfigError
+from moetrain.config.run import TrainConfig, TrainerConfig
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as ``taskset`` / SLURM's cgroup set it)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
+def default_threads(local_world_size: int = 1) -> int:
+    """Threads for torch when ``trainer.num_threads`` is unset: the CPUs this process may use, shared by the
+    ranks on this node, at least 1. torch's own default counts the machine's cores, not the ones the process
+    may use: on a shared 2-core slice of a large machine it oversubscribes them (issue 31: 34 s instead of 7 s)."""
+    return max(1, usable_cpus() // max(local_world_size, 1))
+
+
+def micro_batch_for(t: TrainerConfig, world_size: int) -> int:
+    """``trainer.micro_batch_size``, or when unset the rank's share of the global batch (global / world size);
+    raises :class:`ConfigError` naming the keys when the global batch does not split over the ranks."""
+    if t.micro_batch_size is not None:
+        return t.micro_batch_size
+    if t.global_batch_size > 0 and t.global_batch_size % world_size:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size}: must be divisible by the world size={world_size} "
+            f"(each rank takes an equal share); use a multiple of {world_size}"
+        )
+    return max(t.global_batch_size // world_size, 1)
+
+
+def with_micro_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """``cfg`` with ``trainer.micro_batch_size`` resolved (:func:`micro_batch_for`); ``cfg`` itself when set."""
+    if cfg.trainer.micro_batch_size is not None:
+        return cfg
+    trainer = dataclasses.replace(cfg.trainer, micro_batch_size=micro_batch_for(cfg.trainer, world_size))
+    return dataclasses.replace(cfg, trainer=trainer)

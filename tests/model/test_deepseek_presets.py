@@ -47,6 +47,7 @@ def test_planner_counts_the_published_deepseek_totals(preset):
     no_lookup = active - counts["embedding"]
     assert abs(no_lookup / pub_active - 1) < 0.025 and no_lookup < active  # 2.45B vs 2.4B; 36.6B vs 37B
     assert kv_cache_bytes_per_token(cfg) == (512 + 64) * cfg.model.n_layers * 2
+    cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size = 256, 1  # one sequence per GPU of 256
     text = report(cfg, Cluster(nodes=32, gpus_per_node=8), cfg.model.vocab_size, 1)
     assert f"{total / 1e9:.3f}B parameters" in text and "KiB/token in bf16 (mla)" in text
 

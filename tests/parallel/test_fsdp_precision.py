@@ -20,10 +20,10 @@ def _record_dtypes(model: torch.nn.Module, seen: dict[str, torch.dtype]) -> None
     after FSDP's own pre-forward hook, so they see the inputs as FSDP hands them on)."""
     for i, block in enumerate(model.blocks):  # type: ignore[arg-type]
 
-        def before(m: Any, args: Any, i: int = i) -> None:
-            seen.update({f"block {i} input": args[0].dtype, f"block {i} rope": args[1].dtype})
+        def before(m: Any, args: Any, kwargs: Any, i: int = i) -> None:  # Block.forward(x, *, cos, sin, ...)
+            seen.update({f"block {i} input": args[0].dtype, f"block {i} rope": kwargs["cos"].dtype})
 
-        block.register_forward_pre_hook(before)
+        block.register_forward_pre_hook(before, with_kwargs=True)
         block.register_forward_hook(lambda m, args, o, i=i: seen.update({f"block {i} output": o[0].dtype}))
         if block.is_moe:
             block.ffn.register_forward_hook(lambda m, args, o, i=i: seen.update({f"moe {i} output": o[0].dtype}))

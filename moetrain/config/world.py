@@ -23,7 +23,14 @@ def usable_cpus() -> int:
 def default_threads(local_world_size: int = 1) -> int:
     """Threads for torch when ``trainer.num_threads`` is unset: the CPUs this process may use, shared by the
     ranks on this node, at least 1. torch's own default counts the machine's cores, not the ones the process
-    may use: on a shared 2-core slice of a large machine it oversubscribes them (issue 31: 34 s instead of 7 s)."""
+    may use: on a shared 2-core slice of a large machine it oversubscribes them (issue 31: 34 s instead of 7 s).
+    ``OMP_NUM_THREADS``, when set to a positive count, wins (as it does for torch itself; ``torchrun`` sets it to
+    1 for several ranks): a user's or launcher's explicit choice is kept."""
+    import os
+
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
     return max(1, usable_cpus() // max(local_world_size, 1))
 
 

@@ -45,7 +45,23 @@ def test_default_threads_share_the_cpus_of_the_affinity_mask_between_the_local_r
     import os
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert [default_threads(n) for n in (1, 2, 4, 8)] == [4, 2, 1, 1]
+
+
+@pytest.mark.unit
+def test_omp_num_threads_set_by_the_user_or_torchrun_wins_over_the_default(monkeypatch):
+    """Catches a default that overrides an explicit ``OMP_NUM_THREADS`` (torch honours it; the reference runs of
+    ``scripts/metrics_baseline.sh`` set it to 1, and two threads changed their sums in the last bit)."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert [default_threads(n) for n in (1, 2)] == [1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(1) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # unset-like values fall back to the affinity mask
+    assert default_threads(1) == 4
 
 
 STOP_AT = (

@@ -49,6 +49,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         """The tensor's shape, read from the file's header only."""
         return tuple(self._open(key).get_slice(key).get_shape())
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.files  # from the index or header: no tensor read
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
 
@@ -102,13 +105,22 @@ def _fused_shapes(tensors: LazyTensors) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 def matches_model(tensors: LazyTensors, skeleton: torch.nn.Module) -> bool:
     """Whether the folder holds exactly the tensors (names and shapes) of ``skeleton`` (a meta-device
-    ``transformers`` model of its config; experts fused or per expert; a tied LM head may be absent)."""
+    ``transformers`` model of its config; experts fused or per expert; a tied LM head may be absent), DeepSeek-V3's
+    multi-token prediction layers (``model.layers.{i}`` from ``num_hidden_layers`` on, which transformers
+    ignores and :mod:`moetrain.hf.deepseek_mtp` maps) aside."""
     want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if bool(getattr(skeleton.config, "tie_word_embeddings", False)) and "lm_head.weight" not in tensors:
         want.pop("lm_head.weight", None)
-    return _fused_shapes(tensors) == want
+    have = _fused_shapes(tensors)
+    if skeleton.config.model_type == "deepseek_v3":
+        n = skeleton.config.num_hidden_layers
+        have = {k: s for k, s in have.items() if not ((m := LAYER.match(k)) and int(m.group(1)) >= n)}
+    return have == want
 
 
 def read_lazily(hf_path: Path) -> tuple[Any, Any, dict[str, torch.Tensor]] | None:

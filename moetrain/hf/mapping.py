@@ -351,7 +351,7 @@ def _experts_from_hf(state: dict[str, torch.Tensor], p: str, e: str, arch: str, 
         out[p + "ffn.experts.w13"] = state[e + "experts.gate_up_proj"].transpose(1, 2).contiguous()
         out[p + "ffn.experts.w2"] = state[e + "experts.down_proj"].transpose(1, 2).contiguous()
         return out
-    g, u, d = _expert_names(arch)
+    g, u, d = _expert_names("mixtral" if f"{e}experts.0.w1.weight" in state else arch)  # the names on disk
     w13 = [torch.cat([state[f"{e}experts.{j}.{g}.weight"], state[f"{e}experts.{j}.{u}.weight"]]).T for j in range(n)]
     out[p + "ffn.experts.w13"] = torch.stack(w13).contiguous()
     out[p + "ffn.experts.w2"] = torch.stack([state[f"{e}experts.{j}.{d}.weight"].T for j in range(n)]).contiguous()

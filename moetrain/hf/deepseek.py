@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from moetrain.config import ModelConfig, MoEConfig, RopeScalingConfig, TrainConfig
-from moetrain.hf.mapping import DENSE_MAP, ExportError, _experts_from_hf, _experts_to_hf
+from moetrain.hf.mapping import DENSE_MAP, ExportError, _experts_from_hf, _experts_to_hf, common_hf_keys
 from moetrain.hf.routing import deepseek_routing
 from moetrain.model.transformer import Transformer, is_moe_layer
 
@@ -97,31 +97,22 @@ def deepseek_hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: di
     _, routing = deepseek_routing(cfg)
     m, moe = cfg.model, cfg.moe
     keys: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": m.dim,
+        **common_hf_keys(cfg, vocab_size, special),
+        "num_key_value_heads": m.n_heads,  # MLA: every head has its own key and value
         "intermediate_size": m.ffn_hidden_size,
         "moe_intermediate_size": moe.expert_hidden_size,
-        "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_heads,
         "n_routed_experts": moe.num_experts,
         "n_shared_experts": moe.num_shared_experts,
-        "num_experts_per_tok": moe.top_k,
         "first_k_dense_replace": m.first_k_dense,
         "kv_lora_rank": m.kv_lora_rank,
         "q_lora_rank": m.q_lora_rank,
         "qk_rope_head_dim": m.qk_rope_head_dim,
         "qk_nope_head_dim": m.qk_nope_head_dim,
         "v_head_dim": m.v_head_dim,
-        "max_position_embeddings": cfg.data.seq_len,
-        "rms_norm_eps": m.norm_eps,
         "rope_parameters": rope_parameters(m),
         "tie_word_embeddings": False,
         "attention_bias": False,
-        "hidden_act": "silu",
-        "torch_dtype": "float32",
         **routing,
-        **(special or {}),
     }
     if arch == "deepseek_v3":
         return transformers.DeepseekV3Config(**keys, rope_interleave=True, num_nextn_predict_layers=0)

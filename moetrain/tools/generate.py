@@ -108,13 +108,11 @@ def check_sampling_args(args: Any) -> Any:
     return args
 
 
-def _main(argv: list[str] | None = None) -> None:
-    """``moetrain-generate CHECKPOINT --prompt "..."``."""
+def build_parser() -> Any:
+    """``moetrain-generate``'s arguments."""
     import argparse
 
-    from moetrain.data import build_tokenizer
-    from moetrain.threads import add_threads_flag, set_threads
-    from moetrain.tools.export import load_checkpoint_model
+    from moetrain.threads import add_threads_flag
 
     p = argparse.ArgumentParser(description="Sample text from a moetrain checkpoint (KV cache, CPU or GPU).")
     p.add_argument("checkpoint", help="a checkpoint directory (or a run directory: its newest checkpoint)")
@@ -134,6 +132,16 @@ def _main(argv: list[str] | None = None) -> None:
         help="MLA models' cached decode: in the latent space (W^UK, W^UV absorbed) or re-expanding the latents",
     )
     add_threads_flag(p)
+    return p
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``moetrain-generate CHECKPOINT --prompt "..."``."""
+    from moetrain.data import build_tokenizer
+    from moetrain.threads import set_threads
+    from moetrain.tools.export import load_checkpoint_model
+
+    p = build_parser()
     args = check_sampling_args(p.parse_args(argv))
     set_threads(args.threads)
 

@@ -124,3 +124,40 @@ def test_mtp_that_does_not_map_is_one_line(tmp_path):
     with pytest.raises(ExportError, match=r"^model\.mtp_depth=0: --with-mtp"):
         export(ckpt, tmp_path / "out", with_mtp=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_import_with_mtp_train_three_steps_export_with_mtp_holds_the_trained_mtp_layer(tmp_path):
+    """The continued-pretraining path with the MTP layer: the imported config trains it (model.mtp_depth=1,
+    train/mtp_loss_1 logged), and moetrain-export --with-mtp writes the trained tensors (catches MTP left out
+    of the imported config.yaml, or an export that writes the source's MTP layer back)."""
+    needs("transformers", "safetensors", "tokenizers")
+    import json
+
+    from moetrain.hf.deepseek_mtp import mtp_to_hf_state
+    from moetrain.hf.tokenizer import save_tokenizer
+    from moetrain.tools.export import main as export_main
+    from tests.conftest import write_corpus
+    from tests.hf.test_transformers_interop import train_cli
+
+    _, _, source = source_with_mtp(tmp_path / "hf")
+    save_tokenizer("byte", tmp_path / "hf")
+    ckpt = import_hf(tmp_path / "hf", tmp_path / "imported", seq_len=32)
+    corpus = ",".join(write_corpus(tmp_path / "corpus"))
+    train_cli(
+        ["--config-path", str(ckpt.parent), "--config-name", "config", "run_dir=run", "data.source=files",
+         f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.25",
+         "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.log_every=1",
+         "trainer.progress=false", "logger.wandb.mode=disabled", "trainer.max_steps=3"],
+        tmp_path,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/mtp_loss_1" in r] == [1, 2, 3]
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--with-mtp"]) == 0
+    model, _, _ = load_checkpoint_model(tmp_path / "run")
+    trained = mtp_to_hf_state(model)
+    written = lazy_tensors(tmp_path / "out" / "hf")
+    assert written is not None
+    assert not torch.equal(trained[H + "self_attn.o_proj.weight"], source[H + "self_attn.o_proj.weight"])
+    for name in (H + "self_attn.o_proj.weight", H + "eh_proj.weight", H + "mlp.gate.e_score_correction_bias"):
+        assert torch.equal(written[name], trained[name]), name

@@ -237,7 +237,9 @@ def block_from_hf(
     ``mtp.{i - n_layers}.block.`` past the main layers (DeepSeek-V3's multi-token prediction layers)."""
     m = cfg.model
     p, h = (f"blocks.{i}." if i < m.n_layers else f"mtp.{i - m.n_layers}.block."), f"model.layers.{i}."
-    out = {p + ours: state[h + theirs] for ours, theirs in MLA_MAP.items() if h + theirs in state}
+    low_rank_q = ("attn.wq_a.weight", "attn.q_norm.weight", "attn.wq_b.weight")
+    unused = low_rank_q if m.q_lora_rank is None else ("attn.wq.weight",)
+    out = {p + ours: state[h + theirs] for ours, theirs in MLA_MAP.items() if ours not in unused}
     if not is_moe_layer(m, i):
         out.update({p + ours: state[h + theirs] for ours, theirs in DENSE_MAP.items()})
         return out
@@ -245,7 +247,8 @@ def block_from_hf(
     out.update(_experts_from_hf(state, p, e, model_type, cfg.moe.num_experts))  # fused, or per expert as on disk
     if e + "gate.e_score_correction_bias" in state:
         out[p + "ffn.router.expert_bias"] = state[e + "gate.e_score_correction_bias"]
-    out.update({p + ours: state[e + theirs] for ours, theirs in SHARED_EXPERTS_MAP.items() if e + theirs in state})
+    if cfg.moe.num_shared_experts:
+        out.update({p + ours: state[e + theirs] for ours, theirs in SHARED_EXPERTS_MAP.items()})
     return out
 
 

@@ -87,17 +87,51 @@ def _check_shared_copy(state: Mapping[str, torch.Tensor], key: str, main: str) -
         raise ExportError(f"{key}: differs from {main}; moetrain's MTP modules share the main embedding and head")
 
 
-def mtp_from_hf_state(state: Mapping[str, torch.Tensor], hf_cfg: Any, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The MTP layers the state holds as moetrain's ``mtp.{k}.`` tensors; sets ``cfg.model.mtp_depth`` (left
-    at 0, MTP off, when there are none)."""
-    depth = mtp_depth_of(state, hf_cfg)
-    cfg.model.mtp_depth = depth
-    n, out = cfg.model.n_layers, {}
-    for k in range(depth):
-        p, h = f"mtp.{k}.", f"model.layers.{n + k}."
+class _Reads(Mapping[str, torch.Tensor]):
+    """``state`` that records the names read (the tensors an MTP layer's mapping used)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state, self.read = state, set()  # type: ignore[var-annotated]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return self.state[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.state
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def _mtp_layer(state: _Reads, cfg: TrainConfig, k: int) -> dict[str, torch.Tensor]:
+    """MTP depth k + 1's tensors; :class:`ExportError` naming a tensor the layer lacks or has beyond the map."""
+    n = cfg.model.n_layers
+    p, h = f"mtp.{k}.", f"model.layers.{n + k}."
+    try:
         _check_shared_copy(state, h + "embed_tokens.weight", "model.embed_tokens.weight")
         _check_shared_copy(state, h + "shared_head.head.weight", "lm_head.weight")
-        out.update({p + ours: state[h + theirs] for ours, theirs in NORMS.items()})
+        out = {p + ours: state[h + theirs] for ours, theirs in NORMS.items()}
         out[p + "proj.weight"] = swap_halves(state[h + "eh_proj.weight"])
         out.update(block_from_hf(state, cfg, n + k, "deepseek_v3"))
+    except KeyError as e:
+        raise ExportError(f"{e.args[0]}: missing; the multi-token prediction layer {h}* is incomplete") from None
+    extra = sorted(key for key in state if key.startswith(h) and key not in state.read)
+    if extra:
+        raise ExportError(f"{extra[0]}: not a tensor of DeepSeek-V3's multi-token prediction layer")
+    return out
+
+
+def mtp_from_hf_state(state: Mapping[str, torch.Tensor], hf_cfg: Any, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The MTP layers the state holds as moetrain's ``mtp.{k}.`` tensors; sets ``cfg.model.mtp_depth`` (left
+    at 0, MTP off, when there are none). A layer with a tensor missing, or one the map does not know, or an
+    embedding / head copy unlike the main one: :class:`ExportError` naming the tensor."""
+    depth = mtp_depth_of(state, hf_cfg)
+    cfg.model.mtp_depth = depth
+    reads, out = _Reads(state), {}
+    for k in range(depth):
+        out.update(_mtp_layer(reads, cfg, k))
     return out

@@ -108,17 +108,32 @@ def test_imported_mtp_loss_equals_a_transcription_from_the_source_tensors(tmp_pa
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_mtp_that_does_not_map_is_one_line(tmp_path):
-    """An MTP layer whose embedding copy differs from the main embedding (moetrain shares it), and --with-mtp
-    for a model without MTP modules, are refused naming the key before anything is written."""
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("copy", r"^model\.layers\.3\.embed_tokens\.weight: differs from model\.embed_tokens\.weight"),
+        ("missing", r"^model\.layers\.3\.self_attn\.o_proj\.weight: missing; the multi-token prediction layer"),
+        ("extra", r"^model\.layers\.3\.mystery\.weight: not a tensor of DeepSeek-V3's multi-token prediction"),
+    ],
+)
+def test_mtp_that_does_not_map_is_one_line(tmp_path, damage, message):
+    """An MTP layer whose embedding copy differs from the main embedding (moetrain shares it), that lacks a
+    tensor, or that holds one the map does not know (it would be dropped silently), and --with-mtp for a
+    model without MTP modules, are refused naming the key before anything is written."""
     needs("transformers", "safetensors")
     hf = tiny_deepseek(3)
     _, _, mtp = source_with_mtp(tmp_path / "hf")
-    mtp[H + "embed_tokens.weight"] = mtp[H + "embed_tokens.weight"] + 1.0
+    if damage == "copy":
+        mtp[H + "embed_tokens.weight"] = mtp[H + "embed_tokens.weight"] + 1.0
+    elif damage == "missing":
+        del mtp[H + "self_attn.o_proj.weight"]
+    else:
+        mtp[H + "mystery.weight"] = torch.ones(3)
     hf.config.num_nextn_predict_layers = 1
     hf.save_pretrained(str(tmp_path / "bad"), state_dict={**hf.state_dict(), **mtp})
-    with pytest.raises(ExportError, match=r"^model\.layers\.3\.embed_tokens\.weight: differs from"):
+    with pytest.raises(ExportError, match=message) as e:
         import_hf(tmp_path / "bad", tmp_path / "imported_bad", seq_len=64)
+    assert "\n" not in str(e.value) and not (tmp_path / "imported_bad").exists()
     tiny_deepseek(3).save_pretrained(str(tmp_path / "plain"))
     ckpt = import_hf(tmp_path / "plain", tmp_path / "imported", seq_len=64)
     with pytest.raises(ExportError, match=r"^model\.mtp_depth=0: --with-mtp"):

@@ -292,10 +292,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto", with_m
     """Export a checkpoint (see the module docstring; ``with_mtp``: ``hf/`` holds the MTP layers); returns what
     was written."""
     model, cfg, meta = load_checkpoint_model(checkpoint)
-    if with_mtp:
+    if with_mtp:  # the hf/ folder's MTP layers: refused (one line) before anything is written
         from moetrain.hf.deepseek_mtp import check_mtp_exportable
 
-        check_mtp_exportable(cfg)  # before anything is written
+        check_mtp_exportable(cfg)
+        if hf == "none":
+            raise ExportError("--with-mtp writes the MTP layers into hf/, which --hf none leaves out")
+        check_mtp_exportable(cfg, checked_arch(cfg, model, hf))
     out = Path(out_dir)
     export_safetensors(model, cfg, out, int(meta.get("step", 0)))
     written: dict[str, Any] = {"safetensors": str(out / "model.safetensors"), "hf": None}

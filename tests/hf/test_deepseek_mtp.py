@@ -134,10 +134,20 @@ def test_mtp_that_does_not_map_is_one_line(tmp_path, damage, message):
     with pytest.raises(ExportError, match=message) as e:
         import_hf(tmp_path / "bad", tmp_path / "imported_bad", seq_len=64)
     assert "\n" not in str(e.value) and not (tmp_path / "imported_bad").exists()
+
+
+def test_with_mtp_that_cannot_be_written_is_refused_before_anything_is_written(tmp_path):
+    """--with-mtp for a model without MTP modules, or with --hf none (no hf/ folder to hold them): one line
+    naming why, and no OUT_DIR (catches a refusal that comes after model.safetensors is written)."""
+    needs("transformers", "safetensors")
     tiny_deepseek(3).save_pretrained(str(tmp_path / "plain"))
-    ckpt = import_hf(tmp_path / "plain", tmp_path / "imported", seq_len=64)
+    plain = import_hf(tmp_path / "plain", tmp_path / "imported", seq_len=64)
     with pytest.raises(ExportError, match=r"^model\.mtp_depth=0: --with-mtp"):
-        export(ckpt, tmp_path / "out", with_mtp=True)
+        export(plain, tmp_path / "out", with_mtp=True)
+    source_with_mtp(tmp_path / "hf")
+    with_mtp = import_hf(tmp_path / "hf", tmp_path / "imported_mtp", seq_len=64)
+    with pytest.raises(ExportError, match=r"^--with-mtp writes the MTP layers into hf/, which --hf none"):
+        export(with_mtp, tmp_path / "out", hf="none", with_mtp=True)
     assert not (tmp_path / "out").exists()
 
 

@@ -4,12 +4,13 @@ The export and import code call these; each picks the module by ``model.attentio
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from moetrain.config import TrainConfig
-from moetrain.hf import deepseek, mapping
+from moetrain.hf import deepseek, deepseek_mtp, mapping
 from moetrain.hf.mapping import ExportError
 from moetrain.model.transformer import Transformer
 
@@ -58,9 +59,11 @@ def config_from_hf(hf_cfg: Any) -> TrainConfig:
     return mapping.config_from_hf(hf_cfg)
 
 
-def from_hf_state(state: dict[str, torch.Tensor], hf_cfg: Any) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """A ``transformers`` state dict and config as a moetrain config and ``Transformer`` state."""
+def from_hf_state(state: Mapping[str, torch.Tensor], hf_cfg: Any) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """A ``transformers`` state dict and config as a moetrain config and ``Transformer`` state (DeepSeek-V3's
+    multi-token prediction layers, when ``state`` holds them, as ``model.mtp_depth`` modules)."""
     if hf_cfg.model_type in deepseek.DEEPSEEK_ARCHS:
-        return deepseek.deepseek_from_hf_state(state, hf_cfg)
+        cfg, out = deepseek.deepseek_from_hf_state(state, hf_cfg)
+        return cfg, {**out, **deepseek_mtp.mtp_from_hf_state(state, hf_cfg, cfg)}
     config_from_hf(hf_cfg)  # the one-line refusal names every architecture
     return mapping.from_hf_state(state, hf_cfg)

@@ -20,17 +20,19 @@ moetrain (``blocks.{i}.``)    transformers (``model.layers.{i}.``)
 No RoPE permutation: both sides rotate interleaved pairs (V2's complex product; V3's
 ``rope_interleave=True``). YaRN (``model.rope_scaling``) is transformers' ``rope_parameters`` of type
 ``yarn``. Multi-token prediction modules are not part of transformers' DeepSeek-V3 model, which ignores
-``model.layers.{num_hidden_layers}.*``, so they are not exported.
+``model.layers.{num_hidden_layers}.*``: :mod:`moetrain.hf.deepseek_mtp` maps them (export when asked, import
+when present).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from moetrain.config import ModelConfig, MoEConfig, RopeScalingConfig, TrainConfig
-from moetrain.hf.mapping import DENSE_MAP, ExportError, _experts_from_hf, _experts_to_hf
+from moetrain.hf.mapping import DENSE_MAP, ExportError, _experts_from_hf, _experts_to_hf, common_hf_keys
 from moetrain.hf.routing import deepseek_routing
 from moetrain.model.transformer import Transformer, is_moe_layer
 
@@ -95,31 +97,22 @@ def deepseek_hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: di
     _, routing = deepseek_routing(cfg)
     m, moe = cfg.model, cfg.moe
     keys: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": m.dim,
+        **common_hf_keys(cfg, vocab_size, special),
+        "num_key_value_heads": m.n_heads,  # MLA: every head has its own key and value
         "intermediate_size": m.ffn_hidden_size,
         "moe_intermediate_size": moe.expert_hidden_size,
-        "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_heads,
         "n_routed_experts": moe.num_experts,
         "n_shared_experts": moe.num_shared_experts,
-        "num_experts_per_tok": moe.top_k,
         "first_k_dense_replace": m.first_k_dense,
         "kv_lora_rank": m.kv_lora_rank,
         "q_lora_rank": m.q_lora_rank,
         "qk_rope_head_dim": m.qk_rope_head_dim,
         "qk_nope_head_dim": m.qk_nope_head_dim,
         "v_head_dim": m.v_head_dim,
-        "max_position_embeddings": cfg.data.seq_len,
-        "rms_norm_eps": m.norm_eps,
         "rope_parameters": rope_parameters(m),
         "tie_word_embeddings": False,
         "attention_bias": False,
-        "hidden_act": "silu",
-        "torch_dtype": "float32",
         **routing,
-        **(special or {}),
     }
     if arch == "deepseek_v3":
         return transformers.DeepseekV3Config(**keys, rope_interleave=True, num_nextn_predict_layers=0)
@@ -127,25 +120,31 @@ def deepseek_hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: di
     return transformers.DeepseekV2Config(**keys)
 
 
-def deepseek_to_hf_state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
-    """moetrain tensors under ``transformers`` DeepSeek names (module docstring's table)."""
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def block_to_hf(sd: dict[str, torch.Tensor], model: Transformer, i: int, arch: str) -> dict[str, torch.Tensor]:
+    """Block ``i``'s tensors (``blocks.{i}.``, or ``mtp.{i - n_layers}.block.`` for a multi-token prediction
+    block) under ``model.layers.{i}.`` names (module docstring's table)."""
     m = model.cfg
+    p, h = (f"blocks.{i}." if i < m.n_layers else f"mtp.{i - m.n_layers}.block."), f"model.layers.{i}."
+    out = {h + theirs: sd[p + ours] for ours, theirs in MLA_MAP.items() if p + ours in sd}
+    if not is_moe_layer(m, i):
+        out.update({h + theirs: sd[p + ours] for ours, theirs in DENSE_MAP.items()})
+        return out
+    out.update(_experts_to_hf(sd, p, h + "mlp.", arch, fused=True))
+    out.update({h + "mlp." + theirs: sd[p + ours] for ours, theirs in SHARED_EXPERTS_MAP.items() if p + ours in sd})
+    if arch == "deepseek_v3":
+        bias = sd[p + "ffn.router.expert_bias"]
+        out[h + "mlp.gate.e_score_correction_bias"] = bias if model.moe_cfg.router.bias_update_rate > 0 else 0 * bias
+    return out
+
+
+def deepseek_to_hf_state(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
+    """moetrain tensors under ``transformers`` DeepSeek names (module docstring's table), without the
+    multi-token prediction modules (:func:`moetrain.hf.deepseek_mtp.mtp_to_hf_state` writes those)."""
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(m.n_layers):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out.update({h + theirs: sd[p + ours] for ours, theirs in MLA_MAP.items() if p + ours in sd})
-        if not is_moe_layer(m, i):
-            out.update({h + theirs: sd[p + ours] for ours, theirs in DENSE_MAP.items()})
-            continue
-        out.update(_experts_to_hf(sd, p, h + "mlp.", arch, fused=True))
-        out.update({h + "mlp." + theirs: sd[p + ours] for ours, theirs in SHARED_EXPERTS_MAP.items() if p + ours in sd})
-        if arch == "deepseek_v3":
-            bias = sd[p + "ffn.router.expert_bias"]
-            out[h + "mlp.gate.e_score_correction_bias"] = (
-                bias if model.moe_cfg.router.bias_update_rate > 0 else 0 * bias
-            )
+    for i in range(model.cfg.n_layers):
+        out.update(block_to_hf(sd, model, i, arch))
     return out
 
 
@@ -231,21 +230,36 @@ def deepseek_config_from_hf(hf_cfg: Any) -> TrainConfig:
     return cfg
 
 
-def deepseek_from_hf_state(state: dict[str, torch.Tensor], hf_cfg: Any) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """A DeepSeek-V2/V3 state dict and config as a moetrain config and ``Transformer`` state."""
+def block_from_hf(
+    state: Mapping[str, torch.Tensor], cfg: TrainConfig, i: int, model_type: str
+) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s tensors (``model.layers.{i}.``) under moetrain's names: ``blocks.{i}.``, or
+    ``mtp.{i - n_layers}.block.`` past the main layers (DeepSeek-V3's multi-token prediction layers)."""
+    m = cfg.model
+    p, h = (f"blocks.{i}." if i < m.n_layers else f"mtp.{i - m.n_layers}.block."), f"model.layers.{i}."
+    low_rank_q = ("attn.wq_a.weight", "attn.q_norm.weight", "attn.wq_b.weight")
+    unused = low_rank_q if m.q_lora_rank is None else ("attn.wq.weight",)
+    out = {p + ours: state[h + theirs] for ours, theirs in MLA_MAP.items() if ours not in unused}
+    if not is_moe_layer(m, i):
+        out.update({p + ours: state[h + theirs] for ours, theirs in DENSE_MAP.items()})
+        return out
+    e = h + "mlp."
+    out.update(_experts_from_hf(state, p, e, model_type, cfg.moe.num_experts))  # fused, or per expert as on disk
+    if e + "gate.e_score_correction_bias" in state:
+        out[p + "ffn.router.expert_bias"] = state[e + "gate.e_score_correction_bias"]
+    if cfg.moe.num_shared_experts:
+        out.update({p + ours: state[e + theirs] for ours, theirs in SHARED_EXPERTS_MAP.items()})
+    return out
+
+
+def deepseek_from_hf_state(
+    state: Mapping[str, torch.Tensor], hf_cfg: Any
+) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """A DeepSeek-V2/V3 state dict and config as a moetrain config and ``Transformer`` state of the main model
+    (DeepSeek-V3's multi-token prediction layers: :func:`moetrain.hf.deepseek_mtp.mtp_from_hf_state`)."""
     cfg = deepseek_config_from_hf(hf_cfg)
-    m, n = cfg.model, cfg.moe.num_experts
     out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
     out["lm_head.weight"] = state["lm_head.weight"]
-    for i in range(m.n_layers):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out.update({p + ours: state[h + theirs] for ours, theirs in MLA_MAP.items() if h + theirs in state})
-        if not is_moe_layer(m, i):
-            out.update({p + ours: state[h + theirs] for ours, theirs in DENSE_MAP.items()})
-            continue
-        e = h + "mlp."
-        out.update(_experts_from_hf(state, p, e, hf_cfg.model_type, n))  # fused, or per expert as on disk
-        if e + "gate.e_score_correction_bias" in state:
-            out[p + "ffn.router.expert_bias"] = state[e + "gate.e_score_correction_bias"]
-        out.update({p + ours: state[e + theirs] for ours, theirs in SHARED_EXPERTS_MAP.items() if e + theirs in state})
+    for i in range(cfg.model.n_layers):
+        out.update(block_from_hf(state, cfg, i, hf_cfg.model_type))
     return cfg, out

@@ -6,8 +6,9 @@ read-only mapping from tensor name to tensor that reads a tensor from its shard 
 moetrain's names and assigns them to a model built on the meta device, so the whole model is in memory once,
 not as a ``transformers`` model and a moetrain model side by side. Used when the folder's tensors are exactly
 those (names and shapes) of the ``transformers`` model its ``config.json`` builds (:func:`matches_model`);
-other folders (older per-expert layouts that ``from_pretrained`` converts, damaged ones it reports on) go
-through ``from_pretrained``.
+experts may be fused or one tensor per expert (``gate_proj`` / ``up_proj`` / ``down_proj``, or Mixtral's
+``block_sparse_moe.experts.{e}.w1`` / ``w3`` / ``w2``: the published layouts, which ``save_pretrained`` writes).
+Other folders (damaged ones ``from_pretrained`` reports on) go through ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         """The tensor's shape, read from the file's header only."""
         return tuple(self._open(key).get_slice(key).get_shape())
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.files  # from the index or header: no tensor read
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
 
@@ -78,37 +82,57 @@ def lazy_tensors(folder: Path) -> LazyTensors | None:
     return None
 
 
-PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-"""One expert's linear in the per-expert layout ``save_pretrained`` writes (transformers fuses them on load)."""
+PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+"""One expert's linear in the per-expert layout ``save_pretrained`` writes (transformers fuses them on load):
+``gate_proj`` / ``up_proj`` / ``down_proj``, or Mixtral's ``w1`` / ``w3`` / ``w2`` under ``block_sparse_moe``."""
+ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+
+
+def _loaded_name(key: str) -> str:
+    """The name a folder's tensor loads under: Mixtral's ``block_sparse_moe`` is transformers 5's ``mlp``."""
+    return key.replace(".block_sparse_moe.", ".mlp.")
 
 
 def _fused_shapes(tensors: LazyTensors) -> dict[str, tuple[int, ...]]:
-    """The folder's tensor shapes, per-expert linears as the fused ``gate_up_proj`` ``[N, 2F, D]`` and
-    ``down_proj`` ``[N, D, F]`` they load as (an expert missing or of another shape: a shape that matches none)."""
+    """The folder's tensor shapes under the names they load as, per-expert linears as the fused ``gate_up_proj``
+    ``[N, 2F, D]`` and ``down_proj`` ``[N, D, F]`` (an expert missing, of another shape or named in another
+    style than expert 0: a shape that matches none)."""
     shapes: dict[str, tuple[int, ...]] = {}
     experts: dict[str, dict[int, dict[str, tuple[int, ...]]]] = {}
     for key in tensors:
         m = PER_EXPERT.match(key)
         if m is None:
-            shapes[key] = tensors.shape(key)
+            shapes[_loaded_name(key)] = tensors.shape(key)
         else:
             experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = tensors.shape(key)
     for prefix, by_index in experts.items():
         n, first = len(by_index), by_index.get(0, {})
         whole = sorted(by_index) == list(range(n)) and all(e == first and len(e) == 3 for e in by_index.values())
-        gate, down = first.get("gate_proj", (0, 0)), first.get("down_proj", (0, 0))
-        shapes[prefix + ".gate_up_proj"] = (n, 2 * gate[0], gate[1]) if whole else (-1,)
-        shapes[prefix + ".down_proj"] = (n, down[0], down[1]) if whole else (-1,)
+        roles = {ROLE[name]: shape for name, shape in first.items()}
+        whole = whole and len(roles) == 3
+        gate, down = roles.get("gate", (0, 0)), roles.get("down", (0, 0))
+        fused = _loaded_name(prefix)
+        shapes[fused + ".gate_up_proj"] = (n, 2 * gate[0], gate[1]) if whole else (-1,)
+        shapes[fused + ".down_proj"] = (n, down[0], down[1]) if whole else (-1,)
     return shapes
+
+
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def matches_model(tensors: LazyTensors, skeleton: torch.nn.Module) -> bool:
     """Whether the folder holds exactly the tensors (names and shapes) of ``skeleton`` (a meta-device
-    ``transformers`` model of its config; experts fused or per expert; a tied LM head may be absent)."""
+    ``transformers`` model of its config; experts fused or per expert; a tied LM head may be absent), DeepSeek-V3's
+    multi-token prediction layers (``model.layers.{i}`` from ``num_hidden_layers`` on, which transformers
+    ignores and :mod:`moetrain.hf.deepseek_mtp` maps) aside."""
     want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if bool(getattr(skeleton.config, "tie_word_embeddings", False)) and "lm_head.weight" not in tensors:
         want.pop("lm_head.weight", None)
-    return _fused_shapes(tensors) == want
+    have = _fused_shapes(tensors)
+    if skeleton.config.model_type == "deepseek_v3":
+        n = skeleton.config.num_hidden_layers
+        have = {k: s for k, s in have.items() if not ((m := LAYER.match(k)) and int(m.group(1)) >= n)}
+    return have == want
 
 
 def read_lazily(hf_path: Path) -> tuple[Any, Any, dict[str, torch.Tensor]] | None:

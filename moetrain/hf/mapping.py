@@ -111,28 +111,38 @@ def hf_architecture(cfg: TrainConfig, model: Transformer | None = None) -> str:
     return "qwen2_moe"
 
 
+def common_hf_keys(cfg: TrainConfig, vocab_size: int, special: dict[str, int] | None = None) -> dict[str, Any]:
+    """The ``transformers`` config keys every mapped architecture (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3)
+    takes from moetrain's config alike: sizes, heads, context, norm epsilon, tying, top-K, SwiGLU, fp32, and the
+    tokenizer's special-token ids."""
+    m = cfg.model
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": m.dim,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads or m.n_heads,
+        "max_position_embeddings": cfg.data.seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "tie_word_embeddings": m.tie_embeddings,
+        "num_experts_per_tok": cfg.moe.top_k,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        **(special or {}),
+    }
+
+
 def hf_config(cfg: TrainConfig, vocab_size: int, arch: str, special: dict[str, int] | None = None) -> Any:
     """The ``transformers`` config of ``arch`` with moetrain's sizes (and the tokenizer's special-token ids)."""
     import transformers
 
     m, moe = cfg.model, cfg.moe
     common: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": m.dim,
-        "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_kv_heads or m.n_heads,
+        **common_hf_keys(cfg, vocab_size, special),
         "head_dim": m.dim // m.n_heads,
-        "max_position_embeddings": cfg.data.seq_len,
-        "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "tie_word_embeddings": m.tie_embeddings,
-        "num_experts_per_tok": moe.top_k,
-        "hidden_act": "silu",
         "attention_dropout": 0.0,
-        "torch_dtype": "float32",
-        **(special or {}),
     }
     if arch == "mixtral":
         return transformers.MixtralConfig(
@@ -351,7 +361,7 @@ def _experts_from_hf(state: dict[str, torch.Tensor], p: str, e: str, arch: str, 
         out[p + "ffn.experts.w13"] = state[e + "experts.gate_up_proj"].transpose(1, 2).contiguous()
         out[p + "ffn.experts.w2"] = state[e + "experts.down_proj"].transpose(1, 2).contiguous()
         return out
-    g, u, d = _expert_names(arch)
+    g, u, d = _expert_names("mixtral" if f"{e}experts.0.w1.weight" in state else arch)  # the names on disk
     w13 = [torch.cat([state[f"{e}experts.{j}.{g}.weight"], state[f"{e}experts.{j}.{u}.weight"]]).T for j in range(n)]
     out[p + "ffn.experts.w13"] = torch.stack(w13).contiguous()
     out[p + "ffn.experts.w2"] = torch.stack([state[f"{e}experts.{j}.{d}.weight"].T for j in range(n)]).contiguous()

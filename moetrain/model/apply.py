@@ -18,6 +18,14 @@ from moetrain.moe.dispatch import LocalDispatcher, default_slot_sum
 from moetrain.moe.routing import balanced_hash_table
 
 
+def all_blocks(model: Transformer) -> list[torch.nn.Module]:
+    """The model's Transformer blocks, then its multi-token prediction modules' (``model.mtp_depth``,
+    :mod:`moetrain.model.mtp`), which activation checkpointing and compilation treat alike. A pipeline stage
+    (:class:`~moetrain.parallel.pipeline_stage.StageModule`) holds its blocks in an ``nn.ModuleDict``."""
+    blocks = model.blocks.values() if isinstance(model.blocks, torch.nn.ModuleDict) else model.blocks
+    return [*blocks, *(m.block for m in getattr(model, "mtp", ()))]
+
+
 def apply_activation_checkpointing(model: Transformer) -> Transformer:
     """Recompute each block's activations in the backward pass instead of storing them
     (``trainer.activation_checkpointing``).
@@ -26,11 +34,10 @@ def apply_activation_checkpointing(model: Transformer) -> Transformer:
     routing draws the same noise when recomputed and the routing (hence the
     all-to-all under EP) is identical in both passes. The block's ``forward`` is
     rebound on the instance, so parameter names and checkpoints are unchanged; it takes the block's
-    arguments as they come, keyword ones included (non-reentrant checkpointing passes them through). A pipeline
-    stage (:class:`~moetrain.parallel.pipeline_stage.StageModule`) holds its blocks in an ``nn.ModuleDict``.
+    arguments as they come, keyword ones included (non-reentrant checkpointing passes them through). The MTP
+    modules' blocks too (:func:`all_blocks`).
     """
-    blocks = model.blocks.values() if isinstance(model.blocks, torch.nn.ModuleDict) else model.blocks
-    for block in blocks:
+    for block in all_blocks(model):
         if getattr(block, "activation_checkpointing", False):
             continue
         inner = block.forward
@@ -67,9 +74,9 @@ def apply_compile(model: Transformer, backend: str = "inductor") -> Transformer:
     expert, the all-to-all splits), and the experts are already one grouped GEMM
     per projection. Compile
     time is that of the distinct regions (every block of a kind shares the
-    compiled code), not of the whole model.
+    compiled code), not of the whole model. The MTP modules' blocks are compiled the same way (:func:`all_blocks`).
     """
-    for block in model.blocks:
+    for block in all_blocks(model):
         if getattr(block, "compiled", False):
             continue
         if not block.is_moe:

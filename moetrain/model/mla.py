@@ -17,9 +17,12 @@ build them with the default), whatever ``model.norm_eps`` is. RoPE rotates inter
 checkpoints are laid out (transformers' ``rope_interleave=True``).
 
 Generation caches, per token and layer, only ``c_KV`` and the rotated ``k^R``: ``kv_lora_rank +
-qk_rope_head_dim`` numbers instead of GQA's ``2 n_kv_heads head_dim`` (:func:`kv_numbers_per_token`). Decoding
-re-expands the cached latents through ``wkv_b`` (what transformers does; not the absorbed form of the paper's
-sec. 2.1.2, which is the same arithmetic reassociated).
+qk_rope_head_dim`` numbers instead of GQA's ``2 n_kv_heads head_dim`` (:func:`kv_numbers_per_token`). Decode
+steps (a cache, ``pos > 0``) attend in the latent space by default (:meth:`MLA.absorbed`; DeepSeek-V2 sec.
+2.1.2: W^UK absorbed into the query, W^UV applied after the weighted sum, as DeepSeek-V3's reference
+``attn_impl="absorb"``), so no cached position is re-expanded; ``absorb_decode = False`` (``moetrain-generate
+--mla-decode expanded``) re-expands the cached latents through ``wkv_b`` as transformers does. The prefill and
+training always expand.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
         self.scale = softmax_scale(cfg)
+        self.absorb_decode = True  # decode steps in the latent space (module docstring); not a tensor
 
     def queries(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q^C, q^R) ``[B, H, S, d_h]``, ``[B, H, S, d_h^R]`` (eq. 12-13, 15; ``q^R`` not yet rotated)."""
@@ -139,6 +143,28 @@ class MLA(nn.Module):
         kv = self.wkv_b(c_BTC).view(B, T, self.n_heads, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         return torch.cat([k_nope, kr_B1TR.expand(B, self.n_heads, T, self.rope)], dim=-1), v
+
+    def absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        c_BTC: torch.Tensor,
+        kr_B1TR: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The attention output ``[B, H, S, d_v]`` computed in the latent space (DeepSeek-V2 sec. 2.1.2):
+        ``q^C . (W^UK_h c_t) = (W^UK_h^T q^C) . c_t``, so each head's query is absorbed into ``d_c`` and the
+        keys are the cached ``[c_t; k^R_t]`` shared by every head (multi-query attention of width d_c +
+        d_h^R); the weighted sum of the ``c_t`` goes through ``W^UV_h`` after. Nothing per cached position is
+        expanded."""
+        B, H, T = c_BTC.shape[0], self.n_heads, c_BTC.shape[1]
+        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [H, d_h, d_c], [H, d_v, d_c]
+        q = torch.cat([torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk), q_rope], dim=-1)
+        k = torch.cat([c_BTC.unsqueeze(1), kr_B1TR], dim=-1).expand(B, H, T, self.kv_lora_rank + self.rope)
+        v = c_BTC.unsqueeze(1).expand(B, H, T, self.kv_lora_rank)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return torch.einsum("bhsc,hvc->bhsv", o, w_uv)
 
     def forward(
         self,
@@ -160,12 +186,22 @@ class MLA(nn.Module):
         q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
         if cache is not None:
             c, k_rope = cache.update(pos, c, k_rope)
-        k, v = self.expand(c, k_rope)
-        q = torch.cat([q_nope, q_rope], dim=-1)
         if mask is None and pos > 0:  # query i (absolute position pos + i) sees keys 0 .. pos + i
             mask = torch.ones(S, pos + S, dtype=torch.bool, device=x_BSD.device).tril(diagonal=pos)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        if cache is not None and pos > 0 and self.absorb_decode:
+            o = self.absorbed(q_nope, q_rope, c, k_rope, mask)
+        else:
+            k, v = self.expand(c, k_rope)
+            q = torch.cat([q_nope, q_rope], dim=-1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.wo(o.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
+
+
+def set_absorbed_decode(model: nn.Module, absorbed: bool) -> None:
+    """Every MLA layer's decode steps in the latent space (``True``, the default) or re-expanded (``False``)."""
+    for module in model.modules():
+        if isinstance(module, MLA):
+            module.absorb_decode = absorbed
 
 
 def latent_caches(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, device, dtype) -> list[LatentCache]:  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ Loss (eq. 24-25): ``L^k = -1/T sum_i log P^k_i[t_i]`` over depth k's S - k targe
 the main loss, and ``L_MTP = lambda / D sum_k L^k`` (``model.mtp_lambda``). The MTP blocks' balance losses
 are weighted by lambda too, so with lambda = 0 the main model's loss and gradients are exactly those of a run
 without MTP. Training only: in evaluation (``model.eval()``) and generation the modules do not run, and the
-``transformers`` export leaves them out (transformers' DeepSeek-V3 ignores them).
+``transformers`` export leaves them out unless asked (``--with-mtp``: :mod:`moetrain.hf.deepseek_mtp`).
 """
 
 from __future__ import annotations

@@ -90,13 +90,19 @@ def export_safetensors(model: Transformer, cfg: TrainConfig, out_dir: Path, step
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def export_hf(model: Transformer, cfg: TrainConfig, out_dir: Path, arch: str | None = None) -> str:
-    """Write a ``transformers`` folder for ``model`` (weights, config, tokenizer); returns the architecture."""
+def export_hf(
+    model: Transformer, cfg: TrainConfig, out_dir: Path, arch: str | None = None, with_mtp: bool = False
+) -> str:
+    """Write a ``transformers`` folder for ``model`` (weights, config, tokenizer); returns the architecture.
+    ``with_mtp``: DeepSeek-V3's multi-token prediction layers too (:mod:`moetrain.hf.deepseek_mtp`)."""
     import transformers
 
+    from moetrain.hf.deepseek_mtp import check_mtp_exportable, mtp_to_hf_state
     from moetrain.hf.tokenizer import save_tokenizer
 
     arch = arch or hf_architecture(cfg, model)
+    if with_mtp:
+        check_mtp_exportable(cfg, arch)
     out_dir.mkdir(parents=True, exist_ok=True)
     special = save_tokenizer(cfg.data.tokenizer, out_dir)
     config = hf_config(cfg, model.vocab_size, arch, special)
@@ -115,7 +121,11 @@ def export_hf(model: Transformer, cfg: TrainConfig, out_dir: Path, arch: str | N
     hf_model.load_state_dict(state, strict=False, assign=False)
     if cfg.model.tie_embeddings:
         hf_model.tie_weights()
-    hf_model.save_pretrained(str(out_dir))
+    if not with_mtp:
+        hf_model.save_pretrained(str(out_dir))
+        return arch
+    hf_model.config.num_nextn_predict_layers = cfg.model.mtp_depth
+    hf_model.save_pretrained(str(out_dir), state_dict={**hf_model.state_dict(), **mtp_to_hf_state(model)})
     return arch
 
 
@@ -278,9 +288,17 @@ def checked_arch(cfg: TrainConfig, model: Transformer | None, hf: str) -> str:
     return arch
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto") -> dict[str, Any]:
-    """Export a checkpoint (see the module docstring); returns what was written."""
+def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto", with_mtp: bool = False) -> dict[str, Any]:
+    """Export a checkpoint (see the module docstring; ``with_mtp``: ``hf/`` holds the MTP layers); returns what
+    was written."""
     model, cfg, meta = load_checkpoint_model(checkpoint)
+    if with_mtp:  # the hf/ folder's MTP layers: refused (one line) before anything is written
+        from moetrain.hf.deepseek_mtp import check_mtp_exportable
+
+        check_mtp_exportable(cfg)
+        if hf == "none":
+            raise ExportError("--with-mtp writes the MTP layers into hf/, which --hf none leaves out")
+        check_mtp_exportable(cfg, checked_arch(cfg, model, hf))
     out = Path(out_dir)
     export_safetensors(model, cfg, out, int(meta.get("step", 0)))
     written: dict[str, Any] = {"safetensors": str(out / "model.safetensors"), "hf": None}
@@ -297,7 +315,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, hf: str = "auto") -> dic
         written["hf_skipped"] = str(e)
         return {**written, **export_deepseek_routing(model, cfg, out)}
     require("transformers", f"--hf {hf} writes a transformers folder")
-    export_hf(model, cfg, out / "hf", arch)
+    export_hf(model, cfg, out / "hf", arch, with_mtp)
     return {**written, "hf": str(out / "hf"), "arch": arch}
 
 
@@ -331,6 +349,9 @@ def _main(argv: list[str] | None = None) -> int:
         "--from-hf", action="store_true", help="import a transformers Mixtral / Qwen2-MoE / Qwen3-MoE folder"
     )
     parser.add_argument("--seq-len", type=int, default=None, help="with --from-hf: the run's data.seq_len")
+    parser.add_argument(
+        "--with-mtp", action="store_true", help="hf/ keeps the multi-token prediction modules (DeepSeek-V3's layout)"
+    )
     add_threads_flag(parser)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -342,7 +363,7 @@ def _main(argv: list[str] | None = None) -> int:
                 f"moetrain-export: train from it with: moetrain-train --config-path {ckpt.parent} --config-name config"
             )
             return 0
-        written = export(args.source, args.out_dir, args.hf)
+        written = export(args.source, args.out_dir, args.hf, args.with_mtp)
     except (CheckpointError, ExportError) as e:
         print(f"moetrain-export: {e}", file=sys.stderr)
         return 2

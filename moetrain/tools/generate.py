@@ -1,7 +1,8 @@
 """Sampling from a trained model: temperature, top-k, top-p, with a KV cache.
 
 With the cache, the prompt is run once (prefill) and each new token costs one
-position; without it every step re-runs the whole sequence. Both give the same
+position (an MLA model's decode steps attend in the latent space, ``--mla-decode absorbed``, the default:
+:meth:`moetrain.model.mla.MLA.absorbed`); without it every step re-runs the whole sequence. Both give the same
 tokens for token-choice routing (top-K, group-limited, sigmoid, hash) without
 evaluation capacity. Expert-choice routing and an evaluation capacity factor look
 across the tokens of a forward, so they are not causal: their generations depend
@@ -18,6 +19,7 @@ import torch
 
 from moetrain.errors import check_arg, guarded_main
 from moetrain.model.apply import apply_slot_sum
+from moetrain.model.mla import set_absorbed_decode
 from moetrain.model.transformer import Transformer
 
 
@@ -106,13 +108,11 @@ def check_sampling_args(args: Any) -> Any:
     return args
 
 
-def _main(argv: list[str] | None = None) -> None:
-    """``moetrain-generate CHECKPOINT --prompt "..."``."""
+def build_parser() -> Any:
+    """``moetrain-generate``'s arguments."""
     import argparse
 
-    from moetrain.data import build_tokenizer
-    from moetrain.threads import add_threads_flag, set_threads
-    from moetrain.tools.export import load_checkpoint_model
+    from moetrain.threads import add_threads_flag
 
     p = argparse.ArgumentParser(description="Sample text from a moetrain checkpoint (KV cache, CPU or GPU).")
     p.add_argument("checkpoint", help="a checkpoint directory (or a run directory: its newest checkpoint)")
@@ -125,12 +125,29 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checking)")
+    p.add_argument(
+        "--mla-decode",
+        choices=("absorbed", "expanded"),
+        default="absorbed",
+        help="MLA models' cached decode: in the latent space (W^UK, W^UV absorbed) or re-expanding the latents",
+    )
     add_threads_flag(p)
+    return p
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``moetrain-generate CHECKPOINT --prompt "..."``."""
+    from moetrain.data import build_tokenizer
+    from moetrain.threads import set_threads
+    from moetrain.tools.export import load_checkpoint_model
+
+    p = build_parser()
     args = check_sampling_args(p.parse_args(argv))
     set_threads(args.threads)
 
     model, cfg, _ = load_checkpoint_model(args.checkpoint)
     model = apply_slot_sum(model.to(args.device), torch.device(args.device))
+    set_absorbed_decode(model, args.mla_decode == "absorbed")
     if args.device.startswith("cuda"):
         model = model.to(torch.bfloat16)
     tokenizer = build_tokenizer(cfg.data.tokenizer)

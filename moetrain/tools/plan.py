@@ -281,8 +281,8 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
     W, ep = cluster.world, cfg.parallel.ep
     fits = lambda total: "  ** does not fit **" if total > cluster.gpu_mem_gb else ""  # noqa: E731
     lines = [
-        f"model: {count(p['params_total'])} parameters, {count(p['params_active'])} active "
-        f"({count(p['params_active_no_lookup'])} without the embedding lookup)"
+        f"model: {count(p['params_total'])} parameters, {count(p['params_active_no_lookup'])} active per token "
+        f"(LM head in, embedding lookup out: DeepSeek's count; {count(p['params_active'])} with the lookup)"
         + (f", + {count(p['params_mtp'])} in multi-token prediction" if p["params_mtp"] else "")
         + "; "
         f"{p['flops_per_token'] / 1e9:.3g} GFLOPs/token (training); "

@@ -10,7 +10,14 @@ import torch
 
 from moetrain.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig, TrainConfig, validate
 from moetrain.model import build_model
-from moetrain.model.mla import MLA, attention_score_flops, kv_numbers_per_token, model_rope_tables, softmax_scale
+from moetrain.model.mla import (
+    MLA,
+    attention_score_flops,
+    kv_numbers_per_token,
+    model_rope_tables,
+    set_absorbed_decode,
+    softmax_scale,
+)
 from moetrain.tools.generate import generate
 
 pytestmark = pytest.mark.parity
@@ -110,6 +117,40 @@ def test_latent_cache_generation_equals_full_recompute_and_holds_dc_plus_dr_numb
         assert torch.equal(
             generate(net, prompt, 20, use_cache=True, **kw), generate(net, prompt, 20, **kw, use_cache=False)
         )
+
+
+@pytest.mark.parametrize("q_lora", [None, 10])
+def test_absorbed_decode_equals_the_expanded_decode_and_the_full_recompute(q_lora, monkeypatch):
+    """DeepSeek-V2 sec. 2.1.2's absorbed decode (W^UK into the query, W^UV after the weighted sum) is what the
+    cached decode steps run by default, and it gives the logits of the expanded decode and of the whole prefix
+    recomputed (fp32), and the same tokens. Catches W^UK / W^UV taken from the wrong rows of wkv_b, the
+    RoPE part or the (YaRN) softmax scale left out of the latent-space scores, a decode mask off by one, or
+    the absorbed path not being the default (the call count)."""
+    r = RopeScalingConfig(type="yarn", factor=4.0, original_max_seq_len=16, mscale=0.7, mscale_all_dim=1.0)
+    net = model(q_lora_rank=q_lora, rope_scaling=r).eval()
+    x = torch.randint(0, V, (2, 24))
+    calls: list[int] = []
+    inner = MLA.absorbed
+    monkeypatch.setattr(MLA, "absorbed", lambda self, *a: calls.append(1) or inner(self, *a))
+
+    def decode(absorbed: bool) -> torch.Tensor:
+        set_absorbed_decode(net, absorbed)
+        caches = net.new_kv_caches(2)
+        with torch.no_grad():
+            net(x[:, :7], caches, 0)
+            steps = [net(x[:, i : i + 1], caches, i).logits for i in range(7, 19)]
+            return torch.cat([*steps, net(x[:, 19:24], caches, 19).logits], dim=1)
+
+    expanded = decode(False)
+    assert calls == []
+    absorbed = decode(True)
+    assert len(calls) == 13 * 3  # every decode step (12 tokens, one chunk) of every layer
+    torch.testing.assert_close(absorbed, expanded, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(absorbed, net(x).logits[:, 7:], rtol=1e-5, atol=1e-5)
+    set_absorbed_decode(net, True)
+    prompt = torch.randint(0, V, (2, 5))
+    assert torch.equal(generate(net, prompt, 18, temperature=0.0), generate(net, prompt, 18, 0.0, use_cache=False))
 
 
 def test_document_masking_equals_each_document_alone():

@@ -95,6 +95,38 @@ def test_lambda_zero_leaves_the_main_loss_and_gradients_bitwise_unchanged(attent
         assert torch.equal(g, ref[name]), name
 
 
+@pytest.mark.parametrize("wrap", ["checkpoint", "compile"])
+def test_mtp_blocks_under_activation_checkpointing_and_regional_compile_equal_the_plain_run(wrap):
+    """trainer.activation_checkpointing / trainer.compile wrap the MTP modules' blocks (MoE, MLA) as the main
+    ones: the MTP block's attention runs twice per step (recomputed) or is a compiled region, and the loss and
+    every gradient equal the plain run. Catches the MTP blocks left out of either (they would run unwrapped:
+    the recompute count or the compiled flag fails) or wrapped so that they compute something else."""
+    from moetrain.model.apply import apply_activation_checkpointing, apply_compile
+
+    tokens = torch.randint(0, V, (2, S + 1), generator=torch.Generator().manual_seed(4))
+    results = []
+    for wrapped in (False, True):
+        model = mtp_model(2, lam=0.3, attention="mla", n_kv_heads=None)
+        if wrapped:
+            apply_activation_checkpointing(model) if wrap == "checkpoint" else apply_compile(model, "aot_eager")
+        calls: list[int] = []
+        model.mtp[1].block.attn.register_forward_hook(lambda *a, _calls=calls: _calls.append(1))
+        out = model(tokens[:, :-1])
+        loss = lm_loss(out.logits, tokens[:, 1:]) + out.aux_loss + mtp_loss(out.mtp_logits, tokens[:, 1:], 0.3)[0]
+        names = [n for n, _ in model.named_parameters()]
+        grads = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+        results.append((loss.detach(), grads, len(calls)))
+        if wrapped and wrap == "compile":
+            assert all(m.block.attn._compiled_call_impl is not None for m in model.mtp)
+    (ref_loss, ref, ref_calls), (loss, grads, calls) = results
+    assert calls == (2 if wrap == "checkpoint" else ref_calls) and ref_calls == 1
+    tol = 0.0 if wrap == "checkpoint" else 1e-5
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    assert any(name.startswith("mtp.1.block.ffn.experts") for name in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref[name], rtol=tol * 10, atol=tol / 10, msg=name)
+
+
 def test_mtp_is_training_only_and_left_out_of_the_transformers_export():
     """Evaluation and generation do not run the modules; the DeepSeek-V3 export has no MTP tensors while the
     moetrain state keeps them; the planner counts them apart from the totals (DeepSeek-V3's 671B)."""

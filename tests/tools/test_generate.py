@@ -66,3 +66,27 @@ def test_generation_stops_at_eos_and_rejects_too_long():
     assert out.shape == (1, 5)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len 48"):
         generate(net, prompt, 45)
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "expanded"])
+def test_mla_decode_flag_picks_the_path_and_both_print_the_same_text(tmp_path, monkeypatch, capsys, mode):
+    """``moetrain-generate --mla-decode`` on an MLA checkpoint: absorbed (the default) runs the latent-space
+    decode, expanded never does, and greedy text is the same. Catches the flag not reaching the model."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from moetrain.model.mla import MLA
+    from moetrain.tools.export import import_hf
+    from moetrain.tools.generate import main
+    from tests.hf.test_deepseek import tiny_deepseek
+
+    tiny_deepseek(3).save_pretrained(str(tmp_path / "hf"))
+    ckpt = import_hf(tmp_path / "hf", tmp_path / "imported", seq_len=32)
+    calls: list[int] = []
+    inner = MLA.absorbed
+    monkeypatch.setattr(MLA, "absorbed", lambda self, *a: calls.append(1) or inner(self, *a))
+    args = [str(ckpt), "--prompt", "ab", "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
+    main(args)
+    default_text, default_calls = capsys.readouterr().out, len(calls)
+    main([*args, "--mla-decode", mode])
+    assert capsys.readouterr().out == default_text
+    assert default_calls > 0 and len(calls) == default_calls * (2 if mode == "absorbed" else 1)

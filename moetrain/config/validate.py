@@ -78,7 +78,8 @@ def float_values(obj: Any, prefix: str = "") -> dict[str, float]:
 
 def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -> TrainConfig:
     """Check every value and cross-field rule; raise :class:`ConfigError` on the first break. ``for_training``
-    false (``moetrain-plan``) accepts what is planned but not yet trained (``parallel.pp > 1``)."""
+    false (``moetrain-plan``) accepts what is planned but not yet trained (``parallel.pp > 1`` with DeepSpeed or
+    compilation)."""
     for key, value in float_values(cfg).items():  # NaN passes every `< 0` test below: refuse it first
         if not math.isfinite(value):
             _fail(key, value, "must be a finite number")
@@ -91,7 +92,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -
     _balance(cfg)
     _data(cfg.data)
     _optim(cfg.optim)
-    _trainer(cfg.trainer, world_size)
+    _trainer(cfg.trainer, world_size // cfg.parallel.pp)  # each pipeline stage's data-parallel ranks
     _checkpoint(cfg.checkpoint)
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     validate_engine(cfg, world_size)
@@ -172,8 +173,12 @@ def _parallel(cfg: TrainConfig, world_size: int, for_training: bool = True) -> N
         raise ConfigError(
             layout_error.replace("the world size", "the world size / parallel.pp") if p.pp > 1 else layout_error
         )
-    if p.pp > 1 and for_training:
-        _fail("parallel.pp", p.pp, "pipeline stages are not run by the trainer yet (docs/pipeline.md); use 1")
+    if p.pp > 1 and for_training and cfg.engine.name != "native":
+        _fail(
+            "parallel.pp", p.pp, f"pipeline stages are run by the native engine only, not engine.name={cfg.engine.name}"
+        )
+    if p.pp > 1 and for_training and cfg.trainer.compile:
+        _fail("parallel.pp", p.pp, "trainer.compile is not applied to pipeline stages yet; use trainer.compile=false")
 
 
 def _router(cfg: TrainConfig) -> None:

@@ -38,11 +38,12 @@ from moetrain.parallel.pipeline import SCHEDULES, build_schedule
 from moetrain.parallel.pipeline_stage import build_stage_modules, pipeline_stage
 from moetrain.train.checkpoint import CheckpointError, arch_of, checkpoint_name, hash_share, read_meta
 from moetrain.train.checkpoint.layout import FORMAT_VERSION, verify_checkpoint, write_meta_and_publish
-from moetrain.train.checkpoint.native import load_state, publish_weights, save_state, schedule_meta
+from moetrain.train.checkpoint.native import load_state, save_state, schedule_meta
 from moetrain.train.optim import build_optimizer, build_scheduler
 from moetrain.train.step import lm_loss
 from tests.helpers import spawned
 from tests.helpers.distributed import merged
+from tests.helpers.exported import assert_export_equals_one_process
 
 pytestmark = pytest.mark.parity
 
@@ -279,32 +280,11 @@ def test_export_of_a_pp2_checkpoint_equals_the_export_of_its_weights_at_pp1(tmp_
     """Catches an export that misses or misplaces a stage's tensors: the PP=2 checkpoint's ``moetrain-export``
     output equals, tensor for tensor, that of a one-process weights checkpoint of the same weights (the
     reference state put into the whole model by ``load_state_dict``, not through the checkpoint reader)."""
-    from safetensors.torch import load_file
-
-    from moetrain.tools.export import export
-
     want, path = _saved(2, "pp_ckpt/save_pp2_v2")
-    cfg = _config()
-    model = build_model(cfg.model, cfg.moe, VOCAB, SEQ, seed=SEED + 1)
-    state = {}
-    for key, value in want.items():
-        kind, _, name = key.partition(".")
-        if kind in ("param", "buffer"):
-            state[name] = value
-    for name, t in model.state_dict().items():  # experts re-stacked from their global rows
-        if name not in state:
-            state[name] = torch.stack([state.pop(f"{name}.{g}") for g in range(t.shape[0])])
-    model.load_state_dict(state, strict=True)
-    ref = publish_weights(model, cfg, tmp_path / "pp1", {})
-    hf = "auto" if _has("transformers") else "none"
-    a, b = export(path, tmp_path / "from_pp2", hf=hf), export(ref, tmp_path / "from_pp1", hf=hf)
-    assert (a.get("hf") is not None) == (hf == "auto"), a.get("hf_skipped")  # a Qwen2-MoE shape: it maps
-    files = ["model.safetensors"] + (["hf/model.safetensors"] if a.get("hf") else [])
-    for rel in files:
-        got, exp = load_file(str(tmp_path / "from_pp2" / rel)), load_file(str(tmp_path / "from_pp1" / rel))
-        assert_bitwise(got, exp, rel)
-    assert json.loads((tmp_path / "from_pp2" / "config.json").read_text())["step"] == 1
-    assert (a.get("arch"), a.get("hf") is None) == (b.get("arch"), b.get("hf") is None)
+    flat = {name: v for key, v in want.items() for kind, _, name in [key.partition(".")] if kind in ("param", "buffer")}
+    written = assert_export_equals_one_process(path, flat, tmp_path)
+    assert (written["hf"] is not None) == _has("transformers"), written.get("hf_skipped")  # a Qwen2-MoE shape
+    assert json.loads((Path(written["safetensors"]).parent / "config.json").read_text())["step"] == 1
 
 
 def _has(module: str) -> bool:

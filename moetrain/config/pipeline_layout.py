@@ -94,6 +94,18 @@ def stage_specs(n_layers: int, n_stages: int, rule: str | None = None) -> list[S
     return specs
 
 
+def microbatch_error(schedule: str, pp: int, microbatches: int) -> str | None:
+    """Why torch's ``schedule`` cannot run ``microbatches`` per step on ``pp`` pipeline ranks (``None`` if it
+    can): 1F1B needs at least one per stage; the interleaved schedules a multiple of their rounds,
+    ``max(1, microbatches // pp)`` (``torch.distributed.pipelining.schedules``)."""
+    if schedule == "1f1b" and microbatches < pp:
+        return f"1f1b needs at least parallel.pp={pp} micro-batches per pipeline, the step has {microbatches}"
+    rounds = max(1, microbatches // pp)
+    if schedule in MULTI_STAGE_SCHEDULES and microbatches % rounds:
+        return f"{schedule} needs the micro-batches per pipeline ({microbatches}) a multiple of {rounds}"
+    return None
+
+
 def check_pipeline_layout(
     pp: int, schedule: str, virtual: int, rule: str | None, n_layers: int, world_size: int
 ) -> list[StageSpec]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from moetrain.config.errors import ConfigError
 from moetrain.config.model import ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
-from moetrain.config.pipeline_layout import check_pipeline_layout
+from moetrain.config.pipeline_layout import check_pipeline_layout, microbatch_error
 from moetrain.config.run import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, TrainerConfig, config_keys
 from moetrain.config.world import micro_batch_for, usable_cpus
 
@@ -93,6 +93,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -
     _data(cfg.data)
     _optim(cfg.optim)
     _trainer(cfg.trainer, world_size // cfg.parallel.pp)  # each pipeline stage's data-parallel ranks
+    _pipeline_microbatches(cfg, world_size)
     _checkpoint(cfg.checkpoint)
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     validate_engine(cfg, world_size)
@@ -179,6 +180,19 @@ def _parallel(cfg: TrainConfig, world_size: int, for_training: bool = True) -> N
         )
     if p.pp > 1 and for_training and cfg.trainer.compile:
         _fail("parallel.pp", p.pp, "trainer.compile is not applied to pipeline stages yet; use trainer.compile=false")
+
+
+def _pipeline_microbatches(cfg: TrainConfig, world_size: int) -> None:
+    """The pipeline's micro-batches per step (each pipeline's share of the global batch over
+    ``trainer.micro_batch_size``) as the schedule needs them."""
+    p, t = cfg.parallel, cfg.trainer
+    if p.pp == 1:
+        return
+    dp = world_size // p.pp
+    microbatches = t.global_batch_size // (micro_batch_for(t, dp) * dp)
+    error = microbatch_error(p.pp_schedule, p.pp, microbatches)
+    if error:
+        _fail("parallel.pp_schedule", p.pp_schedule, f"{error} (set trainer.micro_batch_size smaller)")
 
 
 def _router(cfg: TrainConfig) -> None:

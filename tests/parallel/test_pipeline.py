@@ -229,6 +229,12 @@ def test_aux_loss_left_out_of_the_backward_is_caught() -> None:
         ({"pp": 2, "trainer.compile": True}, 4, "parallel.pp=2: trainer.compile is not applied to pipeline stages"),
         ({"pp": 2, "ep": 4}, 4, "parallel.ep=4: must divide the world size / parallel.pp (2 ranks)"),
         ({"pp": 5}, 5, "parallel.pp: 5 stages for 4 blocks"),
+        ({"pp": 2}, 2, "1f1b needs at least parallel.pp=2 micro-batches per pipeline, the step has 1"),
+        (
+            {"pp": 2, "pp_schedule": "interleaved_1f1b", "trainer.micro_batch_size": 1, "trainer.global_batch_size": 5},
+            2,
+            "interleaved_1f1b needs the micro-batches per pipeline (5) a multiple of 2",
+        ),
     ],
 )
 def test_pp_config_errors_are_one_line(changes: dict[str, object], world: int, message: str) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from moetrain.config.errors import ConfigError
 
@@ -92,6 +93,30 @@ def stage_specs(n_layers: int, n_stages: int, rule: str | None = None) -> list[S
         specs.append(StageSpec(s, first, first + n, embedding=s == 0, head=s == n_stages - 1))
         first += n
     return specs
+
+
+def check_pipeline_training(parallel: Any, engine: str, compile: bool, microbatches: int) -> None:
+    """What training with ``parallel.pp > 1`` needs (config validation), else one :class:`ConfigError` line:
+    the native engine, no ``trainer.compile``, and ``microbatches`` per pipeline and step that torch's schedule
+    can run (1F1B: at least one per stage; the interleaved schedules: a multiple of their rounds,
+    ``max(1, microbatches // pp)``, ``torch.distributed.pipelining.schedules``)."""
+    pp, schedule = parallel.pp, parallel.pp_schedule
+    if engine != "native":
+        raise ConfigError(
+            f"parallel.pp={pp}: pipeline stages are run by the native engine only, not engine.name={engine}"
+        )
+    if compile:
+        raise ConfigError(
+            f"parallel.pp={pp}: trainer.compile is not applied to pipeline stages yet; use trainer.compile=false"
+        )
+    error = None
+    rounds = max(1, microbatches // pp)
+    if schedule == "1f1b" and microbatches < pp:
+        error = f"1f1b needs at least parallel.pp={pp} micro-batches per pipeline, the step has {microbatches}"
+    elif schedule in MULTI_STAGE_SCHEDULES and microbatches % rounds:
+        error = f"{schedule} needs the micro-batches per pipeline ({microbatches}) a multiple of {rounds}"
+    if error:
+        raise ConfigError(f"parallel.pp_schedule={schedule!r}: {error} (set trainer.micro_batch_size smaller)")
 
 
 def check_pipeline_layout(

@@ -198,8 +198,8 @@ class ParallelConfig:
     ``false``, which runs them after the combine (``moetrain.parallel.all_to_all``)."""
     pp: int = 1
     """Pipeline-parallel size: the blocks split into this many stages (docs/pipeline.md); EP and data
-    parallelism run inside each stage's ``world / pp`` ranks. The stages, schedules and exact aux losses exist
-    (``moetrain.parallel.pipeline``); the trainer does not run them yet, so ``pp > 1`` is refused."""
+    parallelism run inside each stage's ``world / pp`` ranks, the trainer's micro-batches are the pipeline's
+    (``moetrain.train.pipeline``); native engine only, without ``trainer.compile``."""
     pp_layers: str | None = None
     """Blocks per stage, e.g. ``"embedding+3,4,4,3+head"`` (one count per stage, ``pp x stages per rank`` of
     them); ``null``: as even as possible, the stages nearest the middle taking the remainder."""

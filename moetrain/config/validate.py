@@ -14,7 +14,7 @@ from typing import Any
 
 from moetrain.config.errors import ConfigError
 from moetrain.config.model import ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
-from moetrain.config.pipeline_layout import check_pipeline_layout
+from moetrain.config.pipeline_layout import check_pipeline_layout, check_pipeline_training
 from moetrain.config.run import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, TrainerConfig, config_keys
 from moetrain.config.world import micro_batch_for, usable_cpus
 
@@ -78,7 +78,8 @@ def float_values(obj: Any, prefix: str = "") -> dict[str, float]:
 
 def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -> TrainConfig:
     """Check every value and cross-field rule; raise :class:`ConfigError` on the first break. ``for_training``
-    false (``moetrain-plan``) accepts what is planned but not yet trained (``parallel.pp > 1``)."""
+    false (``moetrain-plan``) accepts what is planned but not yet trained (``parallel.pp > 1`` with DeepSpeed or
+    compilation)."""
     for key, value in float_values(cfg).items():  # NaN passes every `< 0` test below: refuse it first
         if not math.isfinite(value):
             _fail(key, value, "must be a finite number")
@@ -91,7 +92,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -
     _balance(cfg)
     _data(cfg.data)
     _optim(cfg.optim)
-    _trainer(cfg.trainer, world_size)
+    _trainer(cfg.trainer, world_size // cfg.parallel.pp)  # each pipeline stage's data-parallel ranks
+    if cfg.parallel.pp > 1 and for_training:
+        dp = world_size // cfg.parallel.pp
+        check_pipeline_training(cfg.parallel, cfg.engine.name, cfg.trainer.compile, _microbatches(cfg.trainer, dp))
     _checkpoint(cfg.checkpoint)
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     validate_engine(cfg, world_size)
@@ -172,8 +176,6 @@ def _parallel(cfg: TrainConfig, world_size: int, for_training: bool = True) -> N
         raise ConfigError(
             layout_error.replace("the world size", "the world size / parallel.pp") if p.pp > 1 else layout_error
         )
-    if p.pp > 1 and for_training:
-        _fail("parallel.pp", p.pp, "pipeline stages are not run by the trainer yet (docs/pipeline.md); use 1")
 
 
 def _router(cfg: TrainConfig) -> None:
@@ -311,6 +313,11 @@ def _optim(o: OptimConfig) -> None:
     if o.grad_clip < 0:
         _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     _positive("optim.eps", o.eps)
+
+
+def _microbatches(t: TrainerConfig, dp: int) -> int:
+    """Micro-batches per step of each of ``dp`` data-parallel ranks (or pipelines)."""
+    return t.global_batch_size // (micro_batch_for(t, dp) * dp)
 
 
 def _trainer(t: TrainerConfig, world_size: int) -> None:

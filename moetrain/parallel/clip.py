@@ -13,7 +13,9 @@ dimension), so each gradient's local squares are summed over the ranks that hold
 - a replicated expert gradient is this EP rank's slice of the layer, the same on its EDP copies: summed over the
   EP group.
 
-With ``ep == 1`` the experts are replicated like the rest and counted with it. The sums of squares are fp32 and
+With ``ep == 1`` the experts are replicated like the rest and counted with it. Under pipeline parallelism ``pc`` is
+the stage's view (:meth:`~moetrain.parallel.context.ParallelContext.stage_view`): the three parts are the stage's,
+and their total is summed over the pipeline group, so every stage counts once. The sums of squares are fp32 and
 use one multi-tensor norm kernel per kind; clipping multiplies every local gradient by the same coefficient.
 """
 
@@ -76,7 +78,8 @@ def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> to
     """Clip by the true global gradient norm (the gradients already reduced); return the norm before clipping.
 
     ||g||^2 = (the replicated non-expert gradients' squares + the ``Shard`` pieces' squares summed over all
-    ranks) + the replicated experts' squares summed over the EP group. ``max_norm <= 0`` or ``inf`` only
+    ranks) + the replicated experts' squares summed over the EP group; under PP, that of each stage summed over
+    the pipeline group. ``max_norm <= 0`` or ``inf`` only
     measures.
     """
     once, world, ep = grad_norm_parts(model, pc)
@@ -84,12 +87,15 @@ def clip_grad_norm(model: nn.Module, pc: ParallelContext, max_norm: float) -> to
     sq = _sq_norm(once, device)
     if world:  # every Shard piece (fully_shard's "dp" and "edp" units) is held by exactly one rank
         sq_world = _sq_norm(world, device)
-        dist.all_reduce(sq_world, op=dist.ReduceOp.SUM)
+        pc.all_reduce_sum(sq_world)  # all W ranks; the stage's ranks under PP
         sq = sq + sq_world
     sq_ep = _sq_norm(ep, device)
     if pc.ep_size > 1 and pc.ep_group is not None:
         dist.all_reduce(sq_ep, op=dist.ReduceOp.SUM, group=pc.ep_group)
-    norm = (sq + sq_ep).sqrt()
+    sq = sq + sq_ep
+    if pc.pp_group is not None:  # every stage's squares (pipeline parallelism)
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=pc.pp_group)
+    norm = sq.sqrt()
     if max_norm > 0 and not math.isinf(max_norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # the same rule as torch.nn.utils.clip_grad_norm_
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

@@ -15,7 +15,10 @@ Layout (docs/parallelism.md), W ranks and expert-parallel size ``ep``:
 - expert data parallel (EDP): the ``W / ep`` ranks holding the same expert
   shard, ``{k, k + ep, k + 2 ep, ...}``; expert gradients are summed over it.
 
-The groups come from one two-dimensional :class:`~torch.distributed.device_mesh.DeviceMesh` of shape
+With pipeline parallelism (``parallel.pp = P``, docs/pipeline.md) the mesh gains an outermost ``"pp"``
+dimension, shape ``(P, W / P / ep, ep)`` named ``("pp", "edp", "ep")``: pipeline rank ``p`` holds the ranks
+``[p * W / P, (p + 1) * W / P)``, and a stage's EP and EDP groups lie within them (:meth:`ParallelContext.stage_view`).
+Without PP, the groups come from one two-dimensional :class:`~torch.distributed.device_mesh.DeviceMesh` of shape
 ``(W / ep, ep)`` with named dimensions ``("edp", "ep")``: row ``g`` is EP group ``g`` (contiguous ranks), column
 ``k`` the EDP group of shard ``k`` (strided ranks); the data-parallel units (:mod:`moetrain.parallel.data_parallel`)
 reduce the non-expert part over the two flattened (``"dp"``, all W ranks) and the experts over ``"edp"``,
@@ -53,7 +56,15 @@ class ParallelContext:
     edp_group: Any = None
     """This rank's expert-data-parallel group (``None`` when it is this rank alone)."""
     mesh: DeviceMesh | None = None
-    """The ``("edp", "ep")`` device mesh over all W ranks (``None`` on one process)."""
+    """The ``("edp", "ep")`` device mesh over all W ranks (``("pp", "edp", "ep")`` with PP; ``None`` on one
+    process)."""
+    pp_size: int = 1
+    """Pipeline ranks (``parallel.pp``): the W ranks are ``pp_size`` blocks of ``W / pp_size`` data-parallel ones."""
+    pp_group: Any = None
+    """This rank's pipeline group (the ``pp_size`` ranks holding the stages of one pipeline); ``None`` without PP."""
+    group: Any = None
+    """The group the collective helpers span when given none: ``None`` is the default group (all W ranks); a
+    :meth:`stage_view`'s is its stage's data-parallel ranks."""
     _groups: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -71,8 +82,46 @@ class ParallelContext:
 
     @property
     def edp_size(self) -> int:
-        """Ranks holding the same expert shard (``W / ep``)."""
-        return self.world_size // self.ep_size
+        """Ranks holding the same expert shard of a layer (``W / pp / ep``)."""
+        return self.dp_size // self.ep_size
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks holding each pipeline stage (``W / pp``; all W without PP)."""
+        return self.world_size // self.pp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the ranks of its stage: which slice of the global batch it reads."""
+        return self.rank % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's place in its pipeline (which stages it holds)."""
+        return self.rank // self.dp_size
+
+    def stage_view(self) -> ParallelContext:
+        """The context of this rank's pipeline stage as data parallelism sees it: rank ``dp_rank`` of the
+        ``dp_size`` ranks holding the stage, the mesh's ``("edp", "ep")`` part for this pipeline rank, the
+        collectives over those ranks only; ``pp_group`` kept (the gradient norm sums over the stages). Itself
+        without PP."""
+        if self.pp_size == 1:
+            return self
+        dp_mesh = self.mesh["edp", "ep"] if self.mesh is not None else None
+        group = dp_mesh._flatten("dp").get_group() if dp_mesh is not None and self.dp_size > 1 else None
+        return ParallelContext(
+            rank=self.dp_rank,
+            world_size=self.dp_size,
+            local_rank=self.local_rank,
+            device=self.device,
+            backend=self.backend,
+            ep_size=self.ep_size,
+            ep_group=self.ep_group,
+            edp_group=self.edp_group,
+            mesh=dp_mesh,
+            pp_group=self.pp_group,
+            group=group,
+        )
 
     @property
     def ep_ranks(self) -> list[int]:
@@ -83,13 +132,13 @@ class ParallelContext:
     def all_reduce_sum(self, t: torch.Tensor, group: Any = None) -> torch.Tensor:
         """Sum over all ranks (or ``group``), in place (identity on one process)."""
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group if group is not None else self.group)
         return t
 
     def all_reduce_max(self, t: torch.Tensor, group: Any = None) -> torch.Tensor:
         """Maximum over all ranks (or ``group``), in place (identity on one process)."""
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group if group is not None else self.group)
         return t
 
     def all_reduce_flat(self, tensors: list[torch.Tensor], op: str = "sum", group: Any = None) -> list[torch.Tensor]:
@@ -160,10 +209,13 @@ def check_layout(world_size: int, ep: int, num_experts: int | None = None) -> No
         raise ConfigError(error)
 
 
-def build_mesh(device_type: str, world_size: int, ep: int) -> DeviceMesh:
-    """The ``(W / ep, ep)`` mesh named ``("edp", "ep")`` (every rank must call this, in the same order)."""
-    check_layout(world_size, ep)
-    return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("edp", "ep"))
+def build_mesh(device_type: str, world_size: int, ep: int, pp: int = 1) -> DeviceMesh:
+    """The ``(W / ep, ep)`` mesh named ``("edp", "ep")``, or with ``pp > 1`` the ``(pp, W / pp / ep, ep)`` one
+    named ``("pp", "edp", "ep")`` (every rank must call this, in the same order)."""
+    check_layout(world_size // pp, ep)
+    if pp == 1:
+        return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("edp", "ep"))
+    return init_device_mesh(device_type, (pp, world_size // pp // ep, ep), mesh_dim_names=("pp", "edp", "ep"))
 
 
 def mesh_groups(mesh: DeviceMesh) -> tuple[Any, Any]:
@@ -204,10 +256,10 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int | 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    check_layout(world, cfg.ep, num_experts)
+    check_layout(world // cfg.pp, cfg.ep, num_experts)
     dev = resolve_device(device, local_rank)
     backend = None
-    ep_group = edp_group = mesh = None
+    ep_group = edp_group = mesh = pp_group = None
     if world > 1:
         backend = resolve_backend(cfg.backend, dev)
         if not dist.is_initialized():
@@ -219,8 +271,9 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int | 
                 world_size=world if elastic_store_needed() else -1,
             )
         backend = dist.get_backend()
-        mesh = build_mesh(dev.type, world, cfg.ep)
+        mesh = build_mesh(dev.type, world, cfg.ep, cfg.pp)
         ep_group, edp_group = mesh_groups(mesh)
+        pp_group = mesh.get_group("pp") if cfg.pp > 1 else None
     return ParallelContext(
         rank=rank,
         world_size=world,
@@ -231,4 +284,6 @@ def init_parallel(cfg: ParallelConfig, device: str = "auto", num_experts: int | 
         ep_group=ep_group,
         edp_group=edp_group,
         mesh=mesh,
+        pp_size=cfg.pp,
+        pp_group=pp_group,
     )

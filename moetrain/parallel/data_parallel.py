@@ -144,8 +144,9 @@ def apply_data_parallel(
             # for its backward (its gradient's storage is freed: "setStorage ... storage of size 0"). The weight
             # is dim x experts fp32, small beside the block's; it is freed after backward like every unit's.
             _unit(layer.router, mesh, shard, False, mp_policy=mixed_precision(None))
-        model.embed.register_forward_hook(_fp32_output)  # type: ignore[union-attr]  # the residual stream: fp32
-    blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
+        if model.embed is not None:  # a pipeline stage after the first has none
+            model.embed.register_forward_hook(_fp32_output)  # type: ignore[union-attr]  # the residual stream: fp32
+    blocks = list(model.blocks.values() if isinstance(model.blocks, nn.ModuleDict) else model.blocks)  # type: ignore[operator]
     dense = [_unit(b, mesh, shard, i != len(blocks) - 1, mp_policy=mp) for i, b in enumerate(blocks)]  # the last
     dense.append(_unit(model, mesh, shard, False, mp_policy=mp))  # block and the root keep their weights for backward
     if not shard:  # sum over all W ranks / W as an all-reduce of sums (gloo has no AVG); the experts' is set above

@@ -150,17 +150,27 @@ def _materialise(
 def _draw_parameters(model: Transformer, stats: InitStats) -> None:
     """:meth:`~moetrain.model.transformer.Transformer.init_weights`, with each routed-expert tensor drawn
     expert by expert in global order (module docstring)."""
-    experts = {id(p): m for m in model.modules() if isinstance(m, GroupedExperts) for p in (m.w13, m.w2)}
+    experts = expert_modules(model)
     for name, p in model.named_parameters():
-        std = model.init_std_of(name, p)
-        if std is None:
-            p.fill_(1.0)
-        elif id(p) in experts:
-            _draw_experts(p, experts[id(p)], std, stats)
-            stats.expert_numel += p.numel()
-        else:
-            p.normal_(0.0, std)
+        _draw_one(p, model.init_std_of(name, p), experts, stats)
     model.zero_init()
+
+
+def expert_modules(model: nn.Module) -> dict[int, GroupedExperts]:
+    """The :class:`GroupedExperts` holding each routed-expert tensor, by the tensor's ``id``."""
+    return {id(p): m for m in model.modules() if isinstance(m, GroupedExperts) for p in (m.w13, m.w2)}
+
+
+def _draw_one(p: torch.Tensor, std: float | None, experts: dict[int, GroupedExperts], stats: InitStats) -> None:
+    """One parameter's draw of :meth:`~moetrain.model.transformer.Transformer.init_weights` (``std`` from
+    ``init_std_of``; ``None``: filled with 1): routed experts expert by expert (:func:`_draw_experts`)."""
+    if std is None:
+        p.fill_(1.0)
+    elif id(p) in experts:
+        _draw_experts(p, experts[id(p)], std, stats)
+        stats.expert_numel += p.numel()
+    else:
+        p.normal_(0.0, std)
 
 
 def _draw_experts(p: torch.Tensor, m: GroupedExperts, std: float, stats: InitStats) -> None:

@@ -14,7 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import torch.distributed.pipelining as pipelining
+from torch import nn
 
 from moetrain.config import ConfigError
 from moetrain.config.pipeline_layout import PP_SCHEDULES
@@ -100,3 +103,35 @@ def build_schedule(
     cls = getattr(pipelining, info.class_name)
     target = list(stages) if info.multi_stage else stages[0]
     return cls(target, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
+
+
+@torch.no_grad()
+def forward_only(
+    modules: dict[int, nn.Module], holders: Sequence[int], tokens_BS: torch.Tensor, dim: int, group: Any
+) -> torch.Tensor | None:
+    """One forward of ``tokens_BS`` through every stage, stage after stage, no gradients (evaluation, the
+    routing pre-pass of global-batch balance): the holder of stage ``s`` (global rank ``holders[s]``) receives
+    the activations ``[B, S, dim]`` (fp32, the residual stream) from the holder of ``s - 1``, runs its module
+    ``modules[s]`` and sends the output on; a rank holding both keeps it. Every rank runs the stages in the same
+    order, so the sends and receives pair up, and the ranks of one stage run it together (its EP all-to-alls).
+    Returns the last stage's output on its holder, ``None`` elsewhere."""
+    me, h, out = dist.get_rank(), None, None
+    last = len(holders) - 1
+    for s, holder in enumerate(holders):
+        if holder != me:
+            continue
+        if s == 0:
+            x = tokens_BS
+        elif holders[s - 1] == me:
+            x = h
+        else:
+            x = torch.empty(*tokens_BS.shape, dim, device=tokens_BS.device)
+            dist.recv(x, holders[s - 1], group=group)
+        y = modules[s](x, tokens_BS=tokens_BS)
+        if s == last:
+            out = y
+        elif holders[s + 1] == me:
+            h = y
+        else:
+            dist.send(y.contiguous(), holders[s + 1], group=group)
+    return out

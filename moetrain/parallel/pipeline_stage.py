@@ -34,9 +34,9 @@ from moetrain.config import ConfigError, ModelConfig, MoEConfig, resolve_num_gro
 from moetrain.config.pipeline_layout import StageSpec
 from moetrain.model.layers import document_ids, document_layout
 from moetrain.model.transformer import Transformer
-from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.layer import MoEStats
 from moetrain.moe.losses import enabled
-from moetrain.parallel.meta_init import InitStats, _draw_experts, _materialise, _MetaConstruction
+from moetrain.parallel.meta_init import InitStats, _draw_one, _materialise, _MetaConstruction, expert_modules
 
 _META = torch.device("meta")
 SKIP_CHUNK = 1 << 20
@@ -62,13 +62,15 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
 
 class StageModule(nn.Module):
     """Blocks ``spec.blocks`` of the model (with the embedding on the first stage, the final norm and LM head on
-    the last), under the one-process model's parameter names (``blocks.<i>.…``, ``embed.weight``, …) so
-    checkpoints keep their global names.
+        the last), under the one-process model's parameter names (``blocks.<i>.…``, ``embed.weight``, …) so
+        checkpoints keep their global names.
 
-    ``forward(h, tokens_BS=...)``: ``h`` is the token ids on the first stage, the previous stage's activations
-    otherwise; ``tokens_BS`` (every stage gets it, for hash routing and document masks). Returns the activations,
-    or the logits on the last stage, with this stage's aux loss attached (:class:`MoEAuxLossAutoScaler`) unless
-    ``attach_aux`` is false. ``aux_losses``: the detached aux loss of each forward, for logging.
+        ``forward(h, tokens_BS=...)``: ``h`` is the token ids on the first stage, the previous stage's activations
+        otherwise; ``tokens_BS`` (every stage gets it, for hash routing and document masks). Returns the activations,
+        or the logits on the last stage, with this stage's aux loss attached (:class:`MoEAuxLossAutoScaler`) unless
+        ``attach_aux`` is false. ``aux_losses``: the detached aux loss of each forward, for logging; ``moe_stats``: each
+    forward's statistics of this stage's MoE layers (by global index), for the step's metrics (the train module
+    empties both).
     """
 
     def __init__(self, model: Transformer, spec: StageSpec) -> None:
@@ -84,6 +86,7 @@ class StageModule(nn.Module):
         self.aux_scale = 1.0
         self.attach_aux = True
         self.aux_losses: list[torch.Tensor] = []
+        self.moe_stats: list[dict[int, MoEStats]] = []
 
     def moe_layers(self) -> dict[int, nn.Module]:
         """This stage's MoE layers by global block index (what
@@ -97,10 +100,13 @@ class StageModule(nn.Module):
         if self.doc_eos is not None:
             cos, sin, mask = document_layout(document_ids(tokens_BS, self.doc_eos), cos[:S], sin[:S])
         aux: torch.Tensor | None = None
-        for block in self.blocks.values():
+        moe_stats: dict[int, MoEStats] = {}
+        for i, block in self.blocks.items():
             x, stats = block(x, cos=cos, sin=sin, token_ids_BS=tokens_BS, mask=mask)
             if stats is not None:
                 aux = stats.aux_loss if aux is None else aux + stats.aux_loss
+                moe_stats[int(i)] = stats
+        self.moe_stats.append(moe_stats)
         if self.lm_head is not None and self.norm is not None:
             x = self.lm_head(self.norm(x))
         if aux is not None:
@@ -165,6 +171,28 @@ def build_stage_modules(
     """The :class:`StageModule` of each of this rank's ``specs`` (of ``n_stages`` in all), every value bitwise
     :func:`~moetrain.model.transformer.build_model`'s for the same ``seed`` (module docstring); with ``ep > 1``
     only EP rank ``ep_rank``'s experts, as :func:`~moetrain.parallel.meta_init.build_local_model`."""
+    kw = {"ep": ep, "ep_rank": ep_rank, "seed": seed, "doc_eos": doc_eos, "stats": stats, "skip_chunk": skip_chunk}
+    return build_rank_stages(model_cfg, moe_cfg, vocab_size, max_seq_len, specs, n_stages, **kw)[1]  # type: ignore[arg-type]
+
+
+def build_rank_stages(
+    model_cfg: ModelConfig,
+    moe_cfg: MoEConfig,
+    vocab_size: int,
+    max_seq_len: int,
+    specs: Sequence[StageSpec],
+    n_stages: int,
+    *,
+    ep: int = 1,
+    ep_rank: int = 0,
+    seed: int | None = None,
+    doc_eos: int | None = None,
+    stats: InitStats | None = None,
+    skip_chunk: int = SKIP_CHUNK,
+) -> tuple[Transformer, list[StageModule]]:
+    """:func:`build_stage_modules`' stages, and the whole model they were cut from: this rank's layers shared
+    with the stages, every other parameter on the meta device (no storage), for what reads the whole model's
+    shape (parameter counts, FLOPs per token, the MoE layers' indices and groups)."""
     check_pipeline_model(model_cfg, moe_cfg, n_stages)
     if skip_chunk % 16 or skip_chunk < 16:
         raise ValueError(f"skip_chunk={skip_chunk}: must be a positive multiple of 16")
@@ -177,7 +205,7 @@ def build_stage_modules(
             model = Transformer(model_cfg, moe_cfg, vocab_size, max_seq_len, num_groups, doc_eos, skip_init=True)
         _materialise(model, ep, ep_rank, stats, modules=_stage_modules(model, specs))
         _draw_stage_parameters(model, stats, skip_chunk)
-    return [StageModule(model, spec) for spec in specs]
+    return model, [StageModule(model, spec) for spec in specs]
 
 
 def _stage_modules(model: Transformer, specs: Sequence[StageSpec]) -> list[nn.Module]:
@@ -194,20 +222,14 @@ def _stage_modules(model: Transformer, specs: Sequence[StageSpec]) -> list[nn.Mo
 def _draw_stage_parameters(model: Transformer, stats: InitStats, skip_chunk: int) -> None:
     """:meth:`~moetrain.model.transformer.Transformer.init_weights`' draws in its order: into the materialised
     parameters, and into scratch (:func:`skip_normal`) for the others."""
-    experts = {id(p): m for m in model.modules() if isinstance(m, GroupedExperts) for p in (m.w13, m.w2)}
+    experts = expert_modules(model)
     for name, p in model.named_parameters():
         std = model.init_std_of(name, p)
-        if p.device == _META:
-            if std is not None:
-                skip_normal(p.numel(), p.dtype, std, skip_chunk)
-                stats.scratch(min(p.numel(), skip_chunk + 15))
-        elif std is None:
-            p.fill_(1.0)
-        elif id(p) in experts:
-            _draw_experts(p, experts[id(p)], std, stats)
-            stats.expert_numel += p.numel()
-        else:
-            p.normal_(0.0, std)
+        if p.device != _META:
+            _draw_one(p, std, experts, stats)
+        elif std is not None:
+            skip_normal(p.numel(), p.dtype, std, skip_chunk)
+            stats.scratch(min(p.numel(), skip_chunk + 15))
     model.zero_init()
 
 
@@ -224,3 +246,23 @@ def skip_normal(numel: int, dtype: torch.dtype, std: float, chunk: int = SKIP_CH
         else:
             torch.empty(take, dtype=dtype).normal_(0.0, std)
         left -= take
+
+
+class RankModel(nn.Module):
+    """The stages one pipeline rank holds as one module under the one-process model's parameter names
+    (``embed.weight``, ``blocks.<i>.…``, ``norm.weight``, ``lm_head.weight``): what the optimizer steps, the
+    gradient norm reads and a checkpoint saves (global names, independent of the split). It registers the
+    stages' submodules, not the stages (their names are the same); it has no forward: the schedule runs the
+    stages (:attr:`stages`, a plain list)."""
+
+    def __init__(self, stages: Sequence[StageModule]) -> None:
+        super().__init__()
+        self.stages = list(stages)
+        self.embed = next((s.embed for s in stages if s.embed is not None), None)
+        self.blocks = nn.ModuleDict({i: b for s in stages for i, b in s.blocks.items()})
+        self.norm = next((s.norm for s in stages if s.norm is not None), None)
+        self.lm_head = next((s.lm_head for s in stages if s.lm_head is not None), None)
+
+    def moe_layers(self) -> dict[int, nn.Module]:
+        """This rank's MoE layers by global block index."""
+        return {int(i): b.ffn for i, b in self.blocks.items() if b.is_moe}

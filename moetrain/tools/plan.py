@@ -32,6 +32,7 @@ from moetrain.model.mla import attention_score_flops, kv_numbers_per_token
 from moetrain.model.transformer import build_model, total_and_active
 from moetrain.moe.routing import topk_experts
 from moetrain.parallel.all_to_all import META_BYTES
+from moetrain.tools.plan_pipeline import Layout, RankMemory, memory_lines, model_parts, pipeline_memory
 
 
 @dataclass
@@ -255,6 +256,19 @@ def pipeline_plan(cfg: TrainConfig, world: int) -> dict[str, float]:
     return {"pp_microbatches": m, "pp_stages_per_rank": v, "pp_bubble": bubble_fraction(p.pp_schedule, p.pp, m, v)}
 
 
+def pipeline_ranks(cfg: TrainConfig, vocab_size: int, world: int, zero: int, fsdp: bool = False) -> list[RankMemory]:
+    """Each pipeline rank's memory per GPU (:mod:`moetrain.tools.plan_pipeline`), from the parameters of the
+    model the config builds (on the meta device) and :func:`pipeline_plan`'s micro-batches."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.moe, vocab_size, cfg.data.seq_len, ep=cfg.parallel.ep)
+    named = [(n, p.numel(), p.shape[0] if p.dim() else 1) for n, p in model.named_parameters()]
+    dp = max(1, world // cfg.parallel.pp)
+    layout = Layout(cfg.parallel.pp, cfg.parallel.ep, dp, zero, fsdp)
+    m = int(pipeline_plan(cfg, world)["pp_microbatches"])
+    parts = model_parts(named, cfg.moe.num_experts)
+    return pipeline_memory(cfg, parts, vocab_size, layout, micro_batch_for(cfg.trainer, dp), m)
+
+
 def size(gb: float) -> str:
     """A size given in GB in the unit that fits it (``83.0 MB``, not ``0.1 GB``)."""
     for unit, scale in (("GB", 1.0), ("MB", 1e3), ("kB", 1e6)):
@@ -278,7 +292,7 @@ def count(n: float) -> str:
 
 def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> str:
     p = plan(cfg, cluster, vocab_size, zero)
-    W, ep = cluster.world, cfg.parallel.ep
+    W, ep, pp = cluster.world, cfg.parallel.ep, cfg.parallel.pp
     fits = lambda total: "  ** does not fit **" if total > cluster.gpu_mem_gb else ""  # noqa: E731
     lines = [
         f"model: {count(p['params_total'])} parameters, {count(p['params_active_no_lookup'])} active per token "
@@ -287,7 +301,8 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
         + "; "
         f"{p['flops_per_token'] / 1e9:.3g} GFLOPs/token (training); "
         f"KV cache {p['kv_cache_bytes_per_token'] / 1024:.1f} KiB/token in bf16 ({cfg.model.attention})",
-        f"cluster: {cluster.nodes} x {cluster.gpus_per_node} GPUs, EP={ep}, DP={W}, ZeRO-{zero}; "
+        f"cluster: {cluster.nodes} x {cluster.gpus_per_node} GPUs, {f'PP={pp}, ' if pp > 1 else ''}EP={ep}, "
+        f"DP={W // pp}, ZeRO-{zero}; "
         f"{cfg.trainer.global_batch_size} x {cfg.data.seq_len} tokens/step",
         f"memory/GPU: weights {size(p['mem_weights_gb'])}, grads {size(p['mem_grads_gb'])}, "
         f"optimizer {size(p['mem_optimizer_gb'])}, activations ~{size(p['mem_activations_gb'])} "
@@ -307,13 +322,15 @@ def report(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int) -> st
         f"step time estimate: {duration(p['step_s'])} = compute {duration(p['compute_s'])} (MFU {cluster.mfu:.0%}) "
         f"+ all-to-all {duration(p['a2a_s'])} + grad all-reduce {duration(p['allreduce_s'])} (no overlap assumed)",
     ]
-    pp = cfg.parallel.pp
     if pp > 1:
         lines.append(
             f"pipeline: PP={pp}, {p['pp_stages_per_rank']:.0f} stage(s)/rank, {cfg.parallel.pp_schedule}, "
             f"{p['pp_microbatches']:.0f} micro-batches/step: bubble {p['pp_bubble']:.1%} of the step "
-            "(equal stages; memory and step time above are without PP; docs/pipeline.md)"
+            "(equal stages; the memory lines and step time above are without PP; docs/pipeline.md)"
         )
+        ranks, fsdp = (pipeline_ranks(cfg, vocab_size, W, zero, f) for f in (False, True))
+        layout = Layout(pp, ep, max(1, W // pp), zero)
+        lines += memory_lines(ranks, fsdp, layout, cluster.gpu_mem_gb, size)
     return "\n".join(lines)
 
 

@@ -8,13 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moetrain.data import val_batches
 from moetrain.parallel.context import ParallelContext
 from moetrain.train.metrics import MetricRecorder
 from moetrain.train.module import TrainModule
-from moetrain.train.moe_metrics import load_key, val_moe_metrics
+from moetrain.train.moe_metrics import val_moe_metrics
 
 
 @torch.no_grad()
@@ -29,34 +28,26 @@ def evaluate(
     """``val/loss`` (nats per token over every validation token, float64 sums), ``val/ppl``, ``val/bpb`` for the
     byte tokenizer, and ``val/maxvio_global`` (Wang et al. 2024) with its per-layer values.
 
-    Each rank evaluates its share of every global batch of ``micro_batch_size x W`` sequences; a rank whose
+    Each rank evaluates its share of every global batch of ``micro_batch_size x W`` sequences (under pipeline
+    parallelism each pipeline, of ``W / pp`` ones, a forward-only pass through the stages: the loss from the
+    last stage, every layer's load from its stage, all summed over the ranks so every rank returns the same); a rank whose
     share is empty still runs a one-row forward (it joins its EP group's all-to-alls) and records zeros.
     ``stop`` is asked before each batch (the same answer on every rank: the trainer's signal vote); when it
     is true the evaluation ends there and returns ``None``, so a SIGTERM does not wait for the whole split.
     """
     model = module.model
     model.eval()
-    layers = sorted(i for i in model.moe_layers() if i < model.cfg.n_layers)  # MTP blocks are training only
+    whole = module.whole
+    layers = sorted(i for i in whole.moe_layers() if i < whole.cfg.n_layers)  # MTP blocks are training only
     rec = MetricRecorder()
-    zero = torch.zeros((), dtype=torch.float64, device=pc.device)
-    for batch in val_batches(val, micro_batch_size * pc.world_size, pc.rank, pc.world_size):
+    for batch in val_batches(val, micro_batch_size * pc.dp_size, pc.dp_rank, pc.dp_size):
         if stop is not None and stop():
             model.train()
             return None
         empty = batch.shape[0] == 0
         tokens = torch.as_tensor(val[:1], dtype=torch.long) if empty else batch
-        tokens = tokens.to(pc.device)
-        out = module.eval_forward(tokens[:, :-1])
-        if empty:
-            rec.record("val/loss_sum", zero, "sum")
-            rec.record("val/tokens", zero, "sum")
-        else:
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
-            rec.record("val/loss_sum", ce.double(), "sum")
-            rec.record("val/tokens", zero + tokens[:, 1:].numel(), "sum")
-        for i, s in out.moe_stats.items():
-            rec.record(load_key(i, "val"), torch.zeros_like(s.load_N) if empty else s.load_N, "sum")
-    reduced = rec.reduce(pc)
+        module.eval_step(tokens.to(pc.device), empty, rec)
+    reduced = module.reduce_metrics(rec, "val")
     loss = 0.0
     if "val/loss_sum" in reduced:
         loss = (reduced.tensor("val/loss_sum") / reduced.tensor("val/tokens").clamp_min(1)).item()

@@ -16,6 +16,11 @@ Reductions, over every value recorded under one name on every rank:
 * ``max``: the largest.
 
 Values may be scalars or vectors (a per-expert load is one ``[N]`` vector).
+
+The flat all-reduces need the same names, shapes and dtypes on every rank. Under pipeline parallelism a rank
+records only its stages' MoE layers, so each rank fills in the others' as neutral values counted zero times
+(:func:`pad_to_schema`, zeros for sums and means, ``-inf`` for maxima) from the union of every rank's names
+(:func:`metric_schema`), exchanged once (:class:`~moetrain.train.pipeline.PipelineTrainModule`).
 """
 
 from __future__ import annotations
@@ -72,6 +77,30 @@ class MetricRecorder:
             if mean_names:
                 counts = pc.all_reduce_sum(counts.to(pc.device))
         return ReducedMetrics(totals, dict(zip(mean_names, counts)), dict(self.reductions))
+
+
+Schema = dict[str, tuple[tuple[int, ...], str, str]]
+"""Metric name -> (shape, dtype name, reduction)."""
+
+
+def metric_schema(rec: MetricRecorder) -> Schema:
+    """What ``rec`` recorded: each name's shape, dtype and reduction."""
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."), rec.reductions[k]) for k, v in rec.values.items()}
+
+
+def pad_to_schema(rec: MetricRecorder, schema: Schema, device: torch.device) -> None:
+    """Add every name of ``schema`` that ``rec`` lacks, as a value that changes no reduction: zeros (``sum``,
+    ``mean``, counted zero times) or ``-inf`` (``max``). A name ``rec`` holds outside ``schema`` is an error
+    (the ranks' flat reductions would no longer line up)."""
+    extra = sorted(set(rec.values) - set(schema))
+    if extra:
+        raise RuntimeError(f"metrics {extra} were recorded after the ranks agreed on the metric names")
+    for name, (shape, dtype, reduce) in schema.items():
+        if name not in rec.values:
+            fill = float("-inf") if reduce == "max" else 0.0
+            rec.values[name] = torch.full(shape, fill, dtype=getattr(torch, dtype), device=device)
+            rec.counts[name] = 0
+            rec.reductions[name] = reduce
 
 
 @dataclass

@@ -28,7 +28,7 @@ from moetrain.model.transformer import ModelOutput, Transformer
 from moetrain.moe.step_state import step_state
 from moetrain.parallel.context import ParallelContext
 from moetrain.train.metrics import MetricRecorder, ReducedMetrics
-from moetrain.train.moe_metrics import record_moe
+from moetrain.train.moe_metrics import record_moe, record_val
 from moetrain.train.step import micro_batch_loss, routing_prepass
 
 
@@ -53,6 +53,9 @@ class TrainModule(ABC):
 
     def __init__(self, cfg: TrainConfig, model: Transformer, pc: ParallelContext) -> None:
         self.cfg, self.model, self.pc = cfg, model, pc
+        self.whole: Transformer = model
+        """The whole model's shape (parameter counts, FLOPs, every MoE layer): ``model`` itself, but under
+        pipeline parallelism, where ``model`` holds this rank's stages only."""
         self.global_scope = cfg.moe.balance.scope == "global"
 
     # ------------------------------------------------------------ one step
@@ -101,6 +104,18 @@ class TrainModule(ABC):
     @abstractmethod
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:
         """Apply the accumulated gradients (``reduced``: the step's global metrics, for the non-finite check)."""
+
+    def reduce_metrics(self, rec: MetricRecorder, kind: str = "train") -> ReducedMetrics:
+        """``rec`` reduced over all ranks (:meth:`~moetrain.train.metrics.MetricRecorder.reduce`); ``kind``
+        (``train``, ``val``) names what was recorded, for an engine whose ranks record different keys."""
+        return rec.reduce(self.pc)
+
+    def eval_step(self, tokens_BS: torch.Tensor, empty: bool, rec: MetricRecorder) -> None:
+        """Evaluate one validation batch of token ids ``[B, S + 1]`` into ``rec``
+        (:func:`~moetrain.train.moe_metrics.record_val`); ``empty``: this rank's share was empty and
+        ``tokens_BS`` is a stand-in row, run for the collectives and recorded as zeros."""
+        out = self.eval_forward(tokens_BS[:, :-1])
+        record_val(rec, out.logits, tokens_BS, out.moe_stats, empty)
 
     @staticmethod
     def step_losses(reduced: ReducedMetrics) -> dict[str, torch.Tensor]:

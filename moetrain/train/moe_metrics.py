@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from moetrain.moe.layer import MoEStats
 from moetrain.moe.stats import device_load, maxvio
@@ -57,6 +58,29 @@ def record_moe(rec: MetricRecorder, stats: dict[int, MoEStats], prefix: str = "m
                 rec.record(f"{p}/{name}", getattr(s.comm, attr), "sum")
         for name, value in s.losses.items():
             rec.record(f"{p}/loss/{name}", value, "mean")
+
+
+def record_val(
+    rec: MetricRecorder,
+    logits_BSV: torch.Tensor | None,
+    tokens_BS: torch.Tensor,
+    stats: dict[int, MoEStats],
+    empty: bool,
+) -> None:
+    """One validation batch's sums: ``val/loss_sum`` (cross-entropy summed in float64 terms), ``val/tokens`` and
+    each MoE layer's load; zeros when ``empty`` (a stand-in row) and, for the loss, without ``logits_BSV`` (a
+    pipeline rank without the last stage)."""
+    zero = torch.zeros((), dtype=torch.float64, device=tokens_BS.device)
+    if empty or logits_BSV is None:
+        rec.record("val/loss_sum", zero, "sum")
+        rec.record("val/tokens", zero, "sum")
+    else:
+        targets = tokens_BS[:, 1:].flatten()
+        ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets, reduction="sum")
+        rec.record("val/loss_sum", ce.double(), "sum")
+        rec.record("val/tokens", zero + targets.numel(), "sum")
+    for i, s in stats.items():
+        rec.record(load_key(i, "val"), torch.zeros_like(s.load_N) if empty else s.load_N, "sum")
 
 
 def stacked_loads(reduced: ReducedMetrics, layers: list[int], prefix: str = "moe") -> torch.Tensor | None:

@@ -35,11 +35,20 @@ class NativeTrainModule(TrainModule):
         self.dtype = autocast_dtype(cfg.trainer.precision, pc.device)
         shard = cfg.parallel.fsdp  # fully_shard gathers bf16 weights on a GPU (FSDP2's policy), replicate keeps fp32
         param_dtype = self.dtype if shard and pc.device.type == "cuda" else None
-        apply_data_parallel(model, pc, shard=shard, param_dtype=param_dtype)  # before the optimizer: DTensors
+        self.apply_data_parallel(shard, param_dtype)  # before the optimizer: DTensors
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.nonfinite_max_skips, pc.is_main)
         self.reduce_every_micro_batch = cfg.parallel.fsdp and not cfg.parallel.fsdp_keep_gathered
+
+    @property
+    def dp_pc(self) -> ParallelContext:
+        """The context data parallelism and the gradient norm run over (the stage's under pipeline parallelism)."""
+        return self.pc
+
+    def apply_data_parallel(self, shard: bool, param_dtype: torch.dtype | None) -> None:
+        """The model's FSDP2 units (:func:`~moetrain.parallel.data_parallel.apply_data_parallel`)."""
+        apply_data_parallel(self.model, self.pc, shard=shard, param_dtype=param_dtype)
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
@@ -64,7 +73,7 @@ class NativeTrainModule(TrainModule):
     def optim_step(self, step: int, reduced: ReducedMetrics) -> StepInfo:
         """Clip, check, step: the gradients were reduced in the last backward (non-expert ones averaged over all
         W ranks, experts summed over their EDP group, both / W); each expert shard counts once in the norm."""
-        grad_norm = clip_grad_norm(self.model, self.pc, self.cfg.optim.grad_clip)
+        grad_norm = clip_grad_norm(self.model, self.dp_pc, self.cfg.optim.grad_clip)
         if not self.nonfinite.check(step, {**self.step_losses(reduced), "gradient norm": grad_norm}):
             self.optimizer.zero_grad(set_to_none=True)  # trainer.nonfinite=skip
             return StepInfo(grad_norm, False, {"train/nonfinite_skips": self.nonfinite.skipped})

@@ -133,6 +133,19 @@ def build_parallel_model(
     return model
 
 
+def build_engine(
+    cfg: TrainConfig, vocab: int, train_tokens: Any, pc: ParallelContext, doc_eos: int | None = None
+) -> TrainModule:
+    """The train module with its model: :func:`build_parallel_model` and :func:`build_train_module`, or under
+    pipeline parallelism (``parallel.pp > 1``) the engine that builds this rank's stages itself
+    (:class:`~moetrain.train.pipeline.PipelineTrainModule`)."""
+    if cfg.parallel.pp > 1:
+        from moetrain.train.pipeline import PipelineTrainModule
+
+        return PipelineTrainModule(cfg, vocab, train_tokens, pc, doc_eos)
+    return build_train_module(cfg, build_parallel_model(cfg, vocab, train_tokens, pc, doc_eos), pc)
+
+
 def build_train_module(cfg: TrainConfig, model: Transformer, pc: ParallelContext) -> TrainModule:
     """The train module of ``engine.name``."""
     if cfg.engine.name == "deepspeed":
@@ -151,7 +164,7 @@ class Trainer:
         """``data``: sequences already prepared (a benchmark's token source); ``None`` = ``cfg.data``'s corpus."""
         self.run_dir = Path(run_dir)
         self.pc = pc or ParallelContext()
-        self.cfg = cfg = with_micro_batch(cfg, self.pc.world_size)  # micro_batch_size=None: each rank's share
+        self.cfg = cfg = with_micro_batch(cfg, self.pc.dp_size)  # micro_batch_size=None: each rank's share
         self.device = self.pc.device
         setup_torch(cfg)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -160,9 +173,10 @@ class Trainer:
         self.progress = Progress(build_loader(self.data, t.global_batch_size, cfg.data.seed))
         vocab = vocab_for(cfg.model, self.tokenizer.vocab_size)
         doc_eos = self.tokenizer.eos_id if cfg.data.doc_mask else None  # data.doc_mask: documents split at EOS
-        model = build_parallel_model(cfg, vocab, self.data.train, self.pc, doc_eos)
-        self.module: TrainModule = build_train_module(cfg, model, self.pc)
-        self.moe_layers = model.moe_layers()
+        self.module: TrainModule = build_engine(cfg, vocab, self.data.train, self.pc, doc_eos)
+        model = self.module.whole  # the whole model's shape (under PP the rank holds its stages only)
+        self.moe_layers = self.module.model.moe_layers()  # this rank's: their loss-free biases
+        self.layer_groups = {i: layer.num_groups for i, layer in model.moe_layers().items()}  # every layer: logged
         self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
         self.peak_tflops, self.peak_source = peak_tflops(self.device, t.peak_tflops)
         self.checkpointer = CheckpointManager(
@@ -204,7 +218,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def micro_batches(self, global_batch: torch.Tensor) -> list[torch.Tensor]:
         """This rank's share of the global batch, split into micro-batches."""
-        local = staged_for(rank_slice(global_batch, self.pc.rank, self.pc.world_size), self.pc.device)
+        local = staged_for(rank_slice(global_batch, self.pc.dp_rank, self.pc.dp_size), self.pc.device)
         return split_micro_batches(local, self.cfg.trainer.micro_batch_size)
 
     def forward_backward(self, global_batch: torch.Tensor) -> MetricRecorder:
@@ -216,9 +230,8 @@ class Trainer:
 
     def train_step(self, global_batch: torch.Tensor) -> StepOutput:
         """One optimizer step on the step's global batch."""
-        reduced = self.forward_backward(global_batch).reduce(
-            self.pc
-        )  # before the update: a non-finite global loss is not applied
+        reduced = self.module.reduce_metrics(self.forward_backward(global_batch))  # before the update: a non-finite
+        # global loss is not applied
         lr = self.module.lr()
         info = self.module.optim_step(self.step + 1, reduced)
         if info.applied:  # a skipped step updates nothing, the loss-free bias included
@@ -249,7 +262,6 @@ class Trainer:
     def step_metrics(self, out: StepOutput, tokens_per_sec: float) -> dict[str, Any]:
         """The logged keys of a training step (docs/metrics.md): one device-to-host copy."""
         host = out.reduced.host()
-        groups = {i: layer.num_groups for i, layer in self.moe_layers.items()}
         return {
             "train/loss": host["train/loss"],
             "train/aux_loss": host["train/aux_loss"],
@@ -260,7 +272,7 @@ class Trainer:
             "perf/mfu": tokens_per_sec * self.flops_per_token / (self.peak_tflops * 1e12),
             "train/tokens": self.progress.tokens_seen,
             **out.info.extra,
-            **moe_log_metrics(out.reduced, host, sorted(self.moe_layers), groups),
+            **moe_log_metrics(out.reduced, host, sorted(self.layer_groups), self.layer_groups),
             **self.loader.metrics(),  # a mixture's realised source proportions
         }
 
@@ -334,10 +346,10 @@ class Trainer:
         if self.cfg.logger.wandb.mode != "disabled":
             self.sinks.append(WandbSink(self.cfg.logger.wandb, self.run_dir, to_dict(self.cfg)))
         self.sinks.append(self.console)
-        m = self.model
+        m = self.module.whole
         LOG.info(
             f"moetrain: {m.num_params() / 1e6:.2f}M params ({m.num_params(active=True) / 1e6:.2f}M active), "
-            f"{len(self.moe_layers)} MoE layers, {self.data.train.shape[0]} train / {self.data.val.shape[0]} val "
+            f"{len(self.layer_groups)} MoE layers, {self.data.train.shape[0]} train / {self.data.val.shape[0]} val "
             f"sequences of {self.cfg.data.seq_len}, world {self.pc.world_size}, device {self.device}, "
             f"run dir {self.run_dir}"
         )

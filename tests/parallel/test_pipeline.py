@@ -225,18 +225,26 @@ def test_aux_loss_left_out_of_the_backward_is_caught() -> None:
         ({"pp": 2, "pp_layers": "embedding+1,2+head"}, 2, "3 blocks, the model has 4 (model.n_layers)"),
         ({"pp": 2, "pp_layers": "embedding+4+head"}, 2, "1 stages, the layout has 2"),
         ({"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual": 1}, 2, "parallel.pp_virtual=1: interleaved"),
-        ({"pp": 2, "pp_schedule": "zbv"}, 4, "parallel.pp=2: pipeline stages are not run by the trainer yet"),
+        ({"pp": 2, "engine.name": "deepspeed"}, 4, "parallel.pp=2: pipeline stages are run by the native engine only"),
+        ({"pp": 2, "trainer.compile": True}, 4, "parallel.pp=2: trainer.compile is not applied to pipeline stages"),
         ({"pp": 2, "ep": 4}, 4, "parallel.ep=4: must divide the world size / parallel.pp (2 ranks)"),
         ({"pp": 5}, 5, "parallel.pp: 5 stages for 4 blocks"),
+        ({"pp": 2}, 2, "1f1b needs at least parallel.pp=2 micro-batches per pipeline, the step has 1"),
+        (
+            {"pp": 2, "pp_schedule": "interleaved_1f1b", "trainer.micro_batch_size": 1, "trainer.global_batch_size": 5},
+            2,
+            "interleaved_1f1b needs the micro-batches per pipeline (5) a multiple of 2",
+        ),
     ],
 )
 def test_pp_config_errors_are_one_line(changes: dict[str, object], world: int, message: str) -> None:
     """Catches a pipeline layout accepted though it cannot run (pp not dividing the ranks, a split rule not
-    covering the blocks, an unknown schedule, EP not fitting a stage), or ``pp > 1`` silently training without
-    pipeline stages while the trainer does not run them."""
+    covering the blocks, an unknown schedule, EP not fitting a stage), or ``pp > 1`` with an engine or a
+    compilation that does not run pipeline stages (``section.key`` names another section than ``parallel``)."""
     cfg = TrainConfig()
     for key, value in changes.items():
-        setattr(cfg.parallel, key, value)
+        section, name = key.split(".") if "." in key else ("parallel", key)
+        setattr(getattr(cfg, section), name, value)
     with pytest.raises(ConfigError) as err:
         validate(cfg, world_size=world)
     assert message in str(err.value) and "\n" not in str(err.value)

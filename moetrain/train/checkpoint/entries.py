@@ -11,6 +11,12 @@
 * ``rng.rank<r>.*``: every rank's torch CPU (and CUDA) generator, Python
   ``random`` and NumPy global states.
 
+Under pipeline parallelism a rank holds one or more stage modules
+(:class:`~moetrain.parallel.pipeline_stage.StageModule`, which keep the one-process parameter names) and an
+optimizer per stage or one for all: every function here takes a module or a sequence of them (and an optimizer
+or a sequence), and the entries are the union over the stages, the same global names as one process's, so a
+checkpoint saved at one pipeline size loads at any other.
+
 Under FSDP the same entries hold DTensors' shards (:mod:`moetrain.train.checkpoint.sharded`): a non-expert
 entry is the DTensor (each rank writes its shard), and a stacked expert tensor sharded over its EDP ranks gives
 each rank the per-expert entries of the rows it holds. A checkpoint saved with FSDP therefore loads without it,
@@ -20,8 +26,9 @@ and the other way round, on any world and EP size.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -29,6 +36,26 @@ from torch import nn
 
 from moetrain.parallel.data_parallel import reshard
 from moetrain.train.checkpoint.sharded import copy_local, local_rows, owned, restored
+
+Modules: TypeAlias = nn.Module | Sequence[nn.Module]
+"""A rank's model: one module, or its pipeline stages' modules (one-process parameter names, disjoint)."""
+Optimizers: TypeAlias = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+"""A rank's optimizer, or one per pipeline stage."""
+
+
+def as_modules(model: Modules) -> list[nn.Module]:
+    """``model`` as a list of modules (a single module, even an ``nn.ModuleList``, is one)."""
+    return [model] if isinstance(model, nn.Module) else list(model)
+
+
+def as_optimizers(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
+    """``optimizer`` as a list of optimizers."""
+    return [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+
+
+def _reshard(model: Modules) -> None:
+    for m in as_modules(model):
+        reshard(m)
 
 
 @dataclass
@@ -41,7 +68,7 @@ class ExpertLayout:
     num_global: int
 
 
-def expert_modules(model: nn.Module) -> dict[str, ExpertLayout]:
+def expert_modules(model: Modules) -> dict[str, ExpertLayout]:
     """Module prefix -> layout of every routed-expert module (stacked ``w13`` / ``w2`` on dim 0).
 
     Under expert parallelism ``apply_expert_parallel`` keeps only the local experts
@@ -51,7 +78,7 @@ def expert_modules(model: nn.Module) -> dict[str, ExpertLayout]:
     from moetrain.moe.experts import GroupedExperts
 
     out = {}
-    for name, mod in model.named_modules():
+    for name, mod in (item for m in as_modules(model) for item in m.named_modules()):
         if isinstance(mod, GroupedExperts):
             local = mod.w13.shape[0]  # a DTensor's shape is the whole EP-local stack's
             out[name] = ExpertLayout(
@@ -72,13 +99,13 @@ def _split_experts(out: dict[str, torch.Tensor], prefix: str, suffix: str, lay: 
         out[f"{prefix}.{lay.offset + first + i}{suffix}"] = rows[i]
 
 
-def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_entries(model: Modules) -> dict[str, torch.Tensor]:
     """The model state as checkpoint entries: experts split per global index (views, no copies); under FSDP the
-    sharded parameters (DTensors) and the expert rows this rank holds."""
-    reshard(model)
+    sharded parameters (DTensors) and the expert rows this rank holds; under PP the union over the stages."""
+    _reshard(model)
     experts = _expert_param_names(expert_modules(model))
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in (item for m in as_modules(model) for item in m.state_dict().items()):
         lay = experts.get(name)
         if lay is None:
             out[f"model.{name}"] = t
@@ -105,16 +132,14 @@ def _fresh_adamw_state(p: torch.Tensor, group: dict[str, Any]) -> dict[str, torc
     return state
 
 
-def _named_params(model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
+def _named_params(model: Modules) -> dict[int, tuple[str, nn.Parameter]]:
     out: dict[int, tuple[str, nn.Parameter]] = {}
-    for name, p in model.named_parameters():
+    for name, p in (item for m in as_modules(model) for item in m.named_parameters()):
         out.setdefault(id(p), (name, p))
     return out
 
 
-def optimizer_entries(
-    model: nn.Module, optimizer: torch.optim.Optimizer, materialize: bool = True
-) -> dict[str, torch.Tensor]:
+def optimizer_entries(model: Modules, optimizer: Optimizers, materialize: bool = True) -> dict[str, torch.Tensor]:
     """Optimizer state per parameter name, expert tensors split per global expert.
 
     ``materialize`` fills parameters without state with AdamW's initial state
@@ -123,14 +148,14 @@ def optimizer_entries(
     for every expert of the EP-local stack (by each rank of the EDP group: DCP
     keeps one), so a rank holding no row still finds it.
     """
-    reshard(model)  # the optimizer's state is keyed by the sharded parameters
+    _reshard(model)  # the optimizer's state is keyed by the sharded parameters
     experts = _expert_param_names(expert_modules(model))
     names = _named_params(model)
     out: dict[str, torch.Tensor] = {}
-    for group in optimizer.param_groups:
+    for opt, group in ((o, g) for o in as_optimizers(optimizer) for g in o.param_groups):
         for p in group["params"]:
             name = names[id(p)][0]
-            state = optimizer.state.get(p) or (_fresh_adamw_state(p, group) if materialize else {})
+            state = opt.state.get(p) or (_fresh_adamw_state(p, group) if materialize else {})
             lay = experts.get(name)
             for key, val in state.items():
                 if not torch.is_tensor(val):
@@ -188,13 +213,13 @@ def copy_into(targets: dict[str, torch.Tensor], sources: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def set_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, buffers: dict[str, torch.Tensor]) -> None:
+def set_optimizer_state(model: Modules, optimizer: Optimizers, buffers: dict[str, torch.Tensor]) -> None:
     """The AdamW state of every parameter from :func:`optimizer_entries`-named buffers (experts re-stacked from
     the rows this rank holds; DTensor moments for DTensor parameters)."""
-    reshard(model)
+    _reshard(model)
     experts = _expert_param_names(expert_modules(model))
     names = _named_params(model)
-    for group in optimizer.param_groups:
+    for opt, group in ((o, g) for o in as_optimizers(optimizer) for g in o.param_groups):
         for p in group["params"]:
             name = names[id(p)][0]
             lay = experts.get(name)
@@ -209,7 +234,7 @@ def set_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, buff
                     parts = [buffers[f"optim.{name}.{lay.offset + first + i}.{key}"] for i in range(rows.shape[0])]
                     src = torch.stack(parts) if parts else rows
                 state[key] = restored(fresh, src)
-            optimizer.state[p] = state
+            opt.state[p] = state
 
 
 def reseed_rank(seed: int, step: int, rank: int) -> None:

@@ -132,6 +132,9 @@ def validate_meta(path: Path, meta: dict[str, Any]) -> None:
             raise CheckpointError(f"{path}: field {key!r} must be a JSON {names}, not {type(value).__name__}")
     if meta["step"] < 0 or meta["ep"] < 1 or meta["world_size"] < 1:
         raise CheckpointError(f"{path}: step, ep or world_size out of range")
+    pp = meta.get("pp", 1)  # the pipeline size, for the record (checkpoints before it have none)
+    if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
+        raise CheckpointError(f"{path}: field 'pp' must be a JSON int >= 1, not {pp!r}")
     for rel, info in meta.get("files", {}).items():
         ok = isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)
         if not ok or Path(rel).is_absolute() or ".." in Path(rel).parts:

@@ -9,7 +9,7 @@ It knows no Trainer. A checkpoint is assembled from
 * the **loop's state** (:class:`LoopState`): JSON fields only (step, tokens seen,
   loader position, skipped steps);
 * the run's identity: ``arch`` (the tensors' shapes), the resolved config, the
-  world and EP sizes.
+  world, EP and pipeline sizes (for the record: any layout loads, the names are global).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class CheckpointManager:
             "format": FORMAT_VERSION,
             "world_size": self.pc.world_size,
             "ep": self.run_cfg.parallel.ep,
+            "pp": self.run_cfg.parallel.pp,
             **self.progress.state_dict(),
             **self.engine.checkpoint_meta(),
             "arch": self.arch,

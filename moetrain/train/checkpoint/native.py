@@ -6,6 +6,9 @@ reads exactly the entries this rank's model and optimizer need, so any world
 size and EP size can load any checkpoint. Under FSDP each rank writes and reads
 its shards only (DTensor entries, :mod:`~moetrain.train.checkpoint.sharded`);
 an asynchronous save stages (copies) them to the CPU before training goes on.
+Under pipeline parallelism a rank passes its stages' modules and their optimizers (and schedulers): the
+entries keep the one-process names (:mod:`~moetrain.train.checkpoint.entries`), so DCP writes each stage's
+once and any pipeline size reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from torch.distributed.checkpoint import FileSystemWriter
 from moetrain.config import TrainConfig, to_dict
 from moetrain.train.checkpoint.compat import arch_of
 from moetrain.train.checkpoint.entries import (
+    Modules,
+    Optimizers,
+    as_optimizers,
     copy_into,
     model_entries,
     optimizer_entries,
@@ -45,7 +51,7 @@ from moetrain.train.optim import FSDP_GROUP_SUFFIX, restart_schedule
 
 
 def save_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, tmp: Path, group: Any, asynchronous: bool
+    model: Modules, optimizer: Optimizers, rank: int, tmp: Path, group: Any, asynchronous: bool
 ) -> Future | None:
     """Write model, optimizer and this rank's RNG into ``tmp``; with ``asynchronous`` the tensors are staged
     (copied) now and written in a thread (the returned future)."""
@@ -58,10 +64,17 @@ def save_state(
     return None
 
 
-def schedule_meta(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """The JSON part of the optimizer: its param groups' hyperparameters and the LR schedule's position."""
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+def schedule_meta(optimizer: Optimizers, scheduler: Any) -> dict[str, Any]:
+    """The JSON part of the optimizer: its param groups' hyperparameters and the LR schedule's position. Under
+    PP (an optimizer and a scheduler per stage, all on one schedule) the first scheduler's position and each
+    group role once (the first stage's)."""
+    groups: list[dict[str, Any]] = []
+    for g in (g for o in as_optimizers(optimizer) for g in o.param_groups):
+        role = _group_role(g)
+        if role is None or role not in [_group_role(h) for h in groups]:
+            groups.append({k: v for k, v in g.items() if k != "params"})
+    first = scheduler if not isinstance(scheduler, list | tuple) else scheduler[0]
+    sched = {k: v for k, v in first.state_dict().items() if k != "lr_lambdas"}
     return {"scheduler": sched, "param_groups": groups}
 
 
@@ -71,12 +84,19 @@ def _group_role(group: dict[str, Any]) -> Any:
     return name.removesuffix(FSDP_GROUP_SUFFIX) if isinstance(name, str) else None
 
 
-def saved_groups_of(path: Path, meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[int]:
+def saved_groups_of(path: Path, meta: dict[str, Any], optimizer: Optimizers) -> list[int]:
     """For each of this optimizer's param groups, the index of the saved group whose schedule it continues: the
     one of the same role (FSDP splits each group into its plain and DTensor halves, so a run with FSDP and one
     without have different groups), or, when no saved group is named, the one at the same position."""
     saved = meta["param_groups"]
     roles = [_group_role(g) if isinstance(g, dict) else None for g in saved]
+    out = []
+    for opt in as_optimizers(optimizer):
+        out += _saved_groups(path, saved, roles, opt)
+    return out
+
+
+def _saved_groups(path: Path, saved: list[Any], roles: list[Any], optimizer: torch.optim.Optimizer) -> list[int]:
     out = []
     for j, group in enumerate(optimizer.param_groups):
         role = _group_role(group)
@@ -89,23 +109,26 @@ def saved_groups_of(path: Path, meta: dict[str, Any], optimizer: torch.optim.Opt
     return out
 
 
-def load_schedule(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any, meta: dict[str, Any]) -> None:
+def load_schedule(path: Path, optimizer: Optimizers, scheduler: Any, meta: dict[str, Any]) -> None:
     """The LR schedule's position (the optimizer steps taken); each param group's learning rate is this run's
     config's schedule at that position (:func:`~moetrain.train.optim.restart_schedule`), so a resumed
     ``optim.lr``, warmup, ``min_lr_ratio`` or ``trainer.max_steps`` is in force from the first resumed step.
-    The saved groups must still map onto this optimizer's (:func:`saved_groups_of`)."""
+    The saved groups must still map onto this optimizer's (:func:`saved_groups_of`). Under PP ``optimizer``
+    and ``scheduler`` are sequences, one pair per stage, all restarted at the same position."""
     saved_groups_of(path, meta, optimizer)
     last_epoch = meta["scheduler"].get("last_epoch")
     if not isinstance(last_epoch, int) or isinstance(last_epoch, bool) or last_epoch < 0:
         raise CheckpointError(f"{path / META_FILE}: scheduler.last_epoch={last_epoch!r} is not a step count")
-    restart_schedule(optimizer, scheduler, last_epoch)
+    schedulers = list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
+    for opt, sched in zip(as_optimizers(optimizer), schedulers, strict=True):
+        restart_schedule(opt, sched, last_epoch)
 
 
 def load_state(
     path: Path,
     meta: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: Modules,
+    optimizer: Optimizers,
     scheduler: Any,
     rank: int,
     seed: int,

@@ -60,6 +60,9 @@ def test_bad_optim_and_trainer_numbers_stop_the_command_with_one_line(tmp_path, 
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("MOETRAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MOETRAIN_DEBUG", raising=False)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # main() sets it: restored after the test
+    monkeypatch.setattr(cli, "USER_ARGS", None)
+    monkeypatch.setattr(cli, "FAILURE", [])
     with pytest.raises(SystemExit) as exc:
         cli.main()
     err = capsys.readouterr().err

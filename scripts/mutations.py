@@ -418,4 +418,183 @@ MUTATIONS: list[Mutation] = [
         [("moetrain/hf/mapping.py", '"rms_norm_eps": m.norm_eps,', '"rms_norm_eps": 1e-6,')],
         "tests/hf/test_transformers_interop.py::test_qwen_moe_imports_and_exports_with_equal_logits",
     ),
+    # ------------------------------------------------------------------ model: MLA, MTP (issue 30)
+    _m(
+        "mla_rope_key_unrotated",
+        "model",
+        "MLA: the decoupled RoPE key k^R is never rotated (eq. 14's RoPE applied to the query only)",
+        [("moetrain/model/mla.py", "apply_rope(k_rope, cos, sin)", "k_rope")],
+        "tests/model/test_mla.py::test_mla_equals_a_transcription_of_eq_9_to_19_in_values_and_gradients",
+        fast=True,
+    ),
+    _m(
+        "mla_rope_on_the_nope_part",
+        "model",
+        "MLA: the query's RoPE part and its no-RoPE part swapped (RoPE lands on the q^C dimensions)",
+        [("moetrain/model/mla.py", "torch.cat([q_nope, q_rope], dim=-1)", "torch.cat([q_rope, q_nope], dim=-1)")],
+        "tests/model/test_mla.py::test_mla_equals_a_transcription_of_eq_9_to_19_in_values_and_gradients",
+        fast=True,
+    ),
+    _m(
+        "mla_scale_without_mscale",
+        "model",
+        "MLA under YaRN: the softmax scale left at 1/sqrt(d_h + d_h^R), without DeepSeek-V3's mscale^2",
+        [("moetrain/model/mla.py", "mscale_all_dim) ** 2", "mscale_all_dim) ** 0")],
+        "tests/model/test_mla.py::test_yarn_scale_and_tables_follow_deepseek_v3",
+        fast=True,
+    ),
+    _m(
+        "mla_scale_nope_dim_only",
+        "model",
+        "MLA: the softmax scale 1/sqrt(d_h) of the no-RoPE width alone instead of 1/sqrt(d_h + d_h^R)",
+        [
+            (
+                "moetrain/model/mla.py",
+                "(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5",
+                "cfg.qk_nope_head_dim ** -0.5",
+            )
+        ],
+        "tests/model/test_mla.py::test_mla_equals_a_transcription_of_eq_9_to_19_in_values_and_gradients",
+        fast=True,
+    ),
+    _m(
+        "mtp_embedding_off_by_one",
+        "model",
+        "MTP depth k embeds t_{i+k-1} (the main model's own input) instead of the next token t_{i+k}",
+        [("moetrain/model/mtp.py", "model.embed(tokens_BS[:, k:])", "model.embed(tokens_BS[:, k - 1 : S - 1])")],
+        "tests/model/test_mtp.py",
+        fast=True,
+    ),
+    _m(
+        "mtp_norms_swapped",
+        "model",
+        "MTP: the hidden state normalised by the embedding's RMSNorm and the embedding by the hidden state's",
+        [
+            (
+                "moetrain/model/mtp.py",
+                "module.hnorm(h[:, :n]), module.enorm(emb)",
+                "module.enorm(h[:, :n]), module.hnorm(emb)",
+            )
+        ],
+        "tests/model/test_mtp.py",
+        fast=True,
+    ),
+    _m(
+        "mtp_concat_order",
+        "model",
+        "MTP: [Emb; h] concatenated instead of eq. 21's [RMSNorm(h); RMSNorm(Emb)] (the projection's halves swapped)",
+        [
+            (
+                "moetrain/model/mtp.py",
+                "[module.hnorm(h[:, :n]), module.enorm(emb)]",
+                "[module.enorm(emb), module.hnorm(h[:, :n])]",
+            )
+        ],
+        "tests/model/test_mtp.py",
+        fast=True,
+    ),
+    _m(
+        "mtp_lambda_not_per_depth_mean",
+        "model",
+        "MTP loss lambda x sum_k L^k instead of eq. 25's lambda / D x sum_k L^k (equal at depth 1 only)",
+        [("moetrain/model/mtp.py", "lam / len(per_depth) *", "lam *")],
+        "tests/model/test_mtp.py",
+        fast=True,
+    ),
+    # ------------------------------------------------------------------ parallel: pipeline stages (issue 32)
+    _m(
+        "pp_aux_scale_halved",
+        "parallel",
+        "pipeline: the aux-loss autoscaler sends scale / 2 (a second 1/m) into the balance loss's backward",
+        [("moetrain/parallel/pipeline_stage.py", "* ctx.scale, None", "* ctx.scale / 2, None")],
+        "tests/parallel/test_pipeline.py::test_pp2_equals_one_process_with_aux_loss",
+    ),
+    _m(
+        "pp_stage_experts_of_another_ep_rank",
+        "parallel",
+        "pipeline x EP: each stage materialises the next EP rank's experts instead of its own",
+        [
+            (
+                "moetrain/parallel/pipeline_stage.py",
+                "_materialise(model, ep, ep_rank,",
+                "_materialise(model, ep, (ep_rank + 1) % ep,",
+            )
+        ],
+        "tests/parallel/test_pipeline.py::test_stage_meta_init_equals_one_process_init",
+    ),
+    # ------------------------------------------------------------------ hf: lazy safetensors import, loss-free bias
+    _m(
+        "hf_lazy_square_transposed",
+        "hf",
+        "lazy safetensors import: square matrices read transposed (an [out, in] / [in, out] mix-up in the reader)",
+        [
+            (
+                "moetrain/hf/lazy.py",
+                "return t.float() if t.is_floating_point() else t",
+                "return (t.float().mT if t.dim() == 2 and t.shape[0] == t.shape[1] else t.float()) if t.is_floating_point() else t",
+            )
+        ],
+        "tests/hf/test_lazy_safetensors.py",
+    ),
+    _m(
+        "loss_free_bias_sign",
+        "moe",
+        "loss-free balancing raises the bias of overloaded experts (sign(load - mean) instead of sign(mean - load))",
+        [("moetrain/moe/router.py", "torch.sign(load.mean() - load)", "torch.sign(load - load.mean())")],
+        "tests/moe/test_balance.py::test_loss_free_updates_drive_maxvio_down_on_a_skewed_router",
+        fast=True,
+    ),
+    # ------------------------------------------------------------------ train: the schedule, config: the bounds
+    _m(
+        "lr_warmup_off_by_one",
+        "train",
+        "warmup multiplier step / warmup instead of (step + 1) / warmup: the first optimizer step at rate 0",
+        [("moetrain/train/optim.py", "return (step + 1) / cfg.warmup_steps", "return step / cfg.warmup_steps")],
+        "tests/train/test_optim.py",
+        fast=True,
+    ),
+    _m(
+        "lr_cosine_decay_too_long",
+        "train",
+        "the cosine decays over max_steps instead of max_steps - warmup_steps (min_lr_ratio never reached)",
+        [("moetrain/train/optim.py", "max(1, max_steps - cfg.warmup_steps)", "max(1, max_steps)")],
+        "tests/train/test_optim.py",
+        fast=True,
+    ),
+    _m(
+        "lr_progress_unclamped",
+        "train",
+        "cosine progress not clamped at 1: past max_steps (a resume with a lower max_steps) the rate climbs again",
+        [
+            (
+                "moetrain/train/optim.py",
+                "progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)",
+                "progress = (step - cfg.warmup_steps) / decay_steps",
+            )
+        ],
+        "tests/train/test_optim.py",
+        fast=True,
+    ),
+    _m(
+        "lr_bound_strict",
+        "config",
+        "optim.lr's bound strict (lr >= 10 refused): the documented edge lr=10 no longer runs",
+        [("moetrain/config/limits.py", "if o.lr > MAX_LR:", "if o.lr >= MAX_LR:")],
+        "tests/config/test_optim_trainer_bounds.py::test_the_bounds_themselves_are_valid",
+        fast=True,
+    ),
+    _m(
+        "weight_decay_bound_ignores_lr",
+        "config",
+        "the decay bound checks weight_decay alone instead of lr x weight_decay (lr=10, weight_decay=0.2 let through)",
+        [
+            (
+                "moetrain/config/limits.py",
+                "if o.lr * o.weight_decay > MAX_DECAY_FACTOR:",
+                "if o.weight_decay > MAX_DECAY_FACTOR:",
+            )
+        ],
+        "tests/config/test_optim_trainer_bounds.py",
+        fast=True,
+    ),
 ]

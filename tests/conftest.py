@@ -72,7 +72,13 @@ def _seed_and_threads():
 
 
 def write_corpus(root, n_docs: int = 8) -> list[str]:
-    """A small local text corpus (real Python source) for fast end-to-end tests."""
+    """A small local text corpus (real Python source) for fast end-to-end tests.
+
+    Several processes write the same corpus at once (both ranks of a spawned check, every case of a module
+    under one ``tmp``), while others read it: a file already holding the text is left alone (its mtime, part
+    of the data cache's key, unchanged), any other is written to a temporary file and renamed over, so a
+    reader never sees a truncated document (``write_text`` truncates first: under load another rank could
+    tokenise half a file, and train on other data than the run it is compared with)."""
     import sysconfig
     from pathlib import Path
 
@@ -83,7 +89,11 @@ def write_corpus(root, n_docs: int = 8) -> list[str]:
     paths = []
     for name in names[:n_docs]:
         dst = root / name.replace(".py", ".txt")
-        dst.write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+        text = (stdlib / name).read_text(encoding="utf-8")
+        if not dst.is_file() or dst.read_text(encoding="utf-8") != text:
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(dst)
         paths.append(str(dst))
     return paths
 

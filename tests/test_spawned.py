@@ -54,3 +54,31 @@ def test_a_check_that_raises_fails_only_its_own_test(monkeypatch):
     with pytest.raises(AssertionError, match=r"(?s)rank 1: .*wrong on rank 1"):
         spawned.result(2, "bad")
     assert spawned._FAILED == {}
+
+
+def test_the_shared_corpus_is_rewritten_atomically_and_only_when_it_changed(tmp_path, monkeypatch):
+    """The checks of one spawn (both ranks, every case) write the same corpus under one ``tmp`` while the other
+    rank tokenises it. Catches the old ``write_text`` (truncate, then write): a rewrite changed the files' mtime,
+    part of the data cache's key, and a reader could catch a document half written (the suspected cause of
+    ``test_fsdp_steps_equal_the_replicated_run[2-ep2]`` failing only under load: step-1 loss 0.07% off)."""
+    from pathlib import Path
+
+    from tests.conftest import write_corpus
+
+    paths = [Path(p) for p in write_corpus(tmp_path, n_docs=2)]
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    truncated: list[str] = []
+    real_write_text = Path.write_text
+
+    def watched(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        if self in paths:  # written in place: a reader may see it empty or half written
+            truncated.append(self.name)
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", watched)
+    assert [Path(p) for p in write_corpus(tmp_path, n_docs=2)] == paths
+    assert [p.stat().st_mtime_ns for p in paths] == stamps  # unchanged text: untouched
+    real_write_text(paths[0], "damaged")
+    write_corpus(tmp_path, n_docs=2)
+    assert truncated == [] and paths[0].read_text() != "damaged"  # replaced whole, by a rename
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -75,19 +75,22 @@ class OptimConfig:
     """AdamW with linear warmup and cosine decay."""
 
     lr: float = 2e-3
-    """Peak learning rate."""
+    """Peak learning rate, in (0, 10]: AdamW moves every weight by about lr per step whatever the gradient, so a
+    larger rate replaces weights of order ``model.init_std`` with noise at once (``moetrain.config.limits``)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr``."""
     warmup_steps: int = 20
-    """Linear warmup steps."""
+    """Linear warmup steps; more than ``trainer.max_steps`` is allowed (short test runs): the rate then climbs
+    for the whole run and never decays."""
     weight_decay: float = 0.1
-    """Decoupled weight decay (never on norms, biases and embeddings)."""
+    """Decoupled weight decay (never on norms, biases and embeddings); ``lr x weight_decay`` at most 1 (each step
+    multiplies the decayed weights by 1 - lr x weight_decay)."""
     beta1: float = 0.9
     """AdamW beta1 (first-moment decay)."""
     beta2: float = 0.95
     """AdamW beta2 (second-moment decay)."""
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW epsilon, in (0, 1] (a larger one outweighs sqrt(v) and AdamW becomes SGD with rate lr / eps)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
 
@@ -110,7 +113,7 @@ class TrainerConfig:
     eval_at_start: bool = True
     """Also evaluate before the first step (the starting validation loss, logged at step 0)."""
     seed: int = 0
-    """Seed of the model init and of every random draw in training."""
+    """Seed of the model init and of every random draw in training, in [0, 2**63) (torch's 64-bit seeds)."""
     deterministic: bool = False
     """Use deterministic algorithms (bitwise-repeatable runs on the same topology)."""
     device: str = "auto"

@@ -13,9 +13,10 @@ import math
 from typing import Any
 
 from moetrain.config.errors import ConfigError
+from moetrain.config.limits import check_optim, check_seed
 from moetrain.config.model import ModelConfig, MoEConfig, RouterConfig, resolve_num_groups
 from moetrain.config.pipeline_layout import check_pipeline_layout, check_pipeline_training
-from moetrain.config.run import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, TrainerConfig, config_keys
+from moetrain.config.run import CheckpointConfig, DataConfig, TrainConfig, TrainerConfig, config_keys
 from moetrain.config.world import micro_batch_for, usable_cpus
 
 SCORE_FNS = ("softmax", "sigmoid")
@@ -91,7 +92,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -
     _router(cfg)
     _balance(cfg)
     _data(cfg.data)
-    _optim(cfg.optim)
+    check_optim(cfg.optim)
     _trainer(cfg.trainer, world_size // cfg.parallel.pp)  # each pipeline stage's data-parallel ranks
     if cfg.parallel.pp > 1 and for_training:
         dp = world_size // cfg.parallel.pp
@@ -299,22 +300,6 @@ def _data(d: DataConfig) -> None:
             _fail(f"data.sources[{i}].paths", s.paths, "must list at least one file when source=files")
 
 
-def _optim(o: OptimConfig) -> None:
-    _positive("optim.lr", o.lr)
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        _fail("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-    if o.warmup_steps < 0:
-        _fail("optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    if o.weight_decay < 0:
-        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
-    for key in ("beta1", "beta2"):
-        if not 0.0 <= getattr(o, key) < 1.0:
-            _fail(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
-    if o.grad_clip < 0:
-        _fail("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
-    _positive("optim.eps", o.eps)
-
-
 def _microbatches(t: TrainerConfig, dp: int) -> int:
     """Micro-batches per step of each of ``dp`` data-parallel ranks (or pipelines)."""
     return t.global_batch_size // (micro_batch_for(t, dp) * dp)
@@ -327,6 +312,7 @@ def _trainer(t: TrainerConfig, world_size: int) -> None:
         _positive("trainer.micro_batch_size", t.micro_batch_size)
     if t.eval_every < 0:
         _fail("trainer.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
+    check_seed("trainer.seed", t.seed)
     micro = micro_batch_for(t, world_size)
     if t.global_batch_size % (micro * world_size):
         share, fix = t.global_batch_size // world_size, f"use a global batch that is a multiple of {world_size}"

@@ -56,68 +56,38 @@ def test_floats_beyond_float32_and_more_threads_than_cpus_are_refused(key, value
         validate(cfg)
     assert str(err.value).startswith(f"{key}=") and rule in str(err.value), err.value
     ok = TrainConfig()
-    ok.optim.lr, ok.trainer.num_threads, ok.moe.balance.z_loss_coef = 3.0e38, usable_cpus(), 0.0
+    ok.moe.balance.expert_coef, ok.trainer.num_threads, ok.moe.balance.z_loss_coef = 3.0e38, usable_cpus(), 0.0
     validate(ok)  # the edges themselves are fine
 
 
 # ------------------------------------------------------------------ tools' arguments
-PLAN = ["trainer.micro_batch_size=1"]  # a config valid on the default 8 GPUs, so only the flag is wrong
+TOOL_ARGV = {
+    "plan": ["trainer.micro_batch_size=1"],  # a config valid on the default 8 GPUs, so only the flag is wrong
+    "generate": ["X", "--prompt", "a"],  # X: a checkpoint that does not exist (never looked up)
+}
+TOOL_CASES = [  # (moetrain.tools.<tool>, the bad flag, what its one line says)
+    ("plan", "--nodes 0", "moetrain-plan: argument error: --nodes=0: must be >= 1"),
+    ("plan", "--gpus-per-node -8", "moetrain-plan: argument error: --gpus-per-node=-8: must be >= 1"),
+    ("plan", "--mfu 0", "moetrain-plan: argument error: --mfu=0.0: must be a fraction in (0, 1]"),
+    ("plan", "--mfu nan", "moetrain-plan: argument error: --mfu=nan: must be a fraction in (0, 1]"),
+    ("plan", "--tflops inf", "moetrain-plan: argument error: --tflops=inf: must be a finite"),
+    ("generate", "--top-p 0", "argument error: --top-p=0.0: must be in (0, 1]"),
+    ("generate", "--top-k -3", "argument error: --top-k=-3: must be >= 1"),
+    ("generate", "--temperature nan", "argument error: --temperature=nan"),
+    ("generate", "--max-new-tokens 0", "argument error: --max-new-tokens=0"),
+]
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize(
-    ("tool", "argv", "line"),
-    [
-        ("moetrain.tools.plan", [*PLAN, "--nodes", "0"], "moetrain-plan: argument error: --nodes=0: must be >= 1"),
-        (
-            "moetrain.tools.plan",
-            [*PLAN, "--gpus-per-node", "-8"],
-            "moetrain-plan: argument error: --gpus-per-node=-8: must be >= 1",
-        ),
-        (
-            "moetrain.tools.plan",
-            [*PLAN, "--mfu", "0"],
-            "moetrain-plan: argument error: --mfu=0.0: must be a fraction in (0, 1]",
-        ),
-        (
-            "moetrain.tools.plan",
-            [*PLAN, "--mfu", "nan"],
-            "moetrain-plan: argument error: --mfu=nan: must be a fraction in (0, 1]",
-        ),
-        (
-            "moetrain.tools.plan",
-            [*PLAN, "--tflops", "inf"],
-            "moetrain-plan: argument error: --tflops=inf: must be a finite",
-        ),
-        (
-            "moetrain.tools.generate",
-            ["X", "--prompt", "a", "--top-p", "0"],
-            "argument error: --top-p=0.0: must be in (0, 1]",
-        ),
-        (
-            "moetrain.tools.generate",
-            ["X", "--prompt", "a", "--top-k", "-3"],
-            "argument error: --top-k=-3: must be >= 1",
-        ),
-        (
-            "moetrain.tools.generate",
-            ["X", "--prompt", "a", "--temperature", "nan"],
-            "argument error: --temperature=nan",
-        ),
-        (
-            "moetrain.tools.generate",
-            ["X", "--prompt", "a", "--max-new-tokens", "0"],
-            "argument error: --max-new-tokens=0",
-        ),
-    ],
-)
-def test_tool_arguments_out_of_range_are_one_line_before_any_work(tmp_path, capsys, tool, argv, line):
+@pytest.mark.parametrize(("tool", "flag", "line"), TOOL_CASES, ids=[f"{t} {f}" for t, f, _ in TOOL_CASES])
+def test_tool_arguments_out_of_range_are_one_line_before_any_work(tmp_path, capsys, tool, flag, line):
     """Before: ``--nodes 0`` / ``--mfu 0`` divided by zero (traceback), ``--mfu nan`` printed a plan of nan;
     ``--top-p 0`` dropped every token (NaN probabilities, traceback in multinomial), ``--top-k -3`` failed
     inside ``topk``. Now each is refused first (for generate even before the checkpoint ``X`` is looked up)."""
-    main = importlib.import_module(tool).main
+    main = importlib.import_module(f"moetrain.tools.{tool}").main
+    argv = [str(tmp_path / "nope") if a == "X" else a for a in TOOL_ARGV[tool]]
     with pytest.raises(SystemExit) as exc:
-        main([a.replace("X", str(tmp_path / "nope")) for a in argv])
+        main([*argv, *flag.split()])
     assert exc.value.code == 2
     lines = err_lines(capsys.readouterr().err)
     assert len(lines) == 1 and line in lines[0], lines

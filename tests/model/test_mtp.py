@@ -60,8 +60,14 @@ def transcription(model, tokens: torch.Tensor, lam: float) -> tuple[torch.Tensor
 @pytest.mark.parametrize("depth", [1, 2])
 def test_mtp_loss_equals_a_transcription_of_eq_21_to_25(depth):
     """Catches an off-by-one in which token's embedding is combined or which token is predicted, the
-    concatenation order, the norms, the 1/T normalisation or lambda / D."""
+    concatenation order, the norms (hnorm and enorm swapped: their weights are drawn apart here, at init both
+    are ones), the 1/T normalisation or lambda / D."""
     model = mtp_model(depth, lam=0.3)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.mtp:
+            for norm in (module.hnorm, module.enorm, module.norm):
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) + 0.5)
     tokens = torch.randint(0, V, (2, S + 1), generator=torch.Generator().manual_seed(1))
     out = model(tokens[:, :-1])
     assert [lg.shape[1] for lg in out.mtp_logits] == [S - k for k in range(1, depth + 1)]

@@ -168,11 +168,15 @@ def test_nonfinite_weights_are_never_published(tmp_path):
 
 @pytest.mark.e2e
 def test_diverging_run_stops_with_one_line_and_keeps_its_last_finite_checkpoint(tmp_path):
-    """optim.lr=1e6 used to train to the end on NaN, exit 0 as "completed" and prune the finite checkpoints."""
+    """A diverging run (once optim.lr=1e6, now refused: the largest rate, no clipping, beta2=0 and a tiny eps)
+    used to train to the end on NaN, exit 0 as "completed" and prune the finite checkpoints."""
     run_dir = tmp_path / "run"
     proc = cli(
         tmp_path,
-        "optim.lr=1e6",
+        "optim.lr=10",
+        "optim.beta2=0",
+        "optim.eps=1e-30",
+        "optim.grad_clip=0",
         "optim.warmup_steps=0",
         "trainer.max_steps=12",
         "checkpoint.every=1",

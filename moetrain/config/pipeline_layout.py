@@ -95,17 +95,34 @@ def stage_specs(n_layers: int, n_stages: int, rule: str | None = None) -> list[S
     return specs
 
 
-def check_pipeline_training(parallel: Any, engine: str, compile: bool, microbatches: int) -> None:
+def check_pipeline_model(model_cfg: Any, moe_cfg: Any, n_stages: int) -> None:
+    """One :class:`ConfigError` line for what the stage split cannot run exactly yet (config validation, and
+    :func:`~moetrain.parallel.pipeline_stage.build_stage_modules`)."""
+    from moetrain.moe.losses import enabled  # the registry of balance losses lives with their math
+
+    if n_stages == 1:
+        return
+    if model_cfg.tie_embeddings:
+        raise ConfigError("parallel.pp > 1 with model.tie_embeddings: the embedding and LM head are on two stages")
+    if getattr(model_cfg, "mtp_depth", 0):  # multi-token prediction (issue 30): the stage module has no MTP
+        raise ConfigError("parallel.pp > 1 with model.mtp_depth > 0: the MTP modules are not placed on a stage yet")
+    model_losses = [f"moe.balance.{loss.coef}" for loss, _ in enabled(moe_cfg.balance, "model")]
+    if model_losses:
+        raise ConfigError(f"parallel.pp > 1: the model-scope balance losses {model_losses} span every stage")
+
+
+def check_pipeline_training(cfg: Any, microbatches: int) -> None:
     """What training with ``parallel.pp > 1`` needs (config validation), else one :class:`ConfigError` line:
-    the native engine, no ``trainer.compile``, and ``microbatches`` per pipeline and step that torch's schedule
+    a model the stages can split (:func:`check_pipeline_model`), the native engine, no ``trainer.compile``, and ``microbatches`` per pipeline and step that torch's schedule
     can run (1F1B: at least one per stage; the interleaved schedules: a multiple of their rounds,
     ``max(1, microbatches // pp)``, ``torch.distributed.pipelining.schedules``)."""
-    pp, schedule = parallel.pp, parallel.pp_schedule
+    pp, schedule, engine = cfg.parallel.pp, cfg.parallel.pp_schedule, cfg.engine.name
+    check_pipeline_model(cfg.model, cfg.moe, pp)
     if engine != "native":
         raise ConfigError(
             f"parallel.pp={pp}: pipeline stages are run by the native engine only, not engine.name={engine}"
         )
-    if compile:
+    if cfg.trainer.compile:
         raise ConfigError(
             f"parallel.pp={pp}: trainer.compile is not applied to pipeline stages yet; use trainer.compile=false"
         )

@@ -96,7 +96,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -
     _trainer(cfg.trainer, world_size // cfg.parallel.pp)  # each pipeline stage's data-parallel ranks
     if cfg.parallel.pp > 1 and for_training:
         dp = world_size // cfg.parallel.pp
-        check_pipeline_training(cfg.parallel, cfg.engine.name, cfg.trainer.compile, _microbatches(cfg.trainer, dp))
+        check_pipeline_training(cfg, _microbatches(cfg.trainer, dp))
     _checkpoint(cfg.checkpoint)
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     validate_engine(cfg, world_size)

@@ -10,7 +10,7 @@ stages for the multi-stage schedules); see docs/pipeline.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,7 @@ def build_schedule(
 
 @torch.no_grad()
 def forward_only(
-    modules: dict[int, nn.Module], holders: Sequence[int], tokens_BS: torch.Tensor, dim: int, group: Any
+    modules: Mapping[int, nn.Module], holders: Sequence[int], tokens_BS: torch.Tensor, dim: int, group: Any
 ) -> torch.Tensor | None:
     """One forward of ``tokens_BS`` through every stage, stage after stage, no gradients (evaluation, the
     routing pre-pass of global-batch balance): the holder of stage ``s`` (global rank ``holders[s]``) receives

@@ -30,12 +30,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from moetrain.config import ConfigError, ModelConfig, MoEConfig, resolve_num_groups
-from moetrain.config.pipeline_layout import StageSpec
+from moetrain.config import ModelConfig, MoEConfig, resolve_num_groups
+from moetrain.config.pipeline_layout import StageSpec, check_pipeline_model
 from moetrain.model.layers import document_ids, document_layout
 from moetrain.model.transformer import Transformer
 from moetrain.moe.layer import MoEStats
-from moetrain.moe.losses import enabled
 from moetrain.parallel.meta_init import InitStats, _draw_one, _materialise, _MetaConstruction, expert_modules
 
 _META = torch.device("meta")
@@ -138,19 +137,6 @@ def pipeline_stage(
         x = torch.zeros(b, seq_len, dim, device=device, requires_grad=True)
     out = torch.zeros(b, seq_len, vocab_size if module.spec.head else dim, device=device, requires_grad=True)
     return PipelineStage(module, module.spec.index, n_stages, device, input_args=(x,), output_args=(out,), group=group)
-
-
-def check_pipeline_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, n_stages: int) -> None:
-    """One :class:`~moetrain.config.ConfigError` line for what the stage split cannot run exactly yet."""
-    if n_stages == 1:
-        return
-    if model_cfg.tie_embeddings:
-        raise ConfigError("parallel.pp > 1 with model.tie_embeddings: the embedding and LM head are on two stages")
-    if getattr(model_cfg, "mtp_depth", 0):  # main's multi-token prediction (issue 30): the stage module has no MTP
-        raise ConfigError("parallel.pp > 1 with model.mtp_depth > 0: the MTP modules are not placed on a stage yet")
-    model_losses = [f"moe.balance.{loss.coef}" for loss, _ in enabled(moe_cfg.balance, "model")]
-    if model_losses:
-        raise ConfigError(f"parallel.pp > 1: the model-scope balance losses {model_losses} span every stage")
 
 
 def build_stage_modules(

@@ -122,6 +122,10 @@ class TrainModule(ABC):
         """The step's global losses, named for the non-finite check's message."""
         return {"loss": reduced.tensor("train/loss"), "aux loss": reduced.tensor("train/aux_loss")}
 
+    def startup_notes(self) -> list[str]:
+        """Lines the trainer logs at the start of a run about the engine's layout (none by default)."""
+        return []
+
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 

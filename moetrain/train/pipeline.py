@@ -34,7 +34,6 @@ from moetrain.parallel.data_parallel import apply_data_parallel
 from moetrain.parallel.expert_parallel import apply_expert_parallel
 from moetrain.parallel.pipeline import bubble_fraction, build_schedule, check_schedule, forward_only
 from moetrain.parallel.pipeline_stage import RankModel, StageModule, build_rank_stages, pipeline_stage
-from moetrain.train.console import LOG
 from moetrain.train.metrics import MetricRecorder, ReducedMetrics, Schema, metric_schema, pad_to_schema
 from moetrain.train.moe_metrics import record_moe, record_val
 from moetrain.train.native import NativeTrainModule
@@ -94,13 +93,16 @@ class PipelineTrainModule(NativeTrainModule):
         ]
         self.schedule = build_schedule(p.pp_schedule, pipe, self.n_micro, lm_loss)
         self.schemas: dict[str, Schema] = {}
-        if pc.is_main:
-            bubble = bubble_fraction(p.pp_schedule, p.pp, self.n_micro, n_per)
-            LOG.info(
-                f"moetrain: pipeline of {p.pp} ranks x {n_per} stage{'s' if n_per > 1 else ''}, {p.pp_schedule}, "
-                f"{self.n_micro} micro-batches per step, {pc.dp_size} pipeline{'s' if pc.dp_size > 1 else ''}: "
-                f"bubble {bubble:.1%} of the step"
-            )
+        bubble = bubble_fraction(p.pp_schedule, p.pp, self.n_micro, n_per)
+        self.notes = [
+            f"moetrain: pipeline of {p.pp} ranks x {n_per} stage{'s' if n_per > 1 else ''}, {p.pp_schedule}, "
+            f"{self.n_micro} micro-batches per step, {pc.dp_size} pipeline{'s' if pc.dp_size > 1 else ''}: "
+            f"bubble {bubble:.1%} of the step"
+        ]
+
+    def startup_notes(self) -> list[str]:
+        """The pipeline's layout and the bubble its schedule implies (docs/pipeline.md's table)."""
+        return self.notes
 
     def _prepare_stage(self, stage: StageModule, cfg: TrainConfig, device: torch.device) -> None:
         """Experts over the stage's EP group, the device, activation checkpointing (as

@@ -353,6 +353,8 @@ class Trainer:
             f"sequences of {self.cfg.data.seq_len}, world {self.pc.world_size}, device {self.device}, "
             f"run dir {self.run_dir}"
         )
+        for note in self.module.startup_notes():
+            LOG.info(note)
 
     def _log(self, metrics: dict[str, Any]) -> dict[str, Any]:
         for sink in self.sinks:

@@ -62,11 +62,12 @@ def _train(cfg: TrainConfig, run_dir: Path, pc: Any = None) -> dict[str, Any]:
     trainer.fit()
     params = {n: _full(p) for n, p in trainer.model.named_parameters()}
     params.update({n: b.clone() for n, b in trainer.model.named_buffers() if n.endswith("expert_bias")})
-    metrics = None
+    metrics = log = None
     if trainer.pc.is_main:
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        log = (run_dir / "train.log").read_text()
     trainer.close()
-    return {"params": params, "metrics": metrics}
+    return {"params": params, "metrics": metrics, "log": log}
 
 
 def _pp_run(name: str, rank: int, world: int, tmp: str) -> dict[str, Any]:
@@ -156,18 +157,26 @@ def _assert_params_equal(ranks: list[dict[str, Any]], want: dict[str, torch.Tens
     assert {k for out in ranks for k in out["params"]} == set(want), name
 
 
-@pytest.mark.parametrize(("name", "ep"), [("pp2", 1), ("pp2_ep2", 2)])
+@pytest.mark.parametrize(
+    ("name", "ep", "layout"),
+    [
+        ("pp2", 1, "pipeline of 2 ranks x 1 stage, 1f1b, 8 micro-batches per step, 1 pipeline: bubble 11.1%"),
+        ("pp2_ep2", 2, "pipeline of 2 ranks x 1 stage, 1f1b, 4 micro-batches per step, 2 pipelines: bubble 20.0%"),
+    ],
+)
 def test_pp_trainer_equals_one_process_for_ten_steps(
-    name: str, ep: int, tmp_path_factory: pytest.TempPathFactory
+    name: str, ep: int, layout: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """PP=2 (2 ranks) and PP=2 x EP=2 (4 ranks, 2 pipelines) through the Trainer, 10 steps of 4 or 8
     micro-batches per pipeline, against one process: catches a stage's balance loss missing from the backward,
     the gradient norm taken over one stage only (the norm, and the clipped update with it), a pipeline reading
     another's slice of the batch, the global-batch counts of a stage not summed over its ranks, the loss-free
     bias of a layer updated from a partial load, and any stage's MoE statistics left out of the one reduction
-    (rank 0 would not log them, or log another value)."""
+    (rank 0 would not log them, or log another value). The layout and its bubble, (p-1)/(m+p-1), are logged at
+    start."""
     world, steps, _ = RUNS[name]
     ranks = result(world, name)
+    assert layout in ranks[0]["log"]
     want = _reference(steps, tmp_path_factory)
     _assert_metrics_equal(ranks[0]["metrics"], want["metrics"], name)
     _assert_params_equal(ranks, want["params"], ep, name)

@@ -280,8 +280,8 @@ MUTATIONS: list[Mutation] = [
         [
             (
                 "moetrain/train/trainer.py",
-                "reduced = self.forward_backward(global_batch).reduce(",
-                "rec = self.forward_backward(global_batch)\n        reduced = rec.reduce(",
+                "reduced = self.module.reduce_metrics(self.forward_backward(global_batch))",
+                "rec = self.forward_backward(global_batch)\n        reduced = self.module.reduce_metrics(rec)",
             ),
             (
                 "moetrain/train/trainer.py",

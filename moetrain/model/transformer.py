@@ -270,6 +270,12 @@ class Transformer(nn.Module):
         return active_total if active else total
 
 
+def active_per_token(counts: dict[str, int], tied: bool) -> int:
+    """DeepSeek's "activated parameters" reading (docs/deepseek.md): K of N routed experts, the LM head in, the
+    embedding lookup out (a lookup reads one row per token; a tied table is the head and stays in)."""
+    return total_and_active(counts)[1] - (0 if tied else counts["embedding"])
+
+
 def total_and_active(counts: dict[str, int], embeddings: bool = True) -> tuple[int, int]:
     """(total, active) parameters from :meth:`Transformer.param_counts`: active counts K of N routed experts."""
     skip = {"routed_experts", "routed_experts_active", "moe_layers", "mtp"} | (

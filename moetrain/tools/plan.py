@@ -29,7 +29,7 @@ import torch
 from moetrain.config import TrainConfig, micro_batch_for, resolve_num_groups
 from moetrain.errors import check_arg, guarded_main
 from moetrain.model.mla import attention_score_flops, kv_numbers_per_token
-from moetrain.model.transformer import build_model, total_and_active
+from moetrain.model.transformer import active_per_token, build_model, total_and_active
 from moetrain.moe.routing import topk_experts
 from moetrain.parallel.all_to_all import META_BYTES
 from moetrain.tools.plan_pipeline import Layout, RankMemory, memory_lines, model_parts, pipeline_memory
@@ -202,7 +202,7 @@ def plan(cfg: TrainConfig, cluster: Cluster, vocab_size: int, zero: int = 1) -> 
     out: dict[str, float] = {
         "params_total": total,
         "params_active": active,
-        "params_active_no_lookup": active - (0 if cfg.model.tie_embeddings else counts["embedding"]),
+        "params_active_no_lookup": active_per_token(counts, cfg.model.tie_embeddings),
         "params_mtp": counts["mtp"],
         "flops_per_token": fpt,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),

@@ -30,7 +30,7 @@ from moetrain.data import (
     split_micro_batches,
 )
 from moetrain.model.apply import apply_activation_checkpointing, apply_balanced_hash, apply_compile, apply_slot_sum
-from moetrain.model.transformer import Transformer, vocab_for
+from moetrain.model.transformer import Transformer, active_per_token, vocab_for
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.expert_parallel import apply_expert_parallel
 from moetrain.parallel.meta_init import build_local_model
@@ -230,8 +230,8 @@ class Trainer:
 
     def train_step(self, global_batch: torch.Tensor) -> StepOutput:
         """One optimizer step on the step's global batch."""
-        reduced = self.module.reduce_metrics(self.forward_backward(global_batch))  # before the update: a non-finite
-        # global loss is not applied
+        # reduced before the update: a non-finite global loss is not applied
+        reduced = self.module.reduce_metrics(self.forward_backward(global_batch))
         lr = self.module.lr()
         info = self.module.optim_step(self.step + 1, reduced)
         if info.applied:  # a skipped step updates nothing, the loss-free bias included
@@ -347,8 +347,10 @@ class Trainer:
             self.sinks.append(WandbSink(self.cfg.logger.wandb, self.run_dir, to_dict(self.cfg)))
         self.sinks.append(self.console)
         m = self.module.whole
+        active = active_per_token(m.param_counts(), self.cfg.model.tie_embeddings)
         LOG.info(
-            f"moetrain: {m.num_params() / 1e6:.2f}M params ({m.num_params(active=True) / 1e6:.2f}M active), "
+            f"moetrain: {m.num_params() / 1e6:.2f}M params ({active / 1e6:.2f}M active per token, "
+            f"{m.num_params(active=True) / 1e6:.2f}M with the embedding lookup), "
             f"{len(self.layer_groups)} MoE layers, {self.data.train.shape[0]} train / {self.data.val.shape[0]} val "
             f"sequences of {self.cfg.data.seq_len}, world {self.pc.world_size}, device {self.device}, "
             f"run dir {self.run_dir}"

@@ -45,7 +45,8 @@ def worker(steps: int, warmup: int, overrides: list[str]) -> None:
     base = ["logger=none", "trainer.progress=false", "trainer.num_threads=1", "checkpoint.enabled=false"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("train", overrides=[*base, *overrides]))
-    cfg.trainer.micro_batch_size = min(cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size // world)
+    # the same micro-batch in both trees (the ref's default was 4; today's null means each rank's whole share)
+    cfg.trainer.micro_batch_size = min(cfg.trainer.micro_batch_size or 4, cfg.trainer.global_batch_size // world)
     validate(cfg, world)
     pc = init_parallel(cfg.parallel, cfg.trainer.device, num_experts=cfg.moe.num_experts)
     with tempfile.TemporaryDirectory() as tmp:

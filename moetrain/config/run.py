@@ -104,8 +104,10 @@ class TrainerConfig:
     global_batch_size: int = 16
     """Sequences per optimizer step, over all ranks and micro-batches."""
     micro_batch_size: int | None = None
-    """Sequences per forward/backward on one rank; accumulation = global / (micro * world). ``None`` = this
-    rank's whole share of the global batch (global / world size), so one config runs on any number of ranks."""
+    """Sequences per forward/backward on one rank; accumulation = global / (micro * world / parallel.pp).
+    ``None`` = this rank's whole share of the global batch (global / world size), so one config runs on any
+    number of ranks; under ``parallel.pp > 1`` the largest micro-batch giving the pipeline a multiple of pp
+    micro-batches, at least 4 per stage (docs/pipeline.md)."""
     log_every: int = 10
     """Log train metrics every n steps (and at the last step)."""
     eval_every: int = 100

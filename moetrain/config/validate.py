@@ -93,10 +93,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, for_training: bool = True) -
     _balance(cfg)
     _data(cfg.data)
     check_optim(cfg.optim)
-    _trainer(cfg.trainer, world_size // cfg.parallel.pp)  # each pipeline stage's data-parallel ranks
+    _trainer(cfg.trainer, world_size // cfg.parallel.pp, cfg.parallel.pp)  # each stage's data-parallel ranks
     if cfg.parallel.pp > 1 and for_training:
         dp = world_size // cfg.parallel.pp
-        check_pipeline_training(cfg, _microbatches(cfg.trainer, dp))
+        check_pipeline_training(cfg, _microbatches(cfg.trainer, dp, cfg.parallel.pp))
     _checkpoint(cfg.checkpoint)
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     validate_engine(cfg, world_size)
@@ -300,12 +300,12 @@ def _data(d: DataConfig) -> None:
             _fail(f"data.sources[{i}].paths", s.paths, "must list at least one file when source=files")
 
 
-def _microbatches(t: TrainerConfig, dp: int) -> int:
-    """Micro-batches per step of each of ``dp`` data-parallel ranks (or pipelines)."""
-    return t.global_batch_size // (micro_batch_for(t, dp) * dp)
+def _microbatches(t: TrainerConfig, dp: int, pp: int) -> int:
+    """Micro-batches per step of each of ``dp`` data-parallel ranks (or pipelines of ``pp`` stages)."""
+    return t.global_batch_size // (micro_batch_for(t, dp, pp) * dp)
 
 
-def _trainer(t: TrainerConfig, world_size: int) -> None:
+def _trainer(t: TrainerConfig, world_size: int, pp: int = 1) -> None:
     for key in ("max_steps", "global_batch_size", "log_every"):
         _positive(f"trainer.{key}", getattr(t, key))
     if t.micro_batch_size is not None:
@@ -313,7 +313,7 @@ def _trainer(t: TrainerConfig, world_size: int) -> None:
     if t.eval_every < 0:
         _fail("trainer.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
     check_seed("trainer.seed", t.seed)
-    micro = micro_batch_for(t, world_size)
+    micro = micro_batch_for(t, world_size, pp)
     if t.global_batch_size % (micro * world_size):
         share, fix = t.global_batch_size // world_size, f"use a global batch that is a multiple of {world_size}"
         if share and t.global_batch_size % world_size == 0:

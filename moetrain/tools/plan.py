@@ -251,7 +251,7 @@ def pipeline_plan(cfg: TrainConfig, world: int) -> dict[str, float]:
 
     p = cfg.parallel
     dp = max(1, world // p.pp)  # the data-parallel ranks: one pipeline each
-    m = max(1, cfg.trainer.global_batch_size // (micro_batch_for(cfg.trainer, dp) * dp))
+    m = max(1, cfg.trainer.global_batch_size // (micro_batch_for(cfg.trainer, dp, p.pp) * dp))
     v = stages_per_rank(p.pp_schedule, p.pp_virtual)
     return {"pp_microbatches": m, "pp_stages_per_rank": v, "pp_bubble": bubble_fraction(p.pp_schedule, p.pp, m, v)}
 
@@ -266,7 +266,7 @@ def pipeline_ranks(cfg: TrainConfig, vocab_size: int, world: int, zero: int, fsd
     layout = Layout(cfg.parallel.pp, cfg.parallel.ep, dp, zero, fsdp)
     m = int(pipeline_plan(cfg, world)["pp_microbatches"])
     parts = model_parts(named, cfg.moe.num_experts)
-    return pipeline_memory(cfg, parts, vocab_size, layout, micro_batch_for(cfg.trainer, dp), m)
+    return pipeline_memory(cfg, parts, vocab_size, layout, micro_batch_for(cfg.trainer, dp, cfg.parallel.pp), m)
 
 
 def size(gb: float) -> str:
@@ -362,8 +362,8 @@ def _main(argv: list[str] | None = None) -> None:
     check_known_keys(dcfg)
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, TrainConfig)
-    # micro_batch_size=None: each data-parallel rank's share of the global batch (the world over the stages)
-    cfg = with_micro_batch(cfg, max(cluster.world // max(cfg.parallel.pp, 1), 1))
+    # micro_batch_size=None: each data-parallel rank's share, split for the pipeline under PP (config/world.py)
+    cfg = with_micro_batch(cfg, cluster.world)
     validate(cfg, world_size=cluster.world, for_training=False)  # a ConfigError is one line (guarded_main)
     vocab = vocab_for(cfg.model, build_tokenizer(cfg.data.tokenizer).vocab_size)
     print(report(cfg, cluster, vocab, args.zero))

@@ -164,7 +164,7 @@ class Trainer:
         """``data``: sequences already prepared (a benchmark's token source); ``None`` = ``cfg.data``'s corpus."""
         self.run_dir = Path(run_dir)
         self.pc = pc or ParallelContext()
-        self.cfg = cfg = with_micro_batch(cfg, self.pc.dp_size)  # micro_batch_size=None: each rank's share
+        self.cfg = cfg = with_micro_batch(cfg, self.pc.world_size)  # micro_batch_size=None: config/world.py's default
         self.device = self.pc.device
         setup_torch(cfg)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)

@@ -229,7 +229,11 @@ def test_aux_loss_left_out_of_the_backward_is_caught() -> None:
         ({"pp": 2, "trainer.compile": True}, 4, "parallel.pp=2: trainer.compile is not applied to pipeline stages"),
         ({"pp": 2, "ep": 4}, 4, "parallel.ep=4: must divide the world size / parallel.pp (2 ranks)"),
         ({"pp": 5}, 5, "parallel.pp: 5 stages for 4 blocks"),
-        ({"pp": 2}, 2, "1f1b needs at least parallel.pp=2 micro-batches per pipeline, the step has 1"),
+        (
+            {"pp": 2, "trainer.micro_batch_size": 16},
+            2,
+            "1f1b needs at least parallel.pp=2 micro-batches per pipeline, the step has 1",
+        ),
         ({"pp": 2, "model.tie_embeddings": True}, 2, "parallel.pp > 1 with model.tie_embeddings"),
         (
             {"pp": 2, "pp_schedule": "interleaved_1f1b", "trainer.micro_batch_size": 1, "trainer.global_batch_size": 5},

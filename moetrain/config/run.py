@@ -125,7 +125,8 @@ class TrainerConfig:
     bf16 GEMMs; the MoE router stays fp32 while dispatch and experts run in bf16; DeepSpeed: bf16 weights,
     fp32 master copy) or ``fp16`` (``engine=deepspeed`` only: fp16 weights with loss scaling)."""
     peak_tflops: float | None = None
-    """Peak device TFLOP/s for MFU; ``None`` = a table for known GPUs, else a measured GEMM rate."""
+    """Peak TFLOP/s of one rank's device for MFU (the job's peak is world size x this); ``None`` = a table for
+    known GPUs, else a measured GEMM rate."""
     progress: bool = True
     """Show a console progress bar."""
     num_threads: int | None = None

@@ -51,3 +51,10 @@ def peak_tflops(device: torch.device, configured: float | None) -> tuple[float, 
             if key in name:
                 return value, f"table ({name})"
     return measured_gemm_tflops(device), "measured fp32 GEMM"
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak_tflops: float, world_size: int) -> float:
+    """Model FLOPs utilisation of a job: the model FLOP/s it achieves over every rank's peak (PaLM, Chowdhery et
+    al. 2022, arXiv 2204.02311, appendix B). ``tokens_per_sec`` is the whole job's and ``peak_tflops`` one rank's
+    device (or, on CPU, one rank's measured GEMM rate), so the job's peak is ``world_size`` of them."""
+    return tokens_per_sec * flops_per_token / (peak_tflops * 1e12 * max(world_size, 1))

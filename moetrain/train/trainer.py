@@ -38,7 +38,7 @@ from moetrain.train import hooks
 from moetrain.train.checkpoint import CheckpointManager, arch_of
 from moetrain.train.console import LOG, LogSink, close_run_logging, setup_run_logging
 from moetrain.train.evaluate import evaluate
-from moetrain.train.flops import flops_per_token, peak_tflops
+from moetrain.train.flops import flops_per_token, mfu, peak_tflops
 from moetrain.train.guards import StopSignals, exit_code_for
 from moetrain.train.metrics import MetricRecorder, ReducedMetrics
 from moetrain.train.module import StepInfo, TrainModule
@@ -269,7 +269,7 @@ class Trainer:
             "train/lr": out.lr,
             "train/grad_norm": out.info.grad_norm.item(),
             "perf/tokens_per_sec": tokens_per_sec,
-            "perf/mfu": tokens_per_sec * self.flops_per_token / (self.peak_tflops * 1e12),
+            "perf/mfu": mfu(tokens_per_sec, self.flops_per_token, self.peak_tflops, self.pc.world_size),
             "train/tokens": self.progress.tokens_seen,
             **out.info.extra,
             **moe_log_metrics(out.reduced, host, sorted(self.layer_groups), self.layer_groups),

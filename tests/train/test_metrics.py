@@ -91,3 +91,12 @@ def test_per_token_means_stay_means_over_micro_batches():
     assert out["moe/layer_1/devices_per_token"] == pytest.approx(1.25)
     assert out["moe/layer_1/router_entropy"] == pytest.approx(0.6)
     assert out["moe/layer_1/load"] == [6, 2, 4, 4]  # loads are sums
+
+
+def test_mfu_divides_by_every_rank_peak() -> None:
+    """Catches MFU over one device's peak while tokens/s counts the whole job (a 2-rank run logged 100% where
+    each rank ran at 50%): 1000 tokens/s x 6e9 FLOPs/token is 6 TFLOP/s, over 2 ranks of 6 TFLOP/s = 0.5."""
+    from moetrain.train.flops import mfu
+
+    assert mfu(1000.0, 6e9, 6.0, 2) == pytest.approx(0.5)
+    assert mfu(1000.0, 6e9, 6.0, 1) == pytest.approx(1.0)

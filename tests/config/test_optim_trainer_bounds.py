@@ -9,6 +9,7 @@ likewise; ``trainer.seed=2**64`` raised "Overflow when unpacking long long" whil
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -46,6 +47,20 @@ CASES = [  # (overrides, the key named, what the line says)
     (["trainer.num_threads=0"], "trainer.num_threads", "must be > 0"),
     (["trainer.nonfinite_max_skips=-1"], "trainer.nonfinite_max_skips", "must be >= 0"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """``cli.main()`` in-process lets Hydra configure logging: its handlers on the root logger hold this test's
+    captured stderr, closed after the test, and a later test's warning (transformers' load report) written
+    through them failed with "I/O operation on closed file". Put the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.mark.parametrize(("overrides", "key", "rule"), CASES, ids=[" ".join(c[0]) for c in CASES])

@@ -139,26 +139,12 @@ def pipeline_stage(
     return PipelineStage(module, module.spec.index, n_stages, device, input_args=(x,), output_args=(out,), group=group)
 
 
-def build_stage_modules(
-    model_cfg: ModelConfig,
-    moe_cfg: MoEConfig,
-    vocab_size: int,
-    max_seq_len: int,
-    specs: Sequence[StageSpec],
-    n_stages: int,
-    *,
-    ep: int = 1,
-    ep_rank: int = 0,
-    seed: int | None = None,
-    doc_eos: int | None = None,
-    stats: InitStats | None = None,
-    skip_chunk: int = SKIP_CHUNK,
-) -> list[StageModule]:
-    """The :class:`StageModule` of each of this rank's ``specs`` (of ``n_stages`` in all), every value bitwise
-    :func:`~moetrain.model.transformer.build_model`'s for the same ``seed`` (module docstring); with ``ep > 1``
-    only EP rank ``ep_rank``'s experts, as :func:`~moetrain.parallel.meta_init.build_local_model`."""
-    kw = {"ep": ep, "ep_rank": ep_rank, "seed": seed, "doc_eos": doc_eos, "stats": stats, "skip_chunk": skip_chunk}
-    return build_rank_stages(model_cfg, moe_cfg, vocab_size, max_seq_len, specs, n_stages, **kw)[1]  # type: ignore[arg-type]
+def build_stage_modules(*args: Any, **kw: Any) -> list[StageModule]:
+    """The :class:`StageModule` of each of this rank's stages: :func:`build_rank_stages`' arguments (``specs``
+    of ``n_stages`` in all), every value bitwise :func:`~moetrain.model.transformer.build_model`'s for the same
+    ``seed`` (module docstring); with ``ep > 1`` only EP rank ``ep_rank``'s experts, as
+    :func:`~moetrain.parallel.meta_init.build_local_model`."""
+    return build_rank_stages(*args, **kw)[1]
 
 
 def build_rank_stages(

@@ -152,6 +152,19 @@ def source_model(arch: str):  # type: ignore[no-untyped-def]
     return tiny("olmoe") if arch == "olmoe" else tiny("qwen2_moe")
 
 
+def train_imported_three_steps(ckpt: Path, tmp_path: Path) -> None:
+    """``moetrain-train`` from an imported checkpoint's ``config.yaml`` (``--config-path``), 3 steps on a small
+    corpus of files, into ``tmp_path / "run"`` (the continued-pretraining path of docs/deepseek.md)."""
+    corpus = ",".join(write_corpus(tmp_path / "corpus"))
+    train_cli(
+        ["--config-path", str(ckpt.parent), "--config-name", "config", "run_dir=run", "data.source=files",
+         f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.25",
+         "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.log_every=1",
+         "trainer.progress=false", "logger.wandb.mode=disabled", "trainer.max_steps=3"],
+        tmp_path,
+    )  # fmt: skip
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "olmoe", "qwen2_moe"])
 def test_import_train_three_steps_export_loads_in_transformers_with_the_trained_logits(tmp_path, arch):
@@ -164,14 +177,7 @@ def test_import_train_three_steps_export_loads_in_transformers_with_the_trained_
     source_model(arch).save_pretrained(str(tmp_path / "hf"))
     save_tokenizer("byte", tmp_path / "hf")
     ckpt = import_hf(tmp_path / "hf", tmp_path / "imported", seq_len=32)
-    corpus = ",".join(write_corpus(tmp_path / "corpus"))
-    train_cli(
-        ["--config-path", str(ckpt.parent), "--config-name", "config", "run_dir=run", "data.source=files",
-         f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.25",
-         "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.log_every=1",
-         "trainer.progress=false", "logger.wandb.mode=disabled", "trainer.max_steps=3"],
-        tmp_path,
-    )  # fmt: skip
+    train_imported_three_steps(ckpt, tmp_path)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3]
     written = export(tmp_path / "run", tmp_path / "out")

@@ -13,7 +13,7 @@ from moetrain.hf.lazy import lazy_tensors
 from moetrain.hf.mapping import ExportError
 from moetrain.model.mtp import mtp_loss
 from moetrain.tools.export import export, export_hf, import_hf, load_checkpoint_model
-from tests.hf.test_deepseek import VOCAB, tiny_deepseek
+from tests.hf.test_deepseek import VOCAB, tiny_deepseek, train_imported_three_steps
 from tests.hf.test_transformers_interop import needs
 
 pytestmark = pytest.mark.parity
@@ -162,20 +162,11 @@ def test_import_with_mtp_train_three_steps_export_with_mtp_holds_the_trained_mtp
     from moetrain.hf.deepseek_mtp import mtp_to_hf_state
     from moetrain.hf.tokenizer import save_tokenizer
     from moetrain.tools.export import main as export_main
-    from tests.conftest import write_corpus
-    from tests.hf.test_transformers_interop import train_cli
 
     _, _, source = source_with_mtp(tmp_path / "hf")
     save_tokenizer("byte", tmp_path / "hf")
     ckpt = import_hf(tmp_path / "hf", tmp_path / "imported", seq_len=32)
-    corpus = ",".join(write_corpus(tmp_path / "corpus"))
-    train_cli(
-        ["--config-path", str(ckpt.parent), "--config-name", "config", "run_dir=run", "data.source=files",
-         f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.25",
-         "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.log_every=1",
-         "trainer.progress=false", "logger.wandb.mode=disabled", "trainer.max_steps=3"],
-        tmp_path,
-    )  # fmt: skip
+    train_imported_three_steps(ckpt, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/mtp_loss_1" in r] == [1, 2, 3]
     assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--with-mtp"]) == 0
